@@ -1,0 +1,259 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+r"""
+Evidence and importance-weight estimators on log-weights :math:`\log w_i = \log\rho(x_i) - \log q(x_i)`.
+
+* :math:`\log\hat Z = \log\frac1N\sum_i w_i` with delta-method standard error
+  :math:`\operatorname{SE}(\log\hat Z) = \sqrt{\widehat{\operatorname{Var}}(w)/N}\,/\,\bar w
+  \approx \sqrt{1/\mathrm{ESS} - 1/N}`;
+* :math:`\mathrm{ELBO} = \frac1N\sum_i \log w_i` (a lower bound of :math:`\log Z` in expectation
+  when the weights are exact), with standard error :math:`\operatorname{sd}(\log w)/\sqrt N`;
+* Kish effective sample size :math:`\mathrm{ESS} = (\sum w)^2 / \sum w^2 \in [1, N]`;
+* Pareto :math:`\hat k` of the upper tail of the weights (PSIS), reliable for :math:`\hat k < 0.7`;
+* forward (target-sample) estimates from :math:`\log w^{\rm fwd}_i = \log\rho(y_i) - \log q(y_i)`,
+  :math:`y_i \sim \pi`: :math:`\mathrm{EUBO} = \frac1N\sum\log w^{\rm fwd}_i \ge \log Z` and
+  :math:`\log\hat Z_{\rm fwd} = -\log\frac1N\sum_i 1/w^{\rm fwd}_i`.
+
+Log-weights equal to :math:`-\infty` are valid (zero weight). NaN or :math:`+\infty` log-weights
+cannot be used; they are excluded and counted (``num_nonfinite``) with a warning, and an estimate
+with no usable weight raises :class:`EvidenceError` instead of returning NaN.
+
+**References**
+
+[1] `Pareto Smoothed Importance Sampling`, A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry
+    (2024), arXiv 1507.02646.
+[2] `A New and Efficient Estimation Method for the Generalized Pareto Distribution`,
+    J. Zhang, M. A. Stephens (2009), Technometrics 51(3).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "EvidenceError",
+    "Estimates",
+    "ForwardEstimates",
+    "evidence",
+    "forward_evidence",
+    "kish_ess",
+    "log_mean_exp",
+    "pareto_k_hat",
+    "psis_smooth",
+    "pool_estimates",
+]
+
+
+class EvidenceError(RuntimeError):
+    """Raised when no finite evidence estimate can be formed from the weights."""
+
+
+class Estimates(NamedTuple):
+    r"""
+    Importance-sampling evidence estimates from :math:`N` draws.
+
+    ``log_z`` / ``se``: :math:`\log\hat Z` and its standard error; ``elbo`` / ``elbo_se``;
+    ``ess`` (Kish) and ``ess_per_draw`` (= ESS/N); ``k_hat`` (Pareto tail index, NaN if
+    :math:`N < 20`); ``num_draws`` (usable draws); ``num_nonfinite`` (NaN/+inf log-weights
+    excluded); ``num_folded`` (draws whose flow Jacobian had a non-positive determinant);
+    ``log_det`` (volume method behind the weights).
+    """
+
+    log_z: float
+    se: float
+    elbo: float
+    elbo_se: float
+    ess: float
+    ess_per_draw: float
+    k_hat: float
+    num_draws: int
+    num_nonfinite: int = 0
+    num_folded: int = 0
+    log_det: str = "exact"
+
+
+class ForwardEstimates(NamedTuple):
+    r"""Forward estimates from exact target draws: EUBO (:math:`\ge \log Z`) and forward :math:`\log\hat Z`."""
+
+    eubo: float
+    eubo_se: float
+    log_z: float
+    se: float
+    ess: float
+    ess_per_draw: float
+    num_draws: int
+    num_nonfinite: int = 0
+
+
+def log_mean_exp(log_w: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    r""":math:`\log\frac1N\sum_i e^{a_i}`, stable for large magnitudes and :math:`-\infty` entries."""
+    return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])
+
+
+def _clean(log_w: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
+    log_w = torch.as_tensor(log_w).detach().reshape(-1).to(torch.float64)
+    bad = torch.isnan(log_w) | (log_w == math.inf)
+    num_bad = int(bad.sum())
+    if num_bad:
+        warnings.warn(
+            f"{num_bad} of {log_w.numel()} {what} are NaN or +inf (the potential or the flow is not finite "
+            "there); they are excluded from the estimate.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        log_w = log_w[~bad]
+    if log_w.numel() == 0 or not bool(torch.isfinite(log_w).any()):
+        raise EvidenceError(
+            f"No finite {what}: every draw has zero or undefined weight, so log Z cannot be estimated. "
+            "Check the model's potential at the sampler's draws, or train longer."
+        )
+    return log_w, num_bad
+
+
+def kish_ess(log_w: torch.Tensor) -> torch.Tensor:
+    r"""Kish effective sample size :math:`(\sum w)^2/\sum w^2` from log-weights (last dim)."""
+    return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
+
+
+def _gpd_fit(exceedances: torch.Tensor) -> tuple[float, float]:
+    """Zhang--Stephens posterior-mean fit of a generalised Pareto to sorted positive exceedances,
+    with the weakly informative shrinkage of k towards 0.5 used by PSIS. Returns ``(k, sigma)``."""
+    x = exceedances
+    n = x.numel()
+    num_grid = 30 + int(math.sqrt(n))
+    j = torch.arange(1, num_grid + 1, dtype=x.dtype)
+    quartile = x[max(int(n / 4 + 0.5) - 1, 0)]
+    theta = 1.0 / x[-1] + (1.0 - torch.sqrt(num_grid / (j - 0.5))) / (3.0 * quartile)
+    k_of_theta = -torch.log1p(-theta.unsqueeze(-1) * x).mean(-1)
+    profile = n * (torch.log(theta / k_of_theta) + k_of_theta - 1.0)
+    weights = torch.softmax(profile, 0)
+    theta_hat = (theta * weights).sum()
+    k = torch.log1p(-theta_hat * x).mean()  # the tail index xi (> 0: heavy tail)
+    sigma = -k / theta_hat
+    k = (n * k + 10 * 0.5) / (n + 10)
+    return float(k), float(sigma)
+
+
+def _tail_length(n: int) -> int:
+    return int(math.ceil(min(0.2 * n, 3 * math.sqrt(n))))
+
+
+def pareto_k_hat(log_w: torch.Tensor) -> float:
+    r"""
+    PSIS Pareto :math:`\hat k` of the upper tail of the importance weights (tail length
+    :math:`\lceil\min(N/5, 3\sqrt N)\rceil`). :math:`\hat k < 0.5`: finite variance;
+    :math:`\hat k < 0.7`: estimates reliable; above: unreliable. NaN if fewer than 20 draws.
+    """
+    log_w = torch.as_tensor(log_w).detach().reshape(-1).to(torch.float64)
+    log_w = log_w[torch.isfinite(log_w)]
+    n = log_w.numel()
+    if n < 20:
+        return math.nan
+    m = _tail_length(n)
+    top, _ = torch.topk(log_w, m + 1)
+    top = top.flip(0)  # ascending; top[0] is the cutoff
+    w = torch.exp(top - top[-1])
+    exceed = w[1:] - w[0]
+    if not bool((exceed > 0).any()) or float(exceed[-1]) <= 0:
+        return -math.inf  # constant tail: no heavier-than-exponential tail at all
+    exceed = exceed.clamp_min(torch.finfo(exceed.dtype).tiny)
+    k, _ = _gpd_fit(exceed)
+    return k
+
+
+def psis_smooth(log_w: torch.Tensor) -> tuple[torch.Tensor, float]:
+    r"""
+    Pareto-smoothed log-weights (the :math:`M` largest replaced by expected order statistics of the
+    fitted generalised Pareto, capped at the largest raw weight) and :math:`\hat k`.
+    Returns log-weights of the same shape (unnormalised) and :math:`\hat k`.
+    """
+    log_w = torch.as_tensor(log_w).detach().to(torch.float64)
+    flat = log_w.reshape(-1).clone()
+    finite = torch.isfinite(flat)
+    n = int(finite.sum())
+    if n < 20:
+        return log_w.clone(), math.nan
+    m = _tail_length(n)
+    values = flat[finite]
+    order = torch.argsort(values)
+    tail_idx = order[-m:]
+    cutoff = values[order[-m - 1]]
+    ref = values[order[-1]]
+    w_tail = torch.exp(values[tail_idx] - ref)
+    w_cut = torch.exp(cutoff - ref)
+    exceed = (w_tail - w_cut).clamp_min(torch.finfo(torch.float64).tiny)
+    if float(exceed[-1]) <= torch.finfo(torch.float64).tiny:
+        return log_w.clone(), -math.inf
+    k, sigma = _gpd_fit(exceed)
+    p = (torch.arange(1, m + 1, dtype=torch.float64) - 0.5) / m
+    if abs(k) < 1e-12:
+        quantiles = -sigma * torch.log1p(-p)
+    else:
+        quantiles = sigma * torch.expm1(-k * torch.log1p(-p)) / k
+    smoothed = torch.log((w_cut + quantiles).clamp(max=1.0)) + ref
+    values = values.clone()
+    values[tail_idx] = smoothed
+    flat[finite] = values
+    return flat.reshape(log_w.shape), k
+
+
+def evidence(
+    log_w: torch.Tensor, *, num_folded: int = 0, log_det: str = "exact", what: str = "log-weights"
+) -> Estimates:
+    """Importance-sampling evidence estimates (module docstring) from a 1-D tensor of log-weights."""
+    clean, num_bad = _clean(log_w, what)
+    n = clean.numel()
+    log_z = float(log_mean_exp(clean))
+    ess = float(kish_ess(clean))
+    # delta method with the unbiased variance: SE^2 = Var(w) / (N wbar^2)
+    rel_var = max(n / ess - 1.0, 0.0) * n / max(n - 1, 1)
+    se = math.sqrt(rel_var / n)
+    elbo = float(clean.mean())
+    elbo_se = float(clean.std()) / math.sqrt(n) if n > 1 and math.isfinite(elbo) else math.nan
+    return Estimates(
+        log_z=log_z,
+        se=se,
+        elbo=elbo,
+        elbo_se=elbo_se,
+        ess=ess,
+        ess_per_draw=ess / n,
+        k_hat=pareto_k_hat(clean),
+        num_draws=n,
+        num_nonfinite=num_bad,
+        num_folded=int(num_folded),
+        log_det=log_det,
+    )
+
+
+def forward_evidence(log_w_forward: torch.Tensor) -> ForwardEstimates:
+    r"""EUBO and forward :math:`\log\hat Z` from log-weights at exact target draws (module docstring)."""
+    clean, num_bad = _clean(log_w_forward, "forward log-weights")
+    n = clean.numel()
+    neg = -clean
+    log_inv_z = float(log_mean_exp(neg))
+    ess = float(kish_ess(neg))
+    rel_var = max(n / ess - 1.0, 0.0) * n / max(n - 1, 1)
+    return ForwardEstimates(
+        eubo=float(clean.mean()),
+        eubo_se=float(clean.std()) / math.sqrt(n) if n > 1 else math.nan,
+        log_z=-log_inv_z,
+        se=math.sqrt(rel_var / n),
+        ess=ess,
+        ess_per_draw=ess / n,
+        num_draws=n,
+        num_nonfinite=num_bad,
+    )
+
+
+def pool_estimates(log_w_per_chain: list[torch.Tensor], *, num_folded: int = 0, log_det: str = "exact") -> Estimates:
+    r"""
+    Pools the draws of independently trained samplers: each chain's weights are unbiased for
+    :math:`Z`, so with equal draws per chain their union is a valid importance sample (an equal
+    mixture of the chains' proposals, each draw weighted by its own proposal).
+    """
+    return evidence(torch.cat([torch.as_tensor(lw).reshape(-1) for lw in log_w_per_chain]), num_folded=num_folded,
+                    log_det=log_det)

@@ -1,0 +1,435 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+r"""
+Integrators of the controlled diffusion sampler: the deterministic probability-flow (PF) ODE with
+its volume tracker, its exact inverse, and the stochastic Euler--Maruyama (EM) rollout.
+
+Notation (codes :math:`c`, step :math:`d` codes, :math:`\Delta = d / T`, coefficients frozen at the
+step's starting code :math:`c`, generation from :math:`c = T` down to :math:`0`):
+
+* Langevin input: :math:`g(x, c) = \sigma(c)\,\nabla_x\big[(1 - \tfrac cT)\log\rho(x) + \tfrac cT \log p_0(x)\big]`;
+* PF-ODE (Euler) step:
+  :math:`x' = F_c(x) = x + \Delta\big(\tfrac12\sigma(c)\,u_\theta(x, \tfrac cT, \Delta, g(x, c)) + \tfrac12\beta(c)\,x\big)`;
+* generative EM kernel: :math:`x' \sim \mathcal N\big(x + \Delta(\sigma u_\theta + \tfrac12\beta x), \sigma^2\Delta I\big)`;
+* backward (noising) EM kernel: :math:`x \sim \mathcal N\big((1 - \tfrac12\beta\Delta)x', \sigma^2\Delta I\big)`.
+
+The volume tracker accumulates a log-determinant per step. ``log_det`` selects how:
+
+``"exact"`` (default, honest)
+    :math:`\log|\det \partial F_c / \partial x|` of the discrete step, differentiating through the
+    Langevin input :math:`g(x)` (so through the Hessian of :math:`\log\rho`). The resulting
+    importance weights are exact for the map actually applied.
+``"exact_frozen_langevin"``
+    exact discrete log-det but with :math:`g` held constant (ablation).
+``"euler_trace"``
+    :math:`\Delta\,(\tfrac12\beta D + \tfrac12\sigma\operatorname{tr}\partial u/\partial x)`, :math:`g`
+    constant: the continuous change of variables discretised with Euler (not a bound at few steps).
+``"hutchinson"``
+    the same with a Rademacher Hutchinson estimate of the trace: the OSDS code's weight.
+``"none"``
+    no volume tracking.
+
+**References**
+
+[1] `One-Step Diffusion Samplers via Self-Distillation and Deterministic Flow`, arXiv 2512.05251.
+[2] `Single-Step Consistent Diffusion Samplers`, arXiv 2502.07579.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+
+from .divergence import batched_jacobian, exact_trace, hutchinson_trace, rademacher, slogdet
+from .reference import ReferenceProcess
+
+__all__ = [
+    "LOG_DET_METHODS",
+    "EMRollout",
+    "FlowOutput",
+    "InverseFlowOutput",
+    "StepOutput",
+    "count_folded",
+    "em_rollout",
+    "flow",
+    "inverse_flow",
+    "langevin_input",
+    "ode_step",
+    "potential_and_score",
+    "step_jacobian",
+]
+
+LOG_DET_METHODS = ("exact", "exact_frozen_langevin", "euler_trace", "hutchinson", "none")
+
+PotentialFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class StepOutput(NamedTuple):
+    """One PF-ODE step: new state, log-det increment, its sign (exact modes), control, start."""
+
+    x: torch.Tensor
+    log_det: torch.Tensor
+    sign: torch.Tensor | None
+    control: torch.Tensor
+    start: torch.Tensor
+
+
+class FlowOutput(NamedTuple):
+    """
+    Result of :func:`flow`: final states ``x``, accumulated ``log_det`` (``(batch,)``),
+    ``orientation`` (``(batch,)``: sign of the whole map's Jacobian determinant, the product of the
+    steps' signs; ``None`` unless an exact log-det method was used) and the ``trajectory`` (list of
+    states, if asked for).
+
+    An injective smooth map has one orientation on a connected domain, so draws whose orientation
+    differs from the others' reveal a *fold* (the map is not injective there and the
+    change-of-variables weight is not exact); see :func:`count_folded`.
+    """
+
+    x: torch.Tensor
+    log_det: torch.Tensor
+    orientation: torch.Tensor | None
+    trajectory: list | None
+
+
+class InverseFlowOutput(NamedTuple):
+    """
+    Result of :func:`inverse_flow`: prior-side states ``x0``, the forward map's accumulated exact
+    ``log_det`` at the recovered path, ``converged`` (``(batch,)`` bool, Newton residual below
+    tolerance at every step) and the forward map's ``orientation`` there (see :class:`FlowOutput`).
+    """
+
+    x0: torch.Tensor
+    log_det: torch.Tensor
+    converged: torch.Tensor
+    orientation: torch.Tensor
+
+
+class EMRollout(NamedTuple):
+    """
+    Stochastic EM path: ``states`` of shape ``(num_steps + 1, batch, dim)`` from prior to target,
+    and the summed log densities of the generative (``log_forward``) and noising
+    (``log_backward``) kernels, each ``(batch,)``.
+    """
+
+    states: torch.Tensor
+    log_forward: torch.Tensor
+    log_backward: torch.Tensor
+
+
+def _col(v: torch.Tensor) -> torch.Tensor:
+    return v.unsqueeze(-1) if v.dim() == 1 else v
+
+
+def potential_and_score(
+    potential_fn: PotentialFn, x: torch.Tensor, *, create_graph: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Batched potential :math:`U(x) = -\log\rho(x)` and target score :math:`\nabla\log\rho(x)`.
+
+    ``x`` must require grad when ``create_graph`` is true (the score then carries a graph to
+    ``x``, e.g. for Hessian terms); otherwise a detached copy is differentiated.
+    """
+    with torch.enable_grad():
+        if not (create_graph and x.requires_grad):
+            x = x.detach().requires_grad_(True)
+        potential = potential_fn(x)
+        (grad,) = torch.autograd.grad(potential.sum(), x, create_graph=create_graph)
+    if not create_graph:
+        potential, grad = potential.detach(), grad.detach()
+    return potential, -grad
+
+
+def langevin_input(
+    process: ReferenceProcess, x: torch.Tensor, code: torch.Tensor, target_score: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`g(x, c) = \sigma(c)\big[(1 - c/T)\nabla\log\rho(x) + (c/T)\nabla\log p_0(x)\big]`."""
+    if isinstance(code, torch.Tensor):
+        tau, sigma = _col(code / process.grid_size), _col(process.sigma(code))
+    else:
+        tau, sigma = float(code) / process.grid_size, process.sigma(code)
+    return sigma * ((1.0 - tau) * target_score + tau * process.prior_score(x))
+
+
+def _as_code(code, x: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(code, dtype=x.dtype, device=x.device)
+
+
+def _step_graph(net, potential_fn, process, x_in, code, step, *, through_g):
+    """Builds one PF-ODE step on ``x_in`` (requires grad) under autograd; returns ``(u, x_next)``."""
+    T = process.grid_size
+    dt = _col(step / T)
+    beta = _col(process.beta(code))
+    sigma = _col(process.sigma(code))
+    _, score = potential_and_score(potential_fn, x_in, create_graph=through_g)
+    g = langevin_input(process, x_in, code, score)
+    if not through_g:
+        g = g.detach()
+    u = net(x_in, code / T, step / T, g)
+    return u, x_in + dt * (0.5 * sigma * u + 0.5 * beta * x_in)
+
+
+def step_jacobian(
+    net: torch.nn.Module, potential_fn: PotentialFn, process: ReferenceProcess, x: torch.Tensor, code, step
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Detached ``(F_c(x), dF_c/dx)`` of one PF-ODE step, differentiating through the Langevin input."""
+    code, step = _as_code(code, x), _as_code(step, x)
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        _, x_next = _step_graph(net, potential_fn, process, x_in, code, step, through_g=True)
+        jac = batched_jacobian(x_next, x_in)
+    return x_next.detach(), jac.detach()
+
+
+def ode_step(
+    net: torch.nn.Module,
+    potential_fn: PotentialFn,
+    process: ReferenceProcess,
+    x: torch.Tensor,
+    code,
+    step,
+    *,
+    log_det: str = "exact",
+    num_probes: int = 1,
+    differentiable: bool = False,
+    langevin_grad: bool | None = None,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    r"""
+    One Euler step of the PF-ODE from code ``code`` to ``code - step`` (both numbers or
+    ``(batch,)`` tensors) with its log-determinant increment (module docstring).
+
+    :param bool differentiable: keep the autograd graph of the output (to network parameters and,
+        if ``x`` requires grad, to ``x``). When false the outputs are detached.
+    :param bool langevin_grad: differentiate through the Langevin input :math:`g(x)` (Hessian
+        terms of the potential). Default: only for ``log_det="exact"``. The values are the same
+        either way; only derivatives of the output with respect to ``x`` change.
+    """
+    if log_det not in LOG_DET_METHODS:
+        raise ValueError(f"`log_det` must be one of {LOG_DET_METHODS}, got {log_det!r}.")
+    code = _as_code(code, x)
+    step = _as_code(step, x)
+    with torch.enable_grad():
+        x_in = x if (differentiable and x.requires_grad) else x.detach().requires_grad_(True)
+        through_g = log_det == "exact" if langevin_grad is None else langevin_grad
+        if log_det == "exact" and not through_g:
+            raise ValueError("`log_det='exact'` differentiates through the Langevin input; use "
+                             "`log_det='exact_frozen_langevin'` to hold it constant.")
+        u, x_next = _step_graph(net, potential_fn, process, x_in, code, step, through_g=through_g)
+        sign = None
+        if log_det in ("exact", "exact_frozen_langevin"):
+            jac = batched_jacobian(x_next, x_in, create_graph=differentiable)
+            sign, increment = slogdet(jac)
+        elif log_det in ("euler_trace", "hutchinson"):
+            if log_det == "euler_trace":
+                trace = exact_trace(u, x_in, create_graph=differentiable)
+            else:
+                probes = rademacher((num_probes,) + tuple(x.shape), dtype=x.dtype, device=x.device, generator=generator)
+                trace, _ = hutchinson_trace(u, x_in, probes, create_graph=differentiable)
+            dt = step / process.grid_size
+            increment = dt * (0.5 * process.beta(code) * x.shape[-1] + 0.5 * process.sigma(code) * trace)
+        else:
+            increment = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    if not differentiable:
+        x_next, increment, u = x_next.detach(), increment.detach(), u.detach()
+    return StepOutput(x_next, increment, sign, u, x_in)
+
+
+def flow(
+    net: torch.nn.Module,
+    potential_fn: PotentialFn,
+    process: ReferenceProcess,
+    x0: torch.Tensor,
+    num_steps: int,
+    *,
+    log_det: str = "exact",
+    num_probes: int = 1,
+    differentiable: bool = False,
+    langevin_grad: bool | None = None,
+    return_trajectory: bool = False,
+    generator: torch.Generator | None = None,
+) -> FlowOutput:
+    r"""
+    Carries prior draws ``x0`` to the target with ``num_steps`` equal PF-ODE Euler steps
+    (:math:`d = T/K` codes each), accumulating the log-determinant of the whole map:
+
+    .. math:: \log q(x_K) = \log p_0(x_0) - \sum_{k} \log|\det \partial F_{c_k}(x_k)/\partial x_k| .
+    """
+    d = process.step_codes(num_steps)
+    x = x0
+    total = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
+    orientation = None
+    trajectory = [x0] if return_trajectory else None
+    for k in range(num_steps):
+        out = ode_step(
+            net, potential_fn, process, x, process.grid_size - k * d, d,
+            log_det=log_det, num_probes=num_probes, differentiable=differentiable, langevin_grad=langevin_grad,
+            generator=generator,
+        )
+        x = out.x
+        total = total + out.log_det
+        if out.sign is not None:
+            orientation = out.sign if orientation is None else orientation * out.sign
+        if trajectory is not None:
+            trajectory.append(x)
+    return FlowOutput(x, total, orientation, trajectory)
+
+
+def count_folded(orientation: torch.Tensor | None) -> torch.Tensor:
+    """
+    Marks draws whose Jacobian orientation (``+1``/``-1``/``0``) differs from the majority's, or
+    is zero: evidence that the map folds (is not injective). ``None`` (no exact log-det) gives
+    ``None``.
+    """
+    if orientation is None:
+        return None
+    majority = 1.0 if float(orientation.sum()) >= 0 else -1.0
+    return orientation != majority
+
+
+def inverse_flow(
+    net: torch.nn.Module,
+    potential_fn: PotentialFn,
+    process: ReferenceProcess,
+    y: torch.Tensor,
+    num_steps: int,
+    *,
+    max_iterations: int = 50,
+    tolerance: float | None = None,
+) -> InverseFlowOutput:
+    r"""
+    Exact inverse of the ``num_steps``-step PF-ODE map (target :math:`\to` prior), step by step
+    with damped Newton iterations on :math:`F_c(x) = y` using the exact Jacobian (through
+    :math:`g`), started from the explicit first-order inverse
+    :math:`x \approx y - \Delta\,(\tfrac12\sigma u + \tfrac12\beta y)`.
+
+    Unlike the first-order inverse of the OSDS code, the recovered :math:`x_0` maps *exactly* (to
+    the tolerance) onto ``y``, so
+    :math:`\log q(y) = \log p_0(x_0) - \sum_k \log|\det \partial F_{c_k}/\partial x_k|` is the density of
+    the forward sampler at ``y`` (when the map is injective) and forward estimates (EUBO, forward
+    :math:`\log Z`) are consistent.
+
+    :param float tolerance: max-norm residual accepted per step (default ``1e-9`` in float64,
+        ``2e-4`` in float32, relative to ``1 + |y|``).
+    """
+    if tolerance is None:
+        tolerance = 1e-9 if y.dtype == torch.float64 else 2e-4
+    d = process.step_codes(num_steps)
+    T = process.grid_size
+    batch = y.shape[0]
+    total = torch.zeros(batch, dtype=y.dtype, device=y.device)
+    converged = torch.ones(batch, dtype=torch.bool, device=y.device)
+    orientation = torch.ones(batch, dtype=y.dtype, device=y.device)
+
+    def residual_of(z, code):
+        return ode_step(net, potential_fn, process, z, code, d, log_det="none").x - target
+
+    target = y.detach()
+    for k in reversed(range(num_steps)):
+        code = T - k * d
+        # explicit first-order inverse x = y - (F(y) - y) as the starting point
+        x = 2 * target - ode_step(net, potential_fn, process, target, code, d, log_det="none").x
+        residual = residual_of(x, code)
+        res_norm = residual.abs().amax(-1)
+        scale = 1.0 + target.abs().amax(-1)
+        for _ in range(max_iterations):
+            active = res_norm > tolerance * scale
+            if not bool(active.any()):
+                break
+            _, jac = step_jacobian(net, potential_fn, process, x, code, d)
+            try:
+                delta = torch.linalg.solve(jac, residual.unsqueeze(-1)).squeeze(-1)
+            except RuntimeError:
+                delta = torch.linalg.lstsq(jac, residual.unsqueeze(-1)).solution.squeeze(-1)
+            delta = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
+            alpha = torch.ones(batch, 1, dtype=y.dtype, device=y.device)
+            improved = torch.zeros(batch, dtype=torch.bool, device=y.device)
+            new_x, new_res, new_norm = x, residual, res_norm
+            for _ in range(12):  # per-sample backtracking line search
+                cand = x - alpha * delta
+                cand_res = residual_of(cand, code)
+                cand_norm = cand_res.abs().amax(-1)
+                ok = (cand_norm < res_norm) & active & ~improved
+                new_x = torch.where(ok.unsqueeze(-1), cand, new_x)
+                new_res = torch.where(ok.unsqueeze(-1), cand_res, new_res)
+                new_norm = torch.where(ok, cand_norm, new_norm)
+                improved = improved | ok
+                if bool((improved | ~active).all()):
+                    break
+                alpha = torch.where(improved.unsqueeze(-1), alpha, 0.5 * alpha)
+            if not bool(improved.any()):
+                break
+            x, residual, res_norm = new_x, new_res, new_norm
+        out = ode_step(net, potential_fn, process, x, code, d, log_det="exact")
+        converged = converged & ((out.x - target).abs().amax(-1) <= tolerance * scale)
+        orientation = orientation * out.sign
+        total = total + out.log_det
+        target = x.detach()
+    return InverseFlowOutput(target, total, converged, orientation)
+
+
+def em_rollout(
+    net: torch.nn.Module,
+    potential_fn: PotentialFn,
+    process: ReferenceProcess,
+    x0: torch.Tensor,
+    num_steps: int,
+    *,
+    states: torch.Tensor | None = None,
+    differentiable: bool = False,
+    generator: torch.Generator | None = None,
+) -> EMRollout:
+    r"""
+    Stochastic Euler--Maruyama rollout of the controlled SDE with ``num_steps`` steps, returning
+    the states and the summed log densities of the generative and noising kernels.
+
+    With ``states`` given (shape ``(num_steps + 1, batch, dim)``), no noise is drawn: the kernels
+    are evaluated along those fixed states (used by the log-variance loss). Otherwise the path is
+    sampled, reparameterised when ``differentiable`` (gradients flow through the states).
+
+    The Langevin input is held constant (stop-gradient), as in the OSDS code.
+
+    .. math::
+
+        \log w_{\rm EM} = \sum_k \big[\log B(x_k \mid x_{k+1}) - \log F(x_{k+1} \mid x_k)\big]
+            + \log\rho(x_K) - \log p_0(x_0).
+    """
+    d = process.step_codes(num_steps)
+    T = process.grid_size
+    dt = d / T
+    dim = x0.shape[-1]
+    const = 0.5 * dim * math.log(2 * math.pi)
+    codes = [float(T - k * d) for k in range(num_steps)]
+    x = x0 if states is None else states[0]
+    path = [x]
+    log_f = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
+    log_b = torch.zeros_like(log_f)
+    grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()
+    with grad_ctx:
+        t_all = torch.tensor(codes, dtype=x0.dtype, device=x0.device) / T
+        time_codes, gains = net.step_features(t_all, torch.full_like(t_all, dt))
+    for k, code in enumerate(codes):
+        beta = process.beta(code)
+        sigma = process.sigma(code)
+        std = sigma * math.sqrt(dt)
+        _, score = potential_and_score(potential_fn, x)
+        g = langevin_input(process, x.detach(), code, score)
+        with grad_ctx:
+            u = net(x, None, None, g, features=(time_codes[k : k + 1], gains[k : k + 1]))
+            mean_f = x + dt * (sigma * u + 0.5 * beta * x)
+            if states is None:
+                noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+                x_next = mean_f + std * noise
+            else:
+                x_next = states[k + 1]
+            log_f = log_f - 0.5 * (((x_next - mean_f) / std) ** 2).sum(-1)
+            mean_b = (1.0 - 0.5 * beta * dt) * x_next
+            log_b = log_b - 0.5 * (((x - mean_b) / std) ** 2).sum(-1)
+        x = x_next
+        path.append(x)
+    # the Gaussian normalisers of F and B are equal step by step and cancel in log B - log F;
+    # they are added to both sums so that each is a true log density
+    norm = sum(dim * math.log(process.sigma(c) * math.sqrt(dt)) + const for c in codes)
+    return EMRollout(torch.stack(path), log_f - norm, log_b - norm)

@@ -1,0 +1,163 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+r"""
+The step-conditioned control network :math:`u_\theta(x, t, d, g)`.
+
+.. math::
+
+    u_\theta(x, t, d, g) = h_\theta\big(x, a(e)\big) + b_\theta(e) \odot \operatorname{clip}(g, \pm c_{\rm in}),
+    \qquad e = \big[\phi(t), \phi(d)\big],
+
+where :math:`\phi` are Fourier features :math:`\sin(\kappa s + \varphi), \cos(\kappa s + \varphi)`
+with fixed frequencies :math:`\kappa` and a learnable phase :math:`\varphi` shared by :math:`t`
+(normalised time :math:`c/T`) and :math:`d` (normalised step size), :math:`a` is the state branch's
+time code, :math:`b` the Langevin branch and :math:`g` the Langevin input (the :math:`\sigma`-scaled
+score of the geometric prior/target interpolation, see :mod:`pyro_osds.integrate`). The last layer
+of :math:`b` starts at bias 1 and that of :math:`h` at bias 0 with tiny weights, so that
+:math:`u \approx g` at initialisation (a Langevin-like drift).
+
+**References**
+
+[1] `One-Step Diffusion Samplers via Self-Distillation and Deterministic Flow`, arXiv 2512.05251
+    (the ``PISGRADStep`` network of its code).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["FourierFeatures", "StepConditionedControl"]
+
+
+class FourierFeatures(nn.Module):
+    r"""
+    :math:`s \mapsto [\sin(\kappa s + \varphi), \cos(\kappa s + \varphi)]` with
+    ``num_frequencies`` frequencies :math:`\kappa` evenly spaced in ``[0.1, max_frequency]`` and a
+    learnable phase :math:`\varphi` (zero at initialisation).
+    """
+
+    def __init__(self, num_frequencies: int = 64, max_frequency: float = 100.0, *, dtype=None, device=None):
+        super().__init__()
+        self.register_buffer(
+            "frequencies", torch.linspace(0.1, max_frequency, num_frequencies, dtype=dtype, device=device)
+        )
+        self.phase = nn.Parameter(torch.zeros(num_frequencies, dtype=dtype, device=device))
+
+    @property
+    def out_features(self) -> int:
+        return 2 * self.frequencies.numel()
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        arg = s.unsqueeze(-1) * self.frequencies + self.phase
+        return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
+
+
+def _mlp(in_features: int, hidden: int, num_hidden_layers: int, out_features: int, activation, *, dtype,
+         device) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(in_features, hidden, dtype=dtype, device=device)]
+    for _ in range(num_hidden_layers):
+        layers += [activation(), nn.Linear(hidden, hidden, dtype=dtype, device=device)]
+    layers += [activation(), nn.Linear(hidden, out_features, dtype=dtype, device=device)]
+    return nn.Sequential(*layers)
+
+
+class StepConditionedControl(nn.Module):
+    r"""
+    The control network :math:`u_\theta(x, t, d, g)` (module docstring).
+
+    :param int dim: state dimension :math:`D`.
+    :param int hidden_dim: width of every hidden layer (64).
+    :param int num_layers: hidden layers of the state network :math:`h` (2); the Langevin branch
+        has ``num_layers`` hidden layers too.
+    :param int num_frequencies: Fourier frequencies per scalar input (64, i.e. 128 features).
+    :param float max_frequency: largest Fourier frequency (100).
+    :param float inner_clip: :math:`c_{\rm in}`, clip of the Langevin input (100).
+    :param float outer_clip: clip of :math:`h` (1e4).
+    :param float init_weight: constant initial weight of both output layers (1e-8).
+    :param float langevin_bias: initial bias of the Langevin branch's output (1.0).
+    :param str activation: ``"gelu"`` (the paper's), ``"gelu_tanh"`` or ``"silu"`` (3x cheaper
+        than exact GELU on CPU).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        hidden_dim: int = 64,
+        num_layers: int = 2,
+        num_frequencies: int = 64,
+        max_frequency: float = 100.0,
+        inner_clip: float = 100.0,
+        outer_clip: float = 1e4,
+        init_weight: float = 1e-8,
+        langevin_bias: float = 1.0,
+        activation: str = "gelu",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if dim < 1 or hidden_dim < 1 or num_layers < 1:
+            raise ValueError("`dim`, `hidden_dim` and `num_layers` must be positive integers.")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"`activation` must be one of {tuple(ACTIVATIONS)}, got {activation!r}.")
+        act = ACTIVATIONS[activation]
+        self.dim = dim
+        self.inner_clip = float(inner_clip)
+        self.outer_clip = float(outer_clip)
+        kw = dict(dtype=dtype, device=device)
+        self.features = FourierFeatures(num_frequencies, max_frequency, **kw)
+        emb = 2 * self.features.out_features
+        # branch A: time/step code for the state network
+        self.time_code = nn.Sequential(nn.Linear(emb, hidden_dim, **kw), act(), nn.Linear(hidden_dim, hidden_dim, **kw))
+        # branch B: per-coordinate gain of the Langevin input
+        self.langevin_gain = _mlp(emb, hidden_dim, num_layers, dim, act, **kw)
+        # state network h(x, a)
+        layers: list[nn.Module] = []
+        width = dim + hidden_dim
+        for _ in range(num_layers):
+            layers += [nn.Linear(width, hidden_dim, **kw), act()]
+            width = hidden_dim
+        layers.append(nn.Linear(width, dim, **kw))
+        self.state_net = nn.Sequential(*layers)
+        with torch.no_grad():
+            for out_layer, bias in ((self.langevin_gain[-1], langevin_bias), (self.state_net[-1], 0.0)):
+                out_layer.weight.fill_(init_weight)
+                out_layer.bias.fill_(bias)
+
+    def embed(self, t: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Fourier embedding of (time, step size), broadcast to a common batch shape."""
+        t, d = torch.broadcast_tensors(t, d)
+        return torch.cat([self.features(t), self.features(d)], dim=-1)
+
+    def step_features(self, t: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parameter-dependent codes of ``n`` (time, step) pairs: ``(a(e) (n, hidden), b(e) (n, dim))``.
+        Precomputing them for all steps of a rollout saves two MLP calls per step."""
+        e = self.embed(t, d)
+        return self.time_code(e), self.langevin_gain(e)
+
+    def forward(self, x: torch.Tensor, t, d, g: torch.Tensor, *, features=None) -> torch.Tensor:
+        """
+        :param torch.Tensor x: states ``(batch, dim)``.
+        :param t: normalised time ``c / T``, a number or a ``(batch,)`` tensor.
+        :param d: normalised step size ``d / T``, a number or a ``(batch,)`` tensor.
+        :param torch.Tensor g: Langevin input ``(batch, dim)``.
+        :param features: optional precomputed :meth:`step_features` for this ``(t, d)``, each with
+            one row (shared) or ``batch`` rows; ``t`` and ``d`` are then ignored.
+        :returns: the control ``(batch, dim)``.
+        """
+        batch = x.shape[0]
+        if features is None:
+            t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+            d = torch.as_tensor(d, dtype=x.dtype, device=x.device)
+            if t.dim() == 0 and d.dim() == 0:
+                # shared time and step: embed once, broadcast over the batch
+                features = self.step_features(t.reshape(1), d.reshape(1))
+            else:
+                features = self.step_features(t.expand(batch), d.expand(batch))
+        code, gain = features
+        h = self.state_net(torch.cat([x, code.expand(batch, -1)], dim=-1)).clamp(-self.outer_clip, self.outer_clip)
+        return h + gain * g.clamp(-self.inner_clip, self.inner_clip)

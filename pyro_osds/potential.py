@@ -1,0 +1,429 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+r"""
+Pyro model :math:`\to` flat unconstrained target on :math:`\mathbb R^D` (the only module besides
+:mod:`pyro_osds.convert` that uses Pyro internals).
+
+:class:`ModelTarget` builds, from ``(model, args, kwargs)``:
+
+* the latent continuous sites in Pyro's sorted order, their ``biject_to(support)`` transforms and
+  the packing between site dicts and ``(batch, D)`` tensors (as :class:`pyro.infer.MCMC` does);
+* a **batched** potential :math:`U(z) = -\log p(x(z), y) - \sum_s \log|\det \partial x_s/\partial z_s|`
+  tried in this order, each verified against Pyro's own ``potential_fn`` on a probe batch:
+
+  1. ``"vmap"``: :func:`torch.func.vmap` over a trace+condition potential (validation off);
+  2. ``"plate"``: an outer particle plate, which also marginalises enumerable discrete sites
+     (as NUTS does) by tensor contraction;
+  3. ``"loop"``: a Python loop over Pyro's ``potential_fn`` (slow; a warning says so);
+
+* pointwise log-likelihoods of the observed sites (for ``az.loo``), and discrete-site draws
+  recovered afterwards with :func:`~pyro.infer.infer_discrete`.
+
+Non-enumerable discrete latent sites and subsample plates are refused with an error that names the
+site and the fix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import NamedTuple
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import config_enumerate, infer_discrete
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.mcmc.util import _guess_max_plate_nesting, initialize_model
+from pyro.ops.contract import contract_to_tensor
+from pyro.poutine.util import site_is_subsample
+
+__all__ = ["ModelTarget", "SiteInfo", "UnsupportedModelError"]
+
+PARTICLE_PLATE = "_osds_particles"
+
+
+class UnsupportedModelError(ValueError):
+    """The model has a feature OSDS cannot handle (the message names the site and the fix)."""
+
+
+class SiteInfo(NamedTuple):
+    """A latent site: name, unconstrained shape, constrained shape, slice in the flat vector, and
+    the number of the site's distribution batch dims."""
+
+    name: str
+    shape: torch.Size
+    constrained_shape: torch.Size
+    start: int
+    stop: int
+    batch_ndim: int
+
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _first_tensor(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    if isinstance(obj, dict):
+        return _first_tensor(list(obj.values()))
+    return None
+
+
+def _check_model(model, args, kwargs) -> poutine.Trace:
+    """Traces the model once and refuses what OSDS cannot sample."""
+    with poutine.block(), pyro.validation_enabled(False):
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if site_is_subsample(site):
+            raise UnsupportedModelError(
+                f"OSDS does not support subsampling: plate {name!r} subsamples its data. Remove `subsample_size` "
+                "/ `subsample` from the plate (OSDS, like NUTS, needs the full-data potential)."
+            )
+        if site["is_observed"]:
+            continue
+        support = site["fn"].support
+        if support.is_discrete and not site["fn"].has_enumerate_support:
+            raise UnsupportedModelError(
+                f"Latent site {name!r} is discrete with infinite support ({type(site['fn']).__name__}), which "
+                "cannot be enumerated. Marginalise it by hand, make it continuous, or condition on it "
+                f"(e.g. `pyro.condition(model, data={{{name!r}: value}})`)."
+            )
+    return trace
+
+
+class ModelTarget:
+    r"""
+    The flat unconstrained target of a Pyro model (module docstring).
+
+    :param model: a Pyro model (callable).
+    :param tuple model_args: positional arguments of the model.
+    :param dict model_kwargs: keyword arguments of the model.
+    :param int max_plate_nesting: as in :class:`~pyro.infer.NUTS` (guessed if ``None``).
+    :param init_strategy: Pyro init strategy for the starting point (default ``init_to_median``).
+    :param dict transforms: optional site -> transform (constrained to unconstrained) overrides.
+    :param str vectorize: force ``"vmap"``, ``"plate"`` or ``"loop"``; default tries them in order.
+    """
+
+    METHODS = ("vmap", "plate", "loop")
+
+    def __init__(
+        self,
+        model,
+        model_args=(),
+        model_kwargs=None,
+        *,
+        max_plate_nesting: int | None = None,
+        init_strategy=None,
+        transforms: dict | None = None,
+        vectorize: str | None = None,
+    ):
+        if vectorize is not None and vectorize not in self.METHODS:
+            raise ValueError(f"`vectorize` must be one of {self.METHODS} or None, got {vectorize!r}.")
+        self.model = model
+        self.args = tuple(model_args)
+        self.kwargs = dict(model_kwargs or {})
+        self.trace = _check_model(model, self.args, self.kwargs)
+        if max_plate_nesting is None:
+            max_plate_nesting = _guess_max_plate_nesting(model, self.args, self.kwargs)
+        self.max_plate_nesting = int(max_plate_nesting)
+        init_strategy = init_to_median(num_samples=15) if init_strategy is None else init_strategy
+        with pyro.validation_enabled(False):
+            init_params, self._pyro_potential, self.transforms, self.prototype_trace = initialize_model(
+                model, self.args, self.kwargs, transforms=transforms, max_plate_nesting=self.max_plate_nesting,
+                init_strategy=init_strategy,
+            )
+        if not init_params:
+            raise UnsupportedModelError("The model has no continuous latent sites to sample.")
+        self.enumerated_sites = [
+            name for name, site in self.trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and site["fn"].has_enumerate_support
+        ]
+        self.observed_sites = [
+            name for name, site in self.trace.nodes.items()
+            if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
+        ]
+        sites, start = [], 0
+        for name in sorted(init_params):
+            value = init_params[name]
+            proto = self.prototype_trace.nodes[name]
+            numel = value.numel()
+            sites.append(SiteInfo(name, value.shape, proto["value"].shape, start, start + numel,
+                                  len(proto["fn"].batch_shape)))
+            start += numel
+        self.sites = sites
+        self.dim = start
+        self.init = self.pack({k: v.unsqueeze(0) for k, v in init_params.items()})[0].detach()
+        self.dtype, self.device = self.init.dtype, self.init.device
+        self.method = self._select_method(vectorize)
+
+    # ------------------------------------------------------------------------------------------
+    # packing
+    def unpack(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(batch, D)`` -> dict of unconstrained ``(batch, *site_shape)``."""
+        return {s.name: z[:, s.start : s.stop].reshape((z.shape[0],) + tuple(s.shape)) for s in self.sites}
+
+    def pack(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """dict of unconstrained ``(batch, *site_shape)`` -> ``(batch, D)`` (sorted site order)."""
+        missing = [s.name for s in self.sites if s.name not in params]
+        if missing:
+            raise ValueError(f"Missing latent sites {missing}; expected {[s.name for s in self.sites]}.")
+        parts = []
+        for s in self.sites:
+            v = torch.as_tensor(params[s.name])
+            if tuple(v.shape[1:]) != tuple(s.shape):
+                raise ValueError(f"Site {s.name!r} must have shape (batch, {', '.join(map(str, s.shape))}) "
+                                 f"in unconstrained space, got {tuple(v.shape)}.")
+            parts.append(v.reshape(v.shape[0], -1))
+        return torch.cat(parts, dim=-1)
+
+    def constrain(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(batch, D)`` unconstrained -> dict of constrained site values ``(batch, *shape)``."""
+        return {name: self.transforms[name].inv(u) for name, u in self.unpack(z).items()}
+
+    def unconstrain(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """dict of constrained ``(batch, *shape)`` -> ``(batch, D)``."""
+        return self.pack({s.name: self.transforms[s.name](torch.as_tensor(values[s.name])) for s in self.sites})
+
+    # ------------------------------------------------------------------------------------------
+    # potentials
+    def _log_jacobian(self, values, params, batch: int | None) -> torch.Tensor:
+        total = 0.0
+        for s in self.sites:
+            ladj = self.transforms[s.name].log_abs_det_jacobian(values[s.name], params[s.name])
+            total = total + (ladj.sum() if batch is None else ladj.reshape(batch, -1).sum(-1))
+        return total
+
+    def _single_potential(self, flat: torch.Tensor) -> torch.Tensor:
+        params = {s.name: flat[s.start : s.stop].reshape(s.shape) for s in self.sites}
+        values = {name: self.transforms[name].inv(u) for name, u in params.items()}
+        with poutine.block():
+            trace = poutine.trace(poutine.condition(self.model, values)).get_trace(*self.args, **self.kwargs)
+        return -trace.log_prob_sum() + self._log_jacobian(values, params, None)
+
+    def _vmap_potential(self, z: torch.Tensor) -> torch.Tensor:
+        with pyro.validation_enabled(False):
+            return torch.func.vmap(self._single_potential)(z)
+
+    def _plate_values(self, z: torch.Tensor):
+        batch = z.shape[0]
+        params = self.unpack(z)
+        values, aligned = {}, {}
+        for s in self.sites:
+            x = self.transforms[s.name].inv(params[s.name])
+            values[s.name] = x
+            pad = (1,) * (self.max_plate_nesting - s.batch_ndim)
+            aligned[s.name] = x.reshape((batch,) + pad + tuple(s.constrained_shape))
+        return params, values, aligned
+
+    def _plate_trace(self, aligned: dict, batch: int, enumerate_sites: bool) -> poutine.Trace:
+        model = poutine.condition(self.model, aligned)
+        if enumerate_sites:
+            model = poutine.enum(config_enumerate(model), first_available_dim=-self.max_plate_nesting - 2)
+
+        def particle_model(*args, **kwargs):
+            with pyro.plate(PARTICLE_PLATE, batch, dim=-self.max_plate_nesting - 1):
+                return model(*args, **kwargs)
+
+        with poutine.block(), pyro.validation_enabled(False):
+            return poutine.trace(particle_model).get_trace(*self.args, **self.kwargs)
+
+    def _plate_log_joint(self, trace: poutine.Trace, batch: int) -> torch.Tensor:
+        trace.compute_log_prob()
+        if not self.enumerated_sites:
+            total = 0.0
+            ndim = self.max_plate_nesting + 1  # the particle dim sits at -ndim
+            for site in trace.nodes.values():
+                if site["type"] == "sample" and not site_is_subsample(site):
+                    lp = site["log_prob"]
+                    if lp.dim() < ndim:
+                        lp = lp.reshape((1,) * (ndim - lp.dim()) + tuple(lp.shape))
+                    lp = lp.movedim(-ndim, 0)
+                    total = total + lp.expand((batch,) + tuple(lp.shape[1:])).reshape(batch, -1).sum(-1)
+            return total
+        trace.pack_tensors()
+        log_factors = OrderedDict()
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                ordinal = frozenset(trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized)
+                log_factors.setdefault(ordinal, []).append(site["packed"]["log_prob"])
+        enum_dims = set(trace.symbol_to_dim) - set(trace.plate_to_symbol.values())
+        particle = trace.plate_to_symbol[PARTICLE_PLATE]
+        result = contract_to_tensor(log_factors, enum_dims, target_ordinal=frozenset({particle}))
+        return result.reshape(batch)
+
+    def _plate_potential(self, z: torch.Tensor) -> torch.Tensor:
+        batch = z.shape[0]
+        params, values, aligned = self._plate_values(z)
+        trace = self._plate_trace(aligned, batch, bool(self.enumerated_sites))
+        return -self._plate_log_joint(trace, batch) + self._log_jacobian(values, params, batch)
+
+    def _loop_potential(self, z: torch.Tensor) -> torch.Tensor:
+        out = []
+        with pyro.validation_enabled(False):
+            for row in z:
+                out.append(self._pyro_potential({s.name: row[s.start : s.stop].reshape(s.shape) for s in self.sites}))
+        return torch.stack(out).reshape(z.shape[0])
+
+    def potential(self, z: torch.Tensor) -> torch.Tensor:
+        r"""Batched potential ``(batch, D) -> (batch,)`` by the selected method (:attr:`method`)."""
+        return {"vmap": self._vmap_potential, "plate": self._plate_potential, "loop": self._loop_potential}[
+            self.method
+        ](z)
+
+    def pyro_potential(self, z: torch.Tensor) -> torch.Tensor:
+        """Pyro's own (unbatched) ``potential_fn`` evaluated row by row: the reference."""
+        return self._loop_potential(z)
+
+    def _probe(self) -> torch.Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(12345)
+        noise = torch.randn(3, self.dim, generator=gen, dtype=torch.float64).to(dtype=self.dtype, device=self.device)
+        return self.init.unsqueeze(0) + 0.1 * noise
+
+    def _verify(self, method: str, probe: torch.Tensor, reference: torch.Tensor) -> str | None:
+        """None if ``method`` reproduces Pyro's potential and supports second derivatives; else the reason."""
+        fn = {"vmap": self._vmap_potential, "plate": self._plate_potential}[method]
+        try:
+            z = probe.clone().requires_grad_(True)
+            value = fn(z)
+            (grad,) = torch.autograd.grad(value.sum(), z, create_graph=True)
+            torch.autograd.grad(grad[:, 0].sum(), z, allow_unused=True)
+        except Exception as err:  # noqa: BLE001 - any failure of a vectorisation strategy means "try the next"
+            return f"{type(err).__name__}: {err}"
+        if value.shape != reference.shape:
+            return f"returned shape {tuple(value.shape)}, expected {tuple(reference.shape)}"
+        tol = 1e-9 if self.dtype == torch.float64 else 1e-4
+        err = (value.detach() - reference).abs() / (1.0 + reference.abs())
+        if not bool(torch.isfinite(value).all()) or float(err.max()) > tol:
+            return f"disagrees with Pyro's potential_fn (relative error {float(err.max()):.2e})"
+        return None
+
+    def _select_method(self, forced: str | None) -> str:
+        probe = self._probe()
+        with torch.no_grad():
+            reference = self.pyro_potential(probe)
+        if not bool(torch.isfinite(reference).all()):
+            raise ValueError(
+                "The model's potential is not finite near its initial point; check the model's priors and "
+                "likelihood, or pass `initial_params` / `init_strategy`."
+            )
+        if forced == "loop":
+            return "loop"
+        candidates = [forced] if forced else [m for m in ("vmap", "plate") if not (m == "vmap" and self.enumerated_sites)]
+        reasons = {}
+        for method in candidates:
+            reason = self._verify(method, probe, reference)
+            if reason is None:
+                return method
+            reasons[method] = reason
+        if forced:
+            raise ValueError(f"`vectorize={forced!r}` does not work for this model: {reasons[forced]}.")
+        warnings.warn(
+            "The model could not be vectorised over particles ("
+            + "; ".join(f"{k}: {v}" for k, v in reasons.items())
+            + "), so OSDS evaluates it in a Python loop, which is slow. Writing the model with broadcasting "
+            "(e.g. `(X * w.unsqueeze(-2)).sum(-1)` instead of `X @ w` inside plates, `Vindex` for enumerated "
+            "indexing) and without Python control flow on latent values makes it vectorisable.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return "loop"
+
+    # ------------------------------------------------------------------------------------------
+    # observations, log-likelihood and discrete sites
+    def observed_data(self) -> dict[str, torch.Tensor]:
+        return {name: self.trace.nodes[name]["value"].detach() for name in self.observed_sites}
+
+    def _pointwise(self, site) -> torch.Tensor:
+        fn, value = site["fn"], site["value"]
+        while isinstance(fn, torch.distributions.Independent):
+            fn = fn.base_dist
+        lp = fn.log_prob(value)
+        return lp
+
+    def log_likelihood(self, z: torch.Tensor, chunk_size: int = 1024) -> dict[str, torch.Tensor]:
+        r"""
+        Pointwise log-likelihood of each observed site at draws ``z`` ``(N, D)``:
+        ``{site: (N, *obs_shape)}`` (``.to_event`` dims are kept pointwise). Models with enumerated
+        discrete sites are not supported here (returns an empty dict with a warning).
+        """
+        if self.enumerated_sites:
+            warnings.warn("Pointwise log-likelihoods are not computed for models with enumerated discrete sites.",
+                          UserWarning, stacklevel=2)
+            return {}
+        out: dict[str, list] = {name: [] for name in self.observed_sites}
+        for start in range(0, z.shape[0], chunk_size):
+            chunk = z[start : start + chunk_size]
+            with torch.no_grad():
+                if self.method == "vmap":
+                    def single(flat):
+                        params = {s.name: flat[s.start : s.stop].reshape(s.shape) for s in self.sites}
+                        values = {k: self.transforms[k].inv(u) for k, u in params.items()}
+                        with poutine.block():
+                            tr = poutine.trace(poutine.condition(self.model, values)).get_trace(*self.args,
+                                                                                                **self.kwargs)
+                        return {name: self._pointwise(tr.nodes[name]) for name in self.observed_sites}
+
+                    with pyro.validation_enabled(False):
+                        res = torch.func.vmap(single)(chunk)
+                    for name in self.observed_sites:
+                        out[name].append(res[name])
+                else:
+                    for row in chunk:
+                        params = {s.name: row[s.start : s.stop].reshape(s.shape) for s in self.sites}
+                        values = {k: self.transforms[k].inv(u) for k, u in params.items()}
+                        with poutine.block(), pyro.validation_enabled(False):
+                            tr = poutine.trace(poutine.condition(self.model, values)).get_trace(*self.args,
+                                                                                                **self.kwargs)
+                        for name in self.observed_sites:
+                            out[name].append(self._pointwise(tr.nodes[name]).unsqueeze(0))
+        return {name: torch.cat(v).detach() for name, v in out.items() if v}
+
+    def sample_discrete(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        r"""
+        Draws the enumerated discrete sites from their exact conditional given each continuous draw,
+        with :func:`~pyro.infer.infer_discrete` (temperature 1). Returns ``{site: (N, *shape)}``.
+        """
+        if not self.enumerated_sites:
+            return {}
+        values = self.constrain(z)
+        out: dict[str, list] = {name: [] for name in self.enumerated_sites}
+        first_dim = -self.max_plate_nesting - 1
+        for i in range(z.shape[0]):
+            cond = {k: v[i] for k, v in values.items()}
+            model = infer_discrete(config_enumerate(poutine.condition(self.model, cond)), first_available_dim=first_dim,
+                                   temperature=1)
+            with poutine.block(), pyro.validation_enabled(False):
+                tr = poutine.trace(model).get_trace(*self.args, **self.kwargs)
+            for name in self.enumerated_sites:
+                out[name].append(tr.nodes[name]["value"].detach())
+        return {name: torch.stack(v) for name, v in out.items()}
+
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def move_args(args, kwargs, device):
+        """Moves tensor arguments to ``device`` (used when training on a GPU the data are not on)."""
+        return _map_tensors(args, lambda t: t.to(device)), _map_tensors(kwargs, lambda t: t.to(device))
+
+    @staticmethod
+    def data_device(args, kwargs):
+        t = _first_tensor(list(args) + list(kwargs.values()))
+        return None if t is None else t.device
+
+    def description(self) -> str:
+        return ", ".join(f"{s.name}{tuple(s.constrained_shape)}" for s in self.sites) + f" (D={self.dim})"
+

@@ -1,0 +1,286 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+r"""
+:class:`FlowSampler`: one trainable one-step diffusion sampler for a batched potential on
+:math:`\mathbb R^D`, with draws, importance weights and evidence estimates. No Pyro involved.
+
+Draws are made in the preconditioned space :math:`z` (prior :math:`\mathcal N(0, \sigma_0^2 I)`,
+flow of :math:`K` PF-ODE steps) and mapped to :math:`x = m + Lz`. Each draw carries
+
+.. math::
+
+    \log q(x) = \log p_0(z_0) - \sum_k \log|\det \partial F_k/\partial z_k| - \log|\det L|, \qquad
+    \log w = -U(x) - \log q(x),
+
+so :math:`\log\hat Z = \log\frac1N\sum w` and the ELBO :math:`\frac1N\sum\log w` refer to the
+original potential :math:`U`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, NamedTuple
+
+import torch
+
+from .config import OSDSConfig
+from .estimators import Estimates, ForwardEstimates, evidence, forward_evidence
+from .integrate import count_folded, em_rollout, flow, inverse_flow
+from .nets import StepConditionedControl
+from .precondition import AffineMap, fit_gaussian, fit_laplace, whiten_potential
+from .reference import ReferenceProcess
+from .train import Trainer
+
+__all__ = ["Draws", "FlowSampler", "make_process", "make_network"]
+
+PotentialFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Draws(NamedTuple):
+    r"""
+    Weighted draws: ``x`` ``(N, D)`` in the potential's space, ``potential`` :math:`U(x)`,
+    ``log_q`` (sampler log density at ``x``), ``log_weight`` :math:`= -U - \log q`, ``folded``
+    (sign of the map's Jacobian determinant at each draw, exact log-det methods only), and
+    ``log_det`` (method).
+    """
+
+    x: torch.Tensor
+    potential: torch.Tensor
+    log_q: torch.Tensor
+    log_weight: torch.Tensor
+    orientation: torch.Tensor | None
+    log_det: str
+
+    @property
+    def folded(self) -> torch.Tensor | None:
+        """Draws whose Jacobian orientation differs from the majority's (the map folds there)."""
+        return count_folded(self.orientation)
+
+    @property
+    def num_folded(self) -> int:
+        folded = self.folded
+        return 0 if folded is None else int(folded.sum())
+
+
+def make_process(config: OSDSConfig) -> ReferenceProcess:
+    return ReferenceProcess(
+        grid_size=config.grid_size, schedule=config.schedule, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
+        cosine_s=config.cosine_s, prior_scale=config.prior_scale, prior_clip=config.prior_clip,
+    )
+
+
+def make_network(dim: int, config: OSDSConfig, *, dtype=None, device=None) -> StepConditionedControl:
+    return StepConditionedControl(
+        dim, hidden_dim=config.hidden_dim, num_layers=config.num_layers, num_frequencies=config.num_frequencies,
+        max_frequency=config.max_frequency, inner_clip=config.inner_clip, outer_clip=config.outer_clip,
+        activation=config.activation, dtype=dtype, device=device,
+    )
+
+
+class FlowSampler:
+    r"""
+    A one-step diffusion sampler for a batched potential (module docstring).
+
+    :param callable potential_fn: ``(batch, dim) -> (batch,)`` potential :math:`U = -\log\rho`,
+        differentiable by autograd (twice, for exact weights).
+    :param torch.Tensor init: a point ``(dim,)`` where the potential is finite (sets dtype and
+        device, and starts the preconditioner's fit).
+    :param OSDSConfig config: hyper-parameters.
+    :param AffineMap preconditioner: use this affine map instead of fitting one.
+    :param torch.Generator generator: randomness for training (default: seeded from the global RNG).
+    """
+
+    def __init__(
+        self,
+        potential_fn: PotentialFn,
+        init: torch.Tensor,
+        config: OSDSConfig | None = None,
+        *,
+        preconditioner: AffineMap | None = None,
+        generator: torch.Generator | None = None,
+        hook_fn: Callable | None = None,
+        disable_progbar: bool = False,
+        desc: str = "OSDS",
+    ):
+        self.config = config = OSDSConfig() if config is None else config
+        init = torch.as_tensor(init)
+        if init.dim() != 1 or not init.is_floating_point():
+            raise ValueError(f"`init` must be a 1-D floating point tensor, got shape {tuple(init.shape)} "
+                             f"and dtype {init.dtype}.")
+        self.potential_fn = potential_fn
+        self.init = init.detach().clone()
+        self.dim = init.numel()
+        self.dtype, self.device = init.dtype, init.device
+        self.process = make_process(config)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(torch.randint(0, 2**62, ())))
+        self.generator = generator
+        self.preconditioner = preconditioner
+        self.precondition_info: dict = {}
+        self.net = make_network(self.dim, config, dtype=self.dtype, device=self.device)
+        self.trainer: Trainer | None = None
+        self._hook_fn, self._disable_progbar, self._desc = hook_fn, disable_progbar, desc
+
+    # ------------------------------------------------------------------------------------------
+    def fit_preconditioner(self) -> AffineMap:
+        """Fits the affine preconditioner chosen by ``config.precondition`` (once)."""
+        if self.preconditioner is not None:
+            return self.preconditioner
+        cfg = self.config
+        identity = AffineMap.identity(self.dim, shift=self.init, dtype=self.dtype, device=self.device)
+        if cfg.precondition == "none":
+            self.preconditioner = identity
+            return identity
+        candidates = [identity]
+        try:
+            laplace, info = fit_laplace(self.potential_fn, self.init, diagonal=cfg.precondition == "diagonal_laplace")
+            self.precondition_info["laplace"] = {"converged": info["converged"], "potential": info["potential"]}
+            candidates.insert(0, laplace)
+        except (ValueError, RuntimeError) as err:
+            if cfg.precondition != "gaussian":
+                raise
+            warnings.warn(f"Laplace fit failed ({err}); fitting the Gaussian preconditioner from the identity.",
+                          RuntimeWarning, stacklevel=2)
+        if cfg.precondition in ("laplace", "diagonal_laplace"):
+            self.preconditioner = candidates[0]
+        else:
+            affine, info = fit_gaussian(self.potential_fn, candidates, num_iterations=cfg.precondition_iterations,
+                                        generator=self.generator)
+            self.precondition_info["gaussian"] = info
+            self.preconditioner = affine
+        return self.preconditioner
+
+    @property
+    def whitened_potential(self) -> PotentialFn:
+        return whiten_potential(self.potential_fn, self.fit_preconditioner())
+
+    def make_trainer(self) -> Trainer:
+        if self.trainer is None:
+            self.trainer = Trainer(
+                self.net, self.whitened_potential, self.process, self.dim, self.config, generator=self.generator,
+                hook_fn=self._hook_fn, disable_progbar=self._disable_progbar, desc=self._desc,
+            )
+        return self.trainer
+
+    def fit(self, num_iterations: int | None = None) -> dict[str, list]:
+        """Fits the preconditioner (once) and trains; returns the training history."""
+        return self.make_trainer().train(num_iterations)
+
+    @property
+    def sampling_net(self) -> torch.nn.Module:
+        return self.trainer.sampling_net if self.trainer is not None else self.net
+
+    # ------------------------------------------------------------------------------------------
+    def default_log_det(self) -> str:
+        cfg = self.config
+        if cfg.eval_log_det == "exact" and self.dim > cfg.exact_log_det_max_dim:
+            return "hutchinson"
+        return cfg.eval_log_det
+
+    def draw(
+        self,
+        num_samples: int,
+        num_steps: int = 1,
+        *,
+        log_det: str | None = None,
+        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Draws:
+        """``num_samples`` fresh weighted draws from the ``num_steps``-step deterministic flow."""
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
+        self.process.step_codes(num_steps)  # validates num_steps
+        log_det = self.default_log_det() if log_det is None else log_det
+        chunk = chunk_size or self.config.chunk_size
+        affine = self.fit_preconditioner()
+        potential_z = self.whitened_potential
+        net = self.sampling_net
+        gen = self.generator if generator is None else generator
+        xs, us, lqs, signs = [], [], [], []
+        for start in range(0, num_samples, chunk):
+            n = min(chunk, num_samples - start)
+            z0 = self.process.sample_prior(n, self.dim, clip=False, dtype=self.dtype, device=self.device, generator=gen)
+            out = flow(net, potential_z, self.process, z0, num_steps, log_det=log_det,
+                       num_probes=self.config.eval_num_probes, generator=gen)
+            x = affine(out.x)
+            with torch.no_grad():
+                u = self.potential_fn(x)
+            log_q = self.process.prior_log_prob(z0) - out.log_det - affine.log_abs_det
+            xs.append(x.detach())
+            us.append(u.detach())
+            lqs.append(log_q.detach())
+            signs.append(out.orientation)
+        x, u, log_q = torch.cat(xs), torch.cat(us), torch.cat(lqs)
+        log_w = (-u.to(torch.float64)) - log_q.to(torch.float64)
+        orientation = None if signs[0] is None else torch.cat(signs)
+        return Draws(x, u, log_q, log_w, orientation, log_det)
+
+    def evidence(self, num_samples: int = 2000, num_steps: int = 1, *, log_det: str | None = None) -> Estimates:
+        """Evidence estimates from fresh deterministic-flow draws (never the training batch)."""
+        d = self.draw(num_samples, num_steps, log_det=log_det)
+        return evidence(d.log_weight, num_folded=d.num_folded, log_det=d.log_det)
+
+    def em_log_weights(self, num_samples: int, num_steps: int = 1, *, chunk_size: int | None = None) -> torch.Tensor:
+        r"""Log-weights of stochastic EM paths with ``num_steps`` steps (what breaks at few steps)."""
+        self.process.step_codes(num_steps)
+        chunk = chunk_size or self.config.chunk_size
+        potential_z = self.whitened_potential
+        out = []
+        for start in range(0, num_samples, chunk):
+            n = min(chunk, num_samples - start)
+            z0 = self.process.sample_prior(n, self.dim, dtype=self.dtype, device=self.device, generator=self.generator)
+            path = em_rollout(self.sampling_net, potential_z, self.process, z0, num_steps, generator=self.generator)
+            with torch.no_grad():
+                u = potential_z(path.states[-1])
+            lw = path.log_backward - path.log_forward - u - self.process.prior_log_prob(z0)
+            out.append(lw.detach().to(torch.float64))
+        return torch.cat(out)
+
+    def em_evidence(self, num_samples: int = 2000, num_steps: int = 1) -> Estimates:
+        """Evidence estimates from EM-path weights (for comparison with the deterministic flow)."""
+        return evidence(self.em_log_weights(num_samples, num_steps), log_det="em_path", what="EM-path log-weights")
+
+    def log_q(self, x: torch.Tensor, num_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        Sampler log density at given points ``x`` (exact inverse flow); returns ``(log_q, ok)``
+        where ``ok`` marks points whose inversion converged with the majority orientation.
+        """
+        affine = self.fit_preconditioner()
+        z = affine.inverse(torch.as_tensor(x, dtype=self.dtype, device=self.device))
+        inv = inverse_flow(self.sampling_net, self.whitened_potential, self.process, z, num_steps)
+        log_q = self.process.prior_log_prob(inv.x0) - inv.log_det - affine.log_abs_det
+        return log_q.detach(), inv.converged & ~count_folded(inv.orientation)
+
+    def forward_evidence(self, target_samples: torch.Tensor, num_steps: int = 1) -> ForwardEstimates:
+        r"""EUBO and forward :math:`\log\hat Z` from exact target draws, via the exact inverse flow."""
+        x = torch.as_tensor(target_samples, dtype=self.dtype, device=self.device)
+        log_q, ok = self.log_q(x, num_steps)
+        with torch.no_grad():
+            u = self.potential_fn(x)
+        lw = (-u.to(torch.float64)) - log_q.to(torch.float64)
+        if not bool(ok.all()):
+            warnings.warn(f"The inverse flow did not converge (or folded) for {int((~ok).sum())} of {ok.numel()} "
+                          "target draws; they are excluded.", RuntimeWarning, stacklevel=2)
+            lw = torch.where(ok, lw, torch.full_like(lw, math.nan))
+        return forward_evidence(lw)
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        affine = self.fit_preconditioner()
+        return {
+            "preconditioner": {"shift": affine.shift.detach().clone(), "scale_tril": affine.scale_tril.detach().clone()},
+            "trainer": self.make_trainer().state_dict(),
+            "generator": self.generator.get_state(),
+            "dim": self.dim,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["dim"]) != self.dim:
+            raise ValueError(f"State is for dimension {state['dim']}, this sampler has dimension {self.dim}.")
+        pre = state["preconditioner"]
+        self.preconditioner = AffineMap(pre["shift"].to(self.dtype), pre["scale_tril"].to(self.dtype))
+        self.trainer = None
+        self.make_trainer().load_state_dict(state["trainer"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,249 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pyro_osds.divergence import batched_jacobian, exact_trace, hutchinson_trace, rademacher
+from pyro_osds.integrate import (
+    count_folded,
+    em_rollout,
+    flow,
+    inverse_flow,
+    langevin_input,
+    ode_step,
+    potential_and_score,
+)
+from pyro_osds.nets import StepConditionedControl
+from pyro_osds.reference import ReferenceProcess
+
+D64 = torch.float64
+DIM = 4
+
+
+def make_potential(scale=1.0):
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(DIM, DIM, dtype=D64, generator=g)
+    prec = a @ a.T / DIM + torch.eye(DIM, dtype=D64)
+    w = torch.randn(DIM, dtype=D64, generator=g)
+
+    def potential(x):
+        # Gaussian + softplus + quartic: a Hessian that varies with x
+        return scale * (0.5 * ((x @ prec) * x).sum(-1) + nn.functional.softplus(x @ w) + 0.05 * (x**4).sum(-1))
+
+    return potential
+
+
+def random_net(scale=0.3, seed=0):
+    torch.manual_seed(seed)
+    net = StepConditionedControl(DIM, hidden_dim=16, dtype=D64)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return net
+
+
+def single_map(net, potential, process, num_steps, langevin_grad=True):
+    def fn(x):
+        out = flow(net, potential, process, x.unsqueeze(0), num_steps, log_det="none", differentiable=True,
+                   langevin_grad=langevin_grad)
+        return out.x.squeeze(0)
+
+    return fn
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 4])
+def test_exact_log_det_equals_slogdet_of_whole_map(num_steps):
+    process = ReferenceProcess(grid_size=16, prior_scale=1.3)
+    net, potential = random_net(), make_potential()
+    x0 = torch.randn(6, DIM, dtype=D64)
+    out = flow(net, potential, process, x0, num_steps, log_det="exact")
+    fn = single_map(net, potential, process, num_steps)
+    for i in range(x0.shape[0]):
+        jac = torch.autograd.functional.jacobian(fn, x0[i])
+        sign, logabsdet = torch.linalg.slogdet(jac)
+        assert float(out.log_det[i]) == pytest.approx(float(logabsdet), abs=1e-8)
+        assert float(out.orientation[i]) == float(sign)
+        torch.testing.assert_close(out.x[i], fn(x0[i]), rtol=0, atol=1e-12)
+
+
+def test_exact_log_det_includes_the_langevin_hessian_term():
+    process = ReferenceProcess(grid_size=16)
+    net, potential = random_net(), make_potential()
+    x0 = torch.randn(6, DIM, dtype=D64)
+    exact = flow(net, potential, process, x0, 2, log_det="exact").log_det
+    frozen = flow(net, potential, process, x0, 2, log_det="exact_frozen_langevin").log_det
+    fn = single_map(net, potential, process, 2, langevin_grad=False)
+    for i in range(x0.shape[0]):
+        _, logabsdet = torch.linalg.slogdet(torch.autograd.functional.jacobian(fn, x0[i]))
+        assert float(frozen[i]) == pytest.approx(float(logabsdet), abs=1e-8)
+    # the Hessian term is not negligible (the authors' code drops it)
+    assert float((exact - frozen).abs().max()) > 1e-2
+
+
+def test_euler_trace_formula_and_its_first_order_agreement_with_the_exact_log_det():
+    process = ReferenceProcess(grid_size=64)
+    net, potential = random_net(scale=0.1), make_potential()
+    x0 = torch.randn(5, DIM, dtype=D64)
+    step = ode_step(net, potential, process, x0, 64, 16, log_det="euler_trace")
+    u = ode_step(net, potential, process, x0, 64, 16, log_det="none", differentiable=True, langevin_grad=False)
+    trace = exact_trace(u.control, u.start)
+    expected = 0.25 * (0.5 * process.beta(64.0) * DIM + 0.5 * process.sigma(64.0) * trace)
+    torch.testing.assert_close(step.log_det, expected, rtol=0, atol=1e-12)
+    # log det(I + dt A) - dt tr A = O(dt^2) per step: the gap over the whole flow shrinks like 1/K
+    gaps = []
+    for k in [8, 16, 32, 64]:
+        ex = flow(net, potential, process, x0, k, log_det="exact_frozen_langevin").log_det
+        tr = flow(net, potential, process, x0, k, log_det="euler_trace").log_det
+        gaps.append(float((ex - tr).abs().mean()))
+    orders = [math.log2(gaps[i] / gaps[i + 1]) for i in range(len(gaps) - 1)]
+    assert all(0.8 < o < 1.2 for o in orders), orders
+
+
+def test_hutchinson_trace_is_unbiased():
+    net, potential = random_net(), make_potential()
+    process = ReferenceProcess(grid_size=8)
+    x0 = torch.randn(3, DIM, dtype=D64)
+    step = ode_step(net, potential, process, x0, 8, 4, log_det="none", differentiable=True, langevin_grad=False)
+    exact = exact_trace(step.control, step.start)
+    probes = rademacher((4000, 3, DIM), dtype=D64)
+    _, vjp = hutchinson_trace(step.control, step.start, probes)
+    samples = (vjp * probes).sum(-1)  # (probes, batch)
+    mean, se = samples.mean(0), samples.std(0) / math.sqrt(4000)
+    assert bool(((mean - exact).abs() < 4 * se + 1e-12).all())
+
+
+def test_batched_jacobian_and_trace_match_autograd():
+    net = random_net()
+    x = torch.randn(5, DIM, dtype=D64, requires_grad=True)
+    g = torch.randn(5, DIM, dtype=D64)
+    y = net(x, 0.3, 0.5, g)
+    jac = batched_jacobian(y, x)
+    for i in range(5):
+        ref = torch.autograd.functional.jacobian(lambda z, i=i: net(z.unsqueeze(0), 0.3, 0.5, g[i : i + 1])[0], x[i])
+        torch.testing.assert_close(jac[i], ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(exact_trace(y, x), jac.diagonal(dim1=-2, dim2=-1).sum(-1), rtol=0, atol=1e-12)
+
+
+class LinearControl(nn.Module):
+    """u = a x, ignoring time, step and Langevin input: the PF drift is lambda(c) x."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = a
+
+    def step_features(self, t, d):
+        return None, None
+
+    def forward(self, x, t, d, g, *, features=None):
+        return self.a * x
+
+
+def test_linear_velocity_field_closed_form_and_convergence_order():
+    a = -0.7
+    process = ReferenceProcess(grid_size=512, prior_scale=1.5)
+    net = LinearControl(a)
+    potential = make_potential()  # irrelevant to this control, but the Langevin input is still computed
+    x0 = torch.randn(5, DIM, dtype=D64)
+
+    def rate(code):  # lambda(c) = sigma(c) a / 2 + beta(c) / 2
+        return 0.5 * process.sigma(code) * a + 0.5 * process.beta(code)
+
+    errors = []
+    tau = torch.linspace(0, 1, 400_001, dtype=D64)
+    continuous = float(torch.trapezoid(0.5 * process.sigma(tau * 512) * a + 0.5 * process.beta(tau * 512), tau))
+    for k in [8, 16, 32, 64, 128]:
+        out = flow(net, potential, process, x0, k, log_det="exact")
+        d = 512 // k
+        factors = [1 + (d / 512) * rate(float(512 - j * d)) for j in range(k)]
+        prod = math.prod(factors)
+        torch.testing.assert_close(out.x, prod * x0, rtol=1e-12, atol=1e-12)
+        expected_log_det = DIM * sum(math.log(abs(f)) for f in factors)
+        assert float(out.log_det.max()) == pytest.approx(expected_log_det, abs=1e-10)
+        assert float(out.log_det.min()) == pytest.approx(expected_log_det, abs=1e-10)
+        errors.append(abs(math.log(abs(prod)) - continuous))
+    orders = [math.log2(errors[i] / errors[i + 1]) for i in range(len(errors) - 1)]
+    assert all(abs(o - 1.0) < 0.2 for o in orders), orders
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 4])
+def test_inverse_flow_round_trip(num_steps):
+    process = ReferenceProcess(grid_size=16)
+    # a soft target: large Langevin steps on a stiff one fold the untrained map
+    net, potential = random_net(scale=0.03), make_potential(scale=0.3)
+    x0 = torch.randn(8, DIM, dtype=D64)
+    fwd = flow(net, potential, process, x0, num_steps, log_det="exact")
+    assert not bool(count_folded(fwd.orientation).any())  # an injective map: a unique preimage
+    inv = inverse_flow(net, potential, process, fwd.x, num_steps)
+    assert bool(inv.converged.all())
+    torch.testing.assert_close(inv.x0, x0, rtol=0, atol=1e-8)
+    torch.testing.assert_close(inv.log_det, fwd.log_det, rtol=0, atol=1e-8)
+    torch.testing.assert_close(inv.orientation, fwd.orientation)
+
+
+def test_em_kernels_match_torch_distributions():
+    process = ReferenceProcess(grid_size=8, prior_scale=0.7)
+    net, potential = random_net(), make_potential()
+    x0 = process.sample_prior(6, DIM, dtype=D64)
+    gen = torch.Generator().manual_seed(5)
+    path = em_rollout(net, potential, process, x0, 2, generator=gen)
+    assert path.states.shape == (3, 6, DIM)
+    log_f = torch.zeros(6, dtype=D64)
+    log_b = torch.zeros(6, dtype=D64)
+    dt = 0.5
+    for k, code in enumerate([8.0, 4.0]):
+        x, x_next = path.states[k], path.states[k + 1]
+        _, score = potential_and_score(potential, x)
+        g = langevin_input(process, x, code, score)
+        u = net(x, code / 8, dt, g)
+        beta = torch.tensor(process.beta(code), dtype=D64)
+        std = torch.tensor(process.sigma(code) * math.sqrt(dt), dtype=D64)
+        fwd = torch.distributions.Normal(x + dt * (process.sigma(code) * u + 0.5 * beta * x), std)
+        bwd = torch.distributions.Normal((1 - 0.5 * beta * dt) * x_next, std)
+        log_f = log_f + fwd.log_prob(x_next).sum(-1)
+        log_b = log_b + bwd.log_prob(x).sum(-1)
+    torch.testing.assert_close(path.log_forward, log_f, rtol=0, atol=1e-10)
+    torch.testing.assert_close(path.log_backward, log_b, rtol=0, atol=1e-10)
+    # evaluating along the same fixed states reproduces the sampled path's densities
+    again = em_rollout(net, potential, process, x0, 2, states=path.states)
+    torch.testing.assert_close(again.log_forward, path.log_forward, rtol=0, atol=1e-10)
+    torch.testing.assert_close(again.log_backward, path.log_backward, rtol=0, atol=1e-10)
+
+
+def test_em_rollout_is_reparameterised():
+    process = ReferenceProcess(grid_size=4)
+    net, potential = random_net(), make_potential()
+    x0 = torch.randn(3, DIM, dtype=D64)
+    path = em_rollout(net, potential, process, x0, 4, differentiable=True, generator=torch.Generator().manual_seed(0))
+    path.states[-1].sum().backward()
+    assert all(p.grad is not None for p in net.state_net.parameters())
+
+
+def test_potential_and_score():
+    potential = make_potential()
+    x = torch.randn(4, DIM, dtype=D64)
+    u, score = potential_and_score(potential, x)
+    torch.testing.assert_close(u, potential(x))
+    for i in range(4):
+        ref = torch.autograd.functional.jacobian(lambda z: potential(z.unsqueeze(0))[0], x[i])
+        torch.testing.assert_close(score[i], -ref, rtol=0, atol=1e-12)
+    assert not u.requires_grad and not score.requires_grad
+
+
+def test_count_folded_uses_the_majority_orientation():
+    assert count_folded(None) is None
+    all_negative = torch.tensor([-1.0, -1.0, -1.0])
+    assert not bool(count_folded(all_negative).any())  # a reflection is a bijection
+    mixed = torch.tensor([1.0, 1.0, -1.0, 0.0])
+    assert count_folded(mixed).tolist() == [False, False, True, True]
+
+
+def test_invalid_log_det_method():
+    with pytest.raises(ValueError, match="log_det"):
+        flow(random_net(), make_potential(), ReferenceProcess(grid_size=4), torch.zeros(1, DIM, dtype=D64), 1,
+             log_det="jacobian")
+    with pytest.raises(ValueError, match="exact_frozen_langevin"):
+        ode_step(random_net(), make_potential(), ReferenceProcess(grid_size=4), torch.zeros(1, DIM, dtype=D64), 4, 4,
+                 log_det="exact", langevin_grad=False)
