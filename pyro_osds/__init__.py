@@ -10,7 +10,9 @@ potential and returns posterior draws with exact importance weights, hence the l
 
 from ._version import __version__
 from .api import OSDS, LogEvidence
+from .compare import compare
 from .config import PRESETS, OSDSConfig
+from .convert import to_datatree, to_inference_data
 from .estimators import Estimates, EvidenceError, evidence, forward_evidence, kish_ess, pareto_k_hat
 from .potential import ModelTarget, UnsupportedModelError
 from .sampler import Draws, FlowSampler
@@ -29,8 +31,11 @@ __all__ = [
     "TrainingDivergedError",
     "UnsupportedModelError",
     "__version__",
+    "compare",
     "evidence",
     "forward_evidence",
     "kish_ess",
     "pareto_k_hat",
+    "to_datatree",
+    "to_inference_data",
 ]

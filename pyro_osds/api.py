@@ -459,6 +459,32 @@ class OSDS:
         print()
 
     # ------------------------------------------------------------------------------------------
+    # ArviZ
+    def to_datatree(self, *, resample: bool = False, log_likelihood: bool = True, coords: dict | None = None,
+                    dims: dict | None = None):
+        """The results as an :class:`xarray.DataTree` (ArviZ >= 1 data model); see :func:`pyro_osds.convert.to_datatree`."""
+        from .convert import to_datatree
+
+        return to_datatree(self, resample=resample, log_likelihood=log_likelihood, coords=coords, dims=dims)
+
+    def to_inference_data(self, *, resample: bool = False, log_likelihood: bool = True, coords: dict | None = None,
+                          dims: dict | None = None):
+        """
+        The results as ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ >= 1); see
+        :func:`pyro_osds.convert.to_inference_data`. Groups ``posterior``, ``sample_stats`` (``lp``,
+        ``log_q``, ``log_weight``, per-chain ``log_marginal_likelihood``), ``log_likelihood``,
+        ``observed_data``; root attrs ``log_marginal_likelihood`` and ``log_marginal_likelihood_se``.
+        """
+        from .convert import to_inference_data
+
+        return to_inference_data(self, resample=resample, log_likelihood=log_likelihood, coords=coords, dims=dims)
+
+    @property
+    def kernel(self):
+        """``self``: lets ArviZ 0.x's ``az.from_pyro(osds)`` read ``osds.kernel.model`` as for ``MCMC``."""
+        return self
+
+    # ------------------------------------------------------------------------------------------
     # persistence
     def state_dict(self) -> dict:
         self._require_fitted()

@@ -87,13 +87,15 @@ def _check_model(model, args, kwargs) -> poutine.Trace:
     with poutine.block(), pyro.validation_enabled(False):
         trace = poutine.trace(model).get_trace(*args, **kwargs)
     for name, site in trace.nodes.items():
-        if site["type"] != "sample":
+        if site["type"] != "sample" or site_is_subsample(site):
             continue
-        if site_is_subsample(site):
-            raise UnsupportedModelError(
-                f"OSDS does not support subsampling: plate {name!r} subsamples its data. Remove `subsample_size` "
-                "/ `subsample` from the plate (OSDS, like NUTS, needs the full-data potential)."
-            )
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.size != frame.full_size:
+                raise UnsupportedModelError(
+                    f"OSDS does not support subsampling: plate {frame.name!r} (at site {name!r}) uses "
+                    f"{frame.size} of {frame.full_size} data points. Remove `subsample_size` / `subsample` from "
+                    "the plate (OSDS, like NUTS, needs the full-data potential)."
+                )
         if site["is_observed"]:
             continue
         support = site["fn"].support
@@ -267,6 +269,9 @@ class ModelTarget:
         return result.reshape(batch)
 
     def _plate_potential(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[0] == 1:
+            # a particle plate of size 1 is dropped by Pyro's tensor packing: evaluate two copies
+            return self._plate_potential(z.expand(2, -1))[:1]
         batch = z.shape[0]
         params, values, aligned = self._plate_values(z)
         trace = self._plate_trace(aligned, batch, bool(self.enumerated_sites))

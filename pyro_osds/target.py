@@ -125,7 +125,16 @@ class PotentialTarget:
         return torch.func.vmap(self._single)(z)
 
     def _loop(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self._single(row).reshape(()) for row in z])
+        values = []
+        for row in z:
+            value = torch.as_tensor(self._single(row))
+            if value.numel() != 1:
+                raise ValueError(
+                    f"`potential_fn` must return a scalar (0-d tensor) for unbatched inputs, got shape "
+                    f"{tuple(value.shape)}; pass `batched_potential=True` if it takes batched tensors."
+                )
+            values.append(value.reshape(()))
+        return torch.stack(values)
 
     def _batched(self, z: torch.Tensor) -> torch.Tensor:
         return self.potential_fn(self.unpack(z)).reshape(z.shape[0])
@@ -141,12 +150,11 @@ class PotentialTarget:
         with torch.no_grad():
             try:
                 reference = self._loop(probe)
+            except ValueError:
+                raise
             except Exception as err:
                 raise ValueError(f"`potential_fn` failed on a dict of unbatched tensors near `initial_params`: "
                                  f"{type(err).__name__}: {err}") from err
-        if reference.shape != (3,):
-            raise ValueError("`potential_fn` must return a scalar (0-d tensor) for unbatched inputs; "
-                             "pass `batched_potential=True` if it takes batched tensors.")
         if not bool(torch.isfinite(reference).all()):
             raise ValueError("`potential_fn` is not finite near `initial_params`; pass a point where it is finite.")
         try:
