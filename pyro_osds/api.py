@@ -7,6 +7,7 @@ returns posterior draws *and* the model's log evidence.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -30,6 +31,9 @@ from .target import PotentialTarget
 __all__ = ["OSDS", "LogEvidence"]
 
 CHECKPOINT_FORMAT = "pyro_osds.OSDS/1"
+#: settings that may differ between a checkpoint and the run that resumes it
+RESUMABLE_CHANGES = frozenset({"num_iterations", "chunk_size", "eval_log_det", "exact_log_det_max_dim",
+                               "eval_num_probes", "max_consecutive_skips", "sample_with_ema"})
 
 
 class LogEvidence(NamedTuple):
@@ -87,6 +91,38 @@ def _plain(obj) -> bool:
     return False
 
 
+def _atomic_save(state: dict, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a
+    half-written file at ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".osds-", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_checkpoint(path: str) -> dict:
+    """Reads and checks an OSDS checkpoint with ``weights_only=True`` (no pickled code runs)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"Could not read an OSDS checkpoint from {path!r}: {type(err).__name__}: {err}. "
+                         "The file is truncated, corrupted or not a checkpoint.") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path!r} is not a pyro_osds OSDS checkpoint (format {found!r}, expected "
+                         f"{CHECKPOINT_FORMAT!r}).")
+    if state.get("version") != __version__:
+        raise ValueError(f"{path!r} was written by pyro_osds {state.get('version')}, this is {__version__}; "
+                         "checkpoints are only read by the version that wrote them. Retrain, or load it with "
+                         f"pyro_osds=={state.get('version')}.")
+    return state
+
+
 class OSDS:
     r"""
     One-step diffusion sampler for Pyro models (or bare potentials): trains a step-conditioned
@@ -127,6 +163,12 @@ class OSDS:
         ``initial_params``) live.
     :param callable hook_fn: ``hook_fn(chain, step, info)`` after every training iteration.
     :param bool disable_progbar: no progress bars (also off when ``CI`` is set).
+    :param checkpoint: path of a checkpoint file written atomically (write, then rename) every
+        ``checkpoint_every`` training iterations and after each chain. ``KeyboardInterrupt`` or a
+        crash loses at most ``checkpoint_every`` iterations.
+    :param int checkpoint_every: iterations between checkpoints (100).
+    :param bool resume: continue from ``checkpoint`` if the file exists (exactly where it stopped:
+        the result is bit-identical to an uninterrupted run on CPU); start afresh otherwise.
     :param options: any field of :class:`~pyro_osds.config.OSDSConfig` (e.g. ``num_iterations``,
         ``batch_size``, ``learning_rate``, ``precondition``); unknown names raise ``TypeError``.
 
@@ -161,6 +203,9 @@ class OSDS:
         device: str | torch.device | None = None,
         hook_fn: Callable | None = None,
         disable_progbar: bool = False,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 100,
+        resume: bool = False,
         **options,
     ):
         if (model is None) == (potential_fn is None):
@@ -173,6 +218,9 @@ class OSDS:
         _check_count("num_samples", num_samples)
         _check_count("num_chains", num_chains)
         _check_count("num_steps", num_steps)
+        _check_count("checkpoint_every", checkpoint_every)
+        if resume and checkpoint is None:
+            raise ValueError("`resume=True` needs `checkpoint=<path>` (the file to resume from and write to).")
         if preset is not None and config is not None:
             raise ValueError("Give at most one of `preset` and `config`.")
         check_option_names(options)
@@ -196,6 +244,10 @@ class OSDS:
         self.device = None if device is None else torch.device(device)
         self.hook_fn = hook_fn
         self.disable_progbar = disable_progbar
+        self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
+        self.checkpoint_every = checkpoint_every
+        self.resume = resume
+        self._chain_seeds: list[int] = []
         self.target: ModelTarget | PotentialTarget | None = None
         self.samplers: list[FlowSampler] = []
         self._draws: list[Draws] = []
@@ -225,40 +277,97 @@ class OSDS:
         return target
 
     def _new_sampler(self, chain: int) -> FlowSampler:
-        hook = None
-        if self.hook_fn is not None:
-            def hook(step, info, chain=chain):
+        def hook(step, info, chain=chain):
+            if self.hook_fn is not None:
                 self.hook_fn(chain, step, info)
-        return FlowSampler(self.target.potential, self.target.init, self.config, hook_fn=hook,
+            if self.checkpoint is not None and step % self.checkpoint_every == 0:
+                self._write_checkpoint()
+
+        generator = torch.Generator(device=self.target.device)
+        generator.manual_seed(self._chain_seeds[chain])
+        return FlowSampler(self.target.potential, self.target.init, self.config, generator=generator, hook_fn=hook,
                            disable_progbar=self.disable_progbar,
                            desc=f"OSDS chain {chain}" if self.num_chains > 1 else "OSDS")
 
     def fit(self, *args, **kwargs) -> OSDS:
         r"""
         Trains ``num_chains`` independent samplers on the model's potential (model arguments are
-        passed through as to ``MCMC.run``). Returns ``self``. ``KeyboardInterrupt`` stops training
-        and keeps what was trained (chains not yet started are dropped, with a warning).
+        passed through as to ``MCMC.run``). Returns ``self``.
+
+        With ``checkpoint`` set, progress is saved periodically; with ``resume=True`` an existing
+        checkpoint is continued. ``KeyboardInterrupt`` stops training and keeps the last completed
+        iteration of every chain started so far (with a warning); call :meth:`continue_training`
+        to go on.
         """
         with poutine.block():
             self.target = self._build_target(args, kwargs)
-            self.samplers = []
-            self.interrupted = False
-            for chain in range(self.num_chains):
-                sampler = self._new_sampler(chain)
-                sampler.fit()
-                self.samplers.append(sampler)
-                if sampler.trainer is not None and sampler.trainer.interrupted:
-                    self.interrupted = True
-                    break
-            if len(self.samplers) < self.num_chains:
-                warnings.warn(f"Training was interrupted; keeping {len(self.samplers)} of {self.num_chains} chains.",
-                              RuntimeWarning, stacklevel=2)
-                self.num_chains = len(self.samplers)
+            self.samplers, self._draws, self._discrete = [], [], {}
+            state = self._read_resume_state()
+            if state is not None:
+                self._restore_training_state(state)
+            else:
+                # one seed per chain, drawn up front from the global RNG (pyro.set_rng_seed):
+                # independent streams, and a resumed run can recreate the chains it had not started
+                self._chain_seeds = [int(torch.randint(0, 2**62, ())) for _ in range(self.num_chains)]
+            self._train_chains()
         return self
+
+    def continue_training(self, num_iterations: int | None = None) -> OSDS:
+        r"""
+        Continues training every chain up to ``num_iterations`` iterations in total (default: the
+        configured ``num_iterations``), e.g. after an interruption or on a sampler from
+        :meth:`load`. Chains not started yet are trained from scratch. Returns ``self``; call
+        :meth:`sample` for fresh draws.
+        """
+        self._require_fitted()
+        if num_iterations is not None:
+            _check_count("num_iterations", num_iterations)
+            self.config = self.config.replace(num_iterations=num_iterations)
+            for sampler in self.samplers:
+                sampler.config = self.config
+                if sampler.trainer is not None:
+                    sampler.trainer.config = self.config
+        with poutine.block():
+            self._train_chains()
+        return self
+
+    def _train_chains(self) -> None:
+        self.interrupted = False
+        for chain in range(self.num_chains):
+            if chain < len(self.samplers):
+                sampler = self.samplers[chain]
+            else:
+                sampler = self._new_sampler(chain)
+                self.samplers.append(sampler)
+            with self._explain_out_of_memory("training"):
+                sampler.fit()
+            if self.checkpoint is not None:
+                self._write_checkpoint()
+            if sampler.trainer is not None and sampler.trainer.interrupted:
+                self.interrupted = True
+                warnings.warn(
+                    f"Training was interrupted in chain {chain} at iteration {sampler.trainer.step}; "
+                    f"{len(self.samplers)} of {self.num_chains} chains are kept (the last one partially trained). "
+                    "Call `continue_training()` to finish.",
+                    RuntimeWarning, stacklevel=3,
+                )
+                break
 
     def run(self, *args, **kwargs) -> OSDS:
         """Trains (:meth:`fit`) and draws ``num_samples`` per chain (:meth:`sample`). Returns ``self``."""
         return self.fit(*args, **kwargs).sample()
+
+    @contextlib.contextmanager
+    def _explain_out_of_memory(self, what: str):
+        try:
+            yield
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"Out of accelerator memory while {what}. Reduce `batch_size` (now {self.config.batch_size}) or "
+                f"`chunk_size` (now {self.config.chunk_size}), use fewer draws, or run on the CPU "
+                f"(`device='cpu'`). Training progress up to the last completed iteration is kept"
+                + (f" and checkpointed in {self.checkpoint!r}." if self.checkpoint else ".")
+            ) from err
 
     def _require_fitted(self):
         if not self.samplers:
@@ -276,7 +385,7 @@ class OSDS:
         num_steps = self.num_steps if num_steps is None else num_steps
         _check_count("num_samples", num_samples)
         _check_count("num_steps", num_steps)
-        with poutine.block():
+        with poutine.block(), self._explain_out_of_memory("drawing"):
             self._draws = [s.draw(num_samples, num_steps, log_det=log_det) for s in self.samplers]
             self._discrete = {}
             if isinstance(self.target, ModelTarget) and self.target.enumerated_sites:
@@ -487,18 +596,19 @@ class OSDS:
     # ------------------------------------------------------------------------------------------
     # persistence
     def state_dict(self) -> dict:
+        """Everything :meth:`save` writes: tensors and plain Python values only."""
         self._require_fitted()
-        sites = [(s.name, list(s.shape)) for s in self.target.sites]
         state = {
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
             "kind": "model" if self.model is not None else "potential",
             "config": self.config.as_dict(),
             "num_samples": self.num_samples,
-            "num_chains": len(self.samplers),
+            "num_chains": self.num_chains,
             "num_steps": self.num_steps,
             "dim": self.target.dim,
-            "sites": sites,
+            "sites": [[s.name, list(s.shape)] for s in self.target.sites],
+            "chain_seeds": list(self._chain_seeds),
             "samplers": [s.state_dict() for s in self.samplers],
             "draws": [
                 {"x": d.x, "potential": d.potential, "log_q": d.log_q, "log_weight": d.log_weight,
@@ -516,48 +626,77 @@ class OSDS:
     def save(self, path: str | os.PathLike) -> None:
         """Saves the trained samplers, their draws and the configuration (atomically: write, then rename).
         The file holds tensors and plain Python values only and loads with ``weights_only=True``."""
-        state = self.state_dict()
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".osds-", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _atomic_save(self.state_dict(), os.fspath(path))
+
+    def _write_checkpoint(self) -> None:
+        _atomic_save(self.state_dict(), self.checkpoint)
+
+    def _read_resume_state(self) -> dict | None:
+        if not self.resume or not os.path.exists(self.checkpoint):
+            return None
+        state = _read_checkpoint(self.checkpoint)
+        self._check_compatible(state)
+        return state
+
+    def _check_compatible(self, state: dict) -> None:
+        kind = "model" if self.model is not None else "potential"
+        if state["kind"] != kind:
+            raise ValueError(f"The checkpoint was made for a {state['kind']}, not a {kind}.")
+        sites = [[s.name, list(s.shape)] for s in self.target.sites]
+        saved_sites = [[name, list(shape)] for name, shape in state["sites"]]
+        if sites != saved_sites:
+            raise ValueError(f"The checkpoint's latent sites {saved_sites} do not match this model's {sites}; "
+                             "it was saved from a different model.")
+        mine = self.config.as_dict()
+        diffs = {k: (state["config"].get(k), v) for k, v in mine.items()
+                 if k not in RESUMABLE_CHANGES and state["config"].get(k) != v}
+        if diffs:
+            raise ValueError(
+                "The checkpoint was trained with different settings, which cannot be resumed: "
+                + ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diffs.items())
+                + f". Only {sorted(RESUMABLE_CHANGES)} may change."
+            )
+        if state["num_chains"] != self.num_chains:
+            raise ValueError(f"The checkpoint has {state['num_chains']} chains, this run asks for {self.num_chains}.")
+
+    def _restore_training_state(self, state: dict) -> None:
+        """Rebuilds the samplers (and draws) from a checkpoint; ``self.target`` must be built."""
+        self._chain_seeds = [int(s) for s in state["chain_seeds"]]
+        self.samplers = []
+        for chain, sampler_state in enumerate(state["samplers"]):
+            sampler = self._new_sampler(chain)
+            sampler.load_state_dict(sampler_state)
+            self.samplers.append(sampler)
+        device = self.target.device
+        self._draws = [
+            Draws(d["x"].to(device), d["potential"].to(device), d["log_q"].to(device), d["log_weight"],
+                  None if d["orientation"] is None else d["orientation"].to(device), d["log_det"])
+            for d in state["draws"]
+        ]
+        self._discrete = dict(state.get("discrete", {}))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None, potential_fn: Callable | None = None, *,
              model_args: tuple | None = None, model_kwargs: dict | None = None, **kwargs) -> OSDS:
         r"""
-        Loads a sampler saved with :meth:`save` (safely: ``torch.load(weights_only=True)``, no
-        pickled code runs). Give the same ``model`` (or ``potential_fn``); its data are taken from
-        the checkpoint when they were stored (plain tensors), else pass ``model_args`` /
-        ``model_kwargs``. The model's latent sites must match the checkpoint's.
-        ``kwargs`` are passed to the constructor (e.g. ``transforms``, ``device``).
+        Loads a sampler saved with :meth:`save` or a training checkpoint (safely:
+        ``torch.load(weights_only=True)``, no pickled code runs). Give the same ``model`` (or
+        ``potential_fn``); its data are taken from the checkpoint when they were stored (plain
+        tensors), else pass ``model_args`` / ``model_kwargs``. The model's latent sites must match
+        the checkpoint's. ``kwargs`` go to the constructor (e.g. ``transforms``, ``device``,
+        ``checkpoint``). An unfinished training run continues with :meth:`continue_training`.
         """
-        try:
-            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"Could not read an OSDS checkpoint from {os.fspath(path)!r}: "
-                             f"{type(err).__name__}: {err}. The file is truncated, corrupted or not a checkpoint.") from err
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a pyro_osds OSDS checkpoint (format "
-                             f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
-                             f"expected {CHECKPOINT_FORMAT!r}).")
+        state = _read_checkpoint(os.fspath(path))
         if (model is None) == (potential_fn is None):
             raise ValueError("Only one of `model` or `potential_fn` must be specified.")
         kind = "model" if model is not None else "potential"
         if state["kind"] != kind:
             raise ValueError(f"The checkpoint was made for a {state['kind']}, not a {kind}.")
         config = OSDSConfig().replace(**state["config"])
-        init_params = None
-        if kind == "potential":
-            init_params = kwargs.pop("initial_params", None) or state["initial_params"]
+        init_params = kwargs.pop("initial_params", None) or state.get("initial_params")
         osds = cls(model, potential_fn, initial_params=init_params, num_samples=state["num_samples"],
                    num_chains=state["num_chains"], num_steps=state["num_steps"], config=config, **kwargs)
+        args, kw = (), {}
         if kind == "model":
             if model_args is None and model_kwargs is None:
                 if "model_args" not in state:
@@ -565,26 +704,10 @@ class OSDS:
                                      "pass `model_args=` / `model_kwargs=`.")
                 model_args, model_kwargs = tuple(state["model_args"]), state["model_kwargs"]
             args, kw = tuple(model_args or ()), dict(model_kwargs or {})
-        else:
-            args, kw = (), {}
         with poutine.block():
             osds.target = osds._build_target(args, kw)
-        sites = [(s.name, list(s.shape)) for s in osds.target.sites]
-        if sites != [tuple(s) if isinstance(s, tuple) else (s[0], list(s[1])) for s in state["sites"]]:
-            raise ValueError(f"The checkpoint's latent sites {state['sites']} do not match this model's {sites}; "
-                             "it was saved from a different model.")
-        osds.samplers = []
-        for chain, sampler_state in enumerate(state["samplers"]):
-            sampler = osds._new_sampler(chain)
-            sampler.load_state_dict(sampler_state)
-            osds.samplers.append(sampler)
-        device = osds.target.device
-        osds._draws = [
-            Draws(d["x"].to(device), d["potential"].to(device), d["log_q"].to(device), d["log_weight"],
-                  None if d["orientation"] is None else d["orientation"].to(device), d["log_det"])
-            for d in state["draws"]
-        ]
-        osds._discrete = dict(state.get("discrete", {}))
+            osds._check_compatible(state)
+            osds._restore_training_state(state)
         return osds
 
     # ------------------------------------------------------------------------------------------

@@ -44,10 +44,12 @@ def compare(models: dict, *, k_hat_threshold: float = 0.7, min_ess: float = 100.
     :param float min_ess: Kish ESS below which an estimate is flagged unreliable.
     :returns: a :class:`pandas.DataFrame` indexed by model name, sorted best first, with columns
         ``log_z``, ``se``, ``log_bf`` (against the best model), ``log_bf_se``, ``prob`` (posterior
-        model probability under equal prior odds), ``elbo``, ``ess``, ``k_hat`` and ``reliable``.
+        model probability under equal prior odds), ``elbo``, ``ess``, ``k_hat``, ``folded`` and
+        ``reliable``.
 
     A ``UserWarning`` names every model whose estimate is unreliable (:math:`\hat k` above the
-    threshold, ESS below ``min_ess`` or a non-finite standard error).
+    threshold, ESS below ``min_ess``, a non-finite standard error, or draws where the flow folds,
+    whose weights are not exact).
 
     **Example**::
 
@@ -60,7 +62,7 @@ def compare(models: dict, *, k_hat_threshold: float = 0.7, min_ess: float = 100.
     for name, fitted in models.items():
         ev = _evidence_of(name, fitted)
         rows.append({"model": str(name), "log_z": ev.log_z, "se": ev.se, "elbo": ev.elbo, "ess": ev.ess,
-                     "k_hat": ev.k_hat})
+                     "k_hat": ev.k_hat, "folded": int(ev.num_folded)})
     table = pd.DataFrame(rows).set_index("model")
     best = table["log_z"].idxmax()
     table["log_bf"] = table["log_z"] - table.loc[best, "log_z"]
@@ -70,14 +72,16 @@ def compare(models: dict, *, k_hat_threshold: float = 0.7, min_ess: float = 100.
     weights = shifted.map(math.exp)
     table["prob"] = weights / weights.sum()
     k_hat = table["k_hat"].fillna(-math.inf)
-    table["reliable"] = (k_hat <= k_hat_threshold) & (table["ess"] >= min_ess) & table["se"].map(math.isfinite)
+    table["reliable"] = ((k_hat <= k_hat_threshold) & (table["ess"] >= min_ess) & table["se"].map(math.isfinite)
+                         & (table["folded"] == 0))
     table = table.sort_values("log_z", ascending=False)[
-        ["log_z", "se", "log_bf", "log_bf_se", "prob", "elbo", "ess", "k_hat", "reliable"]
+        ["log_z", "se", "log_bf", "log_bf_se", "prob", "elbo", "ess", "k_hat", "folded", "reliable"]
     ]
     bad = [name for name, ok in table["reliable"].items() if not ok]
     if bad:
         details = "; ".join(
-            f"{n}: k_hat={table.loc[n, 'k_hat']:.2f}, ESS={table.loc[n, 'ess']:.0f}" for n in bad
+            f"{n}: k_hat={table.loc[n, 'k_hat']:.2f}, ESS={table.loc[n, 'ess']:.0f}"
+            + (f", {table.loc[n, 'folded']} folded draws" if table.loc[n, "folded"] else "") for n in bad
         )
         warnings.warn(
             f"Unreliable log-evidence estimate(s) ({details}): Bayes factors involving them may be wrong. Train "

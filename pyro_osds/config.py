@@ -56,12 +56,17 @@ class OSDSConfig:
     ``diffusion_loss`` (``"kl"`` or ``"lv"``), ``sd_weight`` (0.25) with a linear ``sd_warmup``
     (2500 iterations), ``volume_weight`` (0.25), ``jacobian_weight`` (1e-4), ``train_log_det``
     (``"hutchinson"``, the volume estimator inside the distillation loss), ``num_probes`` (1),
+    ``flow_kl_weight`` (0: off; beyond the paper) weight of a third optimiser step per iteration on
+    the exact reverse KL of the ``flow_kl_steps``-step deterministic flows (cycled), on
+    ``flow_kl_batch_size`` fresh prior draws,
     ``max_consecutive_skips`` (training stops with an error after this many non-finite steps in a
     row), ``sample_with_ema`` (draw with the EMA network).
 
     **Preconditioning** -- ``precondition``: ``"gaussian"`` (Gaussian variational fit started from
     the better of the Laplace fit and the identity; default), ``"laplace"``, ``"diagonal_laplace"``
-    or ``"none"``; ``precondition_iterations`` for the Gaussian fit.
+    or ``"none"``; ``precondition_iterations`` for the Gaussian fit; ``mode_search_starts``
+    (4): extra random starts of a mode search that, when it finds several separated modes, replaces
+    the (mode-seeking) Gaussian fit by a broad Gaussian covering all of them, with a warning.
 
     **Evaluation** -- ``eval_log_det``: ``"exact"`` (default; exact log-det of the discrete map
     through the Langevin term), or an approximate method for comparison;
@@ -99,11 +104,15 @@ class OSDSConfig:
     jacobian_weight: float = 1e-4
     train_log_det: str = "hutchinson"
     num_probes: int = 1
+    flow_kl_weight: float = 0.0
+    flow_kl_steps: tuple = (1,)
+    flow_kl_batch_size: int = 64
     max_consecutive_skips: int = 50
     sample_with_ema: bool = True
     # preconditioning
     precondition: str = "gaussian"
     precondition_iterations: int = 400
+    mode_search_starts: int = 4
     # evaluation
     eval_log_det: str = "exact"
     exact_log_det_max_dim: int = 128
@@ -114,7 +123,7 @@ class OSDSConfig:
         for name in ("grid_size", "hidden_dim", "num_layers", "num_frequencies", "batch_size", "num_probes",
                      "max_consecutive_skips", "exact_log_det_max_dim", "eval_num_probes", "chunk_size"):
             _positive_int(name, getattr(self, name))
-        for name in ("num_iterations", "sd_warmup", "precondition_iterations"):
+        for name in ("num_iterations", "sd_warmup", "precondition_iterations", "mode_search_starts"):
             _positive_int(name, getattr(self, name), minimum=0)
         if self.batch_size < 2:
             raise ValueError(f"`batch_size` must be at least 2, got {self.batch_size!r}.")
@@ -128,7 +137,14 @@ class OSDSConfig:
         _number("cosine_s", self.cosine_s, low=0)
         if self.prior_clip is not None:
             _number("prior_clip", self.prior_clip, low=0, low_open=True)
-        for name in ("weight_decay", "sd_weight", "volume_weight", "jacobian_weight"):
+        _positive_int("flow_kl_batch_size", self.flow_kl_batch_size, minimum=2)
+        steps = self.flow_kl_steps
+        if (not isinstance(steps, (tuple, list)) or not steps
+                or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 or self.grid_size % k for k in steps)):
+            raise ValueError(f"`flow_kl_steps` must be a non-empty tuple of step counts dividing `grid_size`="
+                             f"{self.grid_size}, got {steps!r}.")
+        object.__setattr__(self, "flow_kl_steps", tuple(steps))
+        for name in ("weight_decay", "sd_weight", "volume_weight", "jacobian_weight", "flow_kl_weight"):
             _number(name, getattr(self, name), low=0)
         _number("ema_decay", self.ema_decay, low=0, high=1)
         if self.activation not in ACTIVATIONS:
@@ -185,5 +201,5 @@ PRESETS: dict[str, dict] = {
         ema_decay=0.999, sd_warmup=2500, chunk_size=8192, activation="gelu",
     ),
     "smoke": dict(grid_size=16, num_iterations=30, batch_size=32, sd_warmup=10, precondition_iterations=50,
-                  hidden_dim=32),
+                  hidden_dim=32, mode_search_starts=2),
 }

@@ -29,7 +29,9 @@ and the settings.
 The draws are **weighted**: ArviZ's ``ess``/``rhat``/``summary`` treat them as unweighted draws of
 the sampler (diagnosing the sampler itself); use ``sample_stats.log_weight`` (PSIS, ``extract``
 with weights) or ``resample=True`` (equally weighted posterior draws; their effective size is the
-Kish ESS in the attributes, not the draw count).
+Kish ESS in the attributes, not the draw count). Note that ``arviz_stats``' ``psislw`` follows the
+LOO convention and expects *log-likelihoods*: pass ``-log_weight`` to it (ArviZ 0.x's
+``az.psislw`` takes the log-weights themselves).
 """
 
 from __future__ import annotations

@@ -163,7 +163,11 @@ def _step_graph(net, potential_fn, process, x_in, code, step, *, through_g):
     dt = _col(step / T)
     beta = _col(process.beta(code))
     sigma = _col(process.sigma(code))
-    _, score = potential_and_score(potential_fn, x_in, create_graph=through_g)
+    if bool((code == T).all()):
+        # at the prior end the target's weight 1 - c/T is zero: skip its score (and Hessian)
+        score = torch.zeros_like(x_in)
+    else:
+        _, score = potential_and_score(potential_fn, x_in, create_graph=through_g)
     g = langevin_input(process, x_in, code, score)
     if not through_g:
         g = g.detach()

@@ -15,6 +15,10 @@ Fits (all return an :class:`AffineMap`):
 
 * :func:`fit_laplace`: MAP by L-BFGS, then :math:`L = \operatorname{chol}(H^{-1})` of the Hessian
   (``full``) or :math:`L = \operatorname{diag}(H_{ii}^{-1/2})` (``diagonal``);
+* :func:`find_modes` / :func:`covering_gaussian`: a multi-start mode search; when it finds several
+  separated modes with non-negligible Laplace mass, a single mode-seeking Gaussian would hide all but
+  one of them, so the preconditioner is instead the Gaussian that matches the first two moments of
+  the mixture of their Laplace approximations (which covers them all);
 * :func:`fit_gaussian`: Gaussian variational fit (maximises the ELBO of
   :math:`\mathcal N(m, LL^\top)` with reparameterised gradients), started from the best of the given
   candidates by a pilot ELBO. Unlike the Laplace fit it cannot collapse onto a spike (e.g. the
@@ -32,7 +36,8 @@ import torch
 from .divergence import batched_jacobian
 from .integrate import potential_and_score
 
-__all__ = ["AffineMap", "fit_gaussian", "fit_laplace", "gaussian_elbo", "whiten_potential"]
+__all__ = ["AffineMap", "covering_gaussian", "find_modes", "fit_gaussian", "fit_laplace", "gaussian_elbo",
+           "whiten_potential"]
 
 PotentialFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -204,3 +209,68 @@ def fit_gaussian(
                       stacklevel=2)
         return start, {"pilot_elbos": pilot, "elbo": pilot[best], "start": best}
     return AffineMap(*best_state), {"pilot_elbos": pilot, "elbo": best_elbo, "start": best}
+
+
+def find_modes(
+    potential_fn: PotentialFn,
+    init: torch.Tensor,
+    *,
+    num_starts: int = 4,
+    scale: float = 2.0,
+    min_mass: float = 1e-3,
+    separation: float = 3.0,
+    generator: torch.Generator | None = None,
+) -> list[tuple[AffineMap, float]]:
+    r"""
+    Laplace fits from ``init`` and ``num_starts`` random starts ``init + scale * N(0, I)``, merged into
+    distinct modes: two optima are the same mode unless their Mahalanobis distance under the summed
+    covariances exceeds ``separation``. Each mode gets its Laplace mass
+    :math:`\propto e^{-U(m)}|\det L|`; modes with relative mass below ``min_mass`` are dropped.
+
+    :returns: ``[(AffineMap, relative_mass), ...]``, heaviest first (empty if every fit failed).
+    """
+    starts = [init.detach()]
+    for _ in range(num_starts):
+        noise = torch.randn(init.shape, dtype=init.dtype, device=init.device, generator=generator)
+        starts.append(init.detach() + scale * noise)
+    found: list[tuple[AffineMap, float]] = []
+    for start in starts:
+        try:
+            affine, info = fit_laplace(potential_fn, start)
+        except (ValueError, RuntimeError):
+            continue
+        if not info["converged"]:
+            continue
+        log_mass = -info["potential"] + float(affine.log_abs_det)
+        cov = affine.scale_tril @ affine.scale_tril.T
+        duplicate = False
+        for k, (other, other_log_mass) in enumerate(found):
+            diff = affine.shift - other.shift
+            total = cov + other.scale_tril @ other.scale_tril.T
+            dist2 = float(diff @ torch.linalg.solve(total, diff))
+            if dist2 <= separation**2:
+                duplicate = True
+                if log_mass > other_log_mass:
+                    found[k] = (affine, log_mass)
+                break
+        if not duplicate:
+            found.append((affine, log_mass))
+    if not found:
+        return []
+    log_masses = torch.tensor([m for _, m in found], dtype=torch.float64)
+    masses = torch.softmax(log_masses, 0)
+    modes = [(a, float(w)) for (a, _), w in zip(found, masses, strict=True) if float(w) >= min_mass]
+    total = sum(w for _, w in modes)
+    return sorted(((a, w / total) for a, w in modes), key=lambda t: -t[1])
+
+
+def covering_gaussian(modes: list[tuple[AffineMap, float]]) -> AffineMap:
+    r"""
+    The Gaussian with the mean and covariance of the mixture :math:`\sum_k \pi_k \mathcal N(m_k, L_k L_k^\top)`:
+    :math:`\bar m = \sum_k \pi_k m_k`, :math:`\Sigma = \sum_k \pi_k (L_kL_k^\top + m_k m_k^\top) - \bar m\bar m^\top`.
+    """
+    mean = sum(w * a.shift for a, w in modes)
+    second = sum(w * (a.scale_tril @ a.scale_tril.T + torch.outer(a.shift, a.shift)) for a, w in modes)
+    cov = second - torch.outer(mean, mean)
+    cov = 0.5 * (cov + cov.T)
+    return AffineMap(mean, _scale_from_hessian(torch.linalg.inv(cov), diagonal=False))

@@ -28,7 +28,7 @@ from .config import OSDSConfig
 from .estimators import Estimates, ForwardEstimates, evidence, forward_evidence
 from .integrate import count_folded, em_rollout, flow, inverse_flow
 from .nets import StepConditionedControl
-from .precondition import AffineMap, fit_gaussian, fit_laplace, whiten_potential
+from .precondition import AffineMap, covering_gaussian, find_modes, fit_gaussian, fit_laplace, whiten_potential
 from .reference import ReferenceProcess
 from .train import Trainer
 
@@ -70,12 +70,23 @@ def make_process(config: OSDSConfig) -> ReferenceProcess:
     )
 
 
-def make_network(dim: int, config: OSDSConfig, *, dtype=None, device=None) -> StepConditionedControl:
-    return StepConditionedControl(
-        dim, hidden_dim=config.hidden_dim, num_layers=config.num_layers, num_frequencies=config.num_frequencies,
-        max_frequency=config.max_frequency, inner_clip=config.inner_clip, outer_clip=config.outer_clip,
-        activation=config.activation, dtype=dtype, device=device,
-    )
+def make_network(dim: int, config: OSDSConfig, *, dtype=None, device=None,
+                 generator: torch.Generator | None = None) -> StepConditionedControl:
+    """The control network of ``config``; its initial weights come from ``generator`` (when given)
+    without touching the global RNG, so a chain's network depends on its own seed only."""
+    def build():
+        return StepConditionedControl(
+            dim, hidden_dim=config.hidden_dim, num_layers=config.num_layers, num_frequencies=config.num_frequencies,
+            max_frequency=config.max_frequency, inner_clip=config.inner_clip, outer_clip=config.outer_clip,
+            activation=config.activation, dtype=dtype, device=device,
+        )
+
+    if generator is None:
+        return build()
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[] if torch.device(device or "cpu").type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        return build()
 
 
 class FlowSampler:
@@ -88,7 +99,8 @@ class FlowSampler:
         device, and starts the preconditioner's fit).
     :param OSDSConfig config: hyper-parameters.
     :param AffineMap preconditioner: use this affine map instead of fitting one.
-    :param torch.Generator generator: randomness for training (default: seeded from the global RNG).
+    :param torch.Generator generator: randomness for training (default: seeded from the global RNG);
+        draws use a second generator seeded from it, so drawing never changes training.
     """
 
     def __init__(
@@ -116,10 +128,13 @@ class FlowSampler:
         if generator is None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(int(torch.randint(0, 2**62, ())))
-        self.generator = generator
+        self.generator = generator  # training: network init, preconditioner fit, trainer
+        # drawing has its own stream, so that sampling never perturbs (resumed) training
+        self.draw_generator = torch.Generator(device=self.device)
+        self.draw_generator.manual_seed(int(torch.randint(0, 2**62, (), generator=generator, device=generator.device)))
         self.preconditioner = preconditioner
         self.precondition_info: dict = {}
-        self.net = make_network(self.dim, config, dtype=self.dtype, device=self.device)
+        self.net = make_network(self.dim, config, dtype=self.dtype, device=self.device, generator=self.generator)
         self.trainer: Trainer | None = None
         self._hook_fn, self._disable_progbar, self._desc = hook_fn, disable_progbar, desc
 
@@ -133,6 +148,21 @@ class FlowSampler:
         if cfg.precondition == "none":
             self.preconditioner = identity
             return identity
+        if cfg.mode_search_starts > 0:
+            modes = find_modes(self.potential_fn, self.init, num_starts=cfg.mode_search_starts,
+                               generator=self.generator)
+            if len(modes) > 1:
+                self.preconditioner = covering_gaussian(modes)
+                self.precondition_info["modes"] = [(a.shift, w) for a, w in modes]
+                warnings.warn(
+                    f"The target has at least {len(modes)} separated modes (Laplace masses "
+                    + ", ".join(f"{w:.2g}" for _, w in modes)
+                    + "); a Gaussian preconditioner would hide all but one, so OSDS uses a broad Gaussian covering "
+                    "them. Check the per-chain log Z and the samples of each mode; more flow steps "
+                    "(`sample(num_steps=4)`) help on multimodal targets.",
+                    UserWarning, stacklevel=3,
+                )
+                return self.preconditioner
         candidates = [identity]
         try:
             laplace, info = fit_laplace(self.potential_fn, self.init, diagonal=cfg.precondition == "diagonal_laplace")
@@ -197,7 +227,7 @@ class FlowSampler:
         affine = self.fit_preconditioner()
         potential_z = self.whitened_potential
         net = self.sampling_net
-        gen = self.generator if generator is None else generator
+        gen = self.draw_generator if generator is None else generator
         xs, us, lqs, signs = [], [], [], []
         for start in range(0, num_samples, chunk):
             n = min(chunk, num_samples - start)
@@ -230,8 +260,10 @@ class FlowSampler:
         out = []
         for start in range(0, num_samples, chunk):
             n = min(chunk, num_samples - start)
-            z0 = self.process.sample_prior(n, self.dim, dtype=self.dtype, device=self.device, generator=self.generator)
-            path = em_rollout(self.sampling_net, potential_z, self.process, z0, num_steps, generator=self.generator)
+            z0 = self.process.sample_prior(n, self.dim, dtype=self.dtype, device=self.device,
+                                           generator=self.draw_generator)
+            path = em_rollout(self.sampling_net, potential_z, self.process, z0, num_steps,
+                              generator=self.draw_generator)
             with torch.no_grad():
                 u = potential_z(path.states[-1])
             lw = path.log_backward - path.log_forward - u - self.process.prior_log_prob(z0)
@@ -273,6 +305,7 @@ class FlowSampler:
             "preconditioner": {"shift": affine.shift.detach().clone(), "scale_tril": affine.scale_tril.detach().clone()},
             "trainer": self.make_trainer().state_dict(),
             "generator": self.generator.get_state(),
+            "draw_generator": self.draw_generator.get_state(),
             "dim": self.dim,
         }
 
@@ -284,3 +317,4 @@ class FlowSampler:
         self.trainer = None
         self.make_trainer().load_state_dict(state["trainer"])
         self.generator.set_state(state["generator"])
+        self.draw_generator.set_state(state["draw_generator"])

