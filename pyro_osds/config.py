@@ -45,15 +45,19 @@ class OSDSConfig:
 
     **Reference process** -- ``grid_size`` :math:`T` (32; the paper's 128), ``schedule`` (``"cosine"``),
     ``sigma_min`` (0.01), ``sigma_max`` (10), ``cosine_s`` (0.008), ``prior_scale`` :math:`\sigma_0`
-    (1; applies in the preconditioned space), ``prior_clip`` (4: training draws only).
+    (1; applies in the preconditioned space), ``prior_clip`` (4: training draws only),
+    ``langevin_time`` (``"start"``, the paper's; ``"end"`` gives one-step maps the target's score,
+    see :class:`~pyro_osds.reference.ReferenceProcess`).
 
     **Network** -- ``hidden_dim`` (64), ``num_layers`` (2), ``num_frequencies`` (64),
     ``max_frequency`` (100), ``inner_clip`` (100), ``outer_clip`` (1e4), ``activation``
     (``"silu"``; the paper's GELU is 3x slower on CPU and available as ``"gelu"``).
 
-    **Training** -- ``num_iterations`` (60 000), ``batch_size`` (1024), ``learning_rate`` (5e-4),
+    **Training** -- ``num_iterations`` (60 000), ``batch_size`` (1024), ``learning_rate`` (5e-4) with
+    ``lr_schedule`` ``"constant"`` (paper) or ``"cosine"`` (decays to a tenth over ``num_iterations``),
     ``weight_decay`` (0.1), ``grad_clip`` (1.0, global norm), ``ema_decay`` (0.999),
-    ``diffusion_loss`` (``"kl"`` or ``"lv"``), ``sd_weight`` (0.25) with a linear ``sd_warmup``
+    ``diffusion_loss`` (``"kl"`` or ``"lv"``) with weight ``diffusion_weight`` (1; 0 turns the EM-path
+    loss and the self-distillation that uses its paths off), ``sd_weight`` (0.25) with a linear ``sd_warmup``
     (2500 iterations), ``volume_weight`` (0.25), ``jacobian_weight`` (1e-4), ``train_log_det``
     (``"hutchinson"``, the volume estimator inside the distillation loss), ``num_probes`` (1),
     ``flow_kl_weight`` (0: off; beyond the paper) weight of a third optimiser step per iteration on
@@ -82,6 +86,7 @@ class OSDSConfig:
     cosine_s: float = 0.008
     prior_scale: float = 1.0
     prior_clip: float | None = 4.0
+    langevin_time: str = "start"
     # network
     hidden_dim: int = 64
     num_layers: int = 2
@@ -94,10 +99,12 @@ class OSDSConfig:
     num_iterations: int = 1000
     batch_size: int = 128
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.995
     diffusion_loss: str = "kl"
+    diffusion_weight: float = 1.0
     sd_weight: float = 0.25
     sd_warmup: int = 100
     volume_weight: float = 0.25
@@ -144,9 +151,14 @@ class OSDSConfig:
             raise ValueError(f"`flow_kl_steps` must be a non-empty tuple of step counts dividing `grid_size`="
                              f"{self.grid_size}, got {steps!r}.")
         object.__setattr__(self, "flow_kl_steps", tuple(steps))
-        for name in ("weight_decay", "sd_weight", "volume_weight", "jacobian_weight", "flow_kl_weight"):
+        for name in ("weight_decay", "sd_weight", "volume_weight", "jacobian_weight", "flow_kl_weight",
+                     "diffusion_weight"):
             _number(name, getattr(self, name), low=0)
         _number("ema_decay", self.ema_decay, low=0, high=1)
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"`lr_schedule` must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
+        if self.langevin_time not in ("start", "end"):
+            raise ValueError(f"`langevin_time` must be 'start' or 'end', got {self.langevin_time!r}.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"`activation` must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}.")
         if self.diffusion_loss not in DIFFUSION_LOSSES:
@@ -156,6 +168,8 @@ class OSDSConfig:
                 raise ValueError(f"`{name}` must be one of {LOG_DET_METHODS}, got {getattr(self, name)!r}.")
         if self.precondition not in PRECONDITIONERS:
             raise ValueError(f"`precondition` must be one of {PRECONDITIONERS}, got {self.precondition!r}.")
+        if self.diffusion_weight == 0 and self.flow_kl_weight == 0:
+            raise ValueError("Nothing to train: `diffusion_weight` and `flow_kl_weight` are both 0.")
         if self.sd_weight > 0 and self.grid_size % 2:
             raise ValueError(
                 f"Self-distillation (`sd_weight` > 0) needs an even `grid_size`, got {self.grid_size}; "

@@ -143,14 +143,26 @@ def potential_and_score(
 
 
 def langevin_input(
-    process: ReferenceProcess, x: torch.Tensor, code: torch.Tensor, target_score: torch.Tensor
+    process: ReferenceProcess, x: torch.Tensor, code, target_score: torch.Tensor, step=0.0
 ) -> torch.Tensor:
-    r""":math:`g(x, c) = \sigma(c)\big[(1 - c/T)\nabla\log\rho(x) + (c/T)\nabla\log p_0(x)\big]`."""
-    if isinstance(code, torch.Tensor):
-        tau, sigma = _col(code / process.grid_size), _col(process.sigma(code))
-    else:
-        tau, sigma = float(code) / process.grid_size, process.sigma(code)
+    r"""
+    :math:`g(x, c) = \sigma(c)\big[(1 - \tau)\nabla\log\rho(x) + \tau\nabla\log p_0(x)\big]` with
+    :math:`\tau = c/T` (``process.langevin_time == "start"``) or :math:`(c - d)/T` (``"end"``) for a
+    step of ``step`` codes; :math:`\sigma` is always taken at the step's start.
+    """
+    sigma = process.sigma(code)
+    tau = 1.0 - target_weight(process, code, step)
+    if isinstance(sigma, torch.Tensor):
+        sigma = _col(sigma)
+    if isinstance(tau, torch.Tensor):
+        tau = _col(tau)
     return sigma * ((1.0 - tau) * target_score + tau * process.prior_score(x))
+
+
+def target_weight(process: ReferenceProcess, code, step) -> torch.Tensor | float:
+    """The target's interpolation weight :math:`1 - \tau` of the Langevin input for a step from ``code``."""
+    tau_code = code - step if process.langevin_time == "end" else code
+    return 1.0 - tau_code / process.grid_size
 
 
 def _as_code(code, x: torch.Tensor) -> torch.Tensor:
@@ -163,12 +175,12 @@ def _step_graph(net, potential_fn, process, x_in, code, step, *, through_g):
     dt = _col(step / T)
     beta = _col(process.beta(code))
     sigma = _col(process.sigma(code))
-    if bool((code == T).all()):
-        # at the prior end the target's weight 1 - c/T is zero: skip its score (and Hessian)
+    if not bool((torch.as_tensor(target_weight(process, code, step)) != 0).any()):
+        # the target's interpolation weight is zero (a step from the prior end, c = T): skip its score
         score = torch.zeros_like(x_in)
     else:
         _, score = potential_and_score(potential_fn, x_in, create_graph=through_g)
-    g = langevin_input(process, x_in, code, score)
+    g = langevin_input(process, x_in, code, score, step)
     if not through_g:
         g = g.detach()
     u = net(x_in, code / T, step / T, g)
@@ -185,6 +197,54 @@ def step_jacobian(
         _, x_next = _step_graph(net, potential_fn, process, x_in, code, step, through_g=True)
         jac = batched_jacobian(x_next, x_in)
     return x_next.detach(), jac.detach()
+
+
+def _structured_step(net, potential_fn, process, x_in, code, step, *, through_g, differentiable):
+    r"""
+    One step with its exact Jacobian from the network's closed form (``net.control_and_jacobian``):
+
+    .. math::
+
+        \frac{\partial F_c}{\partial x} = (1 + \tfrac12\Delta\beta) I + \tfrac12\Delta\sigma
+        \Big[\frac{\partial h}{\partial x} + \operatorname{diag}(b)\frac{\partial g}{\partial x}\Big],\qquad
+        \frac{\partial g}{\partial x} = \sigma(c)\Big[(1 - \tau)\nabla^2\log\rho - \frac{\tau}{\sigma_0^2} I\Big],
+
+    so automatic differentiation is only needed for the Hessian of :math:`\log\rho`, and not at all
+    when the target's weight :math:`1 - \tau` is zero (every one-step map with ``langevin_time="start"``).
+    Returns ``(u, x_next, jacobian)``.
+    """
+    T = process.grid_size
+    batch, dim = x_in.shape
+
+    def per_sample(v):  # number, 0-d or (batch,) -> (batch,)
+        return torch.as_tensor(v, dtype=x_in.dtype, device=x_in.device).expand(batch)
+
+    tau = 1.0 - per_sample(target_weight(process, code, step))
+    sigma, beta, dt = per_sample(process.sigma(code)), per_sample(process.beta(code)), per_sample(step / T)
+    hessian = None
+    if bool((tau != 1).any()):
+        _, score = potential_and_score(potential_fn, x_in, create_graph=through_g)
+        if through_g:
+            hessian = batched_jacobian(score, x_in, create_graph=differentiable)
+        else:
+            score = score.detach()
+    else:
+        score = torch.zeros_like(x_in)
+    g = langevin_input(process, x_in, code, score, step)
+    # dg/dx = sigma [(1 - tau) Hessian(log rho) - tau / sigma0^2 I]; zero when g is held constant
+    prior_diag = -(sigma * tau / process.prior_scale**2).unsqueeze(-1).expand(batch, dim)
+    if not through_g:
+        g = g.detach()
+        g_jac = torch.zeros_like(x_in)
+    elif hessian is None:
+        g_jac = prior_diag
+    else:
+        g_jac = (sigma * (1.0 - tau))[:, None, None] * hessian + torch.diag_embed(prior_diag)
+    u, u_jac = net.control_and_jacobian(x_in, code / T, step / T, g, g_jac)
+    x_next = x_in + dt[:, None] * (0.5 * sigma[:, None] * u + 0.5 * beta[:, None] * x_in)
+    eye = torch.eye(dim, dtype=x_in.dtype, device=x_in.device)
+    jac = (1.0 + 0.5 * dt * beta)[:, None, None] * eye + (0.5 * dt * sigma)[:, None, None] * u_jac
+    return u, x_next, jac
 
 
 def ode_step(
@@ -210,6 +270,9 @@ def ode_step(
     :param bool langevin_grad: differentiate through the Langevin input :math:`g(x)` (Hessian
         terms of the potential). Default: only for ``log_det="exact"``. The values are the same
         either way; only derivatives of the output with respect to ``x`` change.
+
+    Networks with a closed-form Jacobian (``control_and_jacobian``) get the exact log-determinant
+    from it; others by ``dim`` backward passes.
     """
     if log_det not in LOG_DET_METHODS:
         raise ValueError(f"`log_det` must be one of {LOG_DET_METHODS}, got {log_det!r}.")
@@ -221,23 +284,37 @@ def ode_step(
         if log_det == "exact" and not through_g:
             raise ValueError("`log_det='exact'` differentiates through the Langevin input; use "
                              "`log_det='exact_frozen_langevin'` to hold it constant.")
-        u, x_next = _step_graph(net, potential_fn, process, x_in, code, step, through_g=through_g)
         sign = None
-        if log_det in ("exact", "exact_frozen_langevin"):
-            jac = batched_jacobian(x_next, x_in, create_graph=differentiable)
-            sign, increment = slogdet(jac)
-        elif log_det in ("euler_trace", "hutchinson"):
+        structured = hasattr(net, "control_and_jacobian") and log_det in ("exact", "exact_frozen_langevin",
+                                                                           "euler_trace")
+        if structured:
+            u, x_next, jac = _structured_step(net, potential_fn, process, x_in, code, step,
+                                              through_g=through_g, differentiable=differentiable)
             if log_det == "euler_trace":
-                trace = exact_trace(u, x_in, create_graph=differentiable)
+                # Euler rule: dt * div(drift) = trace(J - I) of the step's Jacobian with g held constant
+                increment = jac.diagonal(dim1=-2, dim2=-1).sum(-1) - x.shape[-1]
             else:
-                probes = rademacher((num_probes,) + tuple(x.shape), dtype=x.dtype, device=x.device, generator=generator)
-                trace, _ = hutchinson_trace(u, x_in, probes, create_graph=differentiable)
-            dt = step / process.grid_size
-            increment = dt * (0.5 * process.beta(code) * x.shape[-1] + 0.5 * process.sigma(code) * trace)
+                sign, increment = slogdet(jac)
         else:
-            increment = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+            u, x_next = _step_graph(net, potential_fn, process, x_in, code, step, through_g=through_g)
+            if log_det in ("exact", "exact_frozen_langevin"):
+                jac = batched_jacobian(x_next, x_in, create_graph=differentiable)
+                sign, increment = slogdet(jac)
+            elif log_det in ("euler_trace", "hutchinson"):
+                if log_det == "euler_trace":
+                    trace = exact_trace(u, x_in, create_graph=differentiable)
+                else:
+                    probes = rademacher((num_probes,) + tuple(x.shape), dtype=x.dtype, device=x.device,
+                                        generator=generator)
+                    trace, _ = hutchinson_trace(u, x_in, probes, create_graph=differentiable)
+                dt = step / process.grid_size
+                increment = dt * (0.5 * process.beta(code) * x.shape[-1] + 0.5 * process.sigma(code) * trace)
+            else:
+                increment = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     if not differentiable:
         x_next, increment, u = x_next.detach(), increment.detach(), u.detach()
+    if sign is not None:
+        sign = sign.detach()
     return StepOutput(x_next, increment, sign, u, x_in)
 
 
@@ -419,7 +496,7 @@ def em_rollout(
         sigma = process.sigma(code)
         std = sigma * math.sqrt(dt)
         _, score = potential_and_score(potential_fn, x)
-        g = langevin_input(process, x.detach(), code, score)
+        g = langevin_input(process, x.detach(), code, score, d)
         with grad_ctx:
             u = net(x, None, None, g, features=(time_codes[k : k + 1], gains[k : k + 1]))
             mean_f = x + dt * (sigma * u + 0.5 * beta * x)

@@ -65,6 +65,11 @@ class ReferenceProcess:
     :param prior_clip: clip *training* prior draws to :math:`\pm` ``prior_clip`` :math:`\sigma_0`
         (4 in the paper's code) or ``None``. Evaluation draws are never clipped: a clipped
         Gaussian has atoms, and its density would not be the :math:`p_0` in the weights.
+    :param str langevin_time: where within a step from :math:`c` to :math:`c - d` the Langevin
+        input's interpolation weight is taken: ``"start"`` (:math:`c/T`, the OSDS code) or ``"end"``
+        (:math:`(c - d)/T`). The two differ by :math:`O(1/T)` on the fine grid, but with
+        ``"start"`` a one-step map (:math:`c = T`) sees only the prior score, while with ``"end"``
+        it sees the target's score.
     """
 
     grid_size: int = 128
@@ -74,6 +79,7 @@ class ReferenceProcess:
     cosine_s: float = 0.008
     prior_scale: float = 1.0
     prior_clip: float | None = 4.0
+    langevin_time: str = "start"
 
     def __post_init__(self):
         if not isinstance(self.grid_size, int) or isinstance(self.grid_size, bool) or self.grid_size < 1:
@@ -88,6 +94,8 @@ class ReferenceProcess:
             raise ValueError(f"`prior_scale` must be positive, got {self.prior_scale!r}.")
         if self.prior_clip is not None and not self.prior_clip > 0:
             raise ValueError(f"`prior_clip` must be positive or None, got {self.prior_clip!r}.")
+        if self.langevin_time not in ("start", "end"):
+            raise ValueError(f"`langevin_time` must be 'start' or 'end', got {self.langevin_time!r}.")
 
     # ----------------------------------------------------------------------------------------
     # schedule

@@ -67,6 +67,7 @@ def make_process(config: OSDSConfig) -> ReferenceProcess:
     return ReferenceProcess(
         grid_size=config.grid_size, schedule=config.schedule, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
         cosine_s=config.cosine_s, prior_scale=config.prior_scale, prior_clip=config.prior_clip,
+        langevin_time=config.langevin_time,
     )
 
 

@@ -113,6 +113,14 @@ class Trainer:
             return cfg.sd_weight
         return cfg.sd_weight * min(1.0, step / cfg.sd_warmup)
 
+    def learning_rate(self, step: int) -> float:
+        """Learning rate at ``step``: constant, or cosine decay from ``learning_rate`` to a tenth of it."""
+        cfg = self.config
+        if cfg.lr_schedule == "constant" or cfg.num_iterations == 0:
+            return cfg.learning_rate
+        progress = min(step / cfg.num_iterations, 1.0)
+        return cfg.learning_rate * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+
     def _update_ema(self):
         with torch.no_grad():
             for p_ema, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
@@ -150,34 +158,40 @@ class Trainer:
         """One training iteration; returns its history entry."""
         cfg = self.config
         start = time.perf_counter()
-        x0 = self.process.sample_prior(cfg.batch_size, self.dim, clip=True, dtype=self.dtype, device=self.device,
-                                       generator=self.generator)
-        diff = diffusion_loss(self.net, self.potential_fn, self.process, x0, kind=cfg.diffusion_loss,
-                              generator=self.generator)
-        taken, grad_norm = self._optimizer_step(diff.loss)
-        skipped = int(not taken)
-        sd = None
-        alpha = self.sd_weight(self.step)
-        if alpha > 0 and bool(torch.isfinite(diff.states).all()):
-            sd = self_distillation_loss(
-                self.net, self.ema, self.potential_fn, self.process, diff.states,
-                volume=cfg.train_log_det, num_probes=cfg.num_probes, volume_weight=cfg.volume_weight,
-                jacobian_weight=cfg.jacobian_weight, generator=self.generator,
-            )
-            sd_taken, _ = self._optimizer_step(sd.loss, alpha)
-            skipped += int(not sd_taken)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step)
+        diff, sd, skipped, grad_norm = None, None, 0, math.nan
+        if cfg.diffusion_weight > 0:
+            x0 = self.process.sample_prior(cfg.batch_size, self.dim, clip=True, dtype=self.dtype, device=self.device,
+                                           generator=self.generator)
+            diff = diffusion_loss(self.net, self.potential_fn, self.process, x0, kind=cfg.diffusion_loss,
+                                  generator=self.generator)
+            taken, grad_norm = self._optimizer_step(diff.loss, cfg.diffusion_weight)
+            skipped += int(not taken)
+            alpha = self.sd_weight(self.step)
+            if alpha > 0 and bool(torch.isfinite(diff.states).all()):
+                sd = self_distillation_loss(
+                    self.net, self.ema, self.potential_fn, self.process, diff.states,
+                    volume=cfg.train_log_det, num_probes=cfg.num_probes, volume_weight=cfg.volume_weight,
+                    jacobian_weight=cfg.jacobian_weight, generator=self.generator,
+                )
+                sd_taken, _ = self._optimizer_step(sd.loss, alpha)
+                skipped += int(not sd_taken)
         flow_kl = math.nan
         if cfg.flow_kl_weight > 0:
             steps = cfg.flow_kl_steps[self.step % len(cfg.flow_kl_steps)]
             z0 = self.process.sample_prior(cfg.flow_kl_batch_size, self.dim, dtype=self.dtype, device=self.device,
                                            generator=self.generator)
             fkl = flow_kl_loss(self.net, self.potential_fn, self.process, z0, steps)
-            fkl_taken, _ = self._optimizer_step(fkl.loss, cfg.flow_kl_weight)
+            fkl_taken, fkl_norm = self._optimizer_step(fkl.loss, cfg.flow_kl_weight)
             skipped += int(not fkl_taken)
             flow_kl = float(fkl.loss.detach()) if fkl.loss is not None else math.nan
-        valid_lw = diff.log_weights[torch.isfinite(diff.log_weights)]
+            if diff is None:
+                grad_norm = fkl_norm
+        lw = diff.log_weights if diff is not None else fkl.log_weights
+        valid_lw = lw[torch.isfinite(lw)]
         info = {
-            "loss": float(diff.loss.detach()) if diff.loss is not None else math.nan,
+            "loss": float(diff.loss.detach()) if diff is not None and diff.loss is not None else flow_kl,
             "elbo": float(valid_lw.mean()) if valid_lw.numel() else math.nan,
             "sd_loss": float(sd.loss.detach()) if sd is not None and sd.loss is not None else math.nan,
             "state_loss": sd.state if sd is not None else math.nan,
@@ -186,7 +200,7 @@ class Trainer:
             "flow_kl": flow_kl,
             "grad_norm": grad_norm,
             "skipped": skipped,
-            "invalid_paths": diff.num_invalid,
+            "invalid_paths": diff.num_invalid if diff is not None else fkl.num_invalid,
             "seconds": time.perf_counter() - start,
         }
         return info

@@ -54,9 +54,10 @@ def single_map(net, potential, process, num_steps, langevin_grad=True):
     return fn
 
 
+@pytest.mark.parametrize("langevin_time", ["start", "end"])
 @pytest.mark.parametrize("num_steps", [1, 2, 4])
-def test_exact_log_det_equals_slogdet_of_whole_map(num_steps):
-    process = ReferenceProcess(grid_size=16, prior_scale=1.3)
+def test_exact_log_det_equals_slogdet_of_whole_map(num_steps, langevin_time):
+    process = ReferenceProcess(grid_size=16, prior_scale=1.3, langevin_time=langevin_time)
     net, potential = random_net(), make_potential()
     x0 = torch.randn(6, DIM, dtype=D64)
     out = flow(net, potential, process, x0, num_steps, log_det="exact")
@@ -230,6 +231,17 @@ def test_potential_and_score():
         ref = torch.autograd.functional.jacobian(lambda z: potential(z.unsqueeze(0))[0], x[i])
         torch.testing.assert_close(score[i], -ref, rtol=0, atol=1e-12)
     assert not u.requires_grad and not score.requires_grad
+
+
+def test_langevin_time_end_feeds_the_target_score_to_one_step_maps():
+    start, end = ReferenceProcess(grid_size=8), ReferenceProcess(grid_size=8, langevin_time="end")
+    x, score = torch.randn(3, DIM, dtype=D64), torch.randn(3, DIM, dtype=D64)
+    sigma = start.sigma(8.0)
+    torch.testing.assert_close(langevin_input(start, x, 8.0, score, 8.0), sigma * start.prior_score(x))
+    torch.testing.assert_close(langevin_input(end, x, 8.0, score, 8.0), sigma * score)
+    # on a fine step the two differ by O(1/T)
+    diff = langevin_input(end, x, 4.0, score, 1.0) - langevin_input(start, x, 4.0, score, 1.0)
+    torch.testing.assert_close(diff, start.sigma(4.0) / 8 * (score - start.prior_score(x)))
 
 
 def test_count_folded_uses_the_majority_orientation():
