@@ -215,19 +215,20 @@ class StepConditionedControl(nn.Module):
             code, gain = self.step_features(t.expand(batch), d.expand(batch))
         derivative = ACTIVATION_DERIVATIVES[self.activation]
         z = torch.cat([x, code.expand(batch, -1)], dim=-1)
-        jac = None
+        # the transposed Jacobian dz/dx^T, kept as (batch, dim, width) so that every layer is one GEMM
+        jac_t = None
         for layer in self.state_net:
             if isinstance(layer, nn.Linear):
-                if jac is None:
-                    w_x = layer.weight[:, : self.dim]
-                    z = layer(z)
-                    jac = w_x.expand(batch, -1, -1)
+                if jac_t is None:
+                    jac_t = layer.weight[:, : self.dim].T.expand(batch, -1, -1)
                 else:
-                    z = layer(z)
-                    jac = torch.matmul(layer.weight, jac)
-            else:
-                jac = derivative(z).unsqueeze(-1) * jac
+                    width = jac_t.shape[-1]
+                    jac_t = (jac_t.reshape(batch * self.dim, width) @ layer.weight.T).reshape(batch, self.dim, -1)
                 z = layer(z)
+            else:
+                jac_t = derivative(z).unsqueeze(-2) * jac_t
+                z = layer(z)
+        jac = jac_t.transpose(-1, -2)
         inside = (z.abs() < self.outer_clip).to(z.dtype)
         h = z.clamp(-self.outer_clip, self.outer_clip)
         jac = inside.unsqueeze(-1) * jac
