@@ -23,7 +23,7 @@ from pyro.ops.stats import split_gelman_rubin, weighed_quantile
 
 from ._version import __version__
 from .config import OSDSConfig, check_option_names
-from .estimators import Estimates, evidence, kish_ess
+from .estimators import Estimates, evidence, kish_ess, pool_estimates
 from .potential import ModelTarget
 from .sampler import Draws, FlowSampler
 from .target import PotentialTarget
@@ -42,8 +42,8 @@ class LogEvidence(NamedTuple):
     chain's :class:`~pyro_osds.estimators.Estimates`).
 
     ``log_z`` :math:`\log\hat Z` and its standard error ``se``; ``elbo``/``elbo_se`` (a lower bound
-    of :math:`\log Z`); ``ess`` (Kish) and ``ess_per_draw``; ``k_hat`` (Pareto; > 0.7 means the
-    estimate is unreliable); ``num_draws``; ``num_folded`` (draws where the flow folds; their
+    of :math:`\log Z`); ``ess`` (Kish) and ``ess_per_draw``; ``k_hat`` (Pareto, the largest over
+    chains; > 0.7 means the estimate is unreliable); ``num_draws``; ``num_folded`` (draws where the flow folds; their
     weights are not exact); ``num_nonfinite`` (excluded NaN weights); ``log_det`` (volume method);
     ``num_steps`` (the flow's :math:`K`).
     """
@@ -227,10 +227,14 @@ class OSDS:
         base = OSDSConfig.preset(preset) if preset is not None else (config or OSDSConfig())
         if not isinstance(base, OSDSConfig):
             raise TypeError(f"`config` must be an OSDSConfig, got {type(base).__name__}.")
-        self.config = base.replace(**options)
-        if self.config.grid_size % num_steps:
+        config = base.replace(**options)
+        if config.grid_size % num_steps:
             raise ValueError(f"`num_steps`={num_steps} does not divide the fine grid `grid_size`="
-                             f"{self.config.grid_size}; use a divisor such as 1, 2, 4.")
+                             f"{config.grid_size}; use a divisor such as 1, 2, 4.")
+        if config.flow_kl_weight > 0 and num_steps not in config.flow_kl_steps:
+            # the one-step objective trains the step counts it is asked for: include the one we draw with
+            config = config.replace(flow_kl_steps=tuple(sorted({*config.flow_kl_steps, num_steps})))
+        self.config = config
         self.model = model
         self.potential_fn = potential_fn
         self.initial_params = initial_params
@@ -385,6 +389,15 @@ class OSDS:
         num_steps = self.num_steps if num_steps is None else num_steps
         _check_count("num_samples", num_samples)
         _check_count("num_steps", num_steps)
+        self.samplers[0].process.step_codes(num_steps)  # num_steps must divide the grid
+        if self.config.diffusion_weight == 0 and num_steps not in self.config.flow_kl_steps:
+            warnings.warn(
+                f"The {num_steps}-step flow was not trained (trained step counts: {self.config.flow_kl_steps}); its "
+                "draws are still weighted exactly, but expect a poor ESS or folds. Train it with "
+                f"`OSDS(..., num_steps={num_steps})` or `flow_kl_steps=(..., {num_steps})`, or use the paper's "
+                "objective (`preset='paper-cpu'`), which trains every step size.",
+                UserWarning, stacklevel=2,
+            )
         with poutine.block(), self._explain_out_of_memory("drawing"):
             self._draws = [s.draw(num_samples, num_steps, log_det=log_det) for s in self.samplers]
             self._discrete = {}
@@ -464,8 +477,8 @@ class OSDS:
         r"""Log evidence :math:`\log\hat Z` with standard error, ELBO, ESS and k-hat, pooled and per chain."""
         self._require_draws()
         chains = tuple(evidence(d.log_weight, num_folded=d.num_folded, log_det=d.log_det) for d in self._draws)
-        pooled: Estimates = evidence(torch.cat([d.log_weight for d in self._draws]),
-                                     num_folded=sum(c.num_folded for c in chains), log_det=self._draws[0].log_det)
+        pooled: Estimates = pool_estimates([d.log_weight for d in self._draws],
+                                           num_folded=sum(c.num_folded for c in chains), log_det=self._draws[0].log_det)
         return LogEvidence(
             log_z=pooled.log_z, se=pooled.se, elbo=pooled.elbo, elbo_se=pooled.elbo_se, ess=pooled.ess,
             ess_per_draw=pooled.ess_per_draw, k_hat=pooled.k_hat, num_draws=pooled.num_draws,
@@ -704,6 +717,7 @@ class OSDS:
                                      "pass `model_args=` / `model_kwargs=`.")
                 model_args, model_kwargs = tuple(state["model_args"]), state["model_kwargs"]
             args, kw = tuple(model_args or ()), dict(model_kwargs or {})
+        osds.config = config  # exactly the checkpoint's (the constructor may have added num_steps to flow_kl_steps)
         with poutine.block():
             osds.target = osds._build_target(args, kw)
             osds._check_compatible(state)

@@ -40,31 +40,45 @@ def _number(name, value, *, low=None, high=None, low_open=False):
 @dataclass(frozen=True)
 class OSDSConfig:
     r"""
-    All hyper-parameters of :class:`~pyro_osds.OSDS` (defaults: a CPU budget; the paper's values
-    in parentheses where they differ).
+    All hyper-parameters of :class:`~pyro_osds.OSDS`.
 
-    **Reference process** -- ``grid_size`` :math:`T` (32; the paper's 128), ``schedule`` (``"cosine"``),
-    ``sigma_min`` (0.01), ``sigma_max`` (10), ``cosine_s`` (0.008), ``prior_scale`` :math:`\sigma_0`
-    (1; applies in the preconditioned space), ``prior_clip`` (4: training draws only),
+    **Training objectives.** Two objectives, which can be combined:
+
+    * the **one-step objective** (default, ``flow_kl_weight=1``, ``diffusion_weight=0``; beyond the
+      paper): the ``flow_kl_steps``-step deterministic flows are trained directly on their exact
+      reverse KL, :math:`-\mathbb E[\log w_{\rm DF}]`, the quantity the evidence uses
+      (:func:`pyro_osds.losses.flow_kl_loss`); cheap on a CPU and much better at :math:`K = 1`;
+    * the **paper's objective** (``diffusion_weight=1``; presets ``"paper"`` and ``"paper-cpu"``):
+      the diffusion-sampler loss on fine-grid EM paths plus self-distillation with volume
+      consistency and a Jacobian penalty (:mod:`pyro_osds.losses`), which trains every step size.
+
+    **Reference process** -- ``grid_size`` :math:`T` (32; the paper's 128), ``schedule``
+    (``"cosine"``), ``sigma_min`` (0.01), ``sigma_max`` (10), ``cosine_s`` (0.008), ``prior_scale``
+    :math:`\sigma_0` (1, in the preconditioned space), ``prior_clip`` (4: training draws only),
     ``langevin_time`` (``"start"``, the paper's; ``"end"`` gives one-step maps the target's score,
     see :class:`~pyro_osds.reference.ReferenceProcess`).
 
     **Network** -- ``hidden_dim`` (64), ``num_layers`` (2), ``num_frequencies`` (64),
     ``max_frequency`` (100), ``inner_clip`` (100), ``outer_clip`` (1e4), ``activation``
-    (``"silu"``; the paper's GELU is 3x slower on CPU and available as ``"gelu"``).
+    (``"silu"``; the paper's GELU is 3x slower on CPU and available as ``"gelu"``), ``dtype`` of the
+    network and flow (``"float32"``, 2-3x faster than float64 on CPU; ``None``: the model's; the
+    potential is always evaluated in the model's own dtype).
 
-    **Training** -- ``num_iterations`` (60 000), ``batch_size`` (1024), ``learning_rate`` (5e-4) with
-    ``lr_schedule`` ``"constant"`` (paper) or ``"cosine"`` (decays to a tenth over ``num_iterations``),
-    ``weight_decay`` (0.1), ``grad_clip`` (1.0, global norm), ``ema_decay`` (0.999),
-    ``diffusion_loss`` (``"kl"`` or ``"lv"``) with weight ``diffusion_weight`` (1; 0 turns the EM-path
-    loss and the self-distillation that uses its paths off), ``sd_weight`` (0.25) with a linear ``sd_warmup``
-    (2500 iterations), ``volume_weight`` (0.25), ``jacobian_weight`` (1e-4), ``train_log_det``
-    (``"hutchinson"``, the volume estimator inside the distillation loss), ``num_probes`` (1),
-    ``flow_kl_weight`` (0: off; beyond the paper) weight of a third optimiser step per iteration on
-    the exact reverse KL of the ``flow_kl_steps``-step deterministic flows (cycled), on
-    ``flow_kl_batch_size`` fresh prior draws,
-    ``max_consecutive_skips`` (training stops with an error after this many non-finite steps in a
-    row), ``sample_with_ema`` (draw with the EMA network).
+    **Optimisation** -- ``num_iterations`` (1000; paper 60 000), ``learning_rate`` (3e-3; paper 5e-4)
+    with ``lr_schedule`` (``"cosine"``, decaying to a tenth; paper ``"constant"``), ``weight_decay``
+    (0.01; paper 0.1), ``grad_clip`` (10, global norm; paper 1), ``ema_decay`` (0.995; paper 0.999) of
+    the EMA network, which is also the self-distillation teacher; ``sample_with_ema`` (False; paper
+    True) draws with the EMA network; ``max_consecutive_skips`` (training stops with an error after
+    this many non-finite steps in a row).
+
+    **One-step objective** -- ``flow_kl_weight`` (1), ``flow_kl_steps`` (``(1,)``; the step counts
+    trained, cycled; :class:`~pyro_osds.OSDS` adds its ``num_steps``), ``flow_kl_batch_size`` (256).
+
+    **Paper's objective** -- ``diffusion_weight`` (0; paper 1; 0 turns the EM-path loss and the
+    self-distillation off), ``batch_size`` of the EM paths (128; paper 1024), ``diffusion_loss``
+    (``"kl"`` or ``"lv"``), ``sd_weight`` (0.25) with a linear ``sd_warmup`` (100; paper 2500),
+    ``volume_weight`` (0.25), ``jacobian_weight`` (1e-4), ``train_log_det`` (``"hutchinson"``, the
+    volume estimator inside the distillation loss), ``num_probes`` (1).
 
     **Preconditioning** -- ``precondition``: ``"gaussian"`` (Gaussian variational fit started from
     the better of the Laplace fit and the identity; default), ``"laplace"``, ``"diagonal_laplace"``
@@ -95,27 +109,30 @@ class OSDSConfig:
     inner_clip: float = 100.0
     outer_clip: float = 1e4
     activation: str = "silu"
-    # training
+    dtype: str | None = "float32"
+    # optimisation
     num_iterations: int = 1000
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    lr_schedule: str = "constant"
+    learning_rate: float = 3e-3
+    lr_schedule: str = "cosine"
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    grad_clip: float = 10.0
     ema_decay: float = 0.995
+    sample_with_ema: bool = False
+    max_consecutive_skips: int = 50
+    # one-step objective
+    flow_kl_weight: float = 1.0
+    flow_kl_steps: tuple = (1,)
+    flow_kl_batch_size: int = 256
+    # the paper's objective
+    diffusion_weight: float = 0.0
+    batch_size: int = 128
     diffusion_loss: str = "kl"
-    diffusion_weight: float = 1.0
     sd_weight: float = 0.25
     sd_warmup: int = 100
     volume_weight: float = 0.25
     jacobian_weight: float = 1e-4
     train_log_det: str = "hutchinson"
     num_probes: int = 1
-    flow_kl_weight: float = 0.0
-    flow_kl_steps: tuple = (1,)
-    flow_kl_batch_size: int = 64
-    max_consecutive_skips: int = 50
-    sample_with_ema: bool = True
     # preconditioning
     precondition: str = "gaussian"
     precondition_iterations: int = 400
@@ -155,6 +172,8 @@ class OSDSConfig:
                      "diffusion_weight"):
             _number(name, getattr(self, name), low=0)
         _number("ema_decay", self.ema_decay, low=0, high=1)
+        if self.dtype not in (None, "float32", "float64"):
+            raise ValueError(f"`dtype` must be None, 'float32' or 'float64', got {self.dtype!r}.")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"`lr_schedule` must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
         if self.langevin_time not in ("start", "end"):
@@ -206,14 +225,20 @@ def check_option_names(options: dict) -> None:
             raise TypeError(f"Unknown OSDS option {name!r}.{hint} Valid options: {', '.join(valid)}.")
 
 
-#: Named presets. ``"cpu"`` equals the defaults; ``"paper"`` follows the OSDS code (for a GPU);
-#: ``"smoke"`` is a seconds-long run for tests and tutorials' smoke mode.
+#: The paper's training objective with the CPU budget of the defaults (see :class:`OSDSConfig`).
+_PAPER_OBJECTIVE = dict(diffusion_weight=1.0, flow_kl_weight=0.0, learning_rate=1e-3, lr_schedule="constant",
+                        grad_clip=1.0, sample_with_ema=True)
+
+#: Named presets. ``"cpu"`` equals the defaults (the one-step objective); ``"paper-cpu"`` is the
+#: paper's objective at a CPU budget; ``"paper"`` the OSDS code's objective and budget (for a GPU:
+#: 60k iterations, batch 1024, T = 128); ``"smoke"`` is a seconds-long run for tests and smoke modes.
 PRESETS: dict[str, dict] = {
     "cpu": {},
+    "paper-cpu": dict(_PAPER_OBJECTIVE),
     "paper": dict(
-        grid_size=128, num_iterations=60_000, batch_size=1024, learning_rate=5e-4, weight_decay=0.1,
-        ema_decay=0.999, sd_warmup=2500, chunk_size=8192, activation="gelu",
+        _PAPER_OBJECTIVE, grid_size=128, num_iterations=60_000, batch_size=1024, learning_rate=5e-4,
+        weight_decay=0.1, ema_decay=0.999, sd_warmup=2500, chunk_size=8192, activation="gelu", dtype=None,
     ),
     "smoke": dict(grid_size=16, num_iterations=30, batch_size=32, sd_warmup=10, precondition_iterations=50,
-                  hidden_dim=32, mode_search_starts=2),
+                  hidden_dim=32, mode_search_starts=2, flow_kl_batch_size=64),
 }

@@ -252,8 +252,15 @@ def forward_evidence(log_w_forward: torch.Tensor) -> ForwardEstimates:
 def pool_estimates(log_w_per_chain: list[torch.Tensor], *, num_folded: int = 0, log_det: str = "exact") -> Estimates:
     r"""
     Pools the draws of independently trained samplers: each chain's weights are unbiased for
-    :math:`Z`, so with equal draws per chain their union is a valid importance sample (an equal
-    mixture of the chains' proposals, each draw weighted by its own proposal).
+    :math:`Z`, so with equal draws per chain the mean of all weights is too, with the delta-method
+    standard error of the union.
+
+    The union is not one importance sample (each draw is weighted by its own chain's proposal), so
+    PSIS's tail fit does not apply to it: the pooled :math:`\hat k` is the worst (largest) per-chain
+    :math:`\hat k`, which governs the reliability of the average.
     """
-    return evidence(torch.cat([torch.as_tensor(lw).reshape(-1) for lw in log_w_per_chain]), num_folded=num_folded,
-                    log_det=log_det)
+    pooled = evidence(torch.cat([torch.as_tensor(lw).reshape(-1) for lw in log_w_per_chain]), num_folded=num_folded,
+                      log_det=log_det)
+    per_chain = [pareto_k_hat(lw) for lw in log_w_per_chain]
+    finite = [k for k in per_chain if not math.isnan(k)]
+    return pooled._replace(k_hat=max(finite) if finite else math.nan)

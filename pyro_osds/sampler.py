@@ -124,7 +124,10 @@ class FlowSampler:
         self.potential_fn = potential_fn
         self.init = init.detach().clone()
         self.dim = init.numel()
-        self.dtype, self.device = init.dtype, init.device
+        # the network and flow run in `config.dtype` (default: the potential's); the potential is always
+        # evaluated in its own dtype, on cast inputs, so any model works with a float32 flow
+        self.model_dtype, self.device = init.dtype, init.device
+        self.dtype = getattr(torch, config.dtype) if config.dtype is not None else init.dtype
         self.process = make_process(config)
         if generator is None:
             generator = torch.Generator(device=self.device)
@@ -144,26 +147,30 @@ class FlowSampler:
         """Fits the affine preconditioner chosen by ``config.precondition`` (once)."""
         if self.preconditioner is not None:
             return self.preconditioner
+        self.preconditioner = self._fit_preconditioner_in_model_dtype().to(dtype=self.dtype)
+        return self.preconditioner
+
+    def _fit_preconditioner_in_model_dtype(self) -> AffineMap:
         cfg = self.config
-        identity = AffineMap.identity(self.dim, shift=self.init, dtype=self.dtype, device=self.device)
+        identity = AffineMap.identity(self.dim, shift=self.init, dtype=self.model_dtype, device=self.device)
         if cfg.precondition == "none":
-            self.preconditioner = identity
             return identity
         if cfg.mode_search_starts > 0:
             modes = find_modes(self.potential_fn, self.init, num_starts=cfg.mode_search_starts,
                                generator=self.generator)
             if len(modes) > 1:
-                self.preconditioner = covering_gaussian(modes)
+                cover = covering_gaussian(modes)
                 self.precondition_info["modes"] = [(a.shift, w) for a, w in modes]
                 warnings.warn(
                     f"The target has at least {len(modes)} separated modes (Laplace masses "
                     + ", ".join(f"{w:.2g}" for _, w in modes)
                     + "); a Gaussian preconditioner would hide all but one, so OSDS uses a broad Gaussian covering "
-                    "them. Check the per-chain log Z and the samples of each mode; more flow steps "
-                    "(`sample(num_steps=4)`) help on multimodal targets.",
-                    UserWarning, stacklevel=3,
+                    "them. The one-step objective (reverse KL) is mode-seeking: for multimodal targets add the "
+                    "paper's mode-covering diffusion objective (`preset='paper-cpu', flow_kl_weight=1.0`), and "
+                    "check the samples of each mode and the per-chain log Z.",
+                    UserWarning, stacklevel=4,
                 )
-                return self.preconditioner
+                return cover
         candidates = [identity]
         try:
             laplace, info = fit_laplace(self.potential_fn, self.init, diagonal=cfg.precondition == "diagonal_laplace")
@@ -175,17 +182,21 @@ class FlowSampler:
             warnings.warn(f"Laplace fit failed ({err}); fitting the Gaussian preconditioner from the identity.",
                           RuntimeWarning, stacklevel=2)
         if cfg.precondition in ("laplace", "diagonal_laplace"):
-            self.preconditioner = candidates[0]
-        else:
-            affine, info = fit_gaussian(self.potential_fn, candidates, num_iterations=cfg.precondition_iterations,
-                                        generator=self.generator)
-            self.precondition_info["gaussian"] = info
-            self.preconditioner = affine
-        return self.preconditioner
+            return candidates[0]
+        affine, info = fit_gaussian(self.potential_fn, candidates, num_iterations=cfg.precondition_iterations,
+                                    generator=self.generator)
+        self.precondition_info["gaussian"] = info
+        return affine
+
+    def flow_potential(self, z: torch.Tensor) -> torch.Tensor:
+        """The potential on inputs of the flow's dtype (evaluated in the model's dtype)."""
+        if self.dtype == self.model_dtype:
+            return self.potential_fn(z)
+        return self.potential_fn(z.to(self.model_dtype)).to(self.dtype)
 
     @property
     def whitened_potential(self) -> PotentialFn:
-        return whiten_potential(self.potential_fn, self.fit_preconditioner())
+        return whiten_potential(self.flow_potential, self.fit_preconditioner())
 
     def make_trainer(self) -> Trainer:
         if self.trainer is None:
@@ -235,7 +246,7 @@ class FlowSampler:
             z0 = self.process.sample_prior(n, self.dim, clip=False, dtype=self.dtype, device=self.device, generator=gen)
             out = flow(net, potential_z, self.process, z0, num_steps, log_det=log_det,
                        num_probes=self.config.eval_num_probes, generator=gen)
-            x = affine(out.x)
+            x = affine(out.x).to(self.model_dtype)
             with torch.no_grad():
                 u = self.potential_fn(x)
             log_q = self.process.prior_log_prob(z0) - out.log_det - affine.log_abs_det
@@ -281,14 +292,14 @@ class FlowSampler:
         where ``ok`` marks points whose inversion converged with the majority orientation.
         """
         affine = self.fit_preconditioner()
-        z = affine.inverse(torch.as_tensor(x, dtype=self.dtype, device=self.device))
+        z = affine.inverse(torch.as_tensor(x, device=self.device).to(self.dtype))
         inv = inverse_flow(self.sampling_net, self.whitened_potential, self.process, z, num_steps)
         log_q = self.process.prior_log_prob(inv.x0) - inv.log_det - affine.log_abs_det
         return log_q.detach(), inv.converged & ~count_folded(inv.orientation)
 
     def forward_evidence(self, target_samples: torch.Tensor, num_steps: int = 1) -> ForwardEstimates:
         r"""EUBO and forward :math:`\log\hat Z` from exact target draws, via the exact inverse flow."""
-        x = torch.as_tensor(target_samples, dtype=self.dtype, device=self.device)
+        x = torch.as_tensor(target_samples, dtype=self.model_dtype, device=self.device)
         log_q, ok = self.log_q(x, num_steps)
         with torch.no_grad():
             u = self.potential_fn(x)

@@ -173,12 +173,21 @@ def test_resampling_follows_the_weights():
 
 
 def test_sample_again_with_more_steps(osds):
-    osds.sample(200, num_steps=2)
+    with pytest.warns(UserWarning, match="The 2-step flow was not trained"):
+        osds.sample(200, num_steps=2)
     assert osds.get_samples()["x"].shape == (400, 3)
     assert osds.log_evidence().num_steps == 2
     with pytest.raises(ValueError, match="does not divide"):
         osds.sample(10, num_steps=3)
     osds.sample(300, num_steps=1)
+
+
+def test_num_steps_is_trained_by_the_one_step_objective():
+    osds = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3, dtype=D64)}, num_steps=2)
+    assert osds.config.flow_kl_steps == (1, 2)
+    paper = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3, dtype=D64)}, num_steps=2,
+                 preset="paper-cpu")
+    assert paper.config.flow_kl_steps == (1,) and paper.config.diffusion_weight == 1.0
 
 
 def test_transforms_map_draws_back():

@@ -115,3 +115,13 @@ def test_pooled_chains():
     pooled = pool_estimates([a, b], num_folded=3)
     assert pooled.num_draws == 600 and pooled.num_folded == 3
     assert pooled.log_z == pytest.approx(float(log_mean_exp(torch.cat([a, b]))))
+    assert pooled.k_hat == pytest.approx(max(pareto_k_hat(a), pareto_k_hat(b)))
+
+
+def test_pooled_k_hat_is_the_worst_chain_not_a_fit_to_the_union():
+    # two chains with bounded weights (uniform log-weights) but different maxima: each chain's tail is
+    # light (k < 0); a tail fit to the union sees a cluster of maxima and is meaningless
+    a = torch.linspace(-3.0, 0.0, 2000, dtype=D64)
+    b = torch.linspace(-3.5, -0.8, 2000, dtype=D64)
+    pooled = pool_estimates([a, b])
+    assert pooled.k_hat == pytest.approx(max(pareto_k_hat(a), pareto_k_hat(b))) and pooled.k_hat < 0

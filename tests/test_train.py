@@ -12,7 +12,9 @@ from pyro_osds.reference import ReferenceProcess
 from pyro_osds.train import Trainer, TrainingDivergedError, progress_bar_disabled
 
 D64 = torch.float64
-SMALL = OSDSConfig(grid_size=8, batch_size=16, num_iterations=6, sd_warmup=2, hidden_dim=16)
+# the paper's objective (EM paths + self-distillation); the one-step objective is tested below
+SMALL = OSDSConfig.preset("paper-cpu", grid_size=8, batch_size=16, num_iterations=6, sd_warmup=2, hidden_dim=16,
+                          dtype=None)
 
 
 def quadratic(x):
@@ -94,6 +96,18 @@ def test_keyboard_interrupt_keeps_the_last_good_state():
     trainer.hook_fn = None
     trainer.train(2)
     assert trainer.step == 5 and not trainer.interrupted
+
+
+def test_one_step_objective_trains_the_deterministic_flow():
+    config = OSDSConfig(grid_size=8, num_iterations=6, hidden_dim=16, flow_kl_batch_size=16, flow_kl_steps=(1, 2),
+                        dtype=None)
+    trainer = make_trainer(config=config)
+    history = trainer.train()
+    assert all(math.isfinite(v) for v in history["flow_kl"])
+    assert all(math.isnan(v) for v in history["sd_loss"])  # no EM paths, no distillation
+    assert history["loss"] == history["flow_kl"]
+    assert trainer.learning_rate(0) == pytest.approx(config.learning_rate)
+    assert trainer.learning_rate(config.num_iterations) == pytest.approx(0.1 * config.learning_rate)
 
 
 def test_distillation_step_sizes():
