@@ -23,7 +23,8 @@ from pyro.ops.stats import split_gelman_rubin, weighed_quantile
 
 from ._version import __version__
 from .config import OSDSConfig, check_option_names
-from .estimators import Estimates, evidence, kish_ess, pool_estimates
+from .consistency import ConsistencySampler
+from .estimators import Estimates, EvidenceError, evidence, kish_ess, pool_estimates
 from .potential import ModelTarget
 from .sampler import Draws, FlowSampler
 from .target import PotentialTarget
@@ -150,7 +151,11 @@ class OSDS:
         a finite starting point). Ignored for models (which use ``init_strategy``).
     :param int num_samples: draws per chain kept after training (1000).
     :param int num_chains: independently trained samplers (2).
-    :param int num_steps: flow steps :math:`K` per draw (1); must divide ``grid_size``.
+    :param int num_steps: flow steps :math:`K` per draw (1; ``grid_size`` for ``method="dis"``); must
+        divide ``grid_size``.
+    :param str method: ``"osds"`` (default), ``"dis"``, ``"scds"`` or ``"cdds"``: the training method
+        (:data:`~pyro_osds.config.METHOD_DEFAULTS`, whose table compares them); options given here
+        override the method's defaults, and settings a method does not use are refused.
     :param str preset: start from a named :data:`~pyro_osds.config.PRESETS` entry (``"cpu"``,
         ``"paper"``, ``"smoke"``).
     :param OSDSConfig config: start from this configuration instead.
@@ -193,7 +198,8 @@ class OSDS:
         initial_params: dict | None = None,
         num_samples: int = 1000,
         num_chains: int = 2,
-        num_steps: int = 1,
+        num_steps: int | None = None,
+        method: str | None = None,
         preset: str | None = None,
         config: OSDSConfig | None = None,
         transforms: dict | None = None,
@@ -217,7 +223,8 @@ class OSDS:
                              "`initial_params={'x': torch.zeros(3)}` (as for Pyro's HMC/NUTS).")
         _check_count("num_samples", num_samples)
         _check_count("num_chains", num_chains)
-        _check_count("num_steps", num_steps)
+        if num_steps is not None:
+            _check_count("num_steps", num_steps)
         _check_count("checkpoint_every", checkpoint_every)
         if resume and checkpoint is None:
             raise ValueError("`resume=True` needs `checkpoint=<path>` (the file to resume from and write to).")
@@ -227,7 +234,12 @@ class OSDS:
         base = OSDSConfig.preset(preset) if preset is not None else (config or OSDSConfig())
         if not isinstance(base, OSDSConfig):
             raise TypeError(f"`config` must be an OSDSConfig, got {type(base).__name__}.")
-        config = base.replace(**options)
+        if method is not None and method != base.method:
+            config = OSDSConfig.for_method(method, base, **options)
+        else:
+            config = base.replace(**options)
+        if num_steps is None:
+            num_steps = config.grid_size if config.method == "dis" else 1
         if config.grid_size % num_steps:
             raise ValueError(f"`num_steps`={num_steps} does not divide the fine grid `grid_size`="
                              f"{config.grid_size}; use a divisor such as 1, 2, 4.")
@@ -289,9 +301,10 @@ class OSDS:
 
         generator = torch.Generator(device=self.target.device)
         generator.manual_seed(self._chain_seeds[chain])
-        return FlowSampler(self.target.potential, self.target.init, self.config, generator=generator, hook_fn=hook,
-                           disable_progbar=self.disable_progbar,
-                           desc=f"OSDS chain {chain}" if self.num_chains > 1 else "OSDS")
+        sampler_class = ConsistencySampler if self.config.method == "cdds" else FlowSampler
+        return sampler_class(self.target.potential, self.target.init, self.config, generator=generator, hook_fn=hook,
+                             disable_progbar=self.disable_progbar,
+                             desc=f"OSDS chain {chain}" if self.num_chains > 1 else "OSDS")
 
     def fit(self, *args, **kwargs) -> OSDS:
         r"""
@@ -347,7 +360,7 @@ class OSDS:
                 sampler.fit()
             if self.checkpoint is not None:
                 self._write_checkpoint()
-            if sampler.trainer is not None and sampler.trainer.interrupted:
+            if sampler.interrupted:
                 self.interrupted = True
                 warnings.warn(
                     f"Training was interrupted in chain {chain} at iteration {sampler.trainer.step}; "
@@ -476,6 +489,12 @@ class OSDS:
     def log_evidence(self) -> LogEvidence:
         r"""Log evidence :math:`\log\hat Z` with standard error, ELBO, ESS and k-hat, pooled and per chain."""
         self._require_draws()
+        if any(d.log_det == "none" for d in self._draws):
+            raise EvidenceError(
+                f"The current draws ({self.config.method}, {self.num_steps} steps) carry no importance weights "
+                "(multi-step consistency sampling re-noises, so its draws have no tractable density). Draw with "
+                "`sample(num_steps=1)` to estimate the evidence."
+            )
         chains = tuple(evidence(d.log_weight, num_folded=d.num_folded, log_det=d.log_det) for d in self._draws)
         pooled: Estimates = pool_estimates([d.log_weight for d in self._draws],
                                            num_folded=sum(c.num_folded for c in chains), log_det=self._draws[0].log_det)

@@ -18,9 +18,10 @@ from .losses import DIFFUSION_LOSSES
 from .nets import ACTIVATIONS
 from .reference import SCHEDULES
 
-__all__ = ["OSDSConfig", "PRESETS", "PRECONDITIONERS"]
+__all__ = ["METHODS", "METHOD_DEFAULTS", "OSDSConfig", "PRESETS", "PRECONDITIONERS"]
 
 PRECONDITIONERS = ("gaussian", "laplace", "diagonal_laplace", "none")
+METHODS = ("osds", "scds", "cdds", "dis")
 
 
 def _positive_int(name, value, minimum=1):
@@ -92,6 +93,7 @@ class OSDSConfig:
     estimate says so; ``chunk_size``: draws per batch when sampling/evaluating.
     """
 
+    method: str = "osds"
     # reference process
     grid_size: int = 32
     schedule: str = "cosine"
@@ -133,6 +135,11 @@ class OSDSConfig:
     jacobian_weight: float = 1e-4
     train_log_det: str = "hutchinson"
     num_probes: int = 1
+    sd_teacher: str = "ema"
+    # consistency distillation (method="cdds")
+    consistency_iterations: int = 1000
+    consistency_points: int = 18
+    consistency_sigma_data: float = 0.5
     # preconditioning
     precondition: str = "gaussian"
     precondition_iterations: int = 400
@@ -147,7 +154,8 @@ class OSDSConfig:
         for name in ("grid_size", "hidden_dim", "num_layers", "num_frequencies", "batch_size", "num_probes",
                      "max_consecutive_skips", "exact_log_det_max_dim", "eval_num_probes", "chunk_size"):
             _positive_int(name, getattr(self, name))
-        for name in ("num_iterations", "sd_warmup", "precondition_iterations", "mode_search_starts"):
+        for name in ("num_iterations", "sd_warmup", "precondition_iterations", "mode_search_starts",
+                     "consistency_iterations"):
             _positive_int(name, getattr(self, name), minimum=0)
         if self.batch_size < 2:
             raise ValueError(f"`batch_size` must be at least 2, got {self.batch_size!r}.")
@@ -189,11 +197,49 @@ class OSDSConfig:
             raise ValueError(f"`precondition` must be one of {PRECONDITIONERS}, got {self.precondition!r}.")
         if self.diffusion_weight == 0 and self.flow_kl_weight == 0:
             raise ValueError("Nothing to train: `diffusion_weight` and `flow_kl_weight` are both 0.")
+        _positive_int("consistency_points", self.consistency_points, minimum=2)
+        _number("consistency_sigma_data", self.consistency_sigma_data, low=0, low_open=True)
+        if self.sd_teacher not in ("ema", "current"):
+            raise ValueError(f"`sd_teacher` must be 'ema' or 'current', got {self.sd_teacher!r}.")
+        self._check_method()
         if self.sd_weight > 0 and self.grid_size % 2:
             raise ValueError(
                 f"Self-distillation (`sd_weight` > 0) needs an even `grid_size`, got {self.grid_size}; "
                 "use a power of two such as 32 or 128, or set `sd_weight=0`."
             )
+
+    def _check_method(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
+        rules = {
+            "dis": {"sd_weight": 0.0, "flow_kl_weight": 0.0},
+            "scds": {"volume_weight": 0.0, "jacobian_weight": 0.0, "flow_kl_weight": 0.0, "sd_teacher": "current"},
+            "cdds": {"sd_weight": 0.0, "flow_kl_weight": 0.0},
+        }.get(self.method, {})
+        wrong = {k: getattr(self, k) for k, v in rules.items() if getattr(self, k) != v}
+        if wrong:
+            raise ValueError(
+                f"method={self.method!r} does not use "
+                + ", ".join(f"`{k}`={v!r}" for k, v in wrong.items())
+                + f" (it needs {', '.join(f'{k}={rules[k]!r}' for k in wrong)}); use method='osds' to combine "
+                "objectives freely."
+            )
+        if self.method in ("dis", "scds", "cdds") and self.diffusion_weight <= 0:
+            raise ValueError(f"method={self.method!r} is trained by the diffusion-sampler loss: `diffusion_weight` "
+                             "must be positive.")
+        if self.method == "scds" and self.sd_weight <= 0:
+            raise ValueError("method='scds' is defined by its self-consistency loss: `sd_weight` must be positive.")
+
+    @classmethod
+    def for_method(cls, method: str, base: OSDSConfig | None = None, **changes) -> OSDSConfig:
+        """``base`` (default: the defaults) switched to ``method`` with its defaults
+        (:data:`METHOD_DEFAULTS`), then ``changes``."""
+        if method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+        check_option_names(changes)
+        base = cls() if base is None else base
+        values = {**base.as_dict(), **METHOD_DEFAULTS[method], "method": method, **changes}
+        return cls(**values)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -229,6 +275,30 @@ def check_option_names(options: dict) -> None:
 _PAPER_OBJECTIVE = dict(diffusion_weight=1.0, flow_kl_weight=0.0, learning_rate=1e-3, lr_schedule="constant",
                         grad_clip=1.0, sample_with_ema=True)
 
+#: Defaults each method sets on top of the base configuration (user options override them):
+#:
+#: ============  ==========================================================================================
+#: ``"osds"``    the engine as configured (default: the one-step objective; ``preset="paper-cpu"``: the
+#:               OSDS paper's EM loss + self-distillation with an EMA teacher + volume consistency)
+#: ``"dis"``     the plain many-step diffusion sampler: the diffusion loss only (log-variance), drawn with
+#:               ``num_steps = grid_size``
+#: ``"scds"``    self-consistent diffusion sampler (SCDS): diffusion loss (log-variance) + state
+#:               self-consistency with the *current* network as teacher, weight 1, no warm-up, no volume
+#:               term
+#: ``"cdds"``    consistency-distilled diffusion sampler: a DIS teacher, then a consistency function
+#:               distilled from its probability-flow ODE (:mod:`pyro_osds.consistency`)
+#: ============  ==========================================================================================
+METHOD_DEFAULTS: dict[str, dict] = {
+    "osds": {},
+    "dis": dict(diffusion_weight=1.0, diffusion_loss="lv", sd_weight=0.0, flow_kl_weight=0.0, learning_rate=1e-3,
+                lr_schedule="constant", grad_clip=1.0, sample_with_ema=True),
+    "scds": dict(diffusion_weight=1.0, diffusion_loss="lv", sd_weight=1.0, sd_warmup=0, volume_weight=0.0,
+                 jacobian_weight=0.0, sd_teacher="current", flow_kl_weight=0.0, learning_rate=1e-3,
+                 lr_schedule="constant", grad_clip=1.0, sample_with_ema=True),
+    "cdds": dict(diffusion_weight=1.0, diffusion_loss="lv", sd_weight=0.0, flow_kl_weight=0.0, learning_rate=1e-3,
+                 lr_schedule="constant", grad_clip=1.0, sample_with_ema=True, ema_decay=0.0),
+}
+
 #: Named presets. ``"cpu"`` equals the defaults (the one-step objective); ``"paper-cpu"`` is the
 #: paper's objective at a CPU budget; ``"paper"`` the OSDS code's objective and budget (for a GPU:
 #: 60k iterations, batch 1024, T = 128); ``"smoke"`` is a seconds-long run for tests and smoke modes.
@@ -240,5 +310,6 @@ PRESETS: dict[str, dict] = {
         weight_decay=0.1, ema_decay=0.999, sd_warmup=2500, chunk_size=8192, activation="gelu", dtype=None,
     ),
     "smoke": dict(grid_size=16, num_iterations=30, batch_size=32, sd_warmup=10, precondition_iterations=50,
-                  hidden_dim=32, mode_search_starts=2, flow_kl_batch_size=64),
+                  hidden_dim=32, mode_search_starts=2, flow_kl_batch_size=64, consistency_iterations=30,
+                  consistency_points=9),
 }

@@ -214,6 +214,11 @@ class FlowSampler:
     def sampling_net(self) -> torch.nn.Module:
         return self.trainer.sampling_net if self.trainer is not None else self.net
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether the last :meth:`fit` was stopped by ``KeyboardInterrupt``."""
+        return self.trainer is not None and self.trainer.interrupted
+
     # ------------------------------------------------------------------------------------------
     def default_log_det(self) -> str:
         cfg = self.config

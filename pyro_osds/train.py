@@ -170,8 +170,9 @@ class Trainer:
             skipped += int(not taken)
             alpha = self.sd_weight(self.step)
             if alpha > 0 and bool(torch.isfinite(diff.states).all()):
+                teacher = self.ema if cfg.sd_teacher == "ema" else self.net  # SCDS: the current net, no gradient
                 sd = self_distillation_loss(
-                    self.net, self.ema, self.potential_fn, self.process, diff.states,
+                    self.net, teacher, self.potential_fn, self.process, diff.states,
                     volume=cfg.train_log_det, num_probes=cfg.num_probes, volume_weight=cfg.volume_weight,
                     jacobian_weight=cfg.jacobian_weight, generator=self.generator,
                 )
