@@ -121,11 +121,11 @@ def consistency_function(
         prior_diag = -(sigma * tau / process.prior_scale**2).unsqueeze(-1).expand(batch, dim)
         g_jac = prior_diag if hessian is None else (
             (sigma * weight)[:, None, None] * hessian + torch.diag_embed(prior_diag))
-        u, u_jac = net.control_and_jacobian(x_in, remaining, remaining, g, g_jac)
+        u, u_jac_t = net.control_and_jacobian(x_in, remaining, remaining, g, g_jac, transposed=True)
         f = _col(c_skip) * x_in + _col(c_out) * u
-        eye = torch.eye(dim, dtype=x.dtype, device=x.device)
-        jac = c_skip[:, None, None] * eye + c_out[:, None, None] * u_jac
-        sign, logabsdet = slogdet(jac)
+        jac_t = c_out[:, None, None] * u_jac_t  # transposed Jacobian: same determinant
+        jac_t.diagonal(dim1=-2, dim2=-1).add_(c_skip[:, None])
+        sign, logabsdet = slogdet(jac_t)
     return _Output(f.detach(), logabsdet.detach(), sign.detach())
 
 

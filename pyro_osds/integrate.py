@@ -211,7 +211,7 @@ def _structured_step(net, potential_fn, process, x_in, code, step, *, through_g,
 
     so automatic differentiation is only needed for the Hessian of :math:`\log\rho`, and not at all
     when the target's weight :math:`1 - \tau` is zero (every one-step map with ``langevin_time="start"``).
-    Returns ``(u, x_next, jacobian)``.
+    Returns ``(u, x_next, jacobian^T)`` (the transpose: what the determinant and trace need).
     """
     T = process.grid_size
     batch, dim = x_in.shape
@@ -240,11 +240,12 @@ def _structured_step(net, potential_fn, process, x_in, code, step, *, through_g,
         g_jac = prior_diag
     else:
         g_jac = (sigma * (1.0 - tau))[:, None, None] * hessian + torch.diag_embed(prior_diag)
-    u, u_jac = net.control_and_jacobian(x_in, code / T, step / T, g, g_jac)
+    u, u_jac_t = net.control_and_jacobian(x_in, code / T, step / T, g, g_jac, transposed=True)
     x_next = x_in + dt[:, None] * (0.5 * sigma[:, None] * u + 0.5 * beta[:, None] * x_in)
-    eye = torch.eye(dim, dtype=x_in.dtype, device=x_in.device)
-    jac = (1.0 + 0.5 * dt * beta)[:, None, None] * eye + (0.5 * dt * sigma)[:, None, None] * u_jac
-    return u, x_next, jac
+    # the transposed step Jacobian (same determinant and trace): scale, then add the diagonal in place
+    jac_t = (0.5 * dt * sigma)[:, None, None] * u_jac_t
+    jac_t.diagonal(dim1=-2, dim2=-1).add_((1.0 + 0.5 * dt * beta)[:, None])
+    return u, x_next, jac_t
 
 
 def ode_step(

@@ -186,7 +186,7 @@ class StepConditionedControl(nn.Module):
         return h + gain * g.clamp(-self.inner_clip, self.inner_clip)
 
     def control_and_jacobian(
-        self, x: torch.Tensor, t, d, g: torch.Tensor, g_jacobian: torch.Tensor
+        self, x: torch.Tensor, t, d, g: torch.Tensor, g_jacobian: torch.Tensor, *, transposed: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""
         The control and its exact Jacobian with respect to ``x``, in closed form:
@@ -204,6 +204,8 @@ class StepConditionedControl(nn.Module):
 
         :param g_jacobian: :math:`\partial g/\partial x`, either ``(batch, dim)`` (a diagonal) or
             ``(batch, dim, dim)``.
+        :param bool transposed: return :math:`(\partial u/\partial x)^\top` instead (cheaper: it is the
+            layout the products are formed in; enough for determinants).
         :returns: ``(u, du_dx)`` of shapes ``(batch, dim)`` and ``(batch, dim, dim)``.
         """
         batch = x.shape[0]
@@ -228,15 +230,15 @@ class StepConditionedControl(nn.Module):
             else:
                 jac_t = derivative(z).unsqueeze(-2) * jac_t
                 z = layer(z)
-        jac = jac_t.transpose(-1, -2)
         inside = (z.abs() < self.outer_clip).to(z.dtype)
         h = z.clamp(-self.outer_clip, self.outer_clip)
-        jac = inside.unsqueeze(-1) * jac
+        if not bool(inside.all()):
+            jac_t = jac_t * inside.unsqueeze(-2)  # row i of dh/dx is zero where h_i is clipped
         g_inside = (g.abs() < self.inner_clip).to(g.dtype)
         u = h + gain * g.clamp(-self.inner_clip, self.inner_clip)
         scale = gain * g_inside
-        if g_jacobian.dim() == 2:
-            jac = jac + torch.diag_embed(scale * g_jacobian)
-        else:
-            jac = jac + scale.unsqueeze(-1) * g_jacobian
-        return u, jac
+        if g_jacobian.dim() == 2:  # diagonal dg/dx: add diag(scale * dg/dx) in place
+            jac_t.diagonal(dim1=-2, dim2=-1).add_(scale * g_jacobian)
+        else:  # (diag(scale) G)^T = G^T diag(scale)
+            jac_t = jac_t + g_jacobian.transpose(-1, -2) * scale.unsqueeze(-2)
+        return u, (jac_t if transposed else jac_t.transpose(-1, -2))
