@@ -43,6 +43,7 @@ setup(
         "test": test_requires,
         "dev": test_requires,
         "tutorials": ["matplotlib>=3.7"],
+        "benchmarks": ["pot>=0.9"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

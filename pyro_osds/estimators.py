@@ -125,7 +125,7 @@ def _gpd_fit(exceedances: torch.Tensor) -> tuple[float, float]:
     x = exceedances
     n = x.numel()
     num_grid = 30 + int(math.sqrt(n))
-    j = torch.arange(1, num_grid + 1, dtype=x.dtype)
+    j = torch.arange(1, num_grid + 1, dtype=x.dtype, device=x.device)
     quartile = x[max(int(n / 4 + 0.5) - 1, 0)]
     theta = 1.0 / x[-1] + (1.0 - torch.sqrt(num_grid / (j - 0.5))) / (3.0 * quartile)
     k_of_theta = -torch.log1p(-theta.unsqueeze(-1) * x).mean(-1)
@@ -189,7 +189,7 @@ def psis_smooth(log_w: torch.Tensor) -> tuple[torch.Tensor, float]:
     if float(exceed[-1]) <= torch.finfo(torch.float64).tiny:
         return log_w.clone(), -math.inf
     k, sigma = _gpd_fit(exceed)
-    p = (torch.arange(1, m + 1, dtype=torch.float64) - 0.5) / m
+    p = (torch.arange(1, m + 1, dtype=torch.float64, device=values.device) - 0.5) / m
     if abs(k) < 1e-12:
         quantiles = -sigma * torch.log1p(-p)
     else:

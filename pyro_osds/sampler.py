@@ -233,9 +233,15 @@ class FlowSampler:
         *,
         log_det: str | None = None,
         chunk_size: int | None = None,
+        num_probes: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Draws:
-        """``num_samples`` fresh weighted draws from the ``num_steps``-step deterministic flow."""
+        """
+        ``num_samples`` fresh weighted draws from the ``num_steps``-step deterministic flow.
+        ``log_det="none"`` draws without weights (the potential is not evaluated; ``potential``,
+        ``log_q`` and ``log_weight`` are NaN); ``num_probes`` sets the probes of the
+        ``"hutchinson"`` volume (default ``config.eval_num_probes``).
+        """
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
         self.process.step_codes(num_steps)  # validates num_steps
@@ -250,11 +256,15 @@ class FlowSampler:
             n = min(chunk, num_samples - start)
             z0 = self.process.sample_prior(n, self.dim, clip=False, dtype=self.dtype, device=self.device, generator=gen)
             out = flow(net, potential_z, self.process, z0, num_steps, log_det=log_det,
-                       num_probes=self.config.eval_num_probes, generator=gen)
+                       num_probes=num_probes or self.config.eval_num_probes, generator=gen)
             x = affine(out.x).to(self.model_dtype)
-            with torch.no_grad():
-                u = self.potential_fn(x)
-            log_q = self.process.prior_log_prob(z0) - out.log_det - affine.log_abs_det
+            if log_det == "none":
+                u = torch.full((n,), math.nan, dtype=self.model_dtype, device=self.device)
+                log_q = torch.full((n,), math.nan, dtype=self.dtype, device=self.device)
+            else:
+                with torch.no_grad():
+                    u = self.potential_fn(x)
+                log_q = self.process.prior_log_prob(z0) - out.log_det - affine.log_abs_det
             xs.append(x.detach())
             us.append(u.detach())
             lqs.append(log_q.detach())
