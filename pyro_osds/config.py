@@ -82,8 +82,8 @@ class OSDSConfig:
     volume estimator inside the distillation loss), ``num_probes`` (1).
 
     **Preconditioning** -- ``precondition``: ``"gaussian"`` (Gaussian variational fit started from
-    the better of the Laplace fit and the identity; default), ``"laplace"``, ``"diagonal_laplace"``
-    or ``"none"``; ``precondition_iterations`` for the Gaussian fit; ``mode_search_starts``
+    the best of the converged Laplace fits and the identity; default), ``"laplace"`` (the heaviest
+    converged Laplace fit), ``"diagonal_laplace"`` (its marginal standard deviations) or ``"none"``; ``precondition_iterations`` for the Gaussian fit; ``mode_search_starts``
     (4): extra random starts of a mode search that, when it finds several separated modes, replaces
     the (mode-seeking) Gaussian fit by a broad Gaussian covering all of them, with a warning.
 

@@ -125,7 +125,9 @@ def fit_laplace(
     iterations = int(state.get("n_iter", 0))
     x_map = x.detach()
     potential, score = potential_and_score(potential_fn, x_map)
-    converged = bool(torch.isfinite(potential).all()) and float(score.abs().max()) < max(1e3 * tolerance, 1e-3)
+    # converged: a finite optimum whose gradient is small relative to the potential's scale per coordinate
+    scale = max(1.0, abs(float(potential[0])) / x_map.numel())
+    converged = bool(torch.isfinite(potential).all()) and float(score.abs().max()) < max(1e3 * tolerance, 1e-3) * scale
     with torch.enable_grad():
         z = x_map.clone().requires_grad_(True)
         _, s = potential_and_score(potential_fn, z, create_graph=True)
@@ -169,7 +171,8 @@ def fit_gaussian(
     by Adam with reparameterised gradients, started from the candidate with the highest pilot
     ELBO. Draws with a non-finite potential are dropped from each gradient estimate.
 
-    :returns: ``(AffineMap, info)`` with the initial and final pilot ELBOs.
+    :returns: ``(AffineMap, info)`` with the candidates' pilot ELBOs and the final one; the start is kept
+        when no checkpoint of the fit improves on it.
     """
     if not candidates:
         raise ValueError("`fit_gaussian` needs at least one candidate AffineMap.")
@@ -183,7 +186,8 @@ def fit_gaussian(
     lower = torch.tril(tril, -1).clone().requires_grad_(True)
     mask = torch.tril(torch.ones(dim, dim, dtype=torch.bool, device=tril.device), -1)
     opt = torch.optim.Adam([shift, log_diag, lower], lr=learning_rate)
-    best_state, best_elbo = (shift.detach().clone(), start.scale_tril.clone()), -math.inf
+    # the starting point is a candidate too: the fit only replaces it when it improves the pilot ELBO
+    best_state, best_elbo = (shift.detach().clone(), start.scale_tril.clone()), pilot[best]
     for it in range(num_iterations):
         with torch.enable_grad():
             scale = torch.diag(log_diag.exp()) + lower * mask
@@ -207,7 +211,6 @@ def fit_gaussian(
     if not math.isfinite(best_elbo):
         warnings.warn("The Gaussian fit did not reach a finite ELBO; keeping its starting point.", RuntimeWarning,
                       stacklevel=2)
-        return start, {"pilot_elbos": pilot, "elbo": pilot[best], "start": best}
     return AffineMap(*best_state), {"pilot_elbos": pilot, "elbo": best_elbo, "start": best}
 
 

