@@ -38,6 +38,8 @@ from pyro.infer.mcmc.util import _guess_max_plate_nesting, initialize_model
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.util import site_is_subsample
 
+from .target import pack, unpack
+
 __all__ = ["ModelTarget", "SiteInfo", "UnsupportedModelError"]
 
 PARTICLE_PLATE = "_osds_particles"
@@ -177,21 +179,11 @@ class ModelTarget:
     # packing
     def unpack(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(batch, D)`` -> dict of unconstrained ``(batch, *site_shape)``."""
-        return {s.name: z[:, s.start : s.stop].reshape((z.shape[0],) + tuple(s.shape)) for s in self.sites}
+        return unpack(self.sites, z)
 
     def pack(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """dict of unconstrained ``(batch, *site_shape)`` -> ``(batch, D)`` (sorted site order)."""
-        missing = [s.name for s in self.sites if s.name not in params]
-        if missing:
-            raise ValueError(f"Missing latent sites {missing}; expected {[s.name for s in self.sites]}.")
-        parts = []
-        for s in self.sites:
-            v = torch.as_tensor(params[s.name])
-            if tuple(v.shape[1:]) != tuple(s.shape):
-                raise ValueError(f"Site {s.name!r} must have shape (batch, {', '.join(map(str, s.shape))}) "
-                                 f"in unconstrained space, got {tuple(v.shape)}.")
-            parts.append(v.reshape(v.shape[0], -1))
-        return torch.cat(parts, dim=-1)
+        return pack(self.sites, params, what="latent site")
 
     def constrain(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(batch, D)`` unconstrained -> dict of constrained site values ``(batch, *shape)``."""

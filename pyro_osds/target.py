@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["PotentialTarget", "ParamInfo"]
+__all__ = ["PotentialTarget", "ParamInfo", "pack", "unpack"]
 
 
 class ParamInfo(NamedTuple):
@@ -30,6 +30,26 @@ class ParamInfo(NamedTuple):
     shape: torch.Size
     start: int
     stop: int
+
+
+def unpack(entries, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``(batch, D)`` -> ``{name: (batch, *shape)}`` for entries with ``name``, ``shape``, ``start``, ``stop``."""
+    return {e.name: z[:, e.start : e.stop].reshape((z.shape[0],) + tuple(e.shape)) for e in entries}
+
+
+def pack(entries, values: dict, *, what: str = "parameter") -> torch.Tensor:
+    """``{name: (batch, *shape)}`` -> ``(batch, D)`` in the entries' order; errors name the entry."""
+    missing = [e.name for e in entries if e.name not in values]
+    if missing:
+        raise ValueError(f"Missing {what}s {missing}; expected {[e.name for e in entries]}.")
+    parts = []
+    for e in entries:
+        v = torch.as_tensor(values[e.name])
+        if tuple(v.shape[1:]) != tuple(e.shape):
+            raise ValueError(f"{what.capitalize()} {e.name!r} must have shape (batch, {', '.join(map(str, e.shape))}), "
+                             f"got {tuple(v.shape)}.")
+        parts.append(v.reshape(v.shape[0], -1))
+    return torch.cat(parts, dim=-1)
 
 
 class PotentialTarget:
@@ -97,19 +117,10 @@ class PotentialTarget:
         return self.params
 
     def unpack(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {p.name: z[:, p.start : p.stop].reshape((z.shape[0],) + tuple(p.shape)) for p in self.params}
+        return unpack(self.params, z)
 
     def pack(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = []
-        for p in self.params:
-            if p.name not in params:
-                raise ValueError(f"Missing parameter {p.name!r}; expected {[q.name for q in self.params]}.")
-            v = torch.as_tensor(params[p.name])
-            if tuple(v.shape[1:]) != tuple(p.shape):
-                raise ValueError(f"Parameter {p.name!r} must have shape (batch, {', '.join(map(str, p.shape))}), "
-                                 f"got {tuple(v.shape)}.")
-            parts.append(v.reshape(v.shape[0], -1))
-        return torch.cat(parts, dim=-1)
+        return pack(self.params, params, what="parameter")
 
     def constrain(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.unpack(z)
