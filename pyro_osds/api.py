@@ -148,7 +148,9 @@ class OSDS:
     :param callable potential_fn: a potential :math:`U = -\log\rho` taking a dict of unbatched
         unconstrained tensors and returning a scalar (Pyro's convention); needs ``initial_params``.
     :param dict initial_params: for ``potential_fn``: ``{name: tensor}`` (shapes, dtype, device and
-        a finite starting point). Ignored for models (which use ``init_strategy``).
+        a finite starting point); for models, optional unconstrained starting values of the latent
+        sites (as for :class:`~pyro.infer.MCMC`; default: ``init_strategy``). The preconditioner's fit
+        starts there.
     :param int num_samples: draws per chain kept after training (1000).
     :param int num_chains: independently trained samplers (2).
     :param int num_steps: flow steps :math:`K` per draw (1; ``grid_size`` for ``method="dis"``); must
@@ -281,7 +283,8 @@ class OSDS:
                 args, kwargs = ModelTarget.move_args(args, kwargs, device)
             self._args, self._kwargs = args, kwargs
             target = ModelTarget(self.model, args, kwargs, max_plate_nesting=self.max_plate_nesting,
-                                 init_strategy=self.init_strategy, transforms=self.transforms)
+                                 init_strategy=self.init_strategy, transforms=self.transforms,
+                                 initial_params=self.initial_params)
         else:
             if args or kwargs:
                 raise TypeError("`run()` takes no model arguments when OSDS wraps a `potential_fn`.")

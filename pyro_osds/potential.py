@@ -121,6 +121,8 @@ class ModelTarget:
     :param init_strategy: Pyro init strategy for the starting point (default ``init_to_median``).
     :param dict transforms: optional site -> transform (constrained to unconstrained) overrides.
     :param str vectorize: force ``"vmap"``, ``"plate"`` or ``"loop"``; default tries them in order.
+    :param dict initial_params: optional unconstrained starting values ``{site: tensor}`` (as for
+        :class:`~pyro.infer.MCMC`), checked against the latent sites.
     """
 
     METHODS = ("vmap", "plate", "loop")
@@ -135,6 +137,7 @@ class ModelTarget:
         init_strategy=None,
         transforms: dict | None = None,
         vectorize: str | None = None,
+        initial_params: dict | None = None,
     ):
         if vectorize is not None and vectorize not in self.METHODS:
             raise ValueError(f"`vectorize` must be one of {self.METHODS} or None, got {vectorize!r}.")
@@ -146,11 +149,21 @@ class ModelTarget:
             max_plate_nesting = _guess_max_plate_nesting(model, self.args, self.kwargs)
         self.max_plate_nesting = int(max_plate_nesting)
         init_strategy = init_to_median(num_samples=15) if init_strategy is None else init_strategy
-        with pyro.validation_enabled(False):
-            init_params, self._pyro_potential, self.transforms, self.prototype_trace = initialize_model(
-                model, self.args, self.kwargs, transforms=transforms, max_plate_nesting=self.max_plate_nesting,
-                init_strategy=init_strategy,
-            )
+        try:
+            with pyro.validation_enabled(False):
+                init_params, self._pyro_potential, self.transforms, self.prototype_trace = initialize_model(
+                    model, self.args, self.kwargs, transforms=transforms, max_plate_nesting=self.max_plate_nesting,
+                    init_strategy=init_strategy,
+                )
+        except ValueError as err:
+            if "cannot find valid initial params" not in str(err):
+                raise
+            raise ValueError(
+                "The model's potential is NaN or infinite at every initial point tried (100 draws of the init "
+                "strategy), so there is nothing to sample: check the likelihood and priors for impossible values "
+                "(e.g. observations outside a distribution's support, a factor of -inf), or pass finite "
+                "`initial_params`."
+            ) from err
         if not init_params:
             raise UnsupportedModelError("The model has no continuous latent sites to sample.")
         self.enumerated_sites = [
@@ -173,7 +186,35 @@ class ModelTarget:
         self.dim = start
         self.init = self.pack({k: v.unsqueeze(0) for k, v in init_params.items()})[0].detach()
         self.dtype, self.device = self.init.dtype, self.init.device
+        if initial_params is not None:
+            self.init = self._check_initial_params(initial_params)
         self.method = self._select_method(vectorize)
+
+    def _check_initial_params(self, initial_params: dict) -> torch.Tensor:
+        """Validates user ``initial_params`` (unconstrained values of the latent sites, as for MCMC)."""
+        if not isinstance(initial_params, dict):
+            raise TypeError(f"`initial_params` must be a dict {{site: unconstrained tensor}}, got "
+                            f"{type(initial_params).__name__}.")
+        names = [s.name for s in self.sites]
+        unknown = sorted(set(initial_params) - set(names))
+        if unknown or set(initial_params) != set(names):
+            raise ValueError(f"`initial_params` must give every latent site {names} (unconstrained); got "
+                             f"{sorted(initial_params)}" + (f", unknown {unknown}." if unknown else "."))
+        for s in self.sites:
+            v = initial_params[s.name]
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                raise TypeError(f"`initial_params[{s.name!r}]` must be a floating point tensor, got "
+                                f"{getattr(v, 'dtype', type(v).__name__)}.")
+            if tuple(v.shape) != tuple(s.shape):
+                raise ValueError(f"`initial_params[{s.name!r}]` must have the site's unconstrained shape "
+                                 f"{tuple(s.shape)}, got {tuple(v.shape)}.")
+        init = self.pack({k: v.detach().to(self.dtype).unsqueeze(0) for k, v in initial_params.items()})[0]
+        with torch.no_grad():
+            value = self._loop_potential(init.unsqueeze(0))
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError("The model's potential is not finite at `initial_params`; pass a point inside the "
+                             "posterior's support (in unconstrained space).")
+        return init
 
     # ------------------------------------------------------------------------------------------
     # packing

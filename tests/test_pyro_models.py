@@ -161,8 +161,35 @@ def test_model_with_infinite_potential_everywhere_is_refused():
         pyro.factor("bad", torch.tensor(-math.inf) + 0 * m)
         pyro.sample("obs", dist.Normal(m, 1.0), obs=y)
 
-    with pytest.raises((ValueError, RuntimeError)):
+    with pytest.raises(ValueError, match="NaN or infinite at every initial point"):
         OSDS(broken).run(torch.tensor(0.5))
+
+
+@pytest.mark.parametrize(
+    "initial_params, error, match",
+    [
+        ({"w": torch.zeros(3, dtype=D64)}, ValueError, "must give every latent site"),
+        ({"w": torch.zeros(3, dtype=D64), "s": torch.zeros(()), "x": torch.zeros(1)}, ValueError, "unknown"),
+        ({"w": torch.zeros(4, dtype=D64), "s": torch.zeros((), dtype=D64)}, ValueError, "unconstrained shape"),
+        ({"w": torch.zeros(3, dtype=torch.long), "s": torch.zeros((), dtype=D64)}, TypeError, "floating point"),
+        ({"w": torch.zeros(3, dtype=D64), "s": torch.tensor(math.inf, dtype=D64)}, ValueError, "not finite"),
+        ([0.0, 1.0], TypeError, "must be a dict"),
+    ],
+)
+def test_bad_initial_params_for_models(regression_data, initial_params, error, match):
+    def model(X, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3, dtype=D64), 1.0).to_event(1))
+        s = pyro.sample("s", dist.HalfNormal(torch.tensor(1.0, dtype=D64)))
+        pyro.sample("obs", dist.Normal(X @ w, s).to_event(1), obs=y)
+
+    with pytest.raises(error, match=match):
+        OSDS(model, initial_params=initial_params, preset="smoke").run(*regression_data)
+
+
+def test_initial_params_for_models_set_the_starting_point(regression_data):
+    start = {"w": torch.tensor([0.5, -1.0, 0.25], dtype=D64)}
+    target = ModelTarget(linear_regression, regression_data, initial_params=start)
+    torch.testing.assert_close(target.init, start["w"])
 
 
 def test_pointwise_log_likelihood(regression_data):
