@@ -605,7 +605,8 @@ def _run_flow_method(ctx: RunContext, method: str, config: OSDSConfig, budgets: 
                      weight_kinds: tuple[str, ...] = ("exact", "hutchinson", "em")) -> dict:
     """Trains, evaluates at ``budgets`` and times ``(K, small, large)`` draws of one flow sampler."""
     name = FLOW_LABELS.get(method, method.upper())
-    ctx.log(f"  training {name} ({config.num_iterations} iterations, batch {config.batch_size}, T {config.grid_size})")
+    batch = config.flow_kl_batch_size if config.diffusion_weight == 0 else config.batch_size
+    ctx.log(f"  training {name} ({config.num_iterations} iterations, batch {batch}, T {config.grid_size})")
     sampler, train = _train_flow_sampler(ctx, config, name)
     ctx.log(f"  trained in {train['train_s']:.1f} s (+ {train['precondition_s']:.1f} s preconditioning)")
     evaluations = _evaluate_flow(ctx, sampler, method, name, budgets, weight_kinds)
