@@ -260,6 +260,9 @@ class OSDS:
         self.max_plate_nesting = max_plate_nesting
         self.init_strategy = init_strategy
         self.device = None if device is None else torch.device(device)
+        if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"`device={device!r}` was asked for but CUDA is not available here; use `device='cpu'` "
+                             "(or leave `device` unset to follow the data).")
         self.hook_fn = hook_fn
         self.disable_progbar = disable_progbar
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)

@@ -106,6 +106,12 @@ def test_potential_must_be_scalar_and_finite():
              preset="smoke").run()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_without_cuda_is_refused():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3)}, device="cuda")
+
+
 def test_run_takes_no_arguments_for_a_potential():
     with pytest.raises(TypeError, match="takes no model arguments"):
         OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3)}, preset="smoke").run(1.0)
