@@ -73,7 +73,9 @@ class OSDSConfig:
     this many non-finite steps in a row).
 
     **One-step objective** -- ``flow_kl_weight`` (1), ``flow_kl_steps`` (``(1,)``; the step counts
-    trained, cycled; :class:`~pyro_osds.OSDS` adds its ``num_steps``), ``flow_kl_batch_size`` (256).
+    trained, cycled; :class:`~pyro_osds.OSDS` adds its ``num_steps``), ``flow_kl_batch_size`` (256),
+    ``fold_weight`` (1; folded draws leave the reverse-KL mean and pay
+    :func:`~pyro_osds.integrate.fold_penalty` instead, 0 turns this off).
 
     **Paper's objective** -- ``diffusion_weight`` (0; paper 1; 0 turns the EM-path loss and the
     self-distillation off), ``batch_size`` of the EM paths (128; paper 1024), ``diffusion_loss``
@@ -125,6 +127,7 @@ class OSDSConfig:
     flow_kl_weight: float = 1.0
     flow_kl_steps: tuple = (1,)
     flow_kl_batch_size: int = 256
+    fold_weight: float = 1.0
     # the paper's objective
     diffusion_weight: float = 0.0
     batch_size: int = 128
@@ -177,7 +180,7 @@ class OSDSConfig:
                              f"{self.grid_size}, got {steps!r}.")
         object.__setattr__(self, "flow_kl_steps", tuple(steps))
         for name in ("weight_decay", "sd_weight", "volume_weight", "jacobian_weight", "flow_kl_weight",
-                     "diffusion_weight"):
+                     "diffusion_weight", "fold_weight"):
             _number(name, getattr(self, name), low=0)
         _number("ema_decay", self.ema_decay, low=0, high=1)
         if self.dtype not in (None, "float32", "float64"):

@@ -52,6 +52,7 @@ __all__ = [
     "InverseFlowOutput",
     "StepOutput",
     "count_folded",
+    "fold_penalty",
     "em_rollout",
     "flow",
     "inverse_flow",
@@ -67,21 +68,24 @@ PotentialFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class StepOutput(NamedTuple):
-    """One PF-ODE step: new state, log-det increment, its sign (exact modes), control, start."""
+    """One PF-ODE step: new state, log-det increment, its sign (exact modes), control, start, and
+    the step's Jacobian (exact modes, only if asked for; possibly transposed: both have the same
+    determinant and symmetric part)."""
 
     x: torch.Tensor
     log_det: torch.Tensor
     sign: torch.Tensor | None
     control: torch.Tensor
     start: torch.Tensor
+    jacobian: torch.Tensor | None = None
 
 
 class FlowOutput(NamedTuple):
     """
     Result of :func:`flow`: final states ``x``, accumulated ``log_det`` (``(batch,)``),
     ``orientation`` (``(batch,)``: sign of the whole map's Jacobian determinant, the product of the
-    steps' signs; ``None`` unless an exact log-det method was used) and the ``trajectory`` (list of
-    states, if asked for).
+    steps' signs; ``None`` unless an exact log-det method was used), the ``trajectory`` (list of
+    states, if asked for) and the ``fold_penalty`` (if asked for, ``(batch,)``; see :func:`fold_penalty`).
 
     An injective smooth map has one orientation on a connected domain, so draws whose orientation
     differs from the others' reveal a *fold* (the map is not injective there and the
@@ -92,6 +96,7 @@ class FlowOutput(NamedTuple):
     log_det: torch.Tensor
     orientation: torch.Tensor | None
     trajectory: list | None
+    fold_penalty: torch.Tensor | None = None
 
 
 class InverseFlowOutput(NamedTuple):
@@ -261,6 +266,7 @@ def ode_step(
     differentiable: bool = False,
     langevin_grad: bool | None = None,
     generator: torch.Generator | None = None,
+    return_jacobian: bool = False,
 ) -> StepOutput:
     r"""
     One Euler step of the PF-ODE from code ``code`` to ``code - step`` (both numbers or
@@ -272,9 +278,13 @@ def ode_step(
         terms of the potential). Default: only for ``log_det="exact"``. The values are the same
         either way; only derivatives of the output with respect to ``x`` change.
 
+    :param bool return_jacobian: also return the step's Jacobian (exact log-det modes only).
+
     Networks with a closed-form Jacobian (``control_and_jacobian``) get the exact log-determinant
     from it; others by ``dim`` backward passes.
     """
+    if return_jacobian and log_det not in ("exact", "exact_frozen_langevin"):
+        raise ValueError(f"`return_jacobian` needs an exact `log_det`, got {log_det!r}.")
     if log_det not in LOG_DET_METHODS:
         raise ValueError(f"`log_det` must be one of {LOG_DET_METHODS}, got {log_det!r}.")
     code = _as_code(code, x)
@@ -285,7 +295,7 @@ def ode_step(
         if log_det == "exact" and not through_g:
             raise ValueError("`log_det='exact'` differentiates through the Langevin input; use "
                              "`log_det='exact_frozen_langevin'` to hold it constant.")
-        sign = None
+        sign, jacobian = None, None
         structured = hasattr(net, "control_and_jacobian") and log_det in ("exact", "exact_frozen_langevin",
                                                                            "euler_trace")
         if structured:
@@ -296,11 +306,13 @@ def ode_step(
                 increment = jac.diagonal(dim1=-2, dim2=-1).sum(-1) - x.shape[-1]
             else:
                 sign, increment = slogdet(jac)
+                jacobian = jac if return_jacobian else None
         else:
             u, x_next = _step_graph(net, potential_fn, process, x_in, code, step, through_g=through_g)
             if log_det in ("exact", "exact_frozen_langevin"):
                 jac = batched_jacobian(x_next, x_in, create_graph=differentiable)
                 sign, increment = slogdet(jac)
+                jacobian = jac if return_jacobian else None
             elif log_det in ("euler_trace", "hutchinson"):
                 if log_det == "euler_trace":
                     trace = exact_trace(u, x_in, create_graph=differentiable)
@@ -316,7 +328,30 @@ def ode_step(
         x_next, increment, u = x_next.detach(), increment.detach(), u.detach()
     if sign is not None:
         sign = sign.detach()
-    return StepOutput(x_next, increment, sign, u, x_in)
+    if jacobian is not None and not differentiable:
+        jacobian = jacobian.detach()
+    return StepOutput(x_next, increment, sign, u, x_in, jacobian)
+
+
+def fold_penalty(jacobian: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    r"""
+    Per-draw penalty that unfolds a step where its Jacobian :math:`J` has a negative determinant:
+
+    .. math:: P = \maxig(0, -\lambda_{\min}(	frac12(J + J^	op))ig)\,[\det J \le 0].
+
+    A matrix whose symmetric part is positive definite has eigenvalues with positive real parts and
+    so a positive determinant; a folded draw (:math:`\det J < 0`) has
+    :math:`\lambda_{\min} < 0`, and raising it to zero restores the orientation. Draws that are not
+    folded get zero, so the penalty constrains nothing where the map is injective. ``jacobian`` is
+    ``(batch, dim, dim)`` (or its transpose), ``sign`` the determinant's sign, ``(batch,)``.
+    """
+    penalty = torch.zeros(sign.shape, dtype=jacobian.dtype, device=jacobian.device)
+    folded = sign <= 0
+    if bool(folded.any()):
+        jac = jacobian[folded]
+        smallest = torch.linalg.eigvalsh(0.5 * (jac + jac.transpose(-1, -2)))[..., 0]
+        penalty = penalty.masked_scatter(folded, torch.relu(-smallest))
+    return penalty
 
 
 def flow(
@@ -332,14 +367,18 @@ def flow(
     langevin_grad: bool | None = None,
     return_trajectory: bool = False,
     generator: torch.Generator | None = None,
+    with_fold_penalty: bool = False,
 ) -> FlowOutput:
     r"""
     Carries prior draws ``x0`` to the target with ``num_steps`` equal PF-ODE Euler steps
     (:math:`d = T/K` codes each), accumulating the log-determinant of the whole map:
 
     .. math:: \log q(x_K) = \log p_0(x_0) - \sum_{k} \log|\det \partial F_{c_k}(x_k)/\partial x_k| .
+
+    ``with_fold_penalty`` (exact log-det modes) also sums :func:`fold_penalty` over the steps.
     """
     d = process.step_codes(num_steps)
+    penalty = None
     x = x0
     total = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
     orientation = None
@@ -348,15 +387,18 @@ def flow(
         out = ode_step(
             net, potential_fn, process, x, process.grid_size - k * d, d,
             log_det=log_det, num_probes=num_probes, differentiable=differentiable, langevin_grad=langevin_grad,
-            generator=generator,
+            generator=generator, return_jacobian=with_fold_penalty,
         )
         x = out.x
         total = total + out.log_det
         if out.sign is not None:
             orientation = out.sign if orientation is None else orientation * out.sign
+        if with_fold_penalty:
+            step_penalty = fold_penalty(out.jacobian, out.sign)
+            penalty = step_penalty if penalty is None else penalty + step_penalty
         if trajectory is not None:
             trajectory.append(x)
-    return FlowOutput(x, total, orientation, trajectory)
+    return FlowOutput(x, total, orientation, trajectory, penalty)
 
 
 def count_folded(orientation: torch.Tensor | None) -> torch.Tensor:

@@ -33,8 +33,16 @@ on the quantity evaluation uses,
       = \frac1B\sum_b \Big[\log p_0(x_0^{(b)}) - \log|\det \partial F/\partial x_0| + U(x_K^{(b)})\Big]
       = \mathrm{KL}(q_K \,\|\, \pi) - \log Z,
 
-with the exact log-determinant (through the Langevin term) and reparameterised draws. A fold makes
-:math:`\log|\det|` tend to :math:`-\infty`, so this term also repels folding.
+with the exact log-determinant (through the Langevin term) and reparameterised draws.
+
+*Folds.* Where a step's Jacobian determinant turns negative the map is not injective and
+:math:`\log|\det|` understates the density of the draws, so their weights overstate
+:math:`Z` and the loss above can be lowered by folding (measured: 37% folded draws and
+:math:`\log Z` 0.9 nats too high on a 9-mode mixture). Folded draws are therefore left out of
+the mean and replaced by ``fold_weight`` times :func:`pyro_osds.integrate.fold_penalty`, which
+raises the smallest eigenvalue of the symmetric part of the folded step's Jacobian until its
+orientation is restored. The barrier :math:`-\log|\det| \to \infty` at the fold's edge then
+shrinks the folded region from outside while the penalty shrinks it from inside.
 
 Paths or pairs with non-finite values are excluded from the mean and counted.
 
@@ -72,12 +80,13 @@ class DiffusionLoss(NamedTuple):
 
 
 class FlowKLLoss(NamedTuple):
-    """``loss`` (scalar, ``None`` if unusable), detached per-draw DF ``log_weights`` and the number of
-    excluded non-finite draws."""
+    """``loss`` (scalar, ``None`` if unusable), detached per-draw DF ``log_weights``, the number of
+    excluded non-finite draws and the number of folded draws (penalised instead of averaged)."""
 
     loss: torch.Tensor | None
     log_weights: torch.Tensor
     num_invalid: int
+    num_folded: int = 0
 
 
 class DistillationLoss(NamedTuple):
@@ -132,17 +141,30 @@ def flow_kl_loss(
     process: ReferenceProcess,
     x0: torch.Tensor,
     num_steps: int,
+    *,
+    fold_weight: float = 1.0,
 ) -> FlowKLLoss:
-    """Reverse KL of the ``num_steps``-step deterministic flow with its exact log-det (module docstring)."""
-    out = flow(net, potential_fn, process, x0, num_steps, log_det="exact", differentiable=True)
+    """
+    Reverse KL of the ``num_steps``-step deterministic flow with its exact log-det, folded draws
+    replaced by ``fold_weight`` times the fold penalty (module docstring; ``fold_weight=0`` keeps
+    them in the mean, unpenalised).
+    """
+    out = flow(net, potential_fn, process, x0, num_steps, log_det="exact", differentiable=True,
+               with_fold_penalty=fold_weight > 0)
     with torch.enable_grad():
         log_w = -potential_fn(out.x) - process.prior_log_prob(x0) + out.log_det
-        valid = torch.isfinite(log_w)
-        num_invalid = int((~valid).sum())
+        finite = torch.isfinite(log_w)
+        num_invalid = int((~finite).sum())
+        folded = out.orientation <= 0
+        num_folded = int((folded & finite).sum())
+        valid = finite & ~folded if fold_weight > 0 else finite
         if int(valid.sum()) < 2:
-            return FlowKLLoss(None, log_w.detach(), num_invalid)
+            return FlowKLLoss(None, log_w.detach(), num_invalid, num_folded)
         loss = -log_w[valid].mean()
-    return FlowKLLoss(loss, log_w.detach(), num_invalid)
+        if fold_weight > 0 and num_folded:
+            penalty = out.fold_penalty
+            loss = loss + fold_weight * penalty[torch.isfinite(penalty)].sum() / log_w.numel()
+    return FlowKLLoss(loss, log_w.detach(), num_invalid, num_folded)
 
 
 def distillation_step_sizes(grid_size: int) -> list[int]:

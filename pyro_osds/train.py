@@ -183,7 +183,7 @@ class Trainer:
             steps = cfg.flow_kl_steps[self.step % len(cfg.flow_kl_steps)]
             z0 = self.process.sample_prior(cfg.flow_kl_batch_size, self.dim, dtype=self.dtype, device=self.device,
                                            generator=self.generator)
-            fkl = flow_kl_loss(self.net, self.potential_fn, self.process, z0, steps)
+            fkl = flow_kl_loss(self.net, self.potential_fn, self.process, z0, steps, fold_weight=cfg.fold_weight)
             fkl_taken, fkl_norm = self._optimizer_step(fkl.loss, cfg.flow_kl_weight)
             skipped += int(not fkl_taken)
             flow_kl = float(fkl.loss.detach()) if fkl.loss is not None else math.nan

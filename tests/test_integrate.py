@@ -11,6 +11,7 @@ from pyro_osds.integrate import (
     count_folded,
     em_rollout,
     flow,
+    fold_penalty,
     inverse_flow,
     langevin_input,
     ode_step,
@@ -259,3 +260,47 @@ def test_invalid_log_det_method():
     with pytest.raises(ValueError, match="exact_frozen_langevin"):
         ode_step(random_net(), make_potential(), ReferenceProcess(grid_size=4), torch.zeros(1, DIM, dtype=D64), 4, 4,
                  log_det="exact", langevin_grad=False)
+
+
+def test_fold_penalty_is_the_negative_smallest_symmetric_eigenvalue_on_folded_draws_only():
+    g = torch.Generator().manual_seed(5)
+    jac = torch.randn(64, 3, 3, dtype=D64, generator=g)
+    sign, _ = torch.linalg.slogdet(jac)
+    assert bool((sign < 0).any()) and bool((sign > 0).any())
+    penalty = fold_penalty(jac, sign)
+    smallest = torch.linalg.eigvalsh(0.5 * (jac + jac.transpose(-1, -2)))[:, 0]
+    expected = torch.where(sign < 0, -smallest, torch.zeros_like(smallest))
+    torch.testing.assert_close(penalty, expected, rtol=1e-12, atol=1e-12)
+    # a negative determinant forces a negative symmetric eigenvalue: every folded draw pays
+    assert bool((penalty[sign < 0] > 0).all())
+    # the transpose (what the structured step returns) gives the same penalty
+    torch.testing.assert_close(fold_penalty(jac.transpose(-1, -2), sign), penalty, rtol=1e-12, atol=1e-12)
+
+
+def test_flow_fold_penalty_sums_the_steps_penalties():
+    process = ReferenceProcess(grid_size=8)
+    net, potential = random_net(scale=0.05), make_potential()
+    x0 = process.sample_prior(32, DIM, dtype=D64, generator=torch.Generator().manual_seed(0))
+    out = flow(net, potential, process, x0, 2, log_det="exact", with_fold_penalty=True)
+    expected, x = torch.zeros(32, dtype=D64), x0
+    for code in (8, 4):
+        step = ode_step(net, potential, process, x, code, 4, log_det="exact", return_jacobian=True)
+        torch.testing.assert_close(step.jacobian.transpose(-1, -2), batched_jacobian_of_step(net, potential,
+                                                                                             process, x, code))
+        penalty = fold_penalty(step.jacobian, step.sign)
+        # exactly the draws this step folds pay (this random network folds some in its second step)
+        assert torch.equal(penalty > 0, step.sign < 0)
+        expected, x = expected + penalty, step.x
+    assert bool((out.orientation < 0).any())
+    torch.testing.assert_close(out.fold_penalty, expected)
+    plain = flow(net, potential, process, x0, 2, log_det="exact")
+    assert plain.fold_penalty is None
+    torch.testing.assert_close(out.log_det, plain.log_det)
+    with pytest.raises(ValueError, match="return_jacobian"):
+        ode_step(net, potential, process, x0, 8, 4, log_det="hutchinson", return_jacobian=True)
+
+
+def batched_jacobian_of_step(net, potential, process, x, code):
+    x = x.detach().requires_grad_(True)
+    out = ode_step(net, potential, process, x, code, 4, log_det="none", langevin_grad=True, differentiable=True)
+    return batched_jacobian(out.x, x).detach()

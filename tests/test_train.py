@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_osds.config import OSDSConfig
-from pyro_osds.losses import distillation_step_sizes, self_distillation_loss
+from pyro_osds.losses import distillation_step_sizes, flow_kl_loss, self_distillation_loss
 from pyro_osds.nets import StepConditionedControl
 from pyro_osds.reference import ReferenceProcess
 from pyro_osds.train import Trainer, TrainingDivergedError, progress_bar_disabled
@@ -137,3 +137,52 @@ def test_progress_bar_switch(monkeypatch):
     assert progress_bar_disabled(True)
     monkeypatch.setenv("CI", "true")
     assert progress_bar_disabled()
+
+
+class _CubicControl(torch.nn.Module):
+    """u = a x + b x^3: the one-step map's derivative (1 + beta/2) + (sigma/2)(a + 3 b x^2) can change sign."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(a, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.tensor(b, dtype=torch.float64))
+
+    def forward(self, x, t, d, g):
+        return self.a * x + self.b * x**3
+
+
+def test_flow_kl_loss_replaces_folded_draws_by_the_fold_penalty():
+    process = ReferenceProcess(grid_size=4)
+    beta, sigma = float(process.beta(4)), float(process.sigma(4))
+    c = 1.0 + 0.5 * beta
+    # one step (dt = 1): F'(x) = c (x^2 - 1), folded for |x| < 1
+    net = _CubicControl(-4.0 * c / sigma, 2.0 * c / (3.0 * sigma))
+
+    def potential(x):
+        return 0.5 * (x**2).sum(-1)
+
+    x0 = torch.linspace(-2.5, 2.5, 40, dtype=torch.float64).unsqueeze(-1)
+    x = x0.squeeze(-1)
+    slope = c + 0.5 * sigma * (net.a + 3.0 * net.b * x**2)  # = c (x^2 - 1), with its graph to a and b
+    folded = (slope < 0).detach()
+    assert 0 < int(folded.sum()) < 40
+    x1 = x + 0.5 * sigma * (net.a * x + net.b * x**3) + 0.5 * beta * x
+    log_w = -0.5 * x1**2 - process.prior_log_prob(x0) + torch.log(slope.abs())
+    kl_part = -log_w[~folded].mean()
+    penalty_part = 2.0 * (-slope[folded]).sum() / 40
+
+    out = flow_kl_loss(net, potential, process, x0, 1, fold_weight=2.0)
+    assert out.num_folded == int(folded.sum()) and out.num_invalid == 0
+    torch.testing.assert_close(out.loss, (kl_part + penalty_part).detach())
+    torch.testing.assert_close(out.log_weights, log_w.detach())
+    grads = torch.autograd.grad(out.loss, [net.a, net.b])
+    expected = torch.autograd.grad(kl_part + penalty_part, [net.a, net.b], retain_graph=True)
+    torch.testing.assert_close(grads, expected)
+    # the penalty's own gradient unfolds: descending it raises the negative slopes
+    (penalty_grad_a,) = torch.autograd.grad(penalty_part, net.a)
+    assert float(penalty_grad_a) < 0
+    # only folded draws: nothing left to average, the trainer skips such a batch
+    assert flow_kl_loss(net, potential, process, x0[folded], 1).loss is None
+    # fold_weight=0: folded draws stay in the mean, as without the penalty
+    plain = flow_kl_loss(net, potential, process, x0, 1, fold_weight=0.0)
+    torch.testing.assert_close(plain.loss, -log_w.mean().detach())
