@@ -158,12 +158,12 @@ def flow_kl_loss(
         folded = out.orientation <= 0
         num_folded = int((folded & finite).sum())
         valid = finite & ~folded if fold_weight > 0 else finite
-        if int(valid.sum()) < 2:
-            return FlowKLLoss(None, log_w.detach(), num_invalid, num_folded)
-        loss = -log_w[valid].mean()
+        loss = -log_w[valid].mean() if int(valid.sum()) >= 2 else None
         if fold_weight > 0 and num_folded:
-            penalty = out.fold_penalty
-            loss = loss + fold_weight * penalty[torch.isfinite(penalty)].sum() / log_w.numel()
+            # a batch of folded draws only still trains: on the penalty alone
+            penalised = folded & finite & torch.isfinite(out.fold_penalty)
+            penalty = fold_weight * out.fold_penalty[penalised].sum() / log_w.numel()
+            loss = penalty if loss is None else loss + penalty
     return FlowKLLoss(loss, log_w.detach(), num_invalid, num_folded)
 
 

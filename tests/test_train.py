@@ -181,8 +181,9 @@ def test_flow_kl_loss_replaces_folded_draws_by_the_fold_penalty():
     # the penalty's own gradient unfolds: descending it raises the negative slopes
     (penalty_grad_a,) = torch.autograd.grad(penalty_part, net.a)
     assert float(penalty_grad_a) < 0
-    # only folded draws: nothing left to average, the trainer skips such a batch
-    assert flow_kl_loss(net, potential, process, x0[folded], 1).loss is None
+    # only folded draws: nothing left to average, the batch trains on the penalty alone
+    only = flow_kl_loss(net, potential, process, x0[folded], 1, fold_weight=2.0)
+    torch.testing.assert_close(only.loss, (2.0 * (-slope[folded]).sum() / int(folded.sum())).detach())
     # fold_weight=0: folded draws stay in the mean, as without the penalty
     plain = flow_kl_loss(net, potential, process, x0, 1, fold_weight=0.0)
     torch.testing.assert_close(plain.loss, -log_w.mean().detach())
