@@ -167,13 +167,18 @@ class FlowSampler:
             if len(modes) > 1:
                 cover = covering_gaussian(modes)
                 self.precondition_info["modes"] = [(a.shift, w) for a, w in modes]
+                if cfg.diffusion_weight == 0:
+                    advice = ("The one-step objective (reverse KL) is mode-seeking: for multimodal targets add the "
+                              "paper's diffusion objective (`preset='paper-cpu', flow_kl_weight=1.0`), and check the "
+                              "samples of each mode and the per-chain log Z.")
+                else:
+                    advice = ("Reverse-KL training can still drop modes: check the samples of each mode and the "
+                              "per-chain log Z.")
                 warnings.warn(
                     f"The target has at least {len(modes)} separated modes (Laplace masses "
                     + ", ".join(f"{w:.2g}" for _, w in modes)
                     + "); a Gaussian preconditioner would hide all but one, so OSDS uses a broad Gaussian covering "
-                    "them. The one-step objective (reverse KL) is mode-seeking: for multimodal targets add the "
-                    "paper's mode-covering diffusion objective (`preset='paper-cpu', flow_kl_weight=1.0`), and "
-                    "check the samples of each mode and the per-chain log Z.",
+                    "them. " + advice,
                     UserWarning, stacklevel=4,
                 )
                 return cover

@@ -127,3 +127,15 @@ def test_sampler_warns_and_covers_separated_modes():
     with pytest.warns(UserWarning, match="at least 2 separated modes"):
         affine = sampler.fit_preconditioner()
     assert float((affine.scale_tril @ affine.scale_tril.T)[0, 0]) > 5.0  # broad enough to hold both modes
+
+
+@pytest.mark.parametrize("preset, advice", [("cpu", "add the paper's diffusion objective"),
+                                            ("paper-cpu", "can still drop modes")])
+def test_mode_warning_advice_fits_the_objective(preset, advice):
+    from pyro_osds.config import OSDSConfig
+    from pyro_osds.sampler import FlowSampler
+
+    sampler = FlowSampler(two_mode_potential, torch.zeros(2, dtype=D64),
+                          OSDSConfig.preset(preset, mode_search_starts=8), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=advice):
+        sampler.fit_preconditioner()
