@@ -525,6 +525,8 @@ def _jsonable_precondition_info(info: dict) -> dict:
         if key == "modes":
             out["num_modes"] = len(value)
             out["mode_masses"] = [float(w) for _, w in value]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value
         elif isinstance(value, dict):
             out[key] = {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1
                             else None) for k, v in value.items() if not isinstance(v, (list, tuple))}

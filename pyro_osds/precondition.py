@@ -223,6 +223,7 @@ def find_modes(
     min_mass: float = 1e-3,
     separation: float = 3.0,
     generator: torch.Generator | None = None,
+    info: dict | None = None,
 ) -> list[tuple[AffineMap, float]]:
     r"""
     Laplace fits from ``init`` and ``num_starts`` random starts ``init + scale * N(0, I)``, merged into
@@ -230,8 +231,13 @@ def find_modes(
     covariances exceeds ``separation``. Each mode gets its Laplace mass
     :math:`\propto e^{-U(m)}|\det L|`; modes with relative mass below ``min_mass`` are dropped.
 
+    :param dict info: if given, receives ``num_light_modes``: the distinct optima dropped as light.
+        Each may be negligible, but many light modes (a product of independent multimodal factors
+        has exponentially many) can hold much mass together.
     :returns: ``[(AffineMap, relative_mass), ...]``, heaviest first (empty if every fit failed).
     """
+    if info is not None:
+        info["num_light_modes"] = 0
     starts = [init.detach()]
     for _ in range(num_starts):
         noise = torch.randn(init.shape, dtype=init.dtype, device=init.device, generator=generator)
@@ -239,12 +245,12 @@ def find_modes(
     found: list[tuple[AffineMap, float]] = []
     for start in starts:
         try:
-            affine, info = fit_laplace(potential_fn, start)
+            affine, fit = fit_laplace(potential_fn, start)
         except (ValueError, RuntimeError):
             continue
-        if not info["converged"]:
+        if not fit["converged"]:
             continue
-        log_mass = -info["potential"] + float(affine.log_abs_det)
+        log_mass = -fit["potential"] + float(affine.log_abs_det)
         cov = affine.scale_tril @ affine.scale_tril.T
         duplicate = False
         for k, (other, other_log_mass) in enumerate(found):
@@ -263,6 +269,8 @@ def find_modes(
     log_masses = torch.tensor([m for _, m in found], dtype=torch.float64)
     masses = torch.softmax(log_masses, 0)
     modes = [(a, float(w)) for (a, _), w in zip(found, masses, strict=True) if float(w) >= min_mass]
+    if info is not None:
+        info["num_light_modes"] = len(found) - len(modes)
     total = sum(w for _, w in modes)
     return sorted(((a, w / total) for a, w in modes), key=lambda t: -t[1])
 

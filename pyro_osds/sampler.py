@@ -162,8 +162,19 @@ class FlowSampler:
         if cfg.precondition == "none":
             return identity
         if cfg.mode_search_starts > 0:
+            search: dict = {}
             modes = find_modes(self.potential_fn, self.init, num_starts=cfg.mode_search_starts,
-                               generator=self.generator)
+                               generator=self.generator, info=search)
+            self.precondition_info["light_modes"] = search.get("num_light_modes", 0)
+            if len(modes) == 1 and search.get("num_light_modes", 0):
+                warnings.warn(
+                    f"The mode search found {search['num_light_modes']} further local optima of the potential, "
+                    "each with less than 1e-3 of the main mode's Laplace mass. OSDS ignores them and is likely to "
+                    "miss them, which the importance weights cannot show. Alone each is negligible, but many "
+                    "light modes (e.g. a product of independent multimodal factors) can together hold much "
+                    "mass: check against another method if the model can be multimodal.",
+                    UserWarning, stacklevel=4,
+                )
             if len(modes) > 1:
                 cover = covering_gaussian(modes)
                 self.precondition_info["modes"] = [(a.shift, w) for a, w in modes]

@@ -139,3 +139,31 @@ def test_mode_warning_advice_fits_the_objective(preset, advice):
                           OSDSConfig.preset(preset, mode_search_starts=8), generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match=advice):
         sampler.fit_preconditioner()
+
+
+def light_mode_potential(x):
+    # a main mode at (-2, 0) and a second one at (2, 0) with a 1e-6 share of the mass
+    main = torch.distributions.Normal(torch.tensor([-2.0, 0.0], dtype=D64), 0.5).log_prob(x).sum(-1)
+    light = torch.distributions.Normal(torch.tensor([2.0, 0.0], dtype=D64), 0.5).log_prob(x).sum(-1)
+    return -torch.logaddexp(main + math.log1p(-1e-6), light + math.log(1e-6))
+
+
+def test_mode_search_counts_and_warns_about_light_modes():
+    from pyro_osds.config import OSDSConfig
+    from pyro_osds.sampler import FlowSampler
+
+    info = {}
+    modes = find_modes(light_mode_potential, torch.zeros(2, dtype=D64), num_starts=16, info=info,
+                       generator=torch.Generator().manual_seed(0))
+    assert len(modes) == 1 and info["num_light_modes"] == 1
+    torch.testing.assert_close(modes[0][0].shift, torch.tensor([-2.0, 0.0], dtype=D64), rtol=0, atol=1e-4)
+    sampler = FlowSampler(light_mode_potential, torch.zeros(2, dtype=D64), OSDSConfig(mode_search_starts=16),
+                          generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="1 further local optima"):
+        sampler.fit_preconditioner()
+    assert sampler.precondition_info["light_modes"] == 1
+    # a unimodal target: no light modes, no warning
+    potential, _, _, _ = gaussian_target()
+    info = {}
+    find_modes(potential, torch.zeros(3, dtype=D64), num_starts=4, info=info, generator=torch.Generator().manual_seed(0))
+    assert info["num_light_modes"] == 0
