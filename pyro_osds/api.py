@@ -423,7 +423,8 @@ class OSDS:
             if isinstance(self.target, ModelTarget) and self.target.enumerated_sites:
                 self._discrete = self.target.sample_discrete(torch.cat([d.x for d in self._draws]))
         self.num_samples, self.num_steps = num_samples, num_steps
-        for i, d in enumerate(self._draws):
+        for i, (sampler, d) in enumerate(zip(self.samplers, self._draws, strict=True)):
+            sampler.warn_lost_modes(d, label=f"Chain {i}: ")
             if d.num_folded:
                 warnings.warn(f"Chain {i}: the {num_steps}-step flow folds (its Jacobian changes orientation) at "
                               f"{d.num_folded} of {num_samples} draws, so their importance weights are not exact. "

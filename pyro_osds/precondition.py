@@ -37,7 +37,7 @@ from .divergence import batched_jacobian
 from .integrate import potential_and_score
 
 __all__ = ["AffineMap", "covering_gaussian", "find_modes", "fit_gaussian", "fit_laplace", "gaussian_elbo",
-           "whiten_potential"]
+           "lost_modes", "mode_shares", "whiten_potential"]
 
 PotentialFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -273,6 +273,27 @@ def find_modes(
         info["num_light_modes"] = len(found) - len(modes)
     total = sum(w for _, w in modes)
     return sorted(((a, w / total) for a, w in modes), key=lambda t: -t[1])
+
+
+def mode_shares(x: torch.Tensor, log_weight: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    r"""
+    Importance-weighted share of the draws ``x`` ``(N, D)`` nearest (Euclidean) to each of the
+    ``centers`` ``(M, D)``: :math:`s_k = \sum_n \bar w_n [\arg\min_j \|x_n - c_j\| = k]`,
+    :math:`\bar w = \operatorname{softmax}(\log w)`. Non-finite log-weights count as zero weight.
+    """
+    log_weight = torch.where(torch.isfinite(log_weight), log_weight, torch.full_like(log_weight, -math.inf))
+    weights = torch.softmax(log_weight.to(torch.float64), 0)
+    nearest = torch.cdist(x.to(torch.float64), centers.to(torch.float64)).argmin(-1)
+    return torch.zeros(centers.shape[0], dtype=torch.float64).index_add_(0, nearest.cpu(), weights.cpu())
+
+
+def lost_modes(masses, shares, *, min_mass: float = 0.05, ratio: float = 0.1) -> list[int]:
+    """
+    Indices of modes with Laplace ``masses`` of at least ``min_mass`` whose weighted sample ``shares``
+    are below ``ratio`` times that mass: modes the sampler has (almost surely) lost. Laplace masses are
+    approximate, hence the factor-of-ten margin.
+    """
+    return [k for k, (m, s) in enumerate(zip(masses, shares, strict=True)) if m >= min_mass and s < ratio * m]
 
 
 def covering_gaussian(modes: list[tuple[AffineMap, float]]) -> AffineMap:

@@ -28,7 +28,16 @@ from .config import OSDSConfig
 from .estimators import Estimates, ForwardEstimates, evidence, forward_evidence
 from .integrate import count_folded, em_rollout, flow, inverse_flow
 from .nets import StepConditionedControl
-from .precondition import AffineMap, covering_gaussian, find_modes, fit_gaussian, fit_laplace, whiten_potential
+from .precondition import (
+    AffineMap,
+    covering_gaussian,
+    find_modes,
+    fit_gaussian,
+    fit_laplace,
+    lost_modes,
+    mode_shares,
+    whiten_potential,
+)
 from .reference import ReferenceProcess
 from .train import Trainer
 
@@ -306,6 +315,40 @@ class FlowSampler:
         log_w = (-u.to(torch.float64)) - log_q.to(torch.float64)
         orientation = None if signs[0] is None else torch.cat(signs)
         return Draws(x, u, log_q, log_w, orientation, log_det)
+
+    def mode_coverage(self, draws: Draws) -> list[tuple[torch.Tensor, float, float]]:
+        """
+        For each separated mode the mode search found (none for a unimodal fit): its location, its
+        Laplace mass and the importance-weighted share of ``draws`` nearest to it
+        (:func:`~pyro_osds.precondition.mode_shares`). A share far below the mass means the sampler
+        lost that mode, and the evidence is then low by about :math:`-\\log(1 - \\text{mass})`,
+        which the weights themselves cannot show.
+        """
+        modes = self.precondition_info.get("modes") or []
+        if len(modes) < 2:
+            return []
+        centers = torch.stack([torch.as_tensor(c) for c, _ in modes]).to(draws.x.device)
+        shares = mode_shares(draws.x, draws.log_weight, centers)
+        return [(c, float(m), float(sh)) for (c, m), sh in zip(modes, shares, strict=True)]
+
+    def warn_lost_modes(self, draws: Draws, label: str = "") -> list[int]:
+        """Warns (and returns their indices) about modes of :meth:`mode_coverage` the draws have lost."""
+        coverage = self.mode_coverage(draws)
+        if not coverage:
+            return []
+        lost = lost_modes([m for _, m, _ in coverage], [sh for _, _, sh in coverage])
+        if lost:
+            missing = sum(coverage[k][1] for k in lost)
+            warnings.warn(
+                f"{label}The draws carry almost no weight near {len(lost)} of the {len(coverage)} modes the mode "
+                "search found (Laplace mass "
+                + ", ".join(f"{coverage[k][1]:.2g} vs weighted share {coverage[k][2]:.2g}" for k in lost)
+                + f"): the sampler has lost them, so log Z is probably low by about {-math.log1p(-min(missing, 0.999)):.2g}"
+                " nats and the posterior misses those modes. Retrain (another seed, more iterations) or use the "
+                "paper's diffusion objective (`preset='paper-cpu', flow_kl_weight=1.0`).",
+                RuntimeWarning, stacklevel=3,
+            )
+        return lost
 
     def evidence(self, num_samples: int = 2000, num_steps: int = 1, *, log_det: str | None = None) -> Estimates:
         """Evidence estimates from fresh deterministic-flow draws (never the training batch)."""

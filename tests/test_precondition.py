@@ -12,6 +12,8 @@ from pyro_osds.precondition import (
     fit_gaussian,
     fit_laplace,
     gaussian_elbo,
+    lost_modes,
+    mode_shares,
     whiten_potential,
 )
 
@@ -167,3 +169,17 @@ def test_mode_search_counts_and_warns_about_light_modes():
     info = {}
     find_modes(potential, torch.zeros(3, dtype=D64), num_starts=4, info=info, generator=torch.Generator().manual_seed(0))
     assert info["num_light_modes"] == 0
+
+
+def test_mode_shares_and_lost_modes():
+    centers = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 5.0]], dtype=D64)
+    x = torch.tensor([[-2.5, 0.1], [-3.2, 0.3], [2.9, -0.2], [0.4, 4.0]], dtype=D64)
+    log_w = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=D64)) + 7.0  # any normalisation
+    torch.testing.assert_close(mode_shares(x, log_w, centers), torch.tensor([0.3, 0.3, 0.4], dtype=D64))
+    # a non-finite log-weight carries no weight
+    log_w[3] = float("nan")
+    torch.testing.assert_close(mode_shares(x, log_w, centers), torch.tensor([0.5, 0.5, 0.0], dtype=D64))
+    # lost: mass >= 5% and share < a tenth of it
+    assert lost_modes([0.6, 0.3, 0.1], [0.9, 0.1, 0.0]) == [2]
+    assert lost_modes([0.6, 0.3, 0.1], [0.95, 0.02, 0.03]) == [1]
+    assert lost_modes([0.98, 0.02], [1.0, 0.0]) == []  # too light to call
