@@ -410,6 +410,8 @@ class FlowSampler:
             "generator": self.generator.get_state(),
             "draw_generator": self.draw_generator.get_state(),
             "dim": self.dim,
+            # the separated modes the mode search found (for the lost-mode check after loading)
+            "modes": [(torch.as_tensor(c).detach().clone(), float(m)) for c, m in self.precondition_info.get("modes", [])],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -421,3 +423,5 @@ class FlowSampler:
         self.make_trainer().load_state_dict(state["trainer"])
         self.generator.set_state(state["generator"])
         self.draw_generator.set_state(state["draw_generator"])
+        if state.get("modes"):
+            self.precondition_info["modes"] = [(c, float(m)) for c, m in state["modes"]]

@@ -219,12 +219,20 @@ def test_a_lost_mode_is_reported_with_its_size():
     assert within(est.log_z, math.log(0.7), est.se, bias=0.5 * est.se**2 + 0.01), est
 
 
-def test_osds_sample_warns_about_a_lost_mode_per_chain():
+def test_osds_sample_warns_about_a_lost_mode_per_chain(tmp_path):
     from pyro_osds import OSDS
 
+    def potential(p):
+        return mixture_potential(p["x"])
+
     pyro.set_rng_seed(0)
-    osds = OSDS(potential_fn=lambda p: mixture_potential(p["x"]), initial_params={"x": torch.zeros(2, dtype=D64)},
+    osds = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(2, dtype=D64)},
                 batched_potential=True, num_chains=1, num_samples=4000, num_iterations=300, disable_progbar=True)
-    with pytest.warns(UserWarning, match="separated modes"), \
-            pytest.warns(RuntimeWarning, match="Chain 0: The draws carry almost no weight near 1 of the 2 modes"):
+    lost = "Chain 0: The draws carry almost no weight near 1 of the 2 modes"
+    with pytest.warns(UserWarning, match="separated modes"), pytest.warns(RuntimeWarning, match=lost):
         osds.run()
+    # the found modes are saved with the sampler, so a loaded one still checks its draws
+    osds.save(tmp_path / "mixture.pt")
+    loaded = OSDS.load(tmp_path / "mixture.pt", potential_fn=potential)
+    with pytest.warns(RuntimeWarning, match=lost):
+        loaded.sample(4000)
