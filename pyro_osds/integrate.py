@@ -337,7 +337,7 @@ def fold_penalty(jacobian: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     r"""
     Per-draw penalty that unfolds a step where its Jacobian :math:`J` has a negative determinant:
 
-    .. math:: P = \maxig(0, -\lambda_{\min}(	frac12(J + J^	op))ig)\,[\det J \le 0].
+    .. math:: P = \max\big(0, -\lambda_{\min}(\tfrac12(J + J^\top))\big)\,[\det J \le 0].
 
     A matrix whose symmetric part is positive definite has eigenvalues with positive real parts and
     so a positive determinant; a folded draw (:math:`\det J < 0`) has
