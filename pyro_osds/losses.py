@@ -155,7 +155,11 @@ def flow_kl_loss(
         log_w = -potential_fn(out.x) - process.prior_log_prob(x0) + out.log_det
         finite = torch.isfinite(log_w)
         num_invalid = int((~finite).sum())
+        # a step folds where its determinant is negative; two such steps cancel in the orientation, but not
+        # in the penalty, which is positive exactly where some step folds
         folded = out.orientation <= 0
+        if out.fold_penalty is not None:
+            folded = folded | (out.fold_penalty > 0)
         num_folded = int((folded & finite).sum())
         valid = finite & ~folded if fold_weight > 0 else finite
         loss = -log_w[valid].mean() if int(valid.sum()) >= 2 else None

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pyro_osds.config import OSDSConfig
+from pyro_osds.integrate import ode_step
 from pyro_osds.losses import distillation_step_sizes, flow_kl_loss, self_distillation_loss
 from pyro_osds.nets import StepConditionedControl
 from pyro_osds.reference import ReferenceProcess
@@ -187,3 +188,23 @@ def test_flow_kl_loss_replaces_folded_draws_by_the_fold_penalty():
     # fold_weight=0: folded draws stay in the mean, as without the penalty
     plain = flow_kl_loss(net, potential, process, x0, 1, fold_weight=0.0)
     torch.testing.assert_close(plain.loss, -log_w.mean().detach())
+
+
+def test_flow_kl_loss_counts_draws_that_fold_in_two_steps():
+    # Two folding steps give a positive orientation; such draws still fold and must be penalised.
+    process = ReferenceProcess(grid_size=4)
+    net = _CubicControl(-20.0, 0.5)
+
+    def potential(x):
+        return 0.5 * (x**2).sum(-1)
+
+    x0 = torch.linspace(-2.5, 2.5, 40, dtype=torch.float64).unsqueeze(-1)
+    first = ode_step(net, potential, process, x0, 4, 2, log_det="exact")
+    second = ode_step(net, potential, process, first.x, 2, 2, log_det="exact")
+    any_fold = (first.sign < 0) | (second.sign < 0)
+    both = (first.sign < 0) & (second.sign < 0)
+    assert int(both.sum()) > 0  # the case the orientation alone misses
+    out = flow_kl_loss(net, potential, process, x0, 2)
+    assert out.num_folded == int(any_fold.sum())
+    only_orientation = flow_kl_loss(net, potential, process, x0, 2, fold_weight=0.0)
+    assert only_orientation.num_folded == int(((first.sign * second.sign) < 0).sum())
