@@ -174,10 +174,10 @@ class FlowSampler:
             search: dict = {}
             modes = find_modes(self.potential_fn, self.init, num_starts=cfg.mode_search_starts,
                                generator=self.generator, info=search)
-            self.precondition_info["light_modes"] = search.get("num_light_modes", 0)
-            if len(modes) == 1 and search.get("num_light_modes", 0):
+            light = self.precondition_info["light_modes"] = search["num_light_modes"]
+            if len(modes) == 1 and light:
                 warnings.warn(
-                    f"The mode search found {search['num_light_modes']} further local optima of the potential, "
+                    f"The mode search found {light} further local optima of the potential, "
                     "each with less than 1e-3 of the main mode's Laplace mass. OSDS ignores them and is likely to "
                     "miss them, which the importance weights cannot show. Alone each is negligible, but many "
                     "light modes (e.g. a product of independent multimodal factors) can together hold much "
@@ -327,7 +327,7 @@ class FlowSampler:
         modes = self.precondition_info.get("modes") or []
         if len(modes) < 2:
             return []
-        centers = torch.stack([torch.as_tensor(c) for c, _ in modes]).to(draws.x.device)
+        centers = torch.stack([c for c, _ in modes]).to(draws.x.device)
         shares = mode_shares(draws.x, draws.log_weight, centers)
         return [(c, float(m), float(sh)) for (c, m), sh in zip(modes, shares, strict=True)]
 
@@ -411,7 +411,7 @@ class FlowSampler:
             "draw_generator": self.draw_generator.get_state(),
             "dim": self.dim,
             # the separated modes the mode search found (for the lost-mode check after loading)
-            "modes": [(torch.as_tensor(c).detach().clone(), float(m)) for c, m in self.precondition_info.get("modes", [])],
+            "modes": [(c.detach().clone(), float(m)) for c, m in self.precondition_info.get("modes", [])],
         }
 
     def load_state_dict(self, state: dict) -> None:
