@@ -188,9 +188,9 @@ class FlowSampler:
                 cover = covering_gaussian(modes)
                 self.precondition_info["modes"] = [(a.shift, w) for a, w in modes]
                 if cfg.diffusion_weight == 0:
-                    advice = ("The one-step objective (reverse KL) is mode-seeking: for multimodal targets add the "
-                              "paper's diffusion objective (`preset='paper-cpu', flow_kl_weight=1.0`), and check the "
-                              "samples of each mode and the per-chain log Z.")
+                    advice = ("The one-step objective (reverse KL) is mode-seeking: for multimodal targets "
+                              f"{self._multimodal_remedy()}, and check the samples of each mode and the per-chain "
+                              "log Z.")
                 else:
                     advice = ("Reverse-KL training can still drop modes: check the samples of each mode and the "
                               "per-chain log Z.")
@@ -316,6 +316,10 @@ class FlowSampler:
         orientation = None if signs[0] is None else torch.cat(signs)
         return Draws(x, u, log_q, log_w, orientation, log_det)
 
+    @staticmethod
+    def _multimodal_remedy() -> str:
+        return "add the paper's diffusion objective (`preset='paper-cpu', flow_kl_weight=1.0`)"
+
     def mode_coverage(self, draws: Draws) -> list[tuple[torch.Tensor, float, float]]:
         """
         For each separated mode the mode search found (none for a unimodal fit): its location, its
@@ -344,8 +348,8 @@ class FlowSampler:
                 "search found (Laplace mass "
                 + ", ".join(f"{coverage[k][1]:.2g} vs weighted share {coverage[k][2]:.2g}" for k in lost)
                 + f"): the sampler has lost them, so log Z is probably low by about {-math.log1p(-min(missing, 0.999)):.2g}"
-                " nats and the posterior misses those modes. Retrain (another seed, more iterations) or use the "
-                "paper's diffusion objective (`preset='paper-cpu', flow_kl_weight=1.0`).",
+                " nats and the posterior misses those modes. Retrain (another seed, more iterations)"
+                + (f" or {self._multimodal_remedy()}." if self.config.diffusion_weight == 0 else "."),
                 RuntimeWarning, stacklevel=3,
             )
         return lost
