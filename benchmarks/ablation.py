@@ -14,8 +14,6 @@ row, so an interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import time
 from pathlib import Path
 
@@ -27,10 +25,10 @@ from pyro_osds.estimators import evidence
 from pyro_osds.precondition import fit_laplace
 from pyro_osds.sampler import FlowSampler
 
+from .methods import laplace_importance_draws, load_references
 from .targets import get_target
 
 D64 = torch.float64
-REFERENCES = Path(__file__).with_name("references.json")
 
 #: name -> (preset, changes): the defaults, one change at a time, and the paper's objective
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -57,18 +55,14 @@ def reference_log_z(name: str) -> float:
     target = get_target(name)
     if target.log_z is not None:
         return target.log_z
-    return json.loads(REFERENCES.read_text())["targets"][name]["log_z"]
+    return load_references()[name]["log_z"]
 
 
 def laplace_is(target, num_draws: int, seed: int) -> dict:
     t0 = time.perf_counter()
     affine, _ = fit_laplace(target.potential, torch.zeros(target.dim, dtype=D64))
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(num_draws, target.dim, dtype=D64, generator=gen)
-    x = affine(z)
-    log_q = -0.5 * (z * z).sum(-1) - 0.5 * target.dim * math.log(2 * math.pi) - affine.log_abs_det
-    est = evidence(-target.potential(x) - log_q)
-    return {"estimate": est, "seconds": time.perf_counter() - t0}
+    _, log_w = laplace_importance_draws(target.potential, affine, num_draws, seed)
+    return {"estimate": evidence(log_w), "seconds": time.perf_counter() - t0}
 
 
 def run_variant(target, preset: str, changes: dict, num_draws: int, seed: int) -> dict:

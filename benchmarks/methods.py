@@ -83,6 +83,7 @@ __all__ = [
     "SMALL_TARGETS",
     "build_reference",
     "get_preset",
+    "laplace_importance_draws",
     "load_references",
     "make_dis_config",
     "make_method_config",
@@ -826,6 +827,18 @@ def run_svi_is(ctx: RunContext) -> dict:
 # Laplace + importance sampling
 
 
+def laplace_importance_draws(potential, affine, num_draws: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_draws`` draws ``x = affine(eps)``, ``eps ~ N(0, I)`` (seeded), and their importance log-weights
+    :math:`-U(x) - \\log q(x)` under that Gaussian."""
+    dim = affine.shift.numel()
+    eps = torch.randn(num_draws, dim, dtype=D64, generator=torch.Generator().manual_seed(seed))
+    x = affine(eps)
+    with torch.no_grad():
+        u = potential(x)
+    log_q = -0.5 * (eps**2).sum(-1) - 0.5 * dim * math.log(2 * math.pi) - affine.log_abs_det
+    return x, -u - log_q
+
+
 def run_laplace_is(ctx: RunContext) -> dict:
     """Importance sampling from the Laplace Gaussian of the bare potential (module docstring)."""
     target, preset = ctx.target, ctx.preset
@@ -833,14 +846,8 @@ def run_laplace_is(ctx: RunContext) -> dict:
     t0 = _now()
     affine, info = fit_laplace(target.potential, init)
     fit_s = _now() - t0
-    gen = torch.Generator().manual_seed(ctx.seed)
     t0 = _now()
-    eps = torch.randn(preset.laplace_draws, target.dim, dtype=D64, generator=gen)
-    x = affine(eps)
-    with torch.no_grad():
-        u = target.potential(x)
-    log_q = -0.5 * (eps**2).sum(-1) - 0.5 * target.dim * math.log(2 * math.pi) - affine.log_abs_det
-    log_w = -u - log_q
+    x, log_w = laplace_importance_draws(target.potential, affine, preset.laplace_draws, ctx.seed)
     is_s = _now() - t0
     try:
         rec = _estimate_record(log_w, is_s, log_det="is")
