@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Callable, NamedTuple
 
 import torch
@@ -51,7 +52,7 @@ from .divergence import batched_jacobian, slogdet
 from .estimators import Estimates
 from .integrate import _col, flow, langevin_input, potential_and_score, target_weight
 from .reference import ReferenceProcess
-from .sampler import Draws, FlowSampler
+from .sampler import Draws, FlowSampler, check_num_samples
 from .train import Trainer
 
 __all__ = ["ConsistencySampler", "ConsistencyTrainer", "consistency_function", "consistency_grid", "consistency_loss",
@@ -188,8 +189,6 @@ class ConsistencyTrainer(Trainer):
         self.codes = consistency_grid(process.grid_size, config.consistency_points)
 
     def iteration(self) -> dict:
-        import time
-
         cfg = self.config
         start = time.perf_counter()
         for group in self.optimizer.param_groups:
@@ -262,8 +261,7 @@ class ConsistencySampler(FlowSampler):
     def draw(self, num_samples: int, num_steps: int = 1, *, log_det: str | None = None,
              chunk_size: int | None = None, generator: torch.Generator | None = None) -> Draws:
         """One-step draws with exact weights, or ``num_steps`` > 1 consistency draws without weights."""
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
+        check_num_samples(num_samples)
         self.process.step_codes(num_steps)
         affine = self.fit_preconditioner()
         potential_z = self.whitened_potential

@@ -52,6 +52,12 @@ def _diagonal(affine: AffineMap) -> AffineMap:
 PotentialFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def check_num_samples(num_samples) -> None:
+    """Raises ``ValueError`` unless ``num_samples`` is a positive integer."""
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
+
+
 class Draws(NamedTuple):
     r"""
     Weighted draws: ``x`` ``(N, D)`` in the potential's space, ``potential`` :math:`U(x)`,
@@ -284,8 +290,7 @@ class FlowSampler:
         ``log_q`` and ``log_weight`` are NaN); ``num_probes`` sets the probes of the
         ``"hutchinson"`` volume (default ``config.eval_num_probes``).
         """
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
+        check_num_samples(num_samples)
         self.process.step_codes(num_steps)  # validates num_steps
         log_det = self.default_log_det() if log_det is None else log_det
         chunk = chunk_size or self.config.chunk_size
