@@ -68,9 +68,9 @@ PotentialFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class StepOutput(NamedTuple):
-    """One PF-ODE step: new state, log-det increment, its sign (exact modes), control, start, and
-    the step's Jacobian (exact modes, only if asked for; possibly transposed: both have the same
-    determinant and symmetric part)."""
+    r"""One PF-ODE step: new state, log-det increment, its sign (exact modes), control, start, and
+    the step's Jacobian :math:`\partial x_{\rm next}/\partial x` (``(batch, dim, dim)``, rows are
+    outputs; exact modes, only if asked for)."""
 
     x: torch.Tensor
     log_det: torch.Tensor
@@ -97,6 +97,7 @@ class FlowOutput(NamedTuple):
     orientation: torch.Tensor | None
     trajectory: list | None
     fold_penalty: torch.Tensor | None = None
+    jacobians: list | None = None
 
 
 class InverseFlowOutput(NamedTuple):
@@ -306,7 +307,7 @@ def ode_step(
                 increment = jac.diagonal(dim1=-2, dim2=-1).sum(-1) - x.shape[-1]
             else:
                 sign, increment = slogdet(jac)
-                jacobian = jac if return_jacobian else None
+                jacobian = jac.transpose(-1, -2) if return_jacobian else None
         else:
             u, x_next = _step_graph(net, potential_fn, process, x_in, code, step, through_g=through_g)
             if log_det in ("exact", "exact_frozen_langevin"):
@@ -368,6 +369,7 @@ def flow(
     return_trajectory: bool = False,
     generator: torch.Generator | None = None,
     with_fold_penalty: bool = False,
+    return_jacobians: bool = False,
 ) -> FlowOutput:
     r"""
     Carries prior draws ``x0`` to the target with ``num_steps`` equal PF-ODE Euler steps
@@ -383,11 +385,12 @@ def flow(
     total = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
     orientation = None
     trajectory = [x0] if return_trajectory else None
+    jacobians = [] if return_jacobians else None
     for k in range(num_steps):
         out = ode_step(
             net, potential_fn, process, x, process.grid_size - k * d, d,
             log_det=log_det, num_probes=num_probes, differentiable=differentiable, langevin_grad=langevin_grad,
-            generator=generator, return_jacobian=with_fold_penalty,
+            generator=generator, return_jacobian=with_fold_penalty or return_jacobians,
         )
         x = out.x
         total = total + out.log_det
@@ -398,7 +401,9 @@ def flow(
             penalty = step_penalty if penalty is None else penalty + step_penalty
         if trajectory is not None:
             trajectory.append(x)
-    return FlowOutput(x, total, orientation, trajectory, penalty)
+        if jacobians is not None:
+            jacobians.append(out.jacobian)
+    return FlowOutput(x, total, orientation, trajectory, penalty, jacobians)
 
 
 def count_folded(orientation: torch.Tensor | None) -> torch.Tensor:

@@ -246,11 +246,22 @@ class FlowSampler:
     def whitened_potential(self) -> PotentialFn:
         return whiten_potential(self.flow_potential, self.fit_preconditioner())
 
+    @property
+    def flow_kl_gradient(self) -> str:
+        """The one-step objective's gradient estimator: ``config.flow_kl_gradient``, where ``"auto"`` is
+        ``"total"`` if the mode search found several modes (the path estimator lost modes more often on
+        the 9-mode mixture) and ``"path"`` otherwise. Fits the preconditioner if needed."""
+        if self.config.flow_kl_gradient != "auto":
+            return self.config.flow_kl_gradient
+        self.fit_preconditioner()
+        return "total" if len(self.precondition_info.get("modes", ())) > 1 else "path"
+
     def make_trainer(self) -> Trainer:
         if self.trainer is None:
             self.trainer = Trainer(
                 self.net, self.whitened_potential, self.process, self.dim, self.config, generator=self.generator,
                 hook_fn=self._hook_fn, disable_progbar=self._disable_progbar, desc=self._desc,
+                flow_kl_gradient=self.flow_kl_gradient,
             )
         return self.trainer
 

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from .config import OSDSConfig
-from .losses import diffusion_loss, flow_kl_loss, self_distillation_loss
+from .losses import FLOW_KL_GRADIENTS, diffusion_loss, flow_kl_loss, self_distillation_loss
 from .reference import ReferenceProcess
 
 __all__ = ["Trainer", "TrainingDivergedError", "progress_bar_disabled"]
@@ -66,6 +66,10 @@ class Trainer:
         iteration's history entry.
     :param bool disable_progbar: no tqdm bar.
     :param str desc: progress bar label.
+    :param str flow_kl_gradient: the one-step objective's gradient estimator, ``"path"`` or
+        ``"total"`` (:func:`~pyro_osds.losses.flow_kl_loss`); default: ``config.flow_kl_gradient``,
+        whose ``"auto"`` means ``"path"`` here (:class:`~pyro_osds.sampler.FlowSampler` resolves it
+        from the mode search).
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class Trainer:
         hook_fn: Callable | None = None,
         disable_progbar: bool = False,
         desc: str = "OSDS",
+        flow_kl_gradient: str | None = None,
     ):
         self.net = net
         self.potential_fn = potential_fn
@@ -89,6 +94,10 @@ class Trainer:
         self.hook_fn = hook_fn
         self.disable_progbar = disable_progbar
         self.desc = desc
+        gradient = config.flow_kl_gradient if flow_kl_gradient is None else flow_kl_gradient
+        self.flow_kl_gradient = "path" if gradient == "auto" else gradient
+        if self.flow_kl_gradient not in FLOW_KL_GRADIENTS:
+            raise ValueError(f"`flow_kl_gradient` must be one of {FLOW_KL_GRADIENTS}, got {flow_kl_gradient!r}.")
         param = next(net.parameters())
         self.dtype, self.device = param.dtype, param.device
         self.ema = copy.deepcopy(net).requires_grad_(False)
@@ -183,7 +192,8 @@ class Trainer:
             steps = cfg.flow_kl_steps[self.step % len(cfg.flow_kl_steps)]
             z0 = self.process.sample_prior(cfg.flow_kl_batch_size, self.dim, dtype=self.dtype, device=self.device,
                                            generator=self.generator)
-            fkl = flow_kl_loss(self.net, self.potential_fn, self.process, z0, steps, fold_weight=cfg.fold_weight)
+            fkl = flow_kl_loss(self.net, self.potential_fn, self.process, z0, steps, fold_weight=cfg.fold_weight,
+                               gradient=self.flow_kl_gradient, path_clip=cfg.path_gradient_clip)
             fkl_taken, fkl_norm = self._optimizer_step(fkl.loss, cfg.flow_kl_weight)
             skipped += int(not fkl_taken)
             flow_kl = float(fkl.loss.detach()) if fkl.loss is not None else math.nan

@@ -273,7 +273,7 @@ def test_fold_penalty_is_the_negative_smallest_symmetric_eigenvalue_on_folded_dr
     torch.testing.assert_close(penalty, expected, rtol=1e-12, atol=1e-12)
     # a negative determinant forces a negative symmetric eigenvalue: every folded draw pays
     assert bool((penalty[sign < 0] > 0).all())
-    # the transpose (what the structured step returns) gives the same penalty
+    # the transpose gives the same penalty
     torch.testing.assert_close(fold_penalty(jac.transpose(-1, -2), sign), penalty, rtol=1e-12, atol=1e-12)
 
 
@@ -285,8 +285,8 @@ def test_flow_fold_penalty_sums_the_steps_penalties():
     expected, x = torch.zeros(32, dtype=D64), x0
     for code in (8, 4):
         step = ode_step(net, potential, process, x, code, 4, log_det="exact", return_jacobian=True)
-        torch.testing.assert_close(step.jacobian.transpose(-1, -2), batched_jacobian_of_step(net, potential,
-                                                                                             process, x, code))
+        # dx_next/dx, rows are outputs (what the path gradient's solves need)
+        torch.testing.assert_close(step.jacobian, batched_jacobian_of_step(net, potential, process, x, code))
         penalty = fold_penalty(step.jacobian, step.sign)
         # exactly the draws this step folds pay (this random network folds some in its second step)
         assert torch.equal(penalty > 0, step.sign < 0)

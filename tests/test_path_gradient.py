@@ -1,0 +1,164 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+"""The path ("sticking the landing") gradient of the one-step objective: its direction, its
+expectation, its zero variance at the optimum, and how the sampler picks it."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from pyro_osds.config import OSDSConfig
+from pyro_osds.integrate import flow, inverse_flow
+from pyro_osds.losses import flow_kl_loss, path_gradient_direction
+from pyro_osds.reference import ReferenceProcess
+from pyro_osds.sampler import FlowSampler
+from tests.test_integrate import DIM, make_potential, random_net
+
+D64 = torch.float64
+
+
+@pytest.mark.parametrize("num_steps", [1, 2])
+def test_path_direction_is_the_difference_of_target_and_flow_scores(num_steps):
+    # delta = grad log pi(x) - grad log q(x) at x = F(x0); grad log q by central differences of the
+    # density of the forward map, log q(y) = log p0(F^{-1}(y)) - log|det dF|, through the exact inverse
+    process = ReferenceProcess(grid_size=16, prior_scale=1.2)
+    net, potential = random_net(scale=0.03), make_potential(scale=0.3)
+    x0 = 0.5 * torch.randn(5, DIM, dtype=D64, generator=torch.Generator().manual_seed(1))
+    x0.requires_grad_(True)
+    out = flow(net, potential, process, x0, num_steps, log_det="exact", differentiable=True, return_jacobians=True)
+    # every step orientation-preserving: the map is injective there and q(y) is its density
+    assert len(out.jacobians) == num_steps
+    assert all(bool((torch.linalg.det(jac) > 0).all()) for jac in out.jacobians)
+    log_w = -potential(out.x) - process.prior_log_prob(x0) + out.log_det
+    delta = path_gradient_direction(log_w, x0, out.jacobians)
+
+    def log_q(y):
+        inv = inverse_flow(net, potential, process, y, num_steps)
+        assert bool(inv.converged.all())
+        return process.prior_log_prob(inv.x0) - inv.log_det
+
+    y = out.x.detach()
+    eps = 1e-4
+    score_q = torch.stack([(log_q(y + eps * e) - log_q(y - eps * e)) / (2 * eps)
+                           for e in torch.eye(DIM, dtype=D64)], dim=-1)
+    y_grad = y.clone().requires_grad_(True)
+    (score_pi,) = torch.autograd.grad(-potential(y_grad).sum(), y_grad)
+    torch.testing.assert_close(delta, score_pi - score_q, rtol=1e-5, atol=1e-5)
+    # restricted to some rows, the same rows
+    rows = torch.tensor([True, False, True, True, False])
+    torch.testing.assert_close(path_gradient_direction(log_w, x0, out.jacobians, rows), delta[rows])
+
+
+class _LinearControl(torch.nn.Module):
+    """u = a x: the one-step map is x1 = s x0 with s = 1 + beta/2 + sigma a / 2, so q = N(0, (s sigma0)^2)."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(a, dtype=D64))
+
+    def forward(self, x, t, d, g):
+        return self.a * x
+
+
+def _linear_case(s_target, a):
+    process = ReferenceProcess(grid_size=4, prior_scale=0.8)
+    beta, sigma = float(process.beta(4)), float(process.sigma(4))
+    net = _LinearControl(a)
+    slope = 1.0 + 0.5 * beta + 0.5 * sigma * a
+    var = (s_target * process.prior_scale) ** 2
+
+    def potential(x):
+        return 0.5 * (x**2).sum(-1) / var
+
+    # KL(N(0, (s sigma0)^2 I) || N(0, (s0 sigma0)^2 I)) = D (s^2 / (2 s0^2) - log s) + const, and ds/da = sigma / 2
+    exact_grad = 3 * (slope / s_target**2 - 1.0 / slope) * 0.5 * sigma
+    return process, net, potential, exact_grad
+
+
+def _batch_gradients(gradient, process, net, potential, num_batches=200, batch=50):
+    gen = torch.Generator().manual_seed(7)
+    grads = []
+    for _ in range(num_batches):
+        x0 = process.sample_prior(batch, 3, dtype=D64, generator=gen)
+        loss = flow_kl_loss(net, potential, process, x0, 1, gradient=gradient, path_clip=None).loss
+        (g,) = torch.autograd.grad(loss, net.a)
+        grads.append(float(g))
+    return torch.tensor(grads, dtype=D64)
+
+
+@pytest.mark.parametrize("gradient", ["path", "total"])
+def test_both_estimators_are_unbiased_for_the_reverse_kl_gradient(gradient):
+    process, net, potential, exact_grad = _linear_case(s_target=1.5, a=0.02)
+    grads = _batch_gradients(gradient, process, net, potential)
+    se = float(grads.std()) / math.sqrt(len(grads))
+    assert abs(float(grads.mean()) - exact_grad) < 4.0 * se, (float(grads.mean()), exact_grad, se)
+    assert abs(exact_grad) > 10 * se  # the test has power: the gradient is far from zero
+
+
+def test_path_gradient_vanishes_at_the_optimum_where_the_total_gradient_is_noise():
+    process = ReferenceProcess(grid_size=4, prior_scale=0.8)
+    a = 0.1
+    slope = 1.0 + 0.5 * float(process.beta(4)) + 0.5 * float(process.sigma(4)) * a
+    process, net, potential, exact_grad = _linear_case(s_target=slope, a=a)  # q = pi exactly
+    assert abs(exact_grad) < 1e-12
+    path = _batch_gradients("path", process, net, potential, num_batches=5)
+    total = _batch_gradients("total", process, net, potential, num_batches=5)
+    assert float(path.abs().max()) < 1e-10
+    assert float(total.abs().min()) > 1e-4  # per-batch score-term noise
+
+
+def test_path_clip_caps_outlying_directions_and_keeps_the_loss_value():
+    process = ReferenceProcess(grid_size=8)
+    net, potential = random_net(scale=0.03), make_potential(scale=0.3)
+    x0 = torch.randn(64, DIM, dtype=D64, generator=torch.Generator().manual_seed(2))
+    total = flow_kl_loss(net, potential, process, x0, 1, gradient="total")
+    assert total.num_folded == 0
+    path = flow_kl_loss(net, potential, process, x0, 1, gradient="path", path_clip=None)
+    clipped = flow_kl_loss(net, potential, process, x0, 1, gradient="path", path_clip=1.0)
+    # the value is the reverse-KL estimate whichever estimator differentiates it
+    torch.testing.assert_close(path.loss.detach(), total.loss.detach())
+    torch.testing.assert_close(clipped.loss.detach(), total.loss.detach())
+    params = list(net.parameters())
+    g_path = torch.cat([g.flatten() for g in torch.autograd.grad(path.loss, params, allow_unused=True)
+                        if g is not None])
+    g_clip = torch.cat([g.flatten() for g in torch.autograd.grad(clipped.loss, params, allow_unused=True)
+                        if g is not None])
+    assert not torch.allclose(g_path, g_clip)  # capping at the median changes half the draws
+    with pytest.raises(ValueError, match="gradient"):
+        flow_kl_loss(net, potential, process, x0, 1, gradient="score")
+
+
+def test_config_validates_the_estimator_options():
+    assert OSDSConfig().flow_kl_gradient == "auto"
+    with pytest.raises(ValueError, match="flow_kl_gradient"):
+        OSDSConfig(flow_kl_gradient="stl")
+    with pytest.raises(ValueError, match="path_gradient_clip"):
+        OSDSConfig(path_gradient_clip=0.0)
+    assert OSDSConfig(path_gradient_clip=None).path_gradient_clip is None
+
+
+def _two_modes(x):
+    # equal-mass modes at +-3 in the first coordinate, Gaussian in the second
+    a = -0.5 * ((x[..., 0] - 3.0) ** 2)
+    b = -0.5 * ((x[..., 0] + 3.0) ** 2)
+    return -torch.logaddexp(a, b) + 0.5 * x[..., 1] ** 2
+
+
+def _gaussian(x):
+    return 0.5 * (x**2).sum(-1)
+
+
+@pytest.mark.parametrize(("potential", "expected"), [(_gaussian, "path"), (_two_modes, "total")])
+def test_auto_estimator_follows_the_mode_search(potential, expected):
+    config = OSDSConfig.preset("smoke", mode_search_starts=8)
+    sampler = FlowSampler(potential, torch.zeros(2, dtype=D64), config, disable_progbar=True,
+                          generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert sampler.flow_kl_gradient == expected
+        assert sampler.make_trainer().flow_kl_gradient == expected
+    forced = FlowSampler(potential, torch.zeros(2, dtype=D64), config.replace(flow_kl_gradient="path"),
+                         disable_progbar=True)
+    assert forced.flow_kl_gradient == "path"
