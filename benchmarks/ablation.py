@@ -33,6 +33,11 @@ D64 = torch.float64
 #: name -> (preset, changes): the defaults, one change at a time, and the paper's objective
 VARIANTS: dict[str, tuple[str, dict]] = {
     "default (one-step objective)": ("cpu", {}),
+    "total gradient (no path estimator)": ("cpu", {"flow_kl_gradient": "total"}),
+    "path gradient without the per-draw cap": ("cpu", {"path_gradient_clip": None}),
+    "previous defaults (total gradient, 1000 its, lr 3e-3)": (
+        "cpu", {"flow_kl_gradient": "total", "num_iterations": 1000, "learning_rate": 3e-3}),
+    "1000 iterations at lr 3e-3": ("cpu", {"num_iterations": 1000, "learning_rate": 3e-3}),
     "no fold penalty": ("cpu", {"fold_weight": 0.0}),
     "trained at K = 1 and 4": ("cpu", {"flow_kl_steps": (1, 4)}),
     "paper objective, same budget": ("paper-cpu", {}),
