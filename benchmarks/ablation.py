@@ -34,7 +34,7 @@ D64 = torch.float64
 VARIANTS: dict[str, tuple[str, dict]] = {
     "default (one-step objective)": ("cpu", {}),
     "total gradient (no path estimator)": ("cpu", {"flow_kl_gradient": "total"}),
-    "path gradient without the per-draw cap": ("cpu", {"path_gradient_clip": None}),
+    "path gradient for every draw (no fallback)": ("cpu", {"path_gradient_cutoff": None}),
     "previous defaults (total gradient, 1000 its, lr 3e-3)": (
         "cpu", {"flow_kl_gradient": "total", "num_iterations": 1000, "learning_rate": 3e-3}),
     "1000 iterations at lr 3e-3": ("cpu", {"num_iterations": 1000, "learning_rate": 3e-3}),

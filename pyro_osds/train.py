@@ -193,7 +193,7 @@ class Trainer:
             z0 = self.process.sample_prior(cfg.flow_kl_batch_size, self.dim, dtype=self.dtype, device=self.device,
                                            generator=self.generator)
             fkl = flow_kl_loss(self.net, self.potential_fn, self.process, z0, steps, fold_weight=cfg.fold_weight,
-                               gradient=self.flow_kl_gradient, path_clip=cfg.path_gradient_clip)
+                               gradient=self.flow_kl_gradient, path_cutoff=cfg.path_gradient_cutoff)
             fkl_taken, fkl_norm = self._optimizer_step(fkl.loss, cfg.flow_kl_weight)
             skipped += int(not fkl_taken)
             flow_kl = float(fkl.loss.detach()) if fkl.loss is not None else math.nan

@@ -82,7 +82,7 @@ def _batch_gradients(gradient, process, net, potential, num_batches=200, batch=5
     grads = []
     for _ in range(num_batches):
         x0 = process.sample_prior(batch, 3, dtype=D64, generator=gen)
-        loss = flow_kl_loss(net, potential, process, x0, 1, gradient=gradient, path_clip=None).loss
+        loss = flow_kl_loss(net, potential, process, x0, 1, gradient=gradient, path_cutoff=None).loss
         (g,) = torch.autograd.grad(loss, net.a)
         grads.append(float(g))
     return torch.tensor(grads, dtype=D64)
@@ -109,23 +109,38 @@ def test_path_gradient_vanishes_at_the_optimum_where_the_total_gradient_is_noise
     assert float(total.abs().min()) > 1e-4  # per-batch score-term noise
 
 
-def test_path_clip_caps_outlying_directions_and_keeps_the_loss_value():
+def _flat_grad(loss, net):
+    grads = torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
+    return torch.cat([g.flatten() for g in grads if g is not None])
+
+
+def test_outlying_draws_fall_back_to_the_total_gradient_and_the_value_is_the_kl():
     process = ReferenceProcess(grid_size=8)
     net, potential = random_net(scale=0.03), make_potential(scale=0.3)
     x0 = torch.randn(64, DIM, dtype=D64, generator=torch.Generator().manual_seed(2))
     total = flow_kl_loss(net, potential, process, x0, 1, gradient="total")
     assert total.num_folded == 0
-    path = flow_kl_loss(net, potential, process, x0, 1, gradient="path", path_clip=None)
-    clipped = flow_kl_loss(net, potential, process, x0, 1, gradient="path", path_clip=1.0)
+    path = flow_kl_loss(net, potential, process, x0, 1, gradient="path", path_cutoff=None)
+    half = flow_kl_loss(net, potential, process, x0, 1, gradient="path", path_cutoff=1.0)
+    every = flow_kl_loss(net, potential, process, x0, 1, gradient="path", path_cutoff=1e-12)
     # the value is the reverse-KL estimate whichever estimator differentiates it
-    torch.testing.assert_close(path.loss.detach(), total.loss.detach())
-    torch.testing.assert_close(clipped.loss.detach(), total.loss.detach())
-    params = list(net.parameters())
-    g_path = torch.cat([g.flatten() for g in torch.autograd.grad(path.loss, params, allow_unused=True)
-                        if g is not None])
-    g_clip = torch.cat([g.flatten() for g in torch.autograd.grad(clipped.loss, params, allow_unused=True)
-                        if g is not None])
-    assert not torch.allclose(g_path, g_clip)  # capping at the median changes half the draws
+    for out in (path, half, every):
+        torch.testing.assert_close(out.loss.detach(), total.loss.detach())
+    g_total, g_path = _flat_grad(total.loss, net), _flat_grad(path.loss, net)
+    g_half, g_every = _flat_grad(half.loss, net), _flat_grad(every.loss, net)
+    # a cutoff below every draw's norm: all draws fall back, the total gradient exactly
+    torch.testing.assert_close(g_every, g_total)
+    # a cutoff at the median: about half the draws fall back, neither estimator alone
+    assert not torch.allclose(g_half, g_path) and not torch.allclose(g_half, g_total)
+    # and the mixture is linear in the draws: path on the kept draws plus total on the rest
+    x0_ = x0.detach().requires_grad_(True)
+    out = flow(net, potential, process, x0_, 1, log_det="exact", differentiable=True, return_jacobians=True)
+    log_w = -potential(out.x) - process.prior_log_prob(x0_) + out.log_det
+    delta = path_gradient_direction(log_w, x0_, out.jacobians)
+    norms = delta.norm(dim=-1)
+    back = norms > norms.median()
+    expected = -((delta * out.x).sum(-1)[~back].sum() + log_w[back].sum()) / 64
+    torch.testing.assert_close(g_half, _flat_grad(expected, net))
     with pytest.raises(ValueError, match="gradient"):
         flow_kl_loss(net, potential, process, x0, 1, gradient="score")
 
@@ -134,9 +149,9 @@ def test_config_validates_the_estimator_options():
     assert OSDSConfig().flow_kl_gradient == "auto"
     with pytest.raises(ValueError, match="flow_kl_gradient"):
         OSDSConfig(flow_kl_gradient="stl")
-    with pytest.raises(ValueError, match="path_gradient_clip"):
-        OSDSConfig(path_gradient_clip=0.0)
-    assert OSDSConfig(path_gradient_clip=None).path_gradient_clip is None
+    with pytest.raises(ValueError, match="path_gradient_cutoff"):
+        OSDSConfig(path_gradient_cutoff=0.0)
+    assert OSDSConfig(path_gradient_cutoff=None).path_gradient_cutoff is None
 
 
 def _two_modes(x):
