@@ -237,7 +237,14 @@ def flow_kl_loss(
                 if path_cutoff is not None:
                     fallback = fallback | (norms > path_cutoff * norms[~fallback].median())
                 delta = torch.where(fallback[:, None], torch.zeros_like(delta), delta)
-                surrogate = -((delta * out.x[valid]).sum(-1).sum() + log_w[valid][fallback].sum()) / delta.shape[0]
+                fallback_log_w = torch.zeros((), dtype=log_w.dtype, device=log_w.device)
+                if bool(fallback.any()):
+                    # their total gradient from a recomputed sub-batch: backpropagating the whole batch's
+                    # log-det for a few draws would cost as much as the total estimator itself
+                    z_back = x0.detach()[valid][fallback]
+                    sub = flow(net, potential_fn, process, z_back, num_steps, log_det="exact", differentiable=True)
+                    fallback_log_w = (-potential_fn(sub.x) - process.prior_log_prob(z_back) + sub.log_det).sum()
+                surrogate = -((delta * out.x[valid]).sum(-1).sum() + fallback_log_w) / delta.shape[0]
                 # the value of the KL estimate, the gradient of the path (and fallback) estimator
                 loss = kl.detach() + (surrogate - surrogate.detach())
             else:
