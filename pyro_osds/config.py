@@ -80,8 +80,8 @@ class OSDSConfig:
     measured ESS/N 0.62 -> 0.81 on Ionosphere at the same budget), ``"total"`` (plain
     reparameterisation, which did better on the 9-mode mixture) or ``"auto"`` (default: ``"total"``
     when the mode search found several modes, else ``"path"``), with ``path_gradient_cutoff`` (5:
-    draws whose path direction exceeds this many batch-median norms, i.e. draws near a fold, keep
-    the total gradient; ``None``: none does; see :func:`~pyro_osds.losses.flow_kl_loss`).
+    draws whose path direction exceeds this many batch-median norms of the target's score, i.e. draws
+    near a fold, keep the total gradient; ``None``: none does; see :func:`~pyro_osds.losses.flow_kl_loss`).
 
     **Paper's objective** -- ``diffusion_weight`` (0; paper 1; 0 turns the EM-path loss and the
     self-distillation off), ``batch_size`` of the EM paths (128; paper 1024), ``diffusion_loss``

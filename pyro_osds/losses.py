@@ -54,9 +54,12 @@ with the exact log-determinant (through the Langevin term) and reparameterised d
   (:math:`\delta = 0`), which is what lets a one-step map get close. Near a fold
   :math:`\partial F/\partial x_0` is nearly singular and :math:`\delta` blows up; there the dropped
   term (the gradient of :math:`\log|\det|` at fixed :math:`x_0`) is what keeps the map from folding,
-  so draws whose :math:`\|\delta\|` exceeds ``path_cutoff`` times the batch median keep the total
-  gradient (measured on the 10-D funnel, seed 0: capping :math:`\delta` instead folded 33 of 10^4
-  draws, this fallback none).
+  so draws whose :math:`\|\delta\|` exceeds ``path_cutoff`` times the batch median of the target
+  score's norm :math:`\|\nabla\log\pi(x_K)\|` keep the total gradient. Measured on the 10-D
+  funnel, seed 0: capping :math:`\delta` instead folded 33 of 10^4 draws, this fallback none; a
+  cutoff relative to the median of :math:`\|\delta\|` itself also selects draws at the optimum,
+  where :math:`\delta \to 0`, and their score-term noise kept a 5-D Gaussian's two- and four-step
+  maps at ESS/N 0.84-0.87 (this rule: 1.00).
 
 *Folds.* Where a step's Jacobian determinant turns negative the map is not injective and
 :math:`\log|\det|` understates the density of the draws, so their weights overstate
@@ -89,7 +92,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .divergence import rademacher
-from .integrate import em_rollout, flow, ode_step
+from .integrate import em_rollout, flow, ode_step, potential_and_score
 from .reference import ReferenceProcess
 
 __all__ = ["DIFFUSION_LOSSES", "FLOW_KL_GRADIENTS", "DiffusionLoss", "DistillationLoss", "FlowKLLoss",
@@ -204,8 +207,8 @@ def flow_kl_loss(
     replaced by ``fold_weight`` times the fold penalty (module docstring; ``fold_weight=0`` keeps
     them in the mean, unpenalised). ``gradient`` picks the estimator (``"total"`` or ``"path"``,
     module docstring; with ``"path"``, draws whose :math:`\|\delta\|` exceeds ``path_cutoff`` times
-    the batch median keep the total gradient, ``None``: none does). The loss's value is the
-    reverse-KL estimate either way.
+    the batch median of :math:`\|\nabla\log\pi(x_K)\|` keep the total gradient, ``None``: none
+    does). The loss's value is the reverse-KL estimate either way.
     """
     if gradient not in FLOW_KL_GRADIENTS:
         raise ValueError(f"`gradient` must be one of {FLOW_KL_GRADIENTS}, got {gradient!r}.")
@@ -230,12 +233,15 @@ def flow_kl_loss(
             kl = -log_w[valid].mean()
             if path:
                 delta = path_gradient_direction(log_w, x0, out.jacobians, valid)
-                # draws with an outlying (or non-finite) direction sit near a fold: they keep the total gradient,
-                # whose log-det term is the barrier against folding
+                # draws whose direction dwarfs the target's own score sit near a fold (or are non-finite): they
+                # keep the total gradient, whose log-det term is the barrier against folding
                 norms = delta.norm(dim=-1)
                 fallback = ~torch.isfinite(norms)
                 if path_cutoff is not None:
-                    fallback = fallback | (norms > path_cutoff * norms[~fallback].median())
+                    _, score = potential_and_score(potential_fn, out.x.detach()[valid])
+                    score_norms = score.norm(dim=-1)
+                    scale = score_norms[torch.isfinite(score_norms)].median()
+                    fallback = fallback | (norms > path_cutoff * scale)
                 delta = torch.where(fallback[:, None], torch.zeros_like(delta), delta)
                 fallback_log_w = torch.zeros((), dtype=log_w.dtype, device=log_w.device)
                 if bool(fallback.any()):

@@ -120,25 +120,30 @@ def test_outlying_draws_fall_back_to_the_total_gradient_and_the_value_is_the_kl(
     x0 = torch.randn(64, DIM, dtype=D64, generator=torch.Generator().manual_seed(2))
     total = flow_kl_loss(net, potential, process, x0, 1, gradient="total")
     assert total.num_folded == 0
-    path = flow_kl_loss(net, potential, process, x0, 1, gradient="path", path_cutoff=None)
-    half = flow_kl_loss(net, potential, process, x0, 1, gradient="path", path_cutoff=1.0)
-    every = flow_kl_loss(net, potential, process, x0, 1, gradient="path", path_cutoff=1e-12)
-    # the value is the reverse-KL estimate whichever estimator differentiates it
-    for out in (path, half, every):
-        torch.testing.assert_close(out.loss.detach(), total.loss.detach())
-    g_total, g_path = _flat_grad(total.loss, net), _flat_grad(path.loss, net)
-    g_half, g_every = _flat_grad(half.loss, net), _flat_grad(every.loss, net)
-    # a cutoff below every draw's norm: all draws fall back, the total gradient exactly
-    torch.testing.assert_close(g_every, g_total)
-    # a cutoff at the median: about half the draws fall back, neither estimator alone
-    assert not torch.allclose(g_half, g_path) and not torch.allclose(g_half, g_total)
-    # and the mixture is linear in the draws: path on the kept draws plus total on the rest
+    # the cutoff is in units of the target score's median norm; put it at the median direction norm
     x0_ = x0.detach().requires_grad_(True)
     out = flow(net, potential, process, x0_, 1, log_det="exact", differentiable=True, return_jacobians=True)
     log_w = -potential(out.x) - process.prior_log_prob(x0_) + out.log_det
     delta = path_gradient_direction(log_w, x0_, out.jacobians)
-    norms = delta.norm(dim=-1)
-    back = norms > norms.median()
+    y = out.x.detach().requires_grad_(True)
+    (score,) = torch.autograd.grad(-potential(y).sum(), y)
+    norms, scale = delta.norm(dim=-1), score.norm(dim=-1).median()
+    cutoff = float(norms.median() / scale) * (1 + 1e-9)
+    back = norms > cutoff * scale
+    assert 0 < int(back.sum()) < 64
+
+    path = flow_kl_loss(net, potential, process, x0, 1, gradient="path", path_cutoff=None)
+    half = flow_kl_loss(net, potential, process, x0, 1, gradient="path", path_cutoff=cutoff)
+    every = flow_kl_loss(net, potential, process, x0, 1, gradient="path", path_cutoff=1e-12)
+    # the value is the reverse-KL estimate whichever estimator differentiates it
+    for loss in (path, half, every):
+        torch.testing.assert_close(loss.loss.detach(), total.loss.detach())
+    g_total, g_path = _flat_grad(total.loss, net), _flat_grad(path.loss, net)
+    g_half, g_every = _flat_grad(half.loss, net), _flat_grad(every.loss, net)
+    # a cutoff below every draw's norm: all draws fall back, the total gradient exactly
+    torch.testing.assert_close(g_every, g_total)
+    # about half the draws fall back: neither estimator alone, but path on the kept draws plus total on the rest
+    assert not torch.allclose(g_half, g_path) and not torch.allclose(g_half, g_total)
     expected = -((delta * out.x).sum(-1)[~back].sum() + log_w[back].sum()) / 64
     torch.testing.assert_close(g_half, _flat_grad(expected, net))
     with pytest.raises(ValueError, match="gradient"):
