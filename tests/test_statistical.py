@@ -86,7 +86,10 @@ def test_one_step_em_weights_are_far_worse_than_deterministic_flow_weights(gauss
 
 @pytest.mark.parametrize("num_steps", [1, 2, 4, 16])
 def test_elbo_is_a_lower_bound(gaussian_sampler, num_steps):
-    est = gaussian_sampler.evidence(4000, num_steps=num_steps)
+    # 16000 draws: with near-constant weights (ESS/N 0.9998) k-hat from 4000 draws is biased up and noisy
+    # (measured for the path-gradient map at K = 2: 4 of 32 blocks of 4000 above 0.7, none of 8 blocks of
+    # 16000, 0.35 from 128000)
+    est = gaussian_sampler.evidence(16000, num_steps=num_steps)
     # exact weights: a lower bound at every step count, trained or not
     assert est.elbo <= LOG_Z + Z * est.elbo_se, est
     config = gaussian_sampler.config
