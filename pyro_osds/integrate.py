@@ -81,11 +81,13 @@ class StepOutput(NamedTuple):
 
 
 class FlowOutput(NamedTuple):
-    """
+    r"""
     Result of :func:`flow`: final states ``x``, accumulated ``log_det`` (``(batch,)``),
     ``orientation`` (``(batch,)``: sign of the whole map's Jacobian determinant, the product of the
     steps' signs; ``None`` unless an exact log-det method was used), the ``trajectory`` (list of
-    states, if asked for) and the ``fold_penalty`` (if asked for, ``(batch,)``; see :func:`fold_penalty`).
+    states, if asked for), the ``fold_penalty`` (if asked for, ``(batch,)``; see :func:`fold_penalty`)
+    and the per-step ``jacobians`` (if asked for: :math:`\partial x_{k+1}/\partial x_k`, each
+    ``(batch, dim, dim)``, first step first).
 
     An injective smooth map has one orientation on a connected domain, so draws whose orientation
     differs from the others' reveal a *fold* (the map is not injective there and the

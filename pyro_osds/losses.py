@@ -92,7 +92,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .divergence import rademacher
-from .integrate import em_rollout, flow, ode_step, potential_and_score
+from .integrate import em_rollout, flow, ode_step
 from .reference import ReferenceProcess
 
 __all__ = ["DIFFUSION_LOSSES", "FLOW_KL_GRADIENTS", "DiffusionLoss", "DistillationLoss", "FlowKLLoss",
@@ -213,12 +213,16 @@ def flow_kl_loss(
     if gradient not in FLOW_KL_GRADIENTS:
         raise ValueError(f"`gradient` must be one of {FLOW_KL_GRADIENTS}, got {gradient!r}.")
     path = gradient == "path"
+
+    def flow_and_log_weights(z, **options):
+        out = flow(net, potential_fn, process, z, num_steps, log_det="exact", differentiable=True, **options)
+        potential = potential_fn(out.x)
+        return out, potential, -potential - process.prior_log_prob(z) + out.log_det
+
     with torch.enable_grad():
         if path:
             x0 = x0.detach().requires_grad_(True)
-        out = flow(net, potential_fn, process, x0, num_steps, log_det="exact", differentiable=True,
-                   with_fold_penalty=fold_weight > 0, return_jacobians=path)
-        log_w = -potential_fn(out.x) - process.prior_log_prob(x0) + out.log_det
+        out, potential, log_w = flow_and_log_weights(x0, with_fold_penalty=fold_weight > 0, return_jacobians=path)
         finite = torch.isfinite(log_w)
         num_invalid = int((~finite).sum())
         # a step folds where its determinant is negative; two such steps cancel in the orientation, but not
@@ -238,8 +242,9 @@ def flow_kl_loss(
                 norms = delta.norm(dim=-1)
                 fallback = ~torch.isfinite(norms)
                 if path_cutoff is not None:
-                    _, score = potential_and_score(potential_fn, out.x.detach()[valid])
-                    score_norms = score.norm(dim=-1)
+                    # the target's score at the draws, from the potential already evaluated there
+                    (grad_u,) = torch.autograd.grad(potential[valid].sum(), out.x, retain_graph=True)
+                    score_norms = grad_u.detach()[valid].norm(dim=-1)
                     scale = score_norms[torch.isfinite(score_norms)].median()
                     fallback = fallback | (norms > path_cutoff * scale)
                 delta = torch.where(fallback[:, None], torch.zeros_like(delta), delta)
@@ -247,9 +252,8 @@ def flow_kl_loss(
                 if bool(fallback.any()):
                     # their total gradient from a recomputed sub-batch: backpropagating the whole batch's
                     # log-det for a few draws would cost as much as the total estimator itself
-                    z_back = x0.detach()[valid][fallback]
-                    sub = flow(net, potential_fn, process, z_back, num_steps, log_det="exact", differentiable=True)
-                    fallback_log_w = (-potential_fn(sub.x) - process.prior_log_prob(z_back) + sub.log_det).sum()
+                    _, _, sub_log_w = flow_and_log_weights(x0.detach()[valid][fallback])
+                    fallback_log_w = sub_log_w.sum()
                 surrogate = -((delta * out.x[valid]).sum(-1).sum() + fallback_log_w) / delta.shape[0]
                 # the value of the KL estimate, the gradient of the path (and fallback) estimator
                 loss = kl.detach() + (surrogate - surrogate.detach())
