@@ -21,8 +21,8 @@ import torch
 
 from pyro_osds import __version__
 from pyro_osds.config import OSDSConfig
-from pyro_osds.estimators import evidence
-from pyro_osds.precondition import fit_laplace
+from pyro_osds.ops.estimators import evidence
+from pyro_osds.ops.precondition import fit_laplace
 from pyro_osds.sampler import FlowSampler
 
 from .methods import laplace_importance_draws, load_references

@@ -27,7 +27,7 @@ import torch
 
 from pyro_osds import __version__
 from pyro_osds.config import OSDSConfig
-from pyro_osds.estimators import evidence
+from pyro_osds.ops.estimators import evidence
 from pyro_osds.sampler import FlowSampler
 
 from .targets import get_target
@@ -60,7 +60,7 @@ def sweep(name, potential, dim, log_z, config, num_draws, seed):
     train_s = time.perf_counter() - t0
     rows = []
     k = 1
-    while k <= config.grid_size:
+    while k <= config.process.grid_size:
         for kind in ("exact", "hutchinson", "em"):
             t0 = time.perf_counter()
             if kind == "em":

@@ -12,7 +12,7 @@ float64 bare ``potential`` unless stated):
     evaluated at every step budget :math:`K \in \{1, 2, 4, \dots, T\}` with three kinds of
     importance weights: the exact discrete log-determinant of the deterministic flow ("DF",
     ``log_det="exact"``), the OSDS authors' Euler--Hutchinson DF volume ("EH",
-    ``log_det="hutchinson"``, ``config.eval_num_probes`` Rademacher probes per step) and stochastic
+    ``log_det="hutchinson"``, ``config.evaluation.num_probes`` Rademacher probes per step) and stochastic
     Euler--Maruyama path weights ("EM", :meth:`~pyro_osds.sampler.FlowSampler.em_evidence`); each with
     ``eval_draws`` fresh draws times ``eval_repeats`` independent repeats (optionally fewer for the
     costly exact weights at large :math:`K`, :meth:`HarnessPreset.repeats`).
@@ -30,7 +30,7 @@ float64 bare ``potential`` unless stated):
     with the guide as proposal (``vectorized_importance_weights`` when the model broadcasts over a
     particle dimension, else a loop over guide draws with ``poutine.trace`` / ``poutine.replay``).
 ``laplace_is``
-    Importance sampling from the Laplace Gaussian of :func:`pyro_osds.precondition.fit_laplace`.
+    Importance sampling from the Laplace Gaussian of :func:`pyro_osds.ops.precondition.fit_laplace`.
 
 References (:func:`build_reference`): log Z from ``target.log_z`` (exact) or
 ``benchmarks/references.json``; posterior moments from ``references.json``, else from
@@ -63,9 +63,8 @@ from pyro.infer.mcmc.util import initialize_model
 
 from pyro_osds.config import PRESETS as ENGINE_PRESETS
 from pyro_osds.config import OSDSConfig
-from pyro_osds.consistency import ConsistencySampler
-from pyro_osds.estimators import EvidenceError, evidence
-from pyro_osds.precondition import fit_laplace
+from pyro_osds.ops.estimators import EvidenceError, evidence
+from pyro_osds.ops.precondition import fit_laplace
 from pyro_osds.sampler import FlowSampler
 
 from . import metrics
@@ -493,8 +492,7 @@ def _train_flow_sampler(ctx: RunContext, config: OSDSConfig, desc: str) -> tuple
     potential = potential_on_device(target.potential, device)
     gen = torch.Generator(device=device).manual_seed(ctx.seed)
     init = torch.zeros(target.dim, dtype=D64, device=device)
-    sampler_class = ConsistencySampler if config.method == "cdds" else FlowSampler
-    sampler = sampler_class(potential, init, config, generator=gen, disable_progbar=True, desc=desc)
+    sampler = FlowSampler(potential, init, config, generator=gen, disable_progbar=True, desc=desc)
     t0 = _now()
     sampler.fit_preconditioner()
     _sync(device)
@@ -569,7 +567,7 @@ def _evaluate_flow(ctx: RunContext, sampler: FlowSampler, method: str, name: str
                                 num_draws=n, extra={"evaluations_per_draw": _flow_nfe(K)})
             entry["sinkhorn"], entry["mmd"] = quality
             if kind == "hutchinson":
-                entry["num_probes"] = sampler.config.eval_num_probes
+                entry["num_probes"] = sampler.config.evaluation.num_probes
             entries.append(entry)
             ctx.log(f"  {entry['label']}: log Z {entry['log_z']['mean']:.3f} +- {entry['log_z']['sd']:.3f}, "
                     f"ELBO {entry['elbo']['mean']:.3f}, ESS/N {entry['ess_per_draw']['mean']:.3g}")
@@ -608,8 +606,8 @@ def _run_flow_method(ctx: RunContext, method: str, config: OSDSConfig, budgets: 
                      weight_kinds: tuple[str, ...] = ("exact", "hutchinson", "em")) -> dict:
     """Trains, evaluates at ``budgets`` and times ``(K, small, large)`` draws of one flow sampler."""
     name = FLOW_LABELS.get(method, method.upper())
-    batch = config.flow_kl_batch_size if config.diffusion_weight == 0 else config.batch_size
-    ctx.log(f"  training {name} ({config.num_iterations} iterations, batch {batch}, T {config.grid_size})")
+    batch = config.objective.flow_kl.batch_size if config.objective.diffusion.weight == 0 else config.objective.diffusion.batch_size
+    ctx.log(f"  training {name} ({config.optim.num_iterations} iterations, batch {batch}, T {config.process.grid_size})")
     sampler, train = _train_flow_sampler(ctx, config, name)
     ctx.log(f"  trained in {train['train_s']:.1f} s (+ {train['precondition_s']:.1f} s preconditioning)")
     evaluations = _evaluate_flow(ctx, sampler, method, name, budgets, weight_kinds)
@@ -627,7 +625,7 @@ def run_osds(ctx: RunContext) -> dict:
     """
     config = ctx.preset.osds_config()
     preset = ctx.preset
-    budgets = config.flow_kl_steps if config.diffusion_weight == 0 else preset.budgets(config.grid_size)
+    budgets = config.objective.flow_kl.steps if config.objective.diffusion.weight == 0 else preset.budgets(config.process.grid_size)
     return _run_flow_method(ctx, "osds", config, tuple(budgets),
                             timing=(1, preset.timing_draws, preset.timing_draws_large))
 
@@ -637,14 +635,14 @@ def run_osds_paper(ctx: RunContext) -> dict:
     every step budget 1, 2, 4, ..., T, as in the paper's evaluation."""
     config = ctx.preset.paper_config()
     preset = ctx.preset
-    return _run_flow_method(ctx, "osds_paper", config, preset.budgets(config.grid_size),
+    return _run_flow_method(ctx, "osds_paper", config, preset.budgets(config.process.grid_size),
                             timing=(1, preset.timing_draws, preset.timing_draws_large))
 
 
 def run_scds(ctx: RunContext) -> dict:
     """SCDS (self-consistent diffusion sampler) at K = 1 and its fine-grid K = T."""
     config = make_method_config("scds", ctx.preset.paper_config())
-    T = config.grid_size
+    T = config.process.grid_size
     preset = ctx.preset
     return _run_flow_method(ctx, "scds", config, (1, T), timing=(1, preset.timing_draws, preset.timing_draws_large))
 
@@ -661,7 +659,7 @@ def run_cdds(ctx: RunContext) -> dict:
 def run_dis(ctx: RunContext) -> dict:
     """The many-step diffusion sampler (:func:`make_dis_config`) at K = T and K = 1."""
     config = make_dis_config(ctx.preset.osds_config())
-    T = config.grid_size
+    T = config.process.grid_size
     preset = ctx.preset
     return _run_flow_method(ctx, "dis", config, (1, T) if T > 1 else (1,),
                             timing=(T, preset.dis_timing_draws, preset.dis_timing_draws_large))
@@ -858,7 +856,7 @@ def run_laplace_is(ctx: RunContext) -> dict:
                         num_draws=preset.laplace_draws)
     entry["sinkhorn"], entry["mmd"] = _quality(ctx, x)
     return {
-        "config": {"draws": preset.laplace_draws, "init": "zeros", "fit": "pyro_osds.precondition.fit_laplace"},
+        "config": {"draws": preset.laplace_draws, "init": "zeros", "fit": "pyro_osds.ops.precondition.fit_laplace"},
         "training": {"converged": bool(info["converged"]), "iterations": int(info["iterations"]),
                      "map_potential": float(info["potential"])},
         "timings": {"train_s": fit_s, "is_s": is_s, "draw_small_n": preset.laplace_draws,

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pyro_osds.estimators import kish_ess, pareto_k_hat
+from pyro_osds.ops.estimators import kish_ess, pareto_k_hat
 
 __all__ = [
     "SINKHORN_RELATIVE_EPSILON",

@@ -5,37 +5,50 @@ pyro_osds: one-step diffusion samplers (OSDS) as a Pyro inference backend.
 
 ``OSDS(model).run(*args)`` trains a step-conditioned probability-flow sampler on the model's
 potential and returns posterior draws with exact importance weights, hence the log evidence
-``log Z`` with a standard error, as ArviZ data.
+``log Z`` with a standard error, as ArviZ data. The engine's pieces are importable from their
+modules (``pyro_osds.sampler.FlowSampler``, ``pyro_osds.ops.*``); see the README's "How the code is
+organised".
 """
 
+from . import _compat
 from ._version import __version__
-from .api import OSDS, LogEvidence
+from .api import OSDS
 from .compare import compare
-from .config import PRESETS, OSDSConfig
+from .config import OSDSConfig
 from .convert import to_datatree, to_inference_data
-from .estimators import Estimates, EvidenceError, evidence, forward_evidence, kish_ess, pareto_k_hat
-from .potential import ModelTarget, UnsupportedModelError
-from .sampler import Draws, FlowSampler
+from .model import UnsupportedModelError
+from .ops.estimators import EvidenceError
+from .results import LogEvidence
 from .train import TrainingDivergedError
 
 __all__ = [
-    "PRESETS",
-    "Draws",
-    "Estimates",
     "EvidenceError",
-    "FlowSampler",
     "LogEvidence",
-    "ModelTarget",
     "OSDS",
     "OSDSConfig",
     "TrainingDivergedError",
     "UnsupportedModelError",
     "__version__",
     "compare",
-    "evidence",
-    "forward_evidence",
-    "kish_ess",
-    "pareto_k_hat",
     "to_datatree",
     "to_inference_data",
 ]
+
+_compat.install()
+
+#: top-level names of the development layout, now imported from their modules
+_MOVED = {
+    "PRESETS": "pyro_osds.config",
+    "Draws": "pyro_osds.results",
+    "Estimates": "pyro_osds.ops.estimators",
+    "FlowSampler": "pyro_osds.sampler",
+    "ModelTarget": "pyro_osds.model",
+    "evidence": "pyro_osds.ops.estimators",
+    "forward_evidence": "pyro_osds.ops.estimators",
+    "kish_ess": "pyro_osds.ops.estimators",
+    "pareto_k_hat": "pyro_osds.ops.estimators",
+}
+
+
+def __getattr__(name: str):
+    return _compat.moved_attribute(__name__, name, _MOVED)

@@ -21,17 +21,16 @@ import warnings
 
 import pandas as pd
 
+from .ops.estimators import Estimates
+from .results import LogEvidence
+
 __all__ = ["compare"]
 
 
 def _evidence_of(name, fitted):
-    from .api import OSDS, LogEvidence
-    from .estimators import Estimates
-
-    if isinstance(fitted, OSDS):
-        return fitted.log_evidence()
-    if isinstance(fitted, (LogEvidence, Estimates)):
-        return fitted
+    evidence = fitted.log_evidence() if callable(getattr(fitted, "log_evidence", None)) else fitted
+    if isinstance(evidence, (LogEvidence, Estimates)):
+        return evidence
     raise TypeError(f"compare: {name!r} must be a fitted OSDS (or its log_evidence()), got {type(fitted).__name__}.")
 
 

@@ -43,6 +43,7 @@ import torch
 import xarray as xr
 
 from ._version import __version__
+from .diagnostics import resample_indices
 
 __all__ = ["to_datatree", "to_inference_data"]
 
@@ -87,25 +88,25 @@ def to_datatree(osds, *, resample: bool = False, log_likelihood: bool = True, co
     :param dict coords: extra coordinates, ``{dim_name: values}``.
     :param dict dims: dimension names per variable, ``{var_name: [dim, ...]}``.
     """
-    osds._require_draws()
-    draws = osds._draws
+    evidence = osds.log_evidence()  # raises unless there are draws
+    draws = osds.draws
     num_chains, num_draws = len(draws), draws[0].x.shape[0]
     z = torch.stack([d.x for d in draws])  # (C, N, D)
     potential = torch.stack([d.potential for d in draws]).to(torch.float64)
     log_q = torch.stack([d.log_q for d in draws]).to(torch.float64)
     log_w = torch.stack([d.log_weight for d in draws])
     if resample:
-        idx = torch.multinomial(torch.softmax(log_w, -1), num_draws, replacement=True)
+        idx = resample_indices(log_w)
         z = torch.gather(z, 1, idx.unsqueeze(-1).expand_as(z).to(z.device))
         potential, log_q, log_w = (torch.gather(t, 1, idx) for t in (potential.cpu(), log_q.cpu(), log_w.cpu()))
     flat = z.reshape(num_chains * num_draws, -1)
     constrained = osds.target.constrain(flat)
     posterior = {name: _numpy(v.reshape((num_chains, num_draws) + tuple(v.shape[1:])))
                  for name, v in sorted(constrained.items())}
-    if osds._discrete and not resample:
-        for name, v in osds._discrete.items():
-            posterior[name] = _numpy(v.reshape((num_chains, num_draws) + tuple(v.shape[1:])))
-    evidence = osds.log_evidence()
+    if draws[0].discrete and not resample:
+        for name in draws[0].discrete:
+            v = torch.stack([d.discrete[name] for d in draws])
+            posterior[name] = _numpy(v.reshape((num_chains, num_draws) + tuple(v.shape[2:])))
     library_attrs = {"inference_library": "pyro_osds", "inference_library_version": __version__}
     groups = {
         "posterior": _dataset(posterior, ("chain", "draw"), coords, dims, dict(library_attrs)),
@@ -120,7 +121,7 @@ def to_datatree(osds, *, resample: bool = False, log_likelihood: bool = True, co
     target = osds.target
     if osds.model is not None:
         if log_likelihood:
-            loglik = target.log_likelihood(flat, chunk_size=osds.config.chunk_size)
+            loglik = target.log_likelihood(flat, chunk_size=osds.config.evaluation.chunk_size)
             if loglik:
                 groups["log_likelihood"] = _dataset(
                     {k: _numpy(v.reshape((num_chains, num_draws) + tuple(v.shape[1:]))) for k, v in loglik.items()},

@@ -1,35 +1,48 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
 r"""
-:class:`PotentialTarget`: a user potential in Pyro's convention (a function of a dict of
-**unbatched** unconstrained tensors returning a scalar :math:`U = -\log\rho`, as for
-``NUTS(potential_fn=...)``) turned into the flat batched target ``(batch, D) -> (batch,)``
-that the engine trains on.
+The flat target contract, and its adapter for bare potentials.
 
-Sites are packed in sorted name order (as Pyro does). The potential is vectorised with
-:func:`torch.func.vmap` (verified against a plain loop on a probe batch) or, if vmap fails, looped
-over particles with a warning; ``batched=True`` declares a potential that already takes dicts of
-``(batch, *shape)`` tensors and returns ``(batch,)``.
+Everything between the Pyro boundary and the numerics sees a :class:`FlatTarget`: a batched
+potential :math:`U: (\text{batch}, D) \to (\text{batch},)` on the unconstrained space, a starting
+point, and the packing between flat vectors and named sites (:class:`Site`, in sorted name order, as
+Pyro does). Two adapters meet it:
+
+* :class:`PotentialTarget` (here): a user potential in Pyro's convention, a function of a dict of
+  **unbatched** unconstrained tensors returning a scalar :math:`U = -\log\rho` (as for
+  ``NUTS(potential_fn=...)``); ``batched=True`` declares one that already takes dicts of
+  ``(batch, *shape)`` tensors and returns ``(batch,)``;
+* :class:`~pyro_osds.model.ModelTarget`: a Pyro model.
+
+Both choose how to evaluate the potential on a batch with one probe
+(:meth:`FlatTarget.select_vectorization`): each candidate (e.g. :func:`torch.func.vmap`) must
+reproduce an unbatched reference on three points near the starting point and support second
+derivatives (exact weights need the potential's Hessian); otherwise a Python loop is used, with a
+warning.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["PotentialTarget", "ParamInfo", "pack", "unpack"]
+from .util import warn
+
+__all__ = ["FlatTarget", "PotentialTarget", "Site", "pack", "unpack"]
 
 
-class ParamInfo(NamedTuple):
-    """A parameter of a bare potential: name, shape, slice in the flat vector."""
+class Site(NamedTuple):
+    """A named block of the flat vector: name, unconstrained ``shape``, its slice ``start:stop``, the
+    constrained shape (``None``: the same) and the number of the site's distribution batch dims."""
 
     name: str
     shape: torch.Size
     start: int
     stop: int
+    constrained_shape: torch.Size | None = None
+    batch_ndim: int = 0
 
 
 def unpack(entries, z: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -52,7 +65,122 @@ def pack(entries, values: dict, *, what: str = "parameter") -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-class PotentialTarget:
+class FlatTarget:
+    r"""
+    The contract of a flat unconstrained target (module docstring). Adapters set ``sites``,
+    ``transforms`` (site -> constrained-to-unconstrained transform; sites without one are
+    unconstrained), ``init`` ``(D,)`` and ``vectorize`` (the name of the selected batched potential in
+    ``_potentials``).
+    """
+
+    #: how a site's value is called in error messages
+    site_kind = "parameter"
+    sites: list[Site]
+    transforms: dict
+    init: torch.Tensor
+    vectorize: str
+    _potentials: dict[str, Callable[[torch.Tensor], torch.Tensor]]
+
+    @property
+    def dim(self) -> int:
+        return self.init.numel()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.init.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.init.device
+
+    @property
+    def method(self) -> str:
+        """Deprecated name of :attr:`vectorize`."""
+        import warnings
+
+        warnings.warn("`target.method` is deprecated; use `target.vectorize`.", FutureWarning, stacklevel=2)
+        return self.vectorize
+
+    def potential(self, z: torch.Tensor) -> torch.Tensor:
+        r"""Batched potential ``(batch, D) -> (batch,)`` by the selected :attr:`vectorize` method."""
+        return self._potentials[self.vectorize](z)
+
+    # ------------------------------------------------------------------------------------------
+    # packing
+    def unpack(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(batch, D)`` -> dict of unconstrained ``(batch, *site_shape)``."""
+        return unpack(self.sites, z)
+
+    def pack(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """dict of unconstrained ``(batch, *site_shape)`` -> ``(batch, D)`` (sorted site order)."""
+        return pack(self.sites, params, what=self.site_kind)
+
+    def constrain(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(batch, D)`` unconstrained -> dict of constrained values ``(batch, *shape)``."""
+        return {k: (self.transforms[k].inv(v) if k in self.transforms else v) for k, v in self.unpack(z).items()}
+
+    def unconstrain(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """dict of constrained ``(batch, *shape)`` -> ``(batch, D)``."""
+        return self.pack({s.name: (self.transforms[s.name](torch.as_tensor(values[s.name]))
+                                   if s.name in self.transforms else values[s.name]) for s in self.sites})
+
+    # ------------------------------------------------------------------------------------------
+    # choosing the batched potential
+    def probe_points(self) -> torch.Tensor:
+        """Three fixed points ``init + 0.1 N(0, I)`` (seed 12345) where the candidates are checked."""
+        gen = torch.Generator(device="cpu").manual_seed(12345)
+        noise = torch.randn(3, self.dim, generator=gen, dtype=torch.float64).to(dtype=self.dtype, device=self.device)
+        return self.init.unsqueeze(0) + 0.1 * noise
+
+    def _verify(self, name: str, probe: torch.Tensor, reference: torch.Tensor) -> str | None:
+        """None if the batched potential ``name`` reproduces ``reference`` at ``probe`` and supports
+        second derivatives; else the reason."""
+        try:
+            z = probe.clone().requires_grad_(True)
+            value = self._potentials[name](z)
+            (grad,) = torch.autograd.grad(value.sum(), z, create_graph=True)
+            torch.autograd.grad(grad[:, 0].sum(), z, allow_unused=True)
+        except Exception as err:  # noqa: BLE001 - any failure of a vectorisation strategy means "try the next"
+            return f"{type(err).__name__}: {err}"
+        if value.shape != reference.shape:
+            return f"returned shape {tuple(value.shape)}, expected {tuple(reference.shape)}"
+        tol = 1e-9 if self.dtype == torch.float64 else 1e-4
+        err = (value.detach() - reference).abs() / (1.0 + reference.abs())
+        if not bool(torch.isfinite(value).all()) or float(err.max()) > tol:
+            return f"disagrees with the unbatched potential (relative error {float(err.max()):.2e})"
+        return None
+
+    def select_vectorization(self, candidates, probe: torch.Tensor, reference: torch.Tensor, *,
+                             forced: str | None = None, fallback: str = "loop") -> str:
+        """
+        The first of ``candidates`` (names in ``_potentials``) that passes :meth:`_verify` against the
+        unbatched ``reference`` values at ``probe``; ``fallback`` with a warning
+        (:meth:`_fallback_warning`) when none does, or an error when ``forced`` fails.
+        """
+        if not bool(torch.isfinite(reference).all()):
+            raise ValueError(self._not_finite_message)
+        if forced == fallback:
+            return fallback
+        candidates = [forced] if forced else list(candidates)
+        reasons = {}
+        for name in candidates:
+            reason = self._verify(name, probe, reference)
+            if reason is None:
+                return name
+            reasons[name] = reason
+        if forced:
+            raise ValueError(f"`vectorize={forced!r}` does not work for this model: {reasons[forced]}.")
+        warn(self._fallback_warning(reasons))
+        return fallback
+
+    _not_finite_message = "The potential is not finite near the initial point; pass a point where it is finite."
+
+    def _fallback_warning(self, reasons: dict) -> str:
+        return ("The potential could not be vectorised (" + "; ".join(f"{k}: {v}" for k, v in reasons.items())
+                + "), so OSDS evaluates it in a Python loop, which is slow.")
+
+
+class PotentialTarget(FlatTarget):
     r"""
     The flat target of a bare potential (module docstring).
 
@@ -64,6 +192,8 @@ class PotentialTarget:
         through ``transform.inv``.
     :param bool batched: the potential already takes ``(batch, *shape)`` tensors and returns ``(batch,)``.
     """
+
+    _not_finite_message = "`potential_fn` is not finite near `initial_params`; pass a point where it is finite."
 
     def __init__(
         self,
@@ -81,7 +211,7 @@ class PotentialTarget:
                 "`potential_fn`, e.g. `initial_params={'x': torch.zeros(3)}`."
             )
         dtype = device = None
-        params, start = [], 0
+        sites, start = [], 0
         for name in sorted(initial_params):
             value = initial_params[name]
             if not isinstance(value, torch.Tensor):
@@ -98,11 +228,9 @@ class PotentialTarget:
                 )
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"`initial_params[{name!r}]` contains NaN or infinite values.")
-            params.append(ParamInfo(name, value.shape, start, start + value.numel()))
+            sites.append(Site(name, value.shape, start, start + value.numel()))
             start += value.numel()
-        self.params = params
-        self.dim = start
-        self.dtype, self.device = dtype, device
+        self.sites = sites
         self.potential_fn = potential_fn
         self.transforms = dict(transforms or {})
         unknown = set(self.transforms) - set(initial_params)
@@ -110,27 +238,11 @@ class PotentialTarget:
             raise ValueError(f"`transforms` has entries for unknown parameters {sorted(unknown)}.")
         self.batched = bool(batched)
         self.init = self.pack({k: v.detach().unsqueeze(0) for k, v in initial_params.items()})[0]
-        self.method = "batched" if self.batched else self._select_method()
-
-    @property
-    def sites(self):
-        return self.params
-
-    def unpack(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        return unpack(self.params, z)
-
-    def pack(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        return pack(self.params, params, what="parameter")
-
-    def constrain(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.unpack(z)
-        return {k: (self.transforms[k].inv(v) if k in self.transforms else v) for k, v in out.items()}
-
-    def unconstrain(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.pack({k: (self.transforms[k](v) if k in self.transforms else v) for k, v in values.items()})
+        self._potentials = {"vmap": self._vmap, "loop": self._loop, "batched": self._batched}
+        self.vectorize = "batched" if self.batched else self._select()
 
     def _single(self, flat: torch.Tensor) -> torch.Tensor:
-        return self.potential_fn({p.name: flat[p.start : p.stop].reshape(p.shape) for p in self.params})
+        return self.potential_fn({s.name: flat[s.start : s.stop].reshape(s.shape) for s in self.sites})
 
     def _vmap(self, z: torch.Tensor) -> torch.Tensor:
         return torch.func.vmap(self._single)(z)
@@ -150,14 +262,8 @@ class PotentialTarget:
     def _batched(self, z: torch.Tensor) -> torch.Tensor:
         return self.potential_fn(self.unpack(z)).reshape(z.shape[0])
 
-    def potential(self, z: torch.Tensor) -> torch.Tensor:
-        return {"vmap": self._vmap, "loop": self._loop, "batched": self._batched}[self.method](z)
-
-    def _select_method(self) -> str:
-        gen = torch.Generator(device="cpu").manual_seed(12345)
-        probe = self.init + 0.1 * torch.randn(3, self.dim, generator=gen, dtype=torch.float64).to(self.dtype).to(
-            self.device
-        )
+    def _select(self) -> str:
+        probe = self.probe_points()
         with torch.no_grad():
             try:
                 reference = self._loop(probe)
@@ -166,28 +272,9 @@ class PotentialTarget:
             except Exception as err:
                 raise ValueError(f"`potential_fn` failed on a dict of unbatched tensors near `initial_params`: "
                                  f"{type(err).__name__}: {err}") from err
-        if not bool(torch.isfinite(reference).all()):
-            raise ValueError("`potential_fn` is not finite near `initial_params`; pass a point where it is finite.")
-        try:
-            z = probe.clone().requires_grad_(True)
-            value = self._vmap(z)
-            torch.autograd.grad(value.sum(), z)
-            tol = 1e-9 if self.dtype == torch.float64 else 1e-4
-            ok = bool((((value.detach() - reference).abs()) <= tol * (1 + reference.abs())).all())
-        except Exception as err:  # noqa: BLE001 - vmap not applicable: fall back to the loop
-            ok, reason = False, f"{type(err).__name__}: {err}"
-        else:
-            reason = "vmap results disagree with a plain loop"
-        if ok:
-            return "vmap"
-        warnings.warn(
-            f"`potential_fn` could not be vectorised with torch.func.vmap ({reason}); evaluating it in a Python "
-            "loop, which is slow. Avoid in-place ops, `.item()` and data-dependent control flow, or pass "
-            "`batched_potential=True` with a potential that takes batched tensors.",
-            UserWarning,
-            stacklevel=3,
-        )
-        return "loop"
+        return self.select_vectorization(["vmap"], probe, reference)
 
-    def description(self) -> str:
-        return ", ".join(f"{p.name}{tuple(p.shape)}" for p in self.params) + f" (D={self.dim})"
+    def _fallback_warning(self, reasons: dict) -> str:
+        return (f"`potential_fn` could not be vectorised with torch.func.vmap ({reasons['vmap']}); evaluating it in a "
+                "Python loop, which is slow. Avoid in-place ops, `.item()` and data-dependent control flow, or pass "
+                "`batched_potential=True` with a potential that takes batched tensors.")

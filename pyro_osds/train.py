@@ -1,24 +1,23 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
 r"""
-The OSDS training loop.
+The training loop, for any objective.
 
-Each iteration (as in the OSDS code):
+An *objective* (:mod:`pyro_osds.objectives`) is a sequence of :class:`Stage`\ s. Each iteration runs
+them in order; a stage returns a :class:`Term` (a loss, its weight and named values for the
+history) or ``None`` (nothing to train this iteration), and every term gets its own optimiser
+step: backward of ``weight * loss``, gradients clipped to a global norm, an AdamW step and an update
+of the EMA network :math:`\bar\theta \leftarrow \bar\theta + (1 - \gamma)(\theta - \bar\theta)`.
+The paper's objective, for instance, takes one step on the diffusion loss and a second on the
+self-distillation loss of the same paths.
 
-1. draw ``batch_size`` prior points (clipped), roll out the stochastic EM sampler on the fine grid,
-   take an AdamW step on the diffusion-sampler loss, update the EMA teacher;
-2. on the same (detached) paths, take a second AdamW step on the self-distillation loss weighted by
-   :math:`\alpha(\text{it}) = w_{\rm sd}\min(1, \text{it}/\text{warm-up})`, update the EMA again;
-3. optionally (``flow_kl_weight`` > 0, beyond the paper), a third step on the exact reverse KL of a
-   few-step deterministic flow (:func:`pyro_osds.losses.flow_kl_loss`).
-
-Gradients are clipped to a global norm. A step whose loss or gradient is not finite is skipped and
-counted; after ``max_consecutive_skips`` skips in a row training stops with
-:class:`TrainingDivergedError`. All randomness comes from the trainer's own ``torch.Generator``
-(seeded from the global torch RNG, hence by ``pyro.set_rng_seed``), whose state is part of
-:meth:`Trainer.state_dict`, so training resumes bit-identically from a state dict.
-A ``KeyboardInterrupt`` stops training after restoring the parameters of the last completed
-iteration; the trainer stays usable (``interrupted`` is set).
+A step whose loss or gradient is not finite is skipped and counted; after
+``max_consecutive_skips`` iterations with a skip in a row, training stops with
+:class:`TrainingDivergedError` and keeps the parameters of the last good iteration. All randomness
+comes from the trainer's own ``torch.Generator``, whose state is part of :meth:`Trainer.state_dict`,
+so training resumes bit-identically from a state dict. A ``KeyboardInterrupt`` stops training after
+restoring the parameters of the last completed iteration; the trainer stays usable (``interrupted``
+is set).
 """
 
 from __future__ import annotations
@@ -27,19 +26,19 @@ import copy
 import math
 import os
 import time
-import warnings
-from typing import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from .config import OSDSConfig
-from .losses import FLOW_KL_GRADIENTS, diffusion_loss, flow_kl_loss, self_distillation_loss
-from .reference import ReferenceProcess
+from .util import check_choice, check_number, check_positive_int, seeded_generator, warn
 
-__all__ = ["Trainer", "TrainingDivergedError", "progress_bar_disabled"]
+__all__ = ["OptimConfig", "Stage", "Term", "TrainContext", "Trainer", "TrainingDivergedError",
+           "progress_bar_disabled"]
 
-HISTORY_KEYS = ("loss", "elbo", "sd_loss", "state_loss", "volume_loss", "jacobian_loss", "flow_kl", "grad_norm",
-                "skipped", "invalid_paths", "seconds")
+#: history entries of every objective (stages add their own named values)
+COMMON_KEYS = ("loss", "elbo", "grad_norm", "skipped", "invalid_paths", "seconds")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -51,89 +50,129 @@ def progress_bar_disabled(disable: bool = False) -> bool:
     return disable or "CI" in os.environ or "PYTEST_XDIST_WORKER" in os.environ
 
 
+@dataclass(frozen=True)
+class OptimConfig:
+    r"""
+    Optimisation settings of a :class:`Trainer`.
+
+    :param int num_iterations: training iterations (800; the paper's 60 000).
+    :param float learning_rate: AdamW learning rate (5e-3; paper 5e-4).
+    :param str lr_schedule: ``"cosine"`` (decay to a tenth over ``num_iterations``) or ``"constant"``.
+    :param float weight_decay: AdamW weight decay (0.01; paper 0.1).
+    :param float grad_clip: global gradient-norm clip (10; paper 1).
+    :param float ema_decay: decay :math:`\gamma` of the EMA network (0.995; paper 0.999), which is also
+        the self-distillation teacher.
+    :param bool sample_with_ema: draw with the EMA network (paper: yes).
+    :param int max_consecutive_skips: stop with :class:`TrainingDivergedError` after this many
+        iterations with a non-finite step in a row (50).
+    """
+
+    num_iterations: int = 800
+    learning_rate: float = 5e-3
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    ema_decay: float = 0.995
+    sample_with_ema: bool = False
+    max_consecutive_skips: int = 50
+
+    def __post_init__(self):
+        check_positive_int("num_iterations", self.num_iterations, minimum=0)
+        check_positive_int("max_consecutive_skips", self.max_consecutive_skips)
+        check_number("learning_rate", self.learning_rate, low=0, low_open=True)
+        check_number("grad_clip", self.grad_clip, low=0, low_open=True)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("ema_decay", self.ema_decay, low=0, high=1)
+        check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+
+
+class Term(NamedTuple):
+    """What a stage gives for one optimiser step: ``loss`` (``None``: nothing usable, counted as a
+    skipped step), its ``weight`` and named floats for the history."""
+
+    loss: torch.Tensor | None
+    weight: float
+    info: dict
+
+
+@dataclass
+class TrainContext:
+    """What a stage sees of the trainer in one iteration: the trained ``net``, its ``ema``, the
+    iteration index ``step``, the ``generator`` of all training randomness, and ``scratch``, a dict
+    the stages of one iteration share (emptied every iteration)."""
+
+    net: torch.nn.Module
+    ema: torch.nn.Module
+    step: int
+    generator: torch.Generator
+    scratch: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+
+class Stage(NamedTuple):
+    """One optimiser step of an objective: ``term(context) -> Term | None`` and the history ``keys``
+    its terms report."""
+
+    term: Callable[[TrainContext], Term | None]
+    keys: tuple[str, ...] = ()
+
+
 class Trainer:
     r"""
-    Trains a control network on a batched potential (module docstring).
+    Trains ``net`` on ``objective`` (module docstring).
 
-    :param torch.nn.Module net: the student network (trained in place).
-    :param callable potential_fn: batched potential ``(batch, dim) -> (batch,)``.
-    :param ReferenceProcess process: reference process and prior.
-    :param int dim: state dimension.
-    :param OSDSConfig config: hyper-parameters.
+    :param torch.nn.Module net: the network (trained in place).
+    :param objective: a sequence of :class:`Stage` (:mod:`pyro_osds.objectives`).
+    :param OptimConfig optim: optimisation settings.
     :param torch.Generator generator: source of all training randomness (default: a new one seeded
         from the global torch RNG).
-    :param callable hook_fn: called as ``hook_fn(step, info)`` after every iteration with the
-        iteration's history entry.
-    :param bool disable_progbar: no tqdm bar.
-    :param str desc: progress bar label.
-    :param str flow_kl_gradient: the one-step objective's gradient estimator, ``"path"`` or
-        ``"total"`` (:func:`~pyro_osds.losses.flow_kl_loss`); default: ``config.flow_kl_gradient``,
-        whose ``"auto"`` means ``"path"`` here (:class:`~pyro_osds.sampler.FlowSampler` resolves it
-        from the mode search).
     """
 
     def __init__(
         self,
         net: torch.nn.Module,
-        potential_fn: Callable[[torch.Tensor], torch.Tensor],
-        process: ReferenceProcess,
-        dim: int,
-        config: OSDSConfig,
+        objective: Sequence[Stage],
+        optim: OptimConfig | None = None,
         *,
         generator: torch.Generator | None = None,
-        hook_fn: Callable | None = None,
-        disable_progbar: bool = False,
-        desc: str = "OSDS",
-        flow_kl_gradient: str | None = None,
     ):
         self.net = net
-        self.potential_fn = potential_fn
-        self.process = process
-        self.dim = dim
-        self.config = config
-        self.hook_fn = hook_fn
-        self.disable_progbar = disable_progbar
-        self.desc = desc
-        gradient = config.flow_kl_gradient if flow_kl_gradient is None else flow_kl_gradient
-        self.flow_kl_gradient = "path" if gradient == "auto" else gradient
-        if self.flow_kl_gradient not in FLOW_KL_GRADIENTS:
-            raise ValueError(f"`flow_kl_gradient` must be one of {FLOW_KL_GRADIENTS}, got {flow_kl_gradient!r}.")
+        self.objective = tuple(objective)
+        self.optim = OptimConfig() if optim is None else optim
+        #: the total iterations (the learning-rate schedule's horizon); :meth:`train` runs up to it
+        self.num_iterations = self.optim.num_iterations
         param = next(net.parameters())
-        self.dtype, self.device = param.dtype, param.device
         self.ema = copy.deepcopy(net).requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-        if generator is None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(torch.randint(0, 2**62, ())))
-        self.generator = generator
+        self.optimizer = torch.optim.AdamW(net.parameters(), lr=self.optim.learning_rate,
+                                           weight_decay=self.optim.weight_decay)
+        self.generator = seeded_generator(param.device) if generator is None else generator
         self.step = 0
         self.num_skipped = 0
         self.consecutive_skips = 0
         self.interrupted = False
-        self.history: dict[str, list] = {k: [] for k in HISTORY_KEYS}
+        keys = COMMON_KEYS + tuple(k for stage in self.objective for k in stage.keys if k not in COMMON_KEYS)
+        self.history: dict[str, list] = {k: [] for k in dict.fromkeys(keys)}
 
     # ------------------------------------------------------------------------------------------
-    def sd_weight(self, step: int) -> float:
-        r""":math:`\alpha(\text{step}) = w_{\rm sd}\min(1, \text{step}/\text{warm-up})`."""
-        cfg = self.config
-        if cfg.sd_weight == 0:
-            return 0.0
-        if cfg.sd_warmup == 0:
-            return cfg.sd_weight
-        return cfg.sd_weight * min(1.0, step / cfg.sd_warmup)
-
     def learning_rate(self, step: int) -> float:
         """Learning rate at ``step``: constant, or cosine decay from ``learning_rate`` to a tenth of it."""
-        cfg = self.config
-        if cfg.lr_schedule == "constant" or cfg.num_iterations == 0:
-            return cfg.learning_rate
-        progress = min(step / cfg.num_iterations, 1.0)
-        return cfg.learning_rate * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+        optim = self.optim
+        if optim.lr_schedule == "constant" or self.num_iterations == 0:
+            return optim.learning_rate
+        progress = min(step / self.num_iterations, 1.0)
+        return optim.learning_rate * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
 
     def _update_ema(self):
         with torch.no_grad():
             for p_ema, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - self.config.ema_decay)
+                p_ema.lerp_(p, 1.0 - self.optim.ema_decay)
 
     def _optimizer_step(self, loss: torch.Tensor | None, scale: float = 1.0) -> tuple[bool, float]:
         """Backward + clipped AdamW step; returns (taken, grad_norm). Skips non-finite losses/gradients."""
@@ -141,7 +180,7 @@ class Trainer:
         if loss is None or not bool(torch.isfinite(loss)):
             return False, math.nan
         (scale * loss).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.optim.grad_clip)
         if not bool(torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return False, float(grad_norm)
@@ -164,72 +203,42 @@ class Trainer:
         self.optimizer.load_state_dict(opt_state)
 
     def iteration(self) -> dict:
-        """One training iteration; returns its history entry."""
-        cfg = self.config
+        """
+        One training iteration; returns its history entry. ``loss``, ``elbo``, ``invalid_paths`` and
+        ``grad_norm`` are those of the first stage that trained; ``skipped`` counts skipped steps.
+        """
         start = time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
-        diff, sd, skipped, grad_norm = None, None, 0, math.nan
-        if cfg.diffusion_weight > 0:
-            x0 = self.process.sample_prior(cfg.batch_size, self.dim, clip=True, dtype=self.dtype, device=self.device,
-                                           generator=self.generator)
-            diff = diffusion_loss(self.net, self.potential_fn, self.process, x0, kind=cfg.diffusion_loss,
-                                  generator=self.generator)
-            taken, grad_norm = self._optimizer_step(diff.loss, cfg.diffusion_weight)
-            skipped += int(not taken)
-            alpha = self.sd_weight(self.step)
-            if alpha > 0 and bool(torch.isfinite(diff.states).all()):
-                teacher = self.ema if cfg.sd_teacher == "ema" else self.net  # SCDS: the current net, no gradient
-                sd = self_distillation_loss(
-                    self.net, teacher, self.potential_fn, self.process, diff.states,
-                    volume=cfg.train_log_det, num_probes=cfg.num_probes, volume_weight=cfg.volume_weight,
-                    jacobian_weight=cfg.jacobian_weight, generator=self.generator,
-                )
-                sd_taken, _ = self._optimizer_step(sd.loss, alpha)
-                skipped += int(not sd_taken)
-        flow_kl = math.nan
-        if cfg.flow_kl_weight > 0:
-            steps = cfg.flow_kl_steps[self.step % len(cfg.flow_kl_steps)]
-            z0 = self.process.sample_prior(cfg.flow_kl_batch_size, self.dim, dtype=self.dtype, device=self.device,
-                                           generator=self.generator)
-            fkl = flow_kl_loss(self.net, self.potential_fn, self.process, z0, steps, fold_weight=cfg.fold_weight,
-                               gradient=self.flow_kl_gradient, path_cutoff=cfg.path_gradient_cutoff)
-            fkl_taken, fkl_norm = self._optimizer_step(fkl.loss, cfg.flow_kl_weight)
-            skipped += int(not fkl_taken)
-            flow_kl = float(fkl.loss.detach()) if fkl.loss is not None else math.nan
-            if diff is None:
-                grad_norm = fkl_norm
-        lw = diff.log_weights if diff is not None else fkl.log_weights
-        valid_lw = lw[torch.isfinite(lw)]
-        info = {
-            "loss": float(diff.loss.detach()) if diff is not None and diff.loss is not None else flow_kl,
-            "elbo": float(valid_lw.mean()) if valid_lw.numel() else math.nan,
-            "sd_loss": float(sd.loss.detach()) if sd is not None and sd.loss is not None else math.nan,
-            "state_loss": sd.state if sd is not None else math.nan,
-            "volume_loss": sd.volume if sd is not None else math.nan,
-            "jacobian_loss": sd.jacobian if sd is not None else math.nan,
-            "flow_kl": flow_kl,
-            "grad_norm": grad_norm,
-            "skipped": skipped,
-            "invalid_paths": diff.num_invalid if diff is not None else fkl.num_invalid,
-            "seconds": time.perf_counter() - start,
-        }
-        return info
+        context = TrainContext(self.net, self.ema, self.step, self.generator)
+        record: dict = {"skipped": 0}
+        for stage in self.objective:
+            term = stage.term(context)
+            if term is None:
+                continue
+            taken, grad_norm = self._optimizer_step(term.loss, term.weight)
+            record["skipped"] += int(not taken)
+            record.setdefault("grad_norm", grad_norm)
+            for key, value in term.info.items():
+                record.setdefault(key, value)
+        record["seconds"] = time.perf_counter() - start
+        return {k: record.get(k, math.nan) for k in self.history}
 
-    def train(self, num_iterations: int | None = None) -> dict[str, list]:
+    def train(self, num_iterations: int | None = None, *, hook_fn: Callable | None = None,
+              desc: str | None = None) -> dict[str, list]:
         """
-        Runs ``num_iterations`` iterations (default: ``config.num_iterations`` minus those already
-        done) and returns the history (a dict of per-iteration lists).
+        Runs ``num_iterations`` iterations (default: up to :attr:`num_iterations` in total) and
+        returns the history (a dict of per-iteration lists). ``hook_fn(step, info)`` runs after every
+        iteration; ``desc`` labels a progress bar (none when ``None``, or when ``CI`` is set).
         """
-        cfg = self.config
         if num_iterations is None:
-            num_iterations = max(cfg.num_iterations - self.step, 0)
+            num_iterations = max(self.num_iterations - self.step, 0)
         self.interrupted = False
         bar = None
-        if not progress_bar_disabled(self.disable_progbar) and num_iterations > 0:
+        if desc is not None and not progress_bar_disabled() and num_iterations > 0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=num_iterations, desc=self.desc, dynamic_ncols=True, leave=True)
+            bar = tqdm(total=num_iterations, desc=desc, dynamic_ncols=True, leave=True)
         try:
             for _ in range(num_iterations):
                 snap = self._snapshot()
@@ -239,12 +248,12 @@ class Trainer:
                     self._restore(snap)
                     raise
                 self.step += 1
-                for k in HISTORY_KEYS:
-                    self.history[k].append(info[k])
+                for k, v in info.items():
+                    self.history[k].append(v)
                 if info["skipped"]:
                     self.num_skipped += info["skipped"]
                     self.consecutive_skips += 1
-                    if self.consecutive_skips >= cfg.max_consecutive_skips:
+                    if self.consecutive_skips >= self.optim.max_consecutive_skips:
                         self._restore(snap)
                         raise TrainingDivergedError(
                             f"Training stopped at iteration {self.step}: {self.consecutive_skips} iterations in a "
@@ -259,31 +268,24 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{info['loss']:.4g}", elbo=f"{info['elbo']:.4g}", refresh=False)
-                if self.hook_fn is not None:
-                    self.hook_fn(self.step, info)
+                if hook_fn is not None:
+                    hook_fn(self.step, info)
         except KeyboardInterrupt:
             self.interrupted = True
-            warnings.warn(
-                f"Training interrupted at iteration {self.step}; the sampler keeps the parameters of the last "
-                "completed iteration and can be used, saved or trained further.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            warn(f"Training interrupted at iteration {self.step}; the sampler keeps the parameters of the last "
+                 "completed iteration and can be used, saved or trained further.", RuntimeWarning)
         finally:
             if bar is not None:
                 bar.close()
         if self.num_skipped:
-            warnings.warn(
-                f"{self.num_skipped} optimiser step(s) were skipped because the loss or gradient was not finite.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            warn(f"{self.num_skipped} optimiser step(s) were skipped because the loss or gradient was not finite.",
+                 RuntimeWarning)
         return self.history
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to resume exactly: network, EMA, optimiser, step, counters, history,
-        generator state and the config (plain types only, loadable with ``weights_only=True``)."""
+        """Everything needed to resume exactly: network, EMA, optimiser, step, counters, history and
+        generator state (plain types only, loadable with ``weights_only=True``)."""
         return {
             "net": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
             "ema": {k: v.detach().clone() for k, v in self.ema.state_dict().items()},
@@ -293,7 +295,6 @@ class Trainer:
             "consecutive_skips": self.consecutive_skips,
             "history": {k: list(v) for k, v in self.history.items()},
             "generator": self.generator.get_state(),
-            "config": self.config.as_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -303,10 +304,10 @@ class Trainer:
         self.step = int(state["step"])
         self.num_skipped = int(state["num_skipped"])
         self.consecutive_skips = int(state["consecutive_skips"])
-        self.history = {k: list(state["history"].get(k, [])) for k in HISTORY_KEYS}
+        self.history = {k: list(state["history"].get(k, [])) for k in self.history}
         self.generator.set_state(state["generator"])
 
     @property
     def sampling_net(self) -> torch.nn.Module:
-        """The network used for drawing: the EMA teacher if ``config.sample_with_ema``."""
-        return self.ema if self.config.sample_with_ema else self.net
+        """The network used for drawing: the EMA network if ``sample_with_ema``."""
+        return self.ema if self.optim.sample_with_ema else self.net

@@ -189,11 +189,11 @@ def test_sample_again_with_more_steps(osds):
 
 
 def test_num_steps_is_trained_by_the_one_step_objective():
-    osds = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3, dtype=D64)}, num_steps=2)
-    assert osds.config.flow_kl_steps == (1, 2)
-    paper = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3, dtype=D64)}, num_steps=2,
-                 preset="paper-cpu")
-    assert paper.config.flow_kl_steps == (1,) and paper.config.diffusion_weight == 1.0
+    osds = fitted(num_steps=2, num_iterations=2)
+    assert osds.config.objective.flow_kl.steps == (1,)  # the configuration is the user's
+    assert osds.samplers[0].trained_step_counts == (1, 2)  # the chains train the step count they draw with
+    paper = fitted(num_steps=2, num_iterations=2, preset="paper-cpu", config=None)
+    assert paper.samplers[0].trained_step_counts is None  # the paper's objective trains every step size
 
 
 def test_transforms_map_draws_back():
@@ -214,7 +214,7 @@ def test_non_vmappable_potential_falls_back_to_a_loop():
 
     with pytest.warns(UserWarning, match="could not be vectorised"):
         osds = fitted(potential_fn=item_potential, num_iterations=2, num_chains=1)
-    assert osds.target.method == "loop"
+    assert osds.target.vectorize == "loop"
     assert osds.get_samples()["x"].shape == (300, 3)
 
 
@@ -223,7 +223,7 @@ def test_batched_potential_flag():
         return 0.5 * (((params["x"] - MU) / SD) ** 2).sum(-1)
 
     osds = fitted(potential_fn=batched, batched_potential=True, num_iterations=2, num_chains=1)
-    assert osds.target.method == "batched"
+    assert osds.target.vectorize == "batched"
     assert math.isfinite(osds.log_evidence().log_z)
 
 

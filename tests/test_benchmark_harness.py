@@ -122,14 +122,14 @@ def test_weights_and_moments():
 def test_dis_config_and_presets():
     base = OSDSConfig.preset("smoke", flow_kl_weight=0.5)
     dis = make_dis_config(base)
-    assert dis.method == "dis" and dis.sd_weight == 0.0 and dis.flow_kl_weight == 0.0
-    assert dis.grid_size == base.grid_size and dis.num_iterations == base.num_iterations
-    assert dis.diffusion_weight == 1.0  # the EM path loss is what DIS trains
+    assert dis.method == "dis" and dis.objective.diffusion.sd_weight == 0.0 and dis.objective.flow_kl.weight == 0.0
+    assert dis.process.grid_size == base.process.grid_size and dis.optim.num_iterations == base.optim.num_iterations
+    assert dis.objective.diffusion.weight == 1.0  # the EM path loss is what DIS trains
     assert PRESETS["cpu"].osds_config() == OSDSConfig()
     assert PRESETS["cpu"].paper_config() == OSDSConfig.preset("paper-cpu")
     assert PRESETS["gpu"].paper_config() == OSDSConfig.preset("paper")
-    assert PRESETS["smoke"].paper_config().diffusion_weight == 1.0
-    assert PRESETS["smoke"].paper_config().num_iterations == OSDSConfig.preset("smoke").num_iterations
+    assert PRESETS["smoke"].paper_config().objective.diffusion.weight == 1.0
+    assert PRESETS["smoke"].paper_config().optim.num_iterations == OSDSConfig.preset("smoke").optim.num_iterations
     assert PRESETS["cpu"].budgets(32) == (1, 2, 4, 8, 16, 32)
     assert PRESETS["cpu"].repeats(32, "exact") == 5 and PRESETS["gpu"].repeats(128, "exact") == 5
     reduced = dataclasses.replace(PRESETS["cpu"], exact_reduced_above=8)

@@ -9,7 +9,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_osds import OSDS, Estimates, compare
+from pyro_osds import OSDS, compare
+from pyro_osds.ops.estimators import Estimates
 
 D64 = torch.float64
 Z = 4.5  # per-assertion false-alarm rate < 1e-5

@@ -98,11 +98,12 @@ def test_arviz_0x_functions(osds, tmp_path):
     plt.close("all")
 
 
-def test_az_from_pyro_accepts_osds(osds):
+def test_az_from_pyro_still_works_but_is_deprecated(osds):
     az = pytest.importorskip("arviz")
     if int(az.__version__.split(".")[0]) >= 1:
         pytest.skip("from_pyro exists in ArviZ 0.x only")
-    with pytest.warns(UserWarning):  # ArviZ cannot vectorise `X @ w` for its own log-likelihood and says so
+    # ArviZ cannot vectorise `X @ w` for its own log-likelihood and says so (UserWarning)
+    with pytest.warns(FutureWarning, match="to_inference_data"), pytest.warns(UserWarning):
         idata = az.from_pyro(osds)
     assert idata.posterior["w"].shape == (2, 200, 2)
 

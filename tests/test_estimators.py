@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_osds.estimators import (
+from pyro_osds.ops.estimators import (
     EvidenceError,
     evidence,
     forward_evidence,

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_osds.divergence import batched_jacobian, exact_trace, hutchinson_trace, rademacher
-from pyro_osds.integrate import (
+from pyro_osds.ops.integrate import (
     count_folded,
     em_rollout,
     flow,
@@ -15,10 +14,10 @@ from pyro_osds.integrate import (
     inverse_flow,
     langevin_input,
     ode_step,
-    potential_and_score,
 )
-from pyro_osds.nets import StepConditionedControl
-from pyro_osds.reference import ReferenceProcess
+from pyro_osds.ops.jacobian import batched_jacobian, exact_trace, hutchinson_trace, potential_and_score, rademacher
+from pyro_osds.ops.nets import ControlNetwork, StepConditionedControl
+from pyro_osds.ops.reference import ReferenceProcess
 
 D64 = torch.float64
 DIM = 4
@@ -129,15 +128,12 @@ def test_batched_jacobian_and_trace_match_autograd():
     torch.testing.assert_close(exact_trace(y, x), jac.diagonal(dim1=-2, dim2=-1).sum(-1), rtol=0, atol=1e-12)
 
 
-class LinearControl(nn.Module):
+class LinearControl(ControlNetwork):
     """u = a x, ignoring time, step and Langevin input: the PF drift is lambda(c) x."""
 
     def __init__(self, a):
         super().__init__()
         self.a = a
-
-    def step_features(self, t, d):
-        return None, None
 
     def forward(self, x, t, d, g, *, features=None):
         return self.a * x

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pyro_osds import OSDS, EvidenceError, OSDSConfig
-from pyro_osds.consistency import ConsistencySampler, consistency_function, consistency_grid, skip_scalings
-from pyro_osds.integrate import flow
+from pyro_osds.ops.consistency import consistency_function, consistency_grid, skip_scalings
+from pyro_osds.ops.integrate import flow
 from pyro_osds.sampler import FlowSampler
 
 D64 = torch.float64
@@ -56,8 +56,8 @@ def test_dis_path_weights_are_accurate_at_its_natural_step_count_and_collapse_at
 
 def test_scds_teacher_is_the_current_network():
     config = OSDSConfig.for_method("scds")
-    assert config.sd_teacher == "current" and config.volume_weight == 0.0 and config.sd_warmup == 0
-    assert config.sd_weight == 1.0 and config.diffusion_loss == "lv"
+    assert config.objective.diffusion.sd_teacher == "current" and config.objective.diffusion.volume_weight == 0.0 and config.objective.diffusion.sd_warmup == 0
+    assert config.option("sd_weight") == 1.0 and config.option("diffusion_loss") == "lv"
     pyro.set_rng_seed(0)
     sampler = FlowSampler(batched, torch.zeros(3, dtype=D64), config.replace(num_iterations=3, grid_size=8, dtype=None),
                           disable_progbar=True)
@@ -74,10 +74,10 @@ def test_cdds_reproduces_its_teachers_ode_endpoints():
     pyro.set_rng_seed(0)
     config = OSDSConfig.for_method("cdds", num_iterations=200, consistency_iterations=600, grid_size=16,
                                    precondition="none", dtype=None)
-    sampler = ConsistencySampler(skewed, torch.zeros(3, dtype=D64), config, disable_progbar=True)
+    sampler = FlowSampler(skewed, torch.zeros(3, dtype=D64), config, disable_progbar=True)
     sampler.fit()
     z0 = sampler.process.sample_prior(2000, 3, dtype=D64, generator=torch.Generator().manual_seed(1))
-    teacher = sampler.consistency_trainer.teacher
+    teacher = sampler.trainers[0].sampling_net
     endpoints = flow(teacher, sampler.whitened_potential, sampler.process, z0, 16, log_det="none").x
     student = consistency_function(sampler.sampling_net, sampler.whitened_potential, sampler.process, z0, 16.0).f
     untrained = consistency_function(teacher, sampler.whitened_potential, sampler.process, z0, 16.0).f
@@ -93,7 +93,7 @@ def test_consistency_parameterisation():
     assert float(c_skip[1]) == pytest.approx(0.2) and float(c_out[1]) == pytest.approx(0.5 / math.sqrt(1.25))
     assert consistency_grid(128, 18)[:3] == [0, 8, 15] and consistency_grid(128, 18)[-1] == 128
     assert consistency_grid(8, 18) == list(range(9))
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="`consistency_points` must be an integer >= 2"):
         consistency_grid(8, 1)
 
 
@@ -101,7 +101,7 @@ def test_cdds_one_step_log_det_is_exact():
     pyro.set_rng_seed(0)
     config = OSDSConfig.for_method("cdds", num_iterations=3, consistency_iterations=3, grid_size=8, dtype=None,
                                    precondition="none")
-    sampler = ConsistencySampler(batched, torch.zeros(3, dtype=D64), config, disable_progbar=True)
+    sampler = FlowSampler(batched, torch.zeros(3, dtype=D64), config, disable_progbar=True)
     sampler.fit()
     with torch.no_grad():
         for p in sampler.sampling_net.parameters():
@@ -157,7 +157,7 @@ def test_methods_round_trip_through_checkpoints(tmp_path):
                 preset="smoke", num_samples=50, num_chains=1).run()
     osds.save(tmp_path / "cdds.pt")
     loaded = OSDS.load(tmp_path / "cdds.pt", potential_fn=potential)
-    assert loaded.config.method == "cdds" and isinstance(loaded.samplers[0], ConsistencySampler)
+    assert loaded.config.method == "cdds" and len(loaded.samplers[0].trainers) == 2
     assert loaded.log_evidence().log_z == osds.log_evidence().log_z
     osds.sample(20)
     loaded.sample(20)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pyro_osds.nets import StepConditionedControl
+from pyro_osds.ops.nets import StepConditionedControl
 
 D64 = torch.float64
 
@@ -70,5 +70,5 @@ def test_dtype_and_state_dict_round_trip():
 def test_invalid_network_arguments():
     with pytest.raises(ValueError, match="activation"):
         StepConditionedControl(3, activation="relu6")
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="`dim` must be an integer >= 1"):
         StepConditionedControl(0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pyro_osds.precondition import (
+from pyro_osds.ops.precondition import (
     AffineMap,
     covering_gaussian,
     find_modes,

@@ -10,7 +10,8 @@ import pytest
 import torch
 from pyro.ops.indexing import Vindex
 
-from pyro_osds import OSDS, ModelTarget, UnsupportedModelError
+from pyro_osds import OSDS, UnsupportedModelError
+from pyro_osds.model import ModelTarget
 
 D64 = torch.float64
 # Statistical assertions: z = 4.5 keeps the false-alarm rate per assertion below 1e-5 (Gaussian tails).
@@ -93,7 +94,7 @@ def test_constrained_potential_matches_pyro(method):
     g = torch.Generator().manual_seed(2)
     y = torch.randn(12, 3, dtype=D64, generator=g)
     target = ModelTarget(constrained_model, (y,), vectorize=method)
-    assert target.method == method
+    assert target.vectorize == method
     z = target.init + 0.5 * torch.randn(6, target.dim, dtype=D64, generator=g)
     torch.testing.assert_close(target.potential(z), target.pyro_potential(z), rtol=1e-10, atol=1e-10)
 
@@ -102,17 +103,17 @@ def test_verification_catches_a_model_that_broadcasts_wrongly():
     y = torch.randn(12, 3, dtype=D64)
     with pytest.raises(ValueError, match="`vectorize='plate'` does not work for this model: disagrees"):
         ModelTarget(constrained_model, (y, False), vectorize="plate")
-    assert ModelTarget(constrained_model, (y, False)).method == "vmap"  # vmap is immune to this
+    assert ModelTarget(constrained_model, (y, False)).vectorize == "vmap"  # vmap is immune to this
 
 
 def test_vmap_is_chosen_for_matmul_models(regression_data):
-    assert ModelTarget(linear_regression, regression_data).method == "vmap"
+    assert ModelTarget(linear_regression, regression_data).vectorize == "vmap"
 
 
 def test_enumerated_mixture_uses_the_plate_and_matches_pyro():
     data = torch.cat([torch.randn(15, dtype=D64) - 3, torch.randn(10, dtype=D64) + 3])
     target = ModelTarget(mixture, (data,), max_plate_nesting=1)
-    assert target.method == "plate" and target.enumerated_sites == ["z"]
+    assert target.vectorize == "plate" and target.enumerated_sites == ["z"]
     z = target.init + 0.3 * torch.randn(5, target.dim, dtype=D64)
     torch.testing.assert_close(target.potential(z), target.pyro_potential(z), rtol=1e-10, atol=1e-10)
 
@@ -125,7 +126,7 @@ def test_unvectorisable_model_falls_back_to_a_loop_with_a_warning():
 
     with pytest.warns(UserWarning, match="could not be vectorised"):
         target = ModelTarget(branching, (torch.ones(3, dtype=D64),))
-    assert target.method == "loop"
+    assert target.vectorize == "loop"
 
 
 def test_non_enumerable_discrete_site_is_refused():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pyro_osds.reference import ReferenceProcess
+from pyro_osds.ops.reference import ReferenceProcess
 
 D64 = torch.float64
 
@@ -31,7 +31,7 @@ def test_cosine_schedule_integral_matches_digest():
 
 
 def test_linear_schedule_endpoints():
-    p = ReferenceProcess(schedule="linear")
+    p = ReferenceProcess(schedule="linear", grid_size=128)
     assert p.beta(0.0) == pytest.approx(0.005)
     assert p.beta(float(p.grid_size)) == pytest.approx(5.0)
     assert p.beta(64.0) == pytest.approx(0.5 * (0.01 + 9.99 * 0.5))
@@ -70,7 +70,7 @@ def test_step_codes_validation():
     with pytest.raises(ValueError, match="does not divide the fine grid"):
         p.step_codes(3)
     for bad in [0, -1, 2.0, True]:
-        with pytest.raises(ValueError, match="`num_steps` must be a positive integer"):
+        with pytest.raises(ValueError, match="`num_steps` must be an integer >= 1"):
             p.step_codes(bad)
 
 

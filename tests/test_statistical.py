@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pyro_osds.config import OSDSConfig
-from pyro_osds.estimators import evidence
+from pyro_osds.ops.estimators import evidence
 from pyro_osds.sampler import FlowSampler
 
 D64 = torch.float64
@@ -93,7 +93,7 @@ def test_elbo_is_a_lower_bound(gaussian_sampler, num_steps):
     # exact weights: a lower bound at every step count, trained or not
     assert est.elbo <= LOG_Z + Z * est.elbo_se, est
     config = gaussian_sampler.config
-    if config.diffusion_weight > 0 or num_steps in config.flow_kl_steps:  # a trained step count
+    if config.objective.diffusion.weight > 0 or num_steps in config.objective.flow_kl.steps:  # a trained step count
         assert est.k_hat < 0.7
         assert within(est.log_z, LOG_Z, est.se, bias=0.5 * est.se**2), est
 

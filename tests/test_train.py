@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from pyro_osds.config import OSDSConfig
-from pyro_osds.integrate import ode_step
-from pyro_osds.losses import distillation_step_sizes, flow_kl_loss, self_distillation_loss
-from pyro_osds.nets import StepConditionedControl
-from pyro_osds.reference import ReferenceProcess
+from pyro_osds.objectives import build_objective
+from pyro_osds.ops.integrate import ode_step
+from pyro_osds.ops.losses import distillation_step_sizes, flow_kl_loss, self_distillation_loss
+from pyro_osds.ops.nets import ControlNetwork, StepConditionedControl
+from pyro_osds.ops.reference import ReferenceProcess
 from pyro_osds.train import Trainer, TrainingDivergedError, progress_bar_disabled
 
 D64 = torch.float64
@@ -22,23 +23,26 @@ def quadratic(x):
     return 0.5 * ((x - 1.0) ** 2).sum(-1)
 
 
-def make_trainer(potential=quadratic, config=SMALL, dim=3, seed=0, **kw):
+def make_trainer(potential=quadratic, config=SMALL, dim=3, seed=0):
     torch.manual_seed(seed)
-    net = StepConditionedControl(dim, hidden_dim=config.hidden_dim, dtype=D64)
-    process = ReferenceProcess(grid_size=config.grid_size)
+    net = StepConditionedControl(dim, hidden_dim=config.net.hidden_dim, dtype=D64)
     gen = torch.Generator().manual_seed(seed)
-    return Trainer(net, potential, process, dim, config, generator=gen, **kw)
+    objective = build_objective(config.objective, potential, config.process, dim,
+                                flow_kl_steps=config.objective.flow_kl.steps, flow_kl_gradient="path")
+    return Trainer(net, objective, config.optim, generator=gen)
 
 
 def test_training_runs_records_history_and_calls_the_hook():
     calls = []
-    trainer = make_trainer(hook_fn=lambda step, info: calls.append((step, info["loss"])))
-    history = trainer.train()
+    trainer = make_trainer()
+    history = trainer.train(hook_fn=lambda step, info: calls.append((step, info["loss"])))
     assert trainer.step == 6 and [c[0] for c in calls] == list(range(1, 7))
     assert all(len(v) == 6 for v in history.values())
     assert all(math.isfinite(v) for v in history["loss"])
     assert math.isnan(history["sd_loss"][0]) and math.isfinite(history["sd_loss"][-1])  # warm-up
-    assert trainer.sd_weight(1) == pytest.approx(0.125) and trainer.sd_weight(10) == pytest.approx(0.25)
+    diffusion = SMALL.objective.diffusion
+    assert diffusion.distillation_weight(1) == pytest.approx(0.125)
+    assert diffusion.distillation_weight(10) == pytest.approx(0.25)
 
 
 def test_ema_tracks_the_network():
@@ -89,12 +93,11 @@ def test_keyboard_interrupt_keeps_the_last_good_state():
         if step == 3:
             raise KeyboardInterrupt
 
-    trainer = make_trainer(hook_fn=hook)
+    trainer = make_trainer()
     with pytest.warns(RuntimeWarning, match="interrupted at iteration 3"):
-        trainer.train()
+        trainer.train(hook_fn=hook)
     assert trainer.interrupted and trainer.step == 3
     assert all(torch.isfinite(p).all() for p in trainer.net.parameters())
-    trainer.hook_fn = None
     trainer.train(2)
     assert trainer.step == 5 and not trainer.interrupted
 
@@ -105,10 +108,10 @@ def test_one_step_objective_trains_the_deterministic_flow():
     trainer = make_trainer(config=config)
     history = trainer.train()
     assert all(math.isfinite(v) for v in history["flow_kl"])
-    assert all(math.isnan(v) for v in history["sd_loss"])  # no EM paths, no distillation
+    assert "sd_loss" not in history  # no EM paths, no distillation
     assert history["loss"] == history["flow_kl"]
-    assert trainer.learning_rate(0) == pytest.approx(config.learning_rate)
-    assert trainer.learning_rate(config.num_iterations) == pytest.approx(0.1 * config.learning_rate)
+    assert trainer.learning_rate(0) == pytest.approx(config.optim.learning_rate)
+    assert trainer.learning_rate(config.optim.num_iterations) == pytest.approx(0.1 * config.optim.learning_rate)
 
 
 def test_distillation_step_sizes():
@@ -140,7 +143,7 @@ def test_progress_bar_switch(monkeypatch):
     assert progress_bar_disabled()
 
 
-class _CubicControl(torch.nn.Module):
+class _CubicControl(ControlNetwork):
     """u = a x + b x^3: the one-step map's derivative (1 + beta/2) + (sigma/2)(a + 3 b x^2) can change sign."""
 
     def __init__(self, a, b):

@@ -1,15 +1,16 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
 r"""
-Pyro model :math:`\to` flat unconstrained target on :math:`\mathbb R^D` (the only module besides
-:mod:`pyro_osds.convert` that uses Pyro internals).
+Pyro model :math:`\to` flat unconstrained target on :math:`\mathbb R^D` (the
+:class:`~pyro_osds.target.FlatTarget` contract; the only module that traces Pyro models).
 
 :class:`ModelTarget` builds, from ``(model, args, kwargs)``:
 
 * the latent continuous sites in Pyro's sorted order, their ``biject_to(support)`` transforms and
   the packing between site dicts and ``(batch, D)`` tensors (as :class:`pyro.infer.MCMC` does);
 * a **batched** potential :math:`U(z) = -\log p(x(z), y) - \sum_s \log|\det \partial x_s/\partial z_s|`
-  tried in this order, each verified against Pyro's own ``potential_fn`` on a probe batch:
+  tried in this order, each verified against Pyro's own ``potential_fn`` on a probe batch
+  (:meth:`~pyro_osds.target.FlatTarget.select_vectorization`):
 
   1. ``"vmap"``: :func:`torch.func.vmap` over a trace+condition potential (validation off);
   2. ``"plate"``: an outer particle plate, which also marginalises enumerable discrete sites
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import NamedTuple
 
 import pyro
 import torch
@@ -38,27 +38,16 @@ from pyro.infer.mcmc.util import _guess_max_plate_nesting, initialize_model
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.util import site_is_subsample
 
-from .target import pack, unpack
+from .target import FlatTarget, Site
+from .util import check_choice
 
-__all__ = ["ModelTarget", "SiteInfo", "UnsupportedModelError"]
+__all__ = ["ModelTarget", "UnsupportedModelError"]
 
 PARTICLE_PLATE = "_osds_particles"
 
 
 class UnsupportedModelError(ValueError):
     """The model has a feature OSDS cannot handle (the message names the site and the fix)."""
-
-
-class SiteInfo(NamedTuple):
-    """A latent site: name, unconstrained shape, constrained shape, slice in the flat vector, and
-    the number of the site's distribution batch dims."""
-
-    name: str
-    shape: torch.Size
-    constrained_shape: torch.Size
-    start: int
-    stop: int
-    batch_ndim: int
 
 
 def _map_tensors(obj, fn):
@@ -110,7 +99,7 @@ def _check_model(model, args, kwargs) -> poutine.Trace:
     return trace
 
 
-class ModelTarget:
+class ModelTarget(FlatTarget):
     r"""
     The flat unconstrained target of a Pyro model (module docstring).
 
@@ -126,6 +115,9 @@ class ModelTarget:
     """
 
     METHODS = ("vmap", "plate", "loop")
+    site_kind = "latent site"
+    _not_finite_message = ("The model's potential is not finite near its initial point; check the model's priors "
+                           "and likelihood, or pass `initial_params` / `init_strategy`.")
 
     def __init__(
         self,
@@ -139,8 +131,7 @@ class ModelTarget:
         vectorize: str | None = None,
         initial_params: dict | None = None,
     ):
-        if vectorize is not None and vectorize not in self.METHODS:
-            raise ValueError(f"`vectorize` must be one of {self.METHODS} or None, got {vectorize!r}.")
+        check_choice("vectorize", vectorize, self.METHODS + (None,))
         self.model = model
         self.args = tuple(model_args)
         self.kwargs = dict(model_kwargs or {})
@@ -179,16 +170,15 @@ class ModelTarget:
             value = init_params[name]
             proto = self.prototype_trace.nodes[name]
             numel = value.numel()
-            sites.append(SiteInfo(name, value.shape, proto["value"].shape, start, start + numel,
-                                  len(proto["fn"].batch_shape)))
+            sites.append(Site(name, value.shape, start, start + numel, proto["value"].shape,
+                              len(proto["fn"].batch_shape)))
             start += numel
         self.sites = sites
-        self.dim = start
         self.init = self.pack({k: v.unsqueeze(0) for k, v in init_params.items()})[0].detach()
-        self.dtype, self.device = self.init.dtype, self.init.device
         if initial_params is not None:
             self.init = self._check_initial_params(initial_params)
-        self.method = self._select_method(vectorize)
+        self._potentials = {"vmap": self._vmap_potential, "plate": self._plate_potential, "loop": self._loop_potential}
+        self.vectorize = self._select(vectorize)
 
     def _check_initial_params(self, initial_params: dict) -> torch.Tensor:
         """Validates user ``initial_params`` (unconstrained values of the latent sites, as for MCMC)."""
@@ -217,24 +207,6 @@ class ModelTarget:
         return init
 
     # ------------------------------------------------------------------------------------------
-    # packing
-    def unpack(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``(batch, D)`` -> dict of unconstrained ``(batch, *site_shape)``."""
-        return unpack(self.sites, z)
-
-    def pack(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """dict of unconstrained ``(batch, *site_shape)`` -> ``(batch, D)`` (sorted site order)."""
-        return pack(self.sites, params, what="latent site")
-
-    def constrain(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``(batch, D)`` unconstrained -> dict of constrained site values ``(batch, *shape)``."""
-        return {name: self.transforms[name].inv(u) for name, u in self.unpack(z).items()}
-
-    def unconstrain(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """dict of constrained ``(batch, *shape)`` -> ``(batch, D)``."""
-        return self.pack({s.name: self.transforms[s.name](torch.as_tensor(values[s.name])) for s in self.sites})
-
-    # ------------------------------------------------------------------------------------------
     # potentials
     def _log_jacobian(self, values, params, batch: int | None) -> torch.Tensor:
         total = 0.0
@@ -243,11 +215,17 @@ class ModelTarget:
             total = total + (ladj.sum() if batch is None else ladj.reshape(batch, -1).sum(-1))
         return total
 
-    def _single_potential(self, flat: torch.Tensor) -> torch.Tensor:
+    def _conditioned_trace(self, flat: torch.Tensor):
+        """The model's trace conditioned on one flat unconstrained vector ``(D,)``; returns
+        ``(trace, params, values)`` (unconstrained and constrained site values)."""
         params = {s.name: flat[s.start : s.stop].reshape(s.shape) for s in self.sites}
         values = {name: self.transforms[name].inv(u) for name, u in params.items()}
         with poutine.block():
             trace = poutine.trace(poutine.condition(self.model, values)).get_trace(*self.args, **self.kwargs)
+        return trace, params, values
+
+    def _single_potential(self, flat: torch.Tensor) -> torch.Tensor:
+        trace, params, values = self._conditioned_trace(flat)
         return -trace.log_prob_sum() + self._log_jacobian(values, params, None)
 
     def _vmap_potential(self, z: torch.Tensor) -> torch.Tensor:
@@ -317,69 +295,23 @@ class ModelTarget:
                 out.append(self._pyro_potential({s.name: row[s.start : s.stop].reshape(s.shape) for s in self.sites}))
         return torch.stack(out).reshape(z.shape[0])
 
-    def potential(self, z: torch.Tensor) -> torch.Tensor:
-        r"""Batched potential ``(batch, D) -> (batch,)`` by the selected method (:attr:`method`)."""
-        return {"vmap": self._vmap_potential, "plate": self._plate_potential, "loop": self._loop_potential}[
-            self.method
-        ](z)
-
     def pyro_potential(self, z: torch.Tensor) -> torch.Tensor:
         """Pyro's own (unbatched) ``potential_fn`` evaluated row by row: the reference."""
         return self._loop_potential(z)
 
-    def _probe(self) -> torch.Tensor:
-        gen = torch.Generator(device="cpu").manual_seed(12345)
-        noise = torch.randn(3, self.dim, generator=gen, dtype=torch.float64).to(dtype=self.dtype, device=self.device)
-        return self.init.unsqueeze(0) + 0.1 * noise
-
-    def _verify(self, method: str, probe: torch.Tensor, reference: torch.Tensor) -> str | None:
-        """None if ``method`` reproduces Pyro's potential and supports second derivatives; else the reason."""
-        fn = {"vmap": self._vmap_potential, "plate": self._plate_potential}[method]
-        try:
-            z = probe.clone().requires_grad_(True)
-            value = fn(z)
-            (grad,) = torch.autograd.grad(value.sum(), z, create_graph=True)
-            torch.autograd.grad(grad[:, 0].sum(), z, allow_unused=True)
-        except Exception as err:  # noqa: BLE001 - any failure of a vectorisation strategy means "try the next"
-            return f"{type(err).__name__}: {err}"
-        if value.shape != reference.shape:
-            return f"returned shape {tuple(value.shape)}, expected {tuple(reference.shape)}"
-        tol = 1e-9 if self.dtype == torch.float64 else 1e-4
-        err = (value.detach() - reference).abs() / (1.0 + reference.abs())
-        if not bool(torch.isfinite(value).all()) or float(err.max()) > tol:
-            return f"disagrees with Pyro's potential_fn (relative error {float(err.max()):.2e})"
-        return None
-
-    def _select_method(self, forced: str | None) -> str:
-        probe = self._probe()
+    def _select(self, forced: str | None) -> str:
+        probe = self.probe_points()
         with torch.no_grad():
             reference = self.pyro_potential(probe)
-        if not bool(torch.isfinite(reference).all()):
-            raise ValueError(
-                "The model's potential is not finite near its initial point; check the model's priors and "
-                "likelihood, or pass `initial_params` / `init_strategy`."
-            )
-        if forced == "loop":
-            return "loop"
-        candidates = [forced] if forced else [m for m in ("vmap", "plate") if not (m == "vmap" and self.enumerated_sites)]
-        reasons = {}
-        for method in candidates:
-            reason = self._verify(method, probe, reference)
-            if reason is None:
-                return method
-            reasons[method] = reason
-        if forced:
-            raise ValueError(f"`vectorize={forced!r}` does not work for this model: {reasons[forced]}.")
-        warnings.warn(
-            "The model could not be vectorised over particles ("
-            + "; ".join(f"{k}: {v}" for k, v in reasons.items())
-            + "), so OSDS evaluates it in a Python loop, which is slow. Writing the model with broadcasting "
-            "(e.g. `(X * w.unsqueeze(-2)).sum(-1)` instead of `X @ w` inside plates, `Vindex` for enumerated "
-            "indexing) and without Python control flow on latent values makes it vectorisable.",
-            UserWarning,
-            stacklevel=3,
-        )
-        return "loop"
+        candidates = [m for m in ("vmap", "plate") if not (m == "vmap" and self.enumerated_sites)]
+        return self.select_vectorization(candidates, probe, reference, forced=forced)
+
+    def _fallback_warning(self, reasons: dict) -> str:
+        return ("The model could not be vectorised over particles ("
+                + "; ".join(f"{k}: {v}" for k, v in reasons.items())
+                + "), so OSDS evaluates it in a Python loop, which is slow. Writing the model with broadcasting "
+                "(e.g. `(X * w.unsqueeze(-2)).sum(-1)` instead of `X @ w` inside plates, `Vindex` for enumerated "
+                "indexing) and without Python control flow on latent values makes it vectorisable.")
 
     # ------------------------------------------------------------------------------------------
     # observations, log-likelihood and discrete sites
@@ -407,13 +339,9 @@ class ModelTarget:
         for start in range(0, z.shape[0], chunk_size):
             chunk = z[start : start + chunk_size]
             with torch.no_grad():
-                if self.method == "vmap":
+                if self.vectorize == "vmap":
                     def single(flat):
-                        params = {s.name: flat[s.start : s.stop].reshape(s.shape) for s in self.sites}
-                        values = {k: self.transforms[k].inv(u) for k, u in params.items()}
-                        with poutine.block():
-                            tr = poutine.trace(poutine.condition(self.model, values)).get_trace(*self.args,
-                                                                                                **self.kwargs)
+                        tr = self._conditioned_trace(flat)[0]
                         return {name: self._pointwise(tr.nodes[name]) for name in self.observed_sites}
 
                     with pyro.validation_enabled(False):
@@ -422,11 +350,8 @@ class ModelTarget:
                         out[name].append(res[name])
                 else:
                     for row in chunk:
-                        params = {s.name: row[s.start : s.stop].reshape(s.shape) for s in self.sites}
-                        values = {k: self.transforms[k].inv(u) for k, u in params.items()}
-                        with poutine.block(), pyro.validation_enabled(False):
-                            tr = poutine.trace(poutine.condition(self.model, values)).get_trace(*self.args,
-                                                                                                **self.kwargs)
+                        with pyro.validation_enabled(False):
+                            tr = self._conditioned_trace(row)[0]
                         for name in self.observed_sites:
                             out[name].append(self._pointwise(tr.nodes[name]).unsqueeze(0))
         return {name: torch.cat(v).detach() for name, v in out.items() if v}
@@ -461,7 +386,3 @@ class ModelTarget:
     def data_device(args, kwargs):
         t = _first_tensor(list(args) + list(kwargs.values()))
         return None if t is None else t.device
-
-    def description(self) -> str:
-        return ", ".join(f"{s.name}{tuple(s.constrained_shape)}" for s in self.sites) + f" (D={self.dim})"
-

@@ -1,7 +1,7 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
 r"""
-Jacobians, divergences and log-determinants of per-sample maps on ``(batch, dim)`` tensors.
+Jacobians, divergences and scores of per-sample maps on ``(batch, dim)`` tensors.
 
 Every function here assumes that row :math:`i` of the output depends only on row :math:`i` of the
 input (the maps act independently on particles), so that the per-sample Jacobian
@@ -11,7 +11,10 @@ input (the maps act independently on particles), so that the per-sample Jacobian
 * exact divergence: :math:`\operatorname{tr} J_i`;
 * Hutchinson: :math:`\operatorname{tr} J \approx \frac1M\sum_m v_m^\top J v_m` with Rademacher
   probes, computed with vector--Jacobian products (cheaper than forward mode on CPU);
-* log-determinant: :math:`\log|\det J_i|` with its sign (``slogdet``).
+* the target score :math:`\nabla\log\rho = -\nabla U` of a batched potential, optionally with a graph
+  for Hessian terms (:func:`potential_and_score`).
+
+Log-determinants are ``torch.linalg.slogdet`` of the Jacobians.
 
 Differentiating *through* these (``create_graph=True``) gives gradients of the log-determinant
 with respect to network parameters and is what volume terms in the losses use.
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["batched_jacobian", "exact_trace", "hutchinson_trace", "rademacher", "slogdet"]
+from ..util import PotentialFn
+
+__all__ = ["batched_jacobian", "exact_trace", "hutchinson_trace", "potential_and_score", "rademacher"]
 
 
 def batched_jacobian(y: torch.Tensor, x: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
@@ -77,6 +82,20 @@ def hutchinson_trace(
     return (vjp * probes).sum(-1).mean(0), vjp
 
 
-def slogdet(jacobian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""``(sign, log|det J|)`` of a batch of square matrices, each of shape ``(batch,)``."""
-    return torch.linalg.slogdet(jacobian)
+def potential_and_score(
+    potential_fn: PotentialFn, x: torch.Tensor, *, create_graph: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Batched potential :math:`U(x) = -\log\rho(x)` and target score :math:`\nabla\log\rho(x)`.
+
+    ``x`` must require grad when ``create_graph`` is true (the score then carries a graph to
+    ``x``, e.g. for Hessian terms); otherwise a detached copy is differentiated.
+    """
+    with torch.enable_grad():
+        if not (create_graph and x.requires_grad):
+            x = x.detach().requires_grad_(True)
+        potential = potential_fn(x)
+        (grad,) = torch.autograd.grad(potential.sum(), x, create_graph=create_graph)
+    if not create_graph:
+        potential, grad = potential.detach(), grad.detach()
+    return potential, -grad

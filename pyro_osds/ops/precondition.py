@@ -23,24 +23,27 @@ Fits (all return an :class:`AffineMap`):
   :math:`\mathcal N(m, LL^\top)` with reparameterised gradients), started from the best of the given
   candidates by a pilot ELBO. Unlike the Laplace fit it cannot collapse onto a spike (e.g. the
   funnel's mode at :math:`x_0 \to -40`).
+
+:func:`choose_preconditioner` combines them as :class:`PreconditionConfig` asks.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .divergence import batched_jacobian
-from .integrate import potential_and_score
+from ..util import PotentialFn, check_choice, check_positive_int, warn
+from .jacobian import batched_jacobian, potential_and_score
 
-__all__ = ["AffineMap", "covering_gaussian", "find_modes", "fit_gaussian", "fit_laplace", "gaussian_elbo",
-           "lost_modes", "mode_shares", "whiten_potential"]
+__all__ = ["PRECONDITIONERS", "AffineMap", "PreconditionConfig", "choose_preconditioner", "covering_gaussian",
+           "find_modes", "fit_gaussian", "fit_laplace", "gaussian_elbo", "lost_modes", "mode_shares",
+           "whiten_potential"]
 
-PotentialFn = Callable[[torch.Tensor], torch.Tensor]
-
+PRECONDITIONERS = ("gaussian", "laplace", "diagonal_laplace", "none")
 
 class AffineMap(NamedTuple):
     r""":math:`x = m + L z` with ``shift`` :math:`m` ``(D,)`` and lower-triangular ``scale_tril`` :math:`L` ``(D, D)``."""
@@ -306,3 +309,95 @@ def covering_gaussian(modes: list[tuple[AffineMap, float]]) -> AffineMap:
     cov = second - torch.outer(mean, mean)
     cov = 0.5 * (cov + cov.T)
     return AffineMap(mean, _scale_from_hessian(torch.linalg.inv(cov), diagonal=False))
+
+
+@dataclass(frozen=True)
+class PreconditionConfig:
+    r"""
+    How a chain's affine preconditioner is fitted (:func:`choose_preconditioner`).
+
+    :param str kind: ``"gaussian"`` (Gaussian variational fit started from the best of the converged
+        Laplace fits and the identity; default), ``"laplace"`` (the heaviest converged Laplace fit),
+        ``"diagonal_laplace"`` (its marginal standard deviations) or ``"none"``.
+    :param int num_iterations: iterations of the Gaussian fit (400).
+    :param int mode_search_starts: extra random starts of a mode search (4; 0 turns it off) that, when
+        it finds several separated modes, replaces the mode-seeking fit by a broad Gaussian covering
+        all of them.
+    """
+
+    kind: str = "gaussian"
+    num_iterations: int = 400
+    mode_search_starts: int = 4
+
+    def __post_init__(self):
+        check_choice("precondition", self.kind, PRECONDITIONERS)
+        check_positive_int("precondition_iterations", self.num_iterations, minimum=0)
+        check_positive_int("mode_search_starts", self.mode_search_starts, minimum=0)
+
+
+def _diagonal(affine: AffineMap) -> AffineMap:
+    """The same fit with only the marginal scales: ``diag(sqrt(diag(L L^T)))``."""
+    cov = affine.scale_tril @ affine.scale_tril.T
+    return AffineMap(affine.shift, torch.diag(cov.diagonal().sqrt()))
+
+
+def choose_preconditioner(
+    potential_fn: PotentialFn,
+    init: torch.Tensor,
+    config: PreconditionConfig,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[AffineMap, dict]:
+    r"""
+    The affine preconditioner :class:`PreconditionConfig` asks for, fitted on ``potential_fn`` from
+    ``init`` (in their dtype):
+
+    1. with ``mode_search_starts > 0``, :func:`find_modes`; several separated modes give their
+       :func:`covering_gaussian` at once;
+    2. else the converged Laplace fits (heaviest first; diagonalised for ``"diagonal_laplace"``) and
+       the identity at ``init`` are the candidates: ``"laplace"`` takes the first,
+       ``"gaussian"`` runs :func:`fit_gaussian` from the best of them.
+
+    :returns: ``(AffineMap, info)``; ``info`` may hold ``"num_modes"`` (separated modes found by the
+        search), ``"modes"`` (``[(centre, Laplace mass), ...]`` when several were found), ``"light_modes"`` (optima dropped as light by the mode search),
+        ``"laplace"`` (``{"converged_fits": n}``) and ``"gaussian"`` (the fit's pilot ELBOs).
+    :raises ValueError: ``"laplace"``/``"diagonal_laplace"`` when no Laplace fit converged.
+    """
+    info: dict = {}
+    dim = init.numel()
+    identity = AffineMap.identity(dim, shift=init, dtype=init.dtype, device=init.device)
+    if config.kind == "none":
+        return identity, info
+    if config.mode_search_starts > 0:
+        search: dict = {}
+        modes = find_modes(potential_fn, init, num_starts=config.mode_search_starts, generator=generator,
+                           info=search)
+        info["num_modes"], info["light_modes"] = len(modes), search["num_light_modes"]
+        if len(modes) > 1:
+            info["modes"] = [(a.shift, w) for a, w in modes]
+            return covering_gaussian(modes), info
+        laplace_fits = [affine for affine, _ in modes]  # converged fits only (heaviest first)
+    else:
+        laplace_fits = []
+        try:
+            affine, fit = fit_laplace(potential_fn, init)
+            if fit["converged"]:
+                laplace_fits.append(affine)
+        except (ValueError, RuntimeError):
+            pass
+    if config.kind == "diagonal_laplace":
+        laplace_fits = [_diagonal(a) for a in laplace_fits]
+    info["laplace"] = {"converged_fits": len(laplace_fits)}
+    if not laplace_fits:
+        if config.kind != "gaussian":
+            raise ValueError(
+                "No Laplace fit converged (the potential may have no interior maximum, e.g. a spike where a "
+                "scale goes to zero). Use `precondition='gaussian'` (a variational fit) or `precondition='none'`."
+            )
+        warn("No Laplace fit converged; fitting the Gaussian preconditioner from the identity.", RuntimeWarning)
+    candidates = laplace_fits + [identity]
+    if config.kind in ("laplace", "diagonal_laplace"):
+        return candidates[0], info  # the heaviest converged mode
+    affine, fit = fit_gaussian(potential_fn, candidates, num_iterations=config.num_iterations, generator=generator)
+    info["gaussian"] = fit
+    return affine, info

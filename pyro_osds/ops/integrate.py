@@ -31,40 +31,49 @@ The volume tracker accumulates a log-determinant per step. ``log_det`` selects h
 
 **References**
 
-[1] `One-Step Diffusion Samplers via Self-Distillation and Deterministic Flow`, arXiv 2512.05251.
-[2] `Single-Step Consistent Diffusion Samplers`, arXiv 2502.07579.
+[1] `One-Step Diffusion Samplers via Self-Distillation and Deterministic Flow`, P. Jutras-Dubé, J. Zhang,
+    Z. Wang, R. Zhang (2025), arXiv 2512.05251.
+
+[2] `Single-Step Consistent Diffusion Samplers`, P. Jutras-Dubé, P. Pynadath, R. Zhang (2025), arXiv 2502.07579.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-from .divergence import batched_jacobian, exact_trace, hutchinson_trace, rademacher, slogdet
+from ..util import PotentialFn, check_choice
+from .jacobian import batched_jacobian, exact_trace, hutchinson_trace, potential_and_score, rademacher
 from .reference import ReferenceProcess
 
 __all__ = [
+    "EXACT_LOG_DET_METHODS",
     "LOG_DET_METHODS",
     "EMRollout",
     "FlowOutput",
     "InverseFlowOutput",
     "StepOutput",
+    "control_and_jacobian",
     "count_folded",
-    "fold_penalty",
+    "em_log_weights",
     "em_rollout",
     "flow",
+    "fold_penalty",
     "inverse_flow",
     "langevin_input",
+    "default_tolerance",
+    "newton_invert",
     "ode_step",
-    "potential_and_score",
     "step_jacobian",
+    "target_weight",
 ]
 
 LOG_DET_METHODS = ("exact", "exact_frozen_langevin", "euler_trace", "hutchinson", "none")
-
-PotentialFn = Callable[[torch.Tensor], torch.Tensor]
+#: the log-det methods that are exact for the discrete map (and give orientations and Jacobians)
+EXACT_LOG_DET_METHODS = ("exact", "exact_frozen_langevin")
 
 
 class StepOutput(NamedTuple):
@@ -131,25 +140,6 @@ def _col(v: torch.Tensor) -> torch.Tensor:
     return v.unsqueeze(-1) if v.dim() == 1 else v
 
 
-def potential_and_score(
-    potential_fn: PotentialFn, x: torch.Tensor, *, create_graph: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""
-    Batched potential :math:`U(x) = -\log\rho(x)` and target score :math:`\nabla\log\rho(x)`.
-
-    ``x`` must require grad when ``create_graph`` is true (the score then carries a graph to
-    ``x``, e.g. for Hessian terms); otherwise a detached copy is differentiated.
-    """
-    with torch.enable_grad():
-        if not (create_graph and x.requires_grad):
-            x = x.detach().requires_grad_(True)
-        potential = potential_fn(x)
-        (grad,) = torch.autograd.grad(potential.sum(), x, create_graph=create_graph)
-    if not create_graph:
-        potential, grad = potential.detach(), grad.detach()
-    return potential, -grad
-
-
 def langevin_input(
     process: ReferenceProcess, x: torch.Tensor, code, target_score: torch.Tensor, step=0.0
 ) -> torch.Tensor:
@@ -168,7 +158,7 @@ def langevin_input(
 
 
 def target_weight(process: ReferenceProcess, code, step) -> torch.Tensor | float:
-    """The target's interpolation weight :math:`1 - \tau` of the Langevin input for a step from ``code``."""
+    r"""The target's interpolation weight :math:`1 - \tau` of the Langevin input for a step from ``code``."""
     tau_code = code - step if process.langevin_time == "end" else code
     return 1.0 - tau_code / process.grid_size
 
@@ -207,19 +197,25 @@ def step_jacobian(
     return x_next.detach(), jac.detach()
 
 
-def _structured_step(net, potential_fn, process, x_in, code, step, *, through_g, differentiable):
+def control_and_jacobian(net, potential_fn: PotentialFn, process: ReferenceProcess, x_in: torch.Tensor, code, step,
+                         *, through_g: bool, differentiable: bool) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
-    One step with its exact Jacobian from the network's closed form (``net.control_and_jacobian``):
+    The control :math:`u = u_\theta(x, \tfrac cT, \tfrac dT, g(x, c))` of a step of ``step`` codes
+    from ``code`` and its exact transposed Jacobian, from the network's closed form
+    (:meth:`~pyro_osds.ops.nets.ControlNetwork.control_and_jacobian`):
 
     .. math::
 
-        \frac{\partial F_c}{\partial x} = (1 + \tfrac12\Delta\beta) I + \tfrac12\Delta\sigma
-        \Big[\frac{\partial h}{\partial x} + \operatorname{diag}(b)\frac{\partial g}{\partial x}\Big],\qquad
+        \frac{\partial u}{\partial x} = \frac{\partial h}{\partial x}
+          + \operatorname{diag}(b)\frac{\partial g}{\partial x},\qquad
         \frac{\partial g}{\partial x} = \sigma(c)\Big[(1 - \tau)\nabla^2\log\rho - \frac{\tau}{\sigma_0^2} I\Big],
 
     so automatic differentiation is only needed for the Hessian of :math:`\log\rho`, and not at all
     when the target's weight :math:`1 - \tau` is zero (every one-step map with ``langevin_time="start"``).
-    Returns ``(u, x_next, jacobian^T)`` (the transpose: what the determinant and trace need).
+    With ``through_g=False`` the Langevin input is held constant (:math:`\partial g/\partial x = 0`).
+    ``x_in`` must require grad. Every step map of the package (PF-ODE steps, the consistency function)
+    is :math:`a\,x + b\,u` for per-sample scalars :math:`a, b`, so its Jacobian follows from this one.
+    Returns ``(u, (du/dx)^T)``.
     """
     T = process.grid_size
     batch, dim = x_in.shape
@@ -228,7 +224,7 @@ def _structured_step(net, potential_fn, process, x_in, code, step, *, through_g,
         return torch.as_tensor(v, dtype=x_in.dtype, device=x_in.device).expand(batch)
 
     tau = 1.0 - per_sample(target_weight(process, code, step))
-    sigma, beta, dt = per_sample(process.sigma(code)), per_sample(process.beta(code)), per_sample(step / T)
+    sigma = per_sample(process.sigma(code))
     hessian = None
     if bool((tau != 1).any()):
         _, score = potential_and_score(potential_fn, x_in, create_graph=through_g)
@@ -248,7 +244,29 @@ def _structured_step(net, potential_fn, process, x_in, code, step, *, through_g,
         g_jac = prior_diag
     else:
         g_jac = (sigma * (1.0 - tau))[:, None, None] * hessian + torch.diag_embed(prior_diag)
-    u, u_jac_t = net.control_and_jacobian(x_in, code / T, step / T, g, g_jac, transposed=True)
+    return net.control_and_jacobian(x_in, code / T, step / T, g, g_jac, transposed=True)
+
+
+def _structured_step(net, potential_fn, process, x_in, code, step, *, through_g, differentiable):
+    r"""
+    One PF-ODE step with its exact Jacobian from :func:`control_and_jacobian`:
+
+    .. math::
+
+        \frac{\partial F_c}{\partial x} = (1 + \tfrac12\Delta\beta) I + \tfrac12\Delta\sigma\,
+        \frac{\partial u}{\partial x}.
+
+    Returns ``(u, x_next, jacobian^T)`` (the transpose: what the determinant and trace need).
+    """
+    T = process.grid_size
+    batch = x_in.shape[0]
+
+    def per_sample(v):  # number, 0-d or (batch,) -> (batch,)
+        return torch.as_tensor(v, dtype=x_in.dtype, device=x_in.device).expand(batch)
+
+    sigma, beta, dt = per_sample(process.sigma(code)), per_sample(process.beta(code)), per_sample(step / T)
+    u, u_jac_t = control_and_jacobian(net, potential_fn, process, x_in, code, step, through_g=through_g,
+                                      differentiable=differentiable)
     x_next = x_in + dt[:, None] * (0.5 * sigma[:, None] * u + 0.5 * beta[:, None] * x_in)
     # the transposed step Jacobian (same determinant and trace): scale, then add the diagonal in place
     jac_t = (0.5 * dt * sigma)[:, None, None] * u_jac_t
@@ -283,13 +301,12 @@ def ode_step(
 
     :param bool return_jacobian: also return the step's Jacobian (exact log-det modes only).
 
-    Networks with a closed-form Jacobian (``control_and_jacobian``) get the exact log-determinant
-    from it; others by ``dim`` backward passes.
+    Networks with a closed-form Jacobian (:attr:`~pyro_osds.ops.nets.ControlNetwork.closed_form_jacobian`)
+    get the exact log-determinant from it; others by ``dim`` backward passes.
     """
-    if return_jacobian and log_det not in ("exact", "exact_frozen_langevin"):
+    check_choice("log_det", log_det, LOG_DET_METHODS)
+    if return_jacobian and log_det not in EXACT_LOG_DET_METHODS:
         raise ValueError(f"`return_jacobian` needs an exact `log_det`, got {log_det!r}.")
-    if log_det not in LOG_DET_METHODS:
-        raise ValueError(f"`log_det` must be one of {LOG_DET_METHODS}, got {log_det!r}.")
     code = _as_code(code, x)
     step = _as_code(step, x)
     with torch.enable_grad():
@@ -299,8 +316,7 @@ def ode_step(
             raise ValueError("`log_det='exact'` differentiates through the Langevin input; use "
                              "`log_det='exact_frozen_langevin'` to hold it constant.")
         sign, jacobian = None, None
-        structured = hasattr(net, "control_and_jacobian") and log_det in ("exact", "exact_frozen_langevin",
-                                                                           "euler_trace")
+        structured = net.closed_form_jacobian and log_det in EXACT_LOG_DET_METHODS + ("euler_trace",)
         if structured:
             u, x_next, jac = _structured_step(net, potential_fn, process, x_in, code, step,
                                               through_g=through_g, differentiable=differentiable)
@@ -308,13 +324,13 @@ def ode_step(
                 # Euler rule: dt * div(drift) = trace(J - I) of the step's Jacobian with g held constant
                 increment = jac.diagonal(dim1=-2, dim2=-1).sum(-1) - x.shape[-1]
             else:
-                sign, increment = slogdet(jac)
+                sign, increment = torch.linalg.slogdet(jac)
                 jacobian = jac.transpose(-1, -2) if return_jacobian else None
         else:
             u, x_next = _step_graph(net, potential_fn, process, x_in, code, step, through_g=through_g)
-            if log_det in ("exact", "exact_frozen_langevin"):
+            if log_det in EXACT_LOG_DET_METHODS:
                 jac = batched_jacobian(x_next, x_in, create_graph=differentiable)
-                sign, increment = slogdet(jac)
+                sign, increment = torch.linalg.slogdet(jac)
                 jacobian = jac if return_jacobian else None
             elif log_det in ("euler_trace", "hutchinson"):
                 if log_det == "euler_trace":
@@ -420,6 +436,63 @@ def count_folded(orientation: torch.Tensor | None) -> torch.Tensor:
     return orientation != majority
 
 
+def newton_invert(
+    map_fn: Callable[[torch.Tensor], torch.Tensor],
+    jacobian_fn: Callable[[torch.Tensor], torch.Tensor],
+    y: torch.Tensor,
+    *,
+    tolerance: float,
+    max_iterations: int = 50,
+) -> torch.Tensor:
+    r"""
+    Solves :math:`F(x) = y` row by row for a per-sample map :math:`F` (``map_fn``: ``(batch, dim) ->
+    (batch, dim)``, ``jacobian_fn``: its Jacobians ``(batch, dim, dim)``, rows are outputs) by damped
+    Newton iterations started from the explicit first-order inverse :math:`x = y - (F(y) - y)`:
+    :math:`x \leftarrow x - \alpha J^{-1}(F(x) - y)` with a per-sample backtracking line search on the
+    max-norm residual. Iterates until every residual is below ``tolerance`` times
+    :math:`1 + \max|y|` or nothing improves; the caller checks convergence at the returned ``x``.
+    """
+    batch = y.shape[0]
+    x = 2 * y - map_fn(y)
+    residual = map_fn(x) - y
+    res_norm = residual.abs().amax(-1)
+    scale = 1.0 + y.abs().amax(-1)
+    for _ in range(max_iterations):
+        active = res_norm > tolerance * scale
+        if not bool(active.any()):
+            break
+        jac = jacobian_fn(x)
+        try:
+            delta = torch.linalg.solve(jac, residual.unsqueeze(-1)).squeeze(-1)
+        except RuntimeError:
+            delta = torch.linalg.lstsq(jac, residual.unsqueeze(-1)).solution.squeeze(-1)
+        delta = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
+        alpha = torch.ones(batch, 1, dtype=y.dtype, device=y.device)
+        improved = torch.zeros(batch, dtype=torch.bool, device=y.device)
+        new_x, new_res, new_norm = x, residual, res_norm
+        for _ in range(12):  # per-sample backtracking line search
+            cand = x - alpha * delta
+            cand_res = map_fn(cand) - y
+            cand_norm = cand_res.abs().amax(-1)
+            ok = (cand_norm < res_norm) & active & ~improved
+            new_x = torch.where(ok.unsqueeze(-1), cand, new_x)
+            new_res = torch.where(ok.unsqueeze(-1), cand_res, new_res)
+            new_norm = torch.where(ok, cand_norm, new_norm)
+            improved = improved | ok
+            if bool((improved | ~active).all()):
+                break
+            alpha = torch.where(improved.unsqueeze(-1), alpha, 0.5 * alpha)
+        if not bool(improved.any()):
+            break
+        x, residual, res_norm = new_x, new_res, new_norm
+    return x
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """Newton tolerance of the inverse maps: ``1e-9`` in float64, ``2e-4`` otherwise."""
+    return 1e-9 if dtype == torch.float64 else 2e-4
+
+
 def inverse_flow(
     net: torch.nn.Module,
     potential_fn: PotentialFn,
@@ -433,7 +506,7 @@ def inverse_flow(
     r"""
     Exact inverse of the ``num_steps``-step PF-ODE map (target :math:`\to` prior), step by step
     with damped Newton iterations on :math:`F_c(x) = y` using the exact Jacobian (through
-    :math:`g`), started from the explicit first-order inverse
+    :math:`g`; :func:`newton_invert`), started from the explicit first-order inverse
     :math:`x \approx y - \Delta\,(\tfrac12\sigma u + \tfrac12\beta y)`.
 
     Unlike the first-order inverse of the OSDS code, the recovered :math:`x_0` maps *exactly* (to
@@ -446,54 +519,26 @@ def inverse_flow(
         ``2e-4`` in float32, relative to ``1 + |y|``).
     """
     if tolerance is None:
-        tolerance = 1e-9 if y.dtype == torch.float64 else 2e-4
+        tolerance = default_tolerance(y.dtype)
     d = process.step_codes(num_steps)
     T = process.grid_size
     batch = y.shape[0]
     total = torch.zeros(batch, dtype=y.dtype, device=y.device)
     converged = torch.ones(batch, dtype=torch.bool, device=y.device)
     orientation = torch.ones(batch, dtype=y.dtype, device=y.device)
-
-    def residual_of(z, code):
-        return ode_step(net, potential_fn, process, z, code, d, log_det="none").x - target
-
     target = y.detach()
     for k in reversed(range(num_steps)):
         code = T - k * d
-        # explicit first-order inverse x = y - (F(y) - y) as the starting point
-        x = 2 * target - ode_step(net, potential_fn, process, target, code, d, log_det="none").x
-        residual = residual_of(x, code)
-        res_norm = residual.abs().amax(-1)
-        scale = 1.0 + target.abs().amax(-1)
-        for _ in range(max_iterations):
-            active = res_norm > tolerance * scale
-            if not bool(active.any()):
-                break
-            _, jac = step_jacobian(net, potential_fn, process, x, code, d)
-            try:
-                delta = torch.linalg.solve(jac, residual.unsqueeze(-1)).squeeze(-1)
-            except RuntimeError:
-                delta = torch.linalg.lstsq(jac, residual.unsqueeze(-1)).solution.squeeze(-1)
-            delta = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
-            alpha = torch.ones(batch, 1, dtype=y.dtype, device=y.device)
-            improved = torch.zeros(batch, dtype=torch.bool, device=y.device)
-            new_x, new_res, new_norm = x, residual, res_norm
-            for _ in range(12):  # per-sample backtracking line search
-                cand = x - alpha * delta
-                cand_res = residual_of(cand, code)
-                cand_norm = cand_res.abs().amax(-1)
-                ok = (cand_norm < res_norm) & active & ~improved
-                new_x = torch.where(ok.unsqueeze(-1), cand, new_x)
-                new_res = torch.where(ok.unsqueeze(-1), cand_res, new_res)
-                new_norm = torch.where(ok, cand_norm, new_norm)
-                improved = improved | ok
-                if bool((improved | ~active).all()):
-                    break
-                alpha = torch.where(improved.unsqueeze(-1), alpha, 0.5 * alpha)
-            if not bool(improved.any()):
-                break
-            x, residual, res_norm = new_x, new_res, new_norm
+
+        def step_map(z, code=code):
+            return ode_step(net, potential_fn, process, z, code, d, log_det="none").x
+
+        def step_jac(z, code=code):
+            return step_jacobian(net, potential_fn, process, z, code, d)[1]
+
+        x = newton_invert(step_map, step_jac, target, tolerance=tolerance, max_iterations=max_iterations)
         out = ode_step(net, potential_fn, process, x, code, d, log_det="exact")
+        scale = 1.0 + target.abs().amax(-1)
         converged = converged & ((out.x - target).abs().amax(-1) <= tolerance * scale)
         orientation = orientation * out.sign
         total = total + out.log_det
@@ -540,7 +585,7 @@ def em_rollout(
     grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()
     with grad_ctx:
         t_all = torch.tensor(codes, dtype=x0.dtype, device=x0.device) / T
-        time_codes, gains = net.step_features(t_all, torch.full_like(t_all, dt))
+        features = net.step_features(t_all, torch.full_like(t_all, dt))
     for k, code in enumerate(codes):
         beta = process.beta(code)
         sigma = process.sigma(code)
@@ -548,7 +593,10 @@ def em_rollout(
         _, score = potential_and_score(potential_fn, x)
         g = langevin_input(process, x.detach(), code, score, d)
         with grad_ctx:
-            u = net(x, None, None, g, features=(time_codes[k : k + 1], gains[k : k + 1]))
+            if features is None:
+                u = net(x, t_all[k], dt, g)
+            else:
+                u = net(x, None, None, g, features=tuple(f[k : k + 1] for f in features))
             mean_f = x + dt * (sigma * u + 0.5 * beta * x)
             if states is None:
                 noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
@@ -564,3 +612,24 @@ def em_rollout(
     # they are added to both sums so that each is a true log density
     norm = sum(dim * math.log(process.sigma(c) * math.sqrt(dt)) + const for c in codes)
     return EMRollout(torch.stack(path), log_f - norm, log_b - norm)
+
+
+def em_log_weights(
+    net: torch.nn.Module,
+    potential_fn: PotentialFn,
+    process: ReferenceProcess,
+    x0: torch.Tensor,
+    num_steps: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""
+    Detached float64 path log-weights :math:`\log w_{\rm EM}` (:func:`em_rollout`) of stochastic
+    ``num_steps``-step paths from prior draws ``x0``: the estimator the diffusion-sampler papers use,
+    which is consistent only as the step count grows (what breaks at few steps).
+    """
+    path = em_rollout(net, potential_fn, process, x0, num_steps, generator=generator)
+    with torch.no_grad():
+        u = potential_fn(path.states[-1])
+    lw = path.log_backward - path.log_forward - u - process.prior_log_prob(x0)
+    return lw.detach().to(torch.float64)

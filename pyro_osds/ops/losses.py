@@ -4,7 +4,7 @@ r"""
 Training objectives of the one-step diffusion sampler (pure functions of tensors and modules).
 
 **Diffusion-sampler loss** on EM paths of the fine grid (:math:`K = T`), with the path log-weight
-:math:`\log w_{\rm EM}` of :func:`pyro_osds.integrate.em_rollout`:
+:math:`\log w_{\rm EM}` of :func:`pyro_osds.ops.integrate.em_rollout`:
 
 * ``"kl"`` (the OSDS code): :math:`\mathcal L = -\frac1B\sum_b \log w_{\rm EM}^{(b)}` on
   reparameterised paths, i.e. the reverse KL on path space up to :math:`\log Z` (= -ELBO);
@@ -22,7 +22,7 @@ half steps of size :math:`d/2` and the student one step of size :math:`d`:
       + \lambda_{\rm jac}\,\tfrac1D\|v^\top \partial_x u_\theta\|^2,
 
 with :math:`\Lambda` the accumulated log-det of the respective steps (``volume`` selects its
-estimator, see :data:`pyro_osds.integrate.LOG_DET_METHODS`) and :math:`v` a Rademacher probe.
+estimator, see :data:`pyro_osds.ops.integrate.LOG_DET_METHODS`) and :math:`v` a Rademacher probe.
 
 **Deterministic-flow reverse KL** (beyond the paper): the :math:`K`-step PF-ODE map itself, trained
 on the quantity evaluation uses,
@@ -65,7 +65,7 @@ with the exact log-determinant (through the Langevin term) and reparameterised d
 :math:`\log|\det|` understates the density of the draws, so their weights overstate
 :math:`Z` and the loss above can be lowered by folding (measured: 37% folded draws and
 :math:`\log Z` 0.9 nats too high on a 9-mode mixture). Folded draws are therefore left out of
-the mean and replaced by ``fold_weight`` times :func:`pyro_osds.integrate.fold_penalty`, which
+the mean and replaced by ``fold_weight`` times :func:`pyro_osds.ops.integrate.fold_penalty`, which
 raises the smallest eigenvalue of the symmetric part of the folded step's Jacobian until its
 orientation is restored. The barrier :math:`-\log|\det| \to \infty` at the fold's edge then
 shrinks the folded region from outside while the penalty shrinks it from inside.
@@ -74,8 +74,10 @@ Paths or pairs with non-finite values are excluded from the mean and counted.
 
 **References**
 
-[1] `One-Step Diffusion Samplers via Self-Distillation and Deterministic Flow`, arXiv 2512.05251.
-[2] `Single-Step Consistent Diffusion Samplers`, arXiv 2502.07579.
+[1] `One-Step Diffusion Samplers via Self-Distillation and Deterministic Flow`, P. Jutras-Dubé, J. Zhang,
+    Z. Wang, R. Zhang (2025), arXiv 2512.05251.
+
+[2] `Single-Step Consistent Diffusion Samplers`, P. Jutras-Dubé, P. Pynadath, R. Zhang (2025), arXiv 2502.07579.
 
 [3] Roeder, Wu, Duvenaud, `Sticking the Landing: Simple, Lower-Variance Gradient Estimators for
 Variational Inference`, NeurIPS 2017.
@@ -87,12 +89,13 @@ and forward KL divergence for normalizing flows`, Machine Learning: Science and 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from .divergence import rademacher
+from ..util import PotentialFn, check_choice
 from .integrate import em_rollout, flow, ode_step
+from .jacobian import rademacher
 from .reference import ReferenceProcess
 
 __all__ = ["DIFFUSION_LOSSES", "FLOW_KL_GRADIENTS", "DiffusionLoss", "DistillationLoss", "FlowKLLoss",
@@ -101,7 +104,6 @@ __all__ = ["DIFFUSION_LOSSES", "FLOW_KL_GRADIENTS", "DiffusionLoss", "Distillati
 
 DIFFUSION_LOSSES = ("kl", "lv")
 FLOW_KL_GRADIENTS = ("path", "total")
-PotentialFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class DiffusionLoss(NamedTuple):
@@ -145,8 +147,7 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
 ) -> DiffusionLoss:
     """The diffusion-sampler loss (module docstring) on paths started at prior draws ``x0``."""
-    if kind not in DIFFUSION_LOSSES:
-        raise ValueError(f"`kind` must be one of {DIFFUSION_LOSSES}, got {kind!r}.")
+    check_choice("kind", kind, DIFFUSION_LOSSES)
     num_steps = process.grid_size if num_steps is None else num_steps
     log_p0 = process.prior_log_prob(x0)
     if kind == "kl":
@@ -210,8 +211,7 @@ def flow_kl_loss(
     the batch median of :math:`\|\nabla\log\pi(x_K)\|` keep the total gradient, ``None``: none
     does). The loss's value is the reverse-KL estimate either way.
     """
-    if gradient not in FLOW_KL_GRADIENTS:
-        raise ValueError(f"`gradient` must be one of {FLOW_KL_GRADIENTS}, got {gradient!r}.")
+    check_choice("gradient", gradient, FLOW_KL_GRADIENTS)
     path = gradient == "path"
 
     def flow_and_log_weights(z, **options):

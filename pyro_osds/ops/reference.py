@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ReferenceProcess", "cosine_beta", "linear_beta"]
+from ..util import check_choice, check_number, check_positive_int
+
+__all__ = ["SCHEDULES", "ReferenceProcess", "cosine_beta", "linear_beta"]
 
 SCHEDULES = ("cosine", "linear")
 
@@ -56,7 +58,7 @@ class ReferenceProcess:
     The VP/OU reference process on a grid of ``grid_size`` codes, and its prior
     :math:`p_0 = \mathcal N(0, \sigma_0^2 I)`.
 
-    :param int grid_size: number :math:`T` of fine grid steps (codes ``0..T``).
+    :param int grid_size: number :math:`T` of fine grid steps (codes ``0..T``; 32, the paper's 128).
     :param str schedule: ``"cosine"`` (default, as in the OSDS code) or ``"linear"``.
     :param float sigma_min: schedule parameter :math:`\sigma_{\min}` (0.01).
     :param float sigma_max: schedule parameter :math:`\sigma_{\max}` (10).
@@ -72,7 +74,7 @@ class ReferenceProcess:
         it sees the target's score.
     """
 
-    grid_size: int = 128
+    grid_size: int = 32
     schedule: str = "cosine"
     sigma_min: float = 0.01
     sigma_max: float = 10.0
@@ -82,20 +84,17 @@ class ReferenceProcess:
     langevin_time: str = "start"
 
     def __post_init__(self):
-        if not isinstance(self.grid_size, int) or isinstance(self.grid_size, bool) or self.grid_size < 1:
-            raise ValueError(f"`grid_size` must be a positive integer, got {self.grid_size!r}.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {self.schedule!r}.")
-        if not (0 < self.sigma_min < self.sigma_max):
-            raise ValueError(
-                f"Need 0 < `sigma_min` < `sigma_max`, got {self.sigma_min!r} and {self.sigma_max!r}."
-            )
-        if not self.prior_scale > 0:
-            raise ValueError(f"`prior_scale` must be positive, got {self.prior_scale!r}.")
-        if self.prior_clip is not None and not self.prior_clip > 0:
-            raise ValueError(f"`prior_clip` must be positive or None, got {self.prior_clip!r}.")
-        if self.langevin_time not in ("start", "end"):
-            raise ValueError(f"`langevin_time` must be 'start' or 'end', got {self.langevin_time!r}.")
+        check_positive_int("grid_size", self.grid_size)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_number("sigma_min", self.sigma_min, low=0, low_open=True)
+        check_number("sigma_max", self.sigma_max, low=0, low_open=True)
+        if not self.sigma_min < self.sigma_max:
+            raise ValueError(f"Need `sigma_min` < `sigma_max`, got {self.sigma_min!r} and {self.sigma_max!r}.")
+        check_number("cosine_s", self.cosine_s, low=0)
+        check_number("prior_scale", self.prior_scale, low=0, low_open=True)
+        if self.prior_clip is not None:
+            check_number("prior_clip", self.prior_clip, low=0, low_open=True)
+        check_choice("langevin_time", self.langevin_time, ("start", "end"))
 
     # ----------------------------------------------------------------------------------------
     # schedule
@@ -112,9 +111,9 @@ class ReferenceProcess:
         return self.prior_scale * (beta.sqrt() if isinstance(beta, torch.Tensor) else math.sqrt(beta))
 
     def step_codes(self, num_steps: int) -> int:
-        """Size :math:`d = T / K` (in codes) of each of ``num_steps`` equal steps."""
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-            raise ValueError(f"`num_steps` must be a positive integer, got {num_steps!r}.")
+        """Size :math:`d = T / K` (in codes) of each of ``num_steps`` equal steps; the one check that
+        ``num_steps`` divides ``grid_size``."""
+        check_positive_int("num_steps", num_steps)
         if self.grid_size % num_steps:
             divisors = [k for k in range(1, self.grid_size + 1) if self.grid_size % k == 0]
             raise ValueError(

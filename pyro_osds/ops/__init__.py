@@ -1,0 +1,19 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+"""
+Pure tensor numerics of the one-step diffusion sampler, in the spirit of :mod:`pyro.ops`: functions of
+``(batch, dim)`` tensors, networks and callables, with no Pyro model and no runner configuration.
+
+==============================  ===================================================================
+module                          what it holds
+==============================  ===================================================================
+:mod:`.reference`               the reference process: schedule, step grid, prior
+:mod:`.nets`                    the step-conditioned control network and its closed-form Jacobian
+:mod:`.jacobian`                per-sample Jacobians, traces, Hutchinson probes, target scores
+:mod:`.integrate`               PF-ODE steps and flows with exact log-dets, their Newton inverse, EM paths
+:mod:`.consistency`             CDDS's consistency function, its loss and inverse
+:mod:`.losses`                  the training losses (diffusion, self-distillation, flow reverse KL)
+:mod:`.precondition`            affine preconditioners: Laplace, Gaussian VI, mode search
+:mod:`.estimators`              log Z, ELBO, ESS, Pareto k-hat from log-weights
+==============================  ===================================================================
+"""

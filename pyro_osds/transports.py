@@ -1,0 +1,237 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+r"""
+Transports, and the one loop that draws and weights with them.
+
+A *transport* is a trained sampler's map :math:`T` from base draws :math:`z_0 \sim p_0` to the
+target's space, composed with the chain's affine preconditioner :math:`x = m + L\,T(z_0)`. It gives
+each point the exact log density of the map actually applied,
+
+.. math::
+
+    \log q(x) = \log p_0(z_0) - \log\Big|\det\frac{\partial T}{\partial z_0}\Big| - \log|\det L|,
+
+its orientation (the sign of the Jacobian determinant; a minority sign reveals a fold), and can
+invert itself (:meth:`Transport.log_prob` at any point). :func:`draw` turns any transport into
+weighted draws, :math:`\log w = -U(x) - \log q(x)`.
+
+* :class:`FlowTransport`: ``K`` steps of the probability-flow ODE (:func:`~pyro_osds.ops.integrate.flow`);
+* :class:`ConsistencyTransport`: CDDS's consistency function (one step; ``K > 1`` re-noises between
+  steps and has no density).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+
+from .ops.consistency import consistency_function, invert_consistency, noise_to
+from .ops.integrate import LOG_DET_METHODS, count_folded, flow, inverse_flow
+from .ops.precondition import AffineMap
+from .ops.reference import ReferenceProcess
+from .results import Draws
+from .util import PotentialFn, check_choice, check_positive_int
+
+__all__ = ["ConsistencyTransport", "EvaluationConfig", "FlowTransport", "Transport", "TransportOutput", "draw"]
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    r"""
+    How fresh draws are weighted (flat option names in brackets).
+
+    :param str log_det: ``"exact"`` (default; exact log-det of the discrete map through the Langevin
+        term) or an approximate method for comparison (``eval_log_det``, see
+        :data:`~pyro_osds.ops.integrate.LOG_DET_METHODS`).
+    :param int exact_log_det_max_dim: above this dimension the default switches to Hutchinson and the
+        estimate says so (128).
+    :param int num_probes: Hutchinson probes per step (``eval_num_probes``, 16).
+    :param int chunk_size: draws per batch when drawing and weighting (2048).
+    """
+
+    log_det: str = "exact"
+    exact_log_det_max_dim: int = 128
+    num_probes: int = 16
+    chunk_size: int = 2048
+
+    def __post_init__(self):
+        check_choice("eval_log_det", self.log_det, LOG_DET_METHODS)
+        for name, value in (("exact_log_det_max_dim", self.exact_log_det_max_dim),
+                            ("eval_num_probes", self.num_probes), ("chunk_size", self.chunk_size)):
+            check_positive_int(name, value)
+
+    def default_log_det(self, dim: int) -> str:
+        """The volume method for a ``dim``-dimensional target when none is asked for."""
+        if self.log_det == "exact" and dim > self.exact_log_det_max_dim:
+            return "hutchinson"
+        return self.log_det
+
+
+class TransportOutput(NamedTuple):
+    r"""
+    Points ``x`` (the potential's dtype), their log density ``log_q`` under the transport (NaN without a
+    volume: ``log_det="none"`` or a map without a density), their ``orientation`` (``None`` unless the
+    volume is exact) and the ``log_det`` method actually used.
+    """
+
+    x: torch.Tensor
+    log_q: torch.Tensor
+    orientation: torch.Tensor | None
+    log_det: str
+
+
+class Transport(Protocol):
+    """A map from base draws to the target space with its exact density (module docstring)."""
+
+    dim: int
+
+    def sample_base(self, num_samples: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Base draws :math:`z_0 \\sim p_0`, ``(num_samples, dim)``."""
+
+    def __call__(self, z0: torch.Tensor, *, log_det: str = "exact",
+                 generator: torch.Generator | None = None) -> TransportOutput:
+        """The points and log densities of base draws ``z0``."""
+
+    def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log_q, ok)`` at given points by the exact inverse; ``ok`` marks converged, unfolded rows."""
+
+
+def draw(transport: Transport, potential_fn: PotentialFn, num_samples: int, *, log_det: str = "exact",
+         chunk_size: int = 2048, generator: torch.Generator | None = None) -> Draws:
+    r"""
+    ``num_samples`` fresh draws of ``transport`` in chunks of ``chunk_size``, each with its potential
+    :math:`U(x)` and exact log-weight :math:`\log w = -U(x) - \log q(x)` (float64). With
+    ``log_det="none"`` the potential is not evaluated and ``potential``, ``log_q`` and ``log_weight``
+    are NaN.
+    """
+    check_positive_int("num_samples", num_samples)
+    xs, us, lqs, signs, used = [], [], [], [], None
+    for start in range(0, num_samples, chunk_size):
+        n = min(chunk_size, num_samples - start)
+        z0 = transport.sample_base(n, generator=generator)
+        out = transport(z0, log_det=log_det, generator=generator)
+        if log_det == "none":
+            u = torch.full((n,), math.nan, dtype=out.x.dtype, device=out.x.device)
+        else:
+            with torch.no_grad():
+                u = potential_fn(out.x)
+        xs.append(out.x)
+        us.append(u.detach())
+        lqs.append(out.log_q)
+        signs.append(out.orientation)
+        used = out.log_det if used is None else used
+    x, u, log_q = torch.cat(xs), torch.cat(us), torch.cat(lqs)
+    log_w = (-u.to(torch.float64)) - log_q.to(torch.float64)
+    orientation = None if signs[0] is None else torch.cat(signs)
+    return Draws(x, u, log_q, log_w, orientation, used)
+
+
+class _PreconditionedTransport:
+    """What every transport of a chain shares: the base distribution (the reference process's prior in
+    the flow's dtype), the affine map to the potential's space and the dtype bridge."""
+
+    def __init__(self, process: ReferenceProcess, affine: AffineMap, *, dtype: torch.dtype,
+                 model_dtype: torch.dtype):
+        self.process = process
+        self.affine = affine
+        self.dim = affine.shift.numel()
+        self.dtype, self.model_dtype = dtype, model_dtype
+        self.device = affine.shift.device
+
+    def sample_base(self, num_samples: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.process.sample_prior(num_samples, self.dim, clip=False, dtype=self.dtype, device=self.device,
+                                         generator=generator)
+
+    def _to_flow_space(self, x: torch.Tensor) -> torch.Tensor:
+        return self.affine.inverse(torch.as_tensor(x, device=self.device).to(self.dtype))
+
+    def _nan(self, n: int) -> torch.Tensor:
+        return torch.full((n,), math.nan, dtype=self.dtype, device=self.device)
+
+
+class FlowTransport(_PreconditionedTransport):
+    r"""
+    ``num_steps`` probability-flow ODE steps of a control network on the whitened potential, then the
+    affine map (module docstring). ``num_probes`` sets the probes of a ``"hutchinson"`` volume.
+    """
+
+    def __init__(self, net: torch.nn.Module, potential_z: PotentialFn, process: ReferenceProcess, affine: AffineMap,
+                 num_steps: int, *, dtype: torch.dtype, model_dtype: torch.dtype, num_probes: int = 16):
+        super().__init__(process, affine, dtype=dtype, model_dtype=model_dtype)
+        process.step_codes(num_steps)  # validates num_steps
+        self.net, self.potential_z, self.num_steps, self.num_probes = net, potential_z, num_steps, num_probes
+
+    def __call__(self, z0: torch.Tensor, *, log_det: str = "exact",
+                 generator: torch.Generator | None = None) -> TransportOutput:
+        out = flow(self.net, self.potential_z, self.process, z0, self.num_steps, log_det=log_det,
+                   num_probes=self.num_probes, generator=generator)
+        x = self.affine(out.x).to(self.model_dtype)
+        if log_det == "none":
+            log_q = self._nan(z0.shape[0])
+        else:
+            log_q = self.process.prior_log_prob(z0) - out.log_det - self.affine.log_abs_det
+        return TransportOutput(x.detach(), log_q.detach(), out.orientation, log_det)
+
+    def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Log density at points ``x`` by the exact inverse flow
+        (:func:`~pyro_osds.ops.integrate.inverse_flow`); ``ok`` marks points whose inversion converged
+        with the majority orientation."""
+        inv = inverse_flow(self.net, self.potential_z, self.process, self._to_flow_space(x), self.num_steps)
+        log_q = self.process.prior_log_prob(inv.x0) - inv.log_det - self.affine.log_abs_det
+        return log_q.detach(), inv.converged & ~count_folded(inv.orientation)
+
+
+class ConsistencyTransport(_PreconditionedTransport):
+    r"""
+    CDDS's consistency function :math:`x = f_\theta(z_0, T)` then the affine map. Its volume is always
+    the exact one (any ``log_det`` but ``"none"`` gives it). With ``num_steps > 1`` the draws alternate
+    :math:`f_\theta` with re-noising (:func:`~pyro_osds.ops.consistency.noise_to`): no density, so
+    ``log_q`` is NaN and :meth:`log_prob` raises.
+    """
+
+    def __init__(self, net: torch.nn.Module, potential_z: PotentialFn, process: ReferenceProcess, affine: AffineMap,
+                 num_steps: int, *, dtype: torch.dtype, model_dtype: torch.dtype, sigma_data: float = 0.5):
+        super().__init__(process, affine, dtype=dtype, model_dtype=model_dtype)
+        process.step_codes(num_steps)  # validates num_steps
+        self.net, self.potential_z, self.num_steps, self.sigma_data = net, potential_z, num_steps, sigma_data
+
+    def __call__(self, z0: torch.Tensor, *, log_det: str = "exact",
+                 generator: torch.Generator | None = None) -> TransportOutput:
+        T = self.process.grid_size
+        with_volume = self.num_steps == 1 and log_det != "none"
+        sign = None
+        if with_volume:
+            out = consistency_function(self.net, self.potential_z, self.process, z0, float(T),
+                                       sigma_data=self.sigma_data, log_det=True)
+            z, sign = out.f, out.sign
+            log_q = self.process.prior_log_prob(z0) - out.log_det - self.affine.log_abs_det
+        else:
+            z = z0
+            codes = [T * (self.num_steps - k) / self.num_steps for k in range(self.num_steps)]
+            for k, code in enumerate(codes):
+                if k > 0:
+                    z = noise_to(self.process, z, code, generator=generator)
+                z = consistency_function(self.net, self.potential_z, self.process, z, code,
+                                         sigma_data=self.sigma_data).f
+            log_q = self._nan(z0.shape[0])
+        x = self.affine(z.detach()).to(self.model_dtype)
+        return TransportOutput(x, log_q.detach(), sign, "exact" if with_volume else "none")
+
+    def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Log density at points ``x`` by the exact (Newton) inverse of the one-step map
+        (:func:`~pyro_osds.ops.consistency.invert_consistency`)."""
+        if self.num_steps != 1:
+            raise ValueError(
+                "CDDS draws with num_steps > 1 re-noise between steps, so they have no tractable density; "
+                "use the one-step map (num_steps=1), whose density is exact."
+            )
+        T = float(self.process.grid_size)
+        z0, converged = invert_consistency(self.net, self.potential_z, self.process, self._to_flow_space(x), T,
+                                           sigma_data=self.sigma_data)
+        out = consistency_function(self.net, self.potential_z, self.process, z0, T, sigma_data=self.sigma_data,
+                                   log_det=True)
+        log_q = self.process.prior_log_prob(z0) - out.log_det - self.affine.log_abs_det
+        return log_q.detach(), converged & ~count_folded(out.sign)

@@ -1,0 +1,86 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+"""
+Small helpers every layer uses: argument checks with one wording, user-facing warnings that point
+at the user's code, and random generators seeded from a parent stream. This module imports nothing
+from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "PotentialFn",
+    "check_choice",
+    "check_number",
+    "check_positive_int",
+    "derive_seed",
+    "seeded_generator",
+    "warn",
+]
+
+#: A batched potential :math:`U = -\log\rho`: ``(batch, dim) -> (batch,)``.
+PotentialFn = Callable[[torch.Tensor], torch.Tensor]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> None:
+    """Raises ``ValueError`` unless ``value`` is an integer (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_number(name: str, value, *, low=None, high=None, low_open: bool = False) -> None:
+    """Raises ``ValueError`` unless ``value`` is a real number (not a bool) in the given range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number, got {value!r}.")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"`{name}` must be {'>' if low_open else '>='} {low}, got {value!r}.")
+    if high is not None and value > high:
+        raise ValueError(f"`{name}` must be <= {high}, got {value!r}.")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")
+
+
+def _internal(filename: str) -> bool:
+    return filename.startswith("<frozen importlib") or os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep)
+
+
+def _stack_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package and the import machinery (NumPyro's
+    ``find_stack_level``)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the user's line that called into the package."""
+    # _stack_level counts this function's frame too; warnings.warn's stacklevel=1 is its caller (this frame)
+    warnings.warn(message, category, stacklevel=_stack_level())
+
+
+def derive_seed(generator: torch.Generator | None = None) -> int:
+    """A seed drawn from ``generator`` (default: the global torch RNG, hence ``pyro.set_rng_seed``)."""
+    if generator is None:
+        return int(torch.randint(0, 2**62, ()))
+    return int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+
+
+def seeded_generator(device, seed: int | None = None) -> torch.Generator:
+    """A new ``torch.Generator`` on ``device`` seeded with ``seed`` (default: :func:`derive_seed`)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed() if seed is None else seed)
+    return generator
