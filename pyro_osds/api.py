@@ -21,13 +21,12 @@ from pyro import poutine
 from pyro.infer.importance import LogWeightsMixin
 
 from . import checkpoint as ckpt
-from .config import OSDSConfig, check_option_names
-from .diagnostics import diagnostics, print_summary, resample_indices, subsample_indices, weighted_summary
-from .model import ModelTarget
-from .ops.estimators import kish_ess
+from .config import OSDSConfig
+from .diagnostics import diagnostics, print_summary, select_draws, weighted_summary
+from .model import ModelTarget, build_target
 from .results import Draws, LogEvidence
 from .sampler import FlowSampler
-from .target import FlatTarget, PotentialTarget
+from .target import FlatTarget
 from .util import check_positive_int, derive_seed, seeded_generator, warn
 
 __all__ = ["OSDS", "LogEvidence"]
@@ -125,16 +124,7 @@ class OSDS(LogWeightsMixin):
             check_positive_int("num_steps", num_steps)
         if resume and checkpoint is None:
             raise ValueError("`resume=True` needs `checkpoint=<path>` (the file to resume from and write to).")
-        if preset is not None and config is not None:
-            raise ValueError("Give at most one of `preset` and `config`.")
-        check_option_names(options)
-        base = OSDSConfig.preset(preset) if preset is not None else (config or OSDSConfig())
-        if not isinstance(base, OSDSConfig):
-            raise TypeError(f"`config` must be an OSDSConfig, got {type(base).__name__}.")
-        if method is not None and method != base.method:
-            self.config = OSDSConfig.for_method(method, base, **options)
-        else:
-            self.config = base.replace(**options)
+        self.config = OSDSConfig.resolve(preset=preset, config=config, method=method, **options)
         if num_steps is None:
             num_steps = self.config.process.grid_size if self.config.method == "dis" else 1
         self.config.process.step_codes(num_steps)
@@ -166,21 +156,14 @@ class OSDS(LogWeightsMixin):
 
     # ------------------------------------------------------------------------------------------
     # training
-    def _build_target(self, args, kwargs) -> FlatTarget:
-        if self.model is not None:
-            device = self.device or ModelTarget.data_device(args, kwargs)
-            if device is not None and self.device is not None:
-                args, kwargs = ModelTarget.move_args(args, kwargs, device)
-            self.model_args, self.model_kwargs = args, kwargs
-            return ModelTarget(self.model, args, kwargs, max_plate_nesting=self.max_plate_nesting,
-                               init_strategy=self.init_strategy, transforms=self.transforms,
-                               initial_params=self.initial_params)
-        if args or kwargs:
-            raise TypeError("`run()` takes no model arguments when OSDS wraps a `potential_fn`.")
-        params = self.initial_params
-        if self.device is not None and isinstance(params, dict):
-            params = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in params.items()}
-        return PotentialTarget(self.potential_fn, params, transforms=self.transforms, batched=self.batched_potential)
+    def setup(self, *args, **kwargs) -> OSDS:
+        """Builds the flat target of the model called with these arguments (:meth:`fit` does this first)."""
+        with poutine.block():
+            self.target, self.model_args, self.model_kwargs = build_target(
+                self.model, self.potential_fn, args, kwargs, initial_params=self.initial_params,
+                transforms=self.transforms, batched_potential=self.batched_potential,
+                max_plate_nesting=self.max_plate_nesting, init_strategy=self.init_strategy, device=self.device)
+        return self
 
     def _new_sampler(self, chain: int) -> FlowSampler:
         def hook(step, info, chain=chain):
@@ -204,11 +187,11 @@ class OSDS(LogWeightsMixin):
         iteration of every chain started so far (with a warning); call :meth:`continue_training`
         to go on.
         """
+        self.setup(*args, **kwargs)
         with poutine.block():
-            self.target = self._build_target(args, kwargs)
             self.samplers, self.draws = [], ()
             if self.resume and os.path.exists(self.checkpoint):
-                self._restore(ckpt.read(self.checkpoint))
+                self.load_state_dict(ckpt.read(self.checkpoint))
             else:
                 # one seed per chain, drawn up front from the global RNG (pyro.set_rng_seed):
                 # independent streams, and a resumed run can recreate the chains it had not started
@@ -335,22 +318,8 @@ class OSDS(LogWeightsMixin):
         self._require_draws()
         z = torch.stack([d.x for d in self.draws])  # (C, N, D)
         C, N, D = z.shape
-        if resample:
-            lw = self.log_weights.reshape(C, N)
-            if group_by_chain:
-                z = torch.gather(z, 1, resample_indices(lw).to(z.device).unsqueeze(-1).expand(C, N, D))
-            else:
-                z = z.reshape(C * N, D)[resample_indices(lw.reshape(-1)).to(z.device)].reshape(C, N, D)
-            ess = float(kish_ess(lw.reshape(-1)))
-            if ess < 0.1 * C * N:
-                warn(f"Resampled draws carry only about {ess:.0f} effective samples (Kish ESS of the weights) out "
-                     f"of {C * N}.", RuntimeWarning)
-        if num_samples is not None:
-            if group_by_chain:
-                idx = torch.stack([subsample_indices(N, num_samples) for _ in range(C)]).to(z.device)
-                z = torch.gather(z, 1, idx.unsqueeze(-1).expand(C, idx.shape[1], D))
-            else:
-                z = z.reshape(C * N, D)[subsample_indices(C * N, num_samples).to(z.device)].unsqueeze(0)
+        z = select_draws(z, self.log_weights.reshape(C, N), num_samples=num_samples, group_by_chain=group_by_chain,
+                         resample=resample)
         lead = z.shape[:2] if group_by_chain else (z.shape[0] * z.shape[1],)
         values = self.target.unpack(z.reshape(-1, D)) if unconstrained else self.target.constrain(z.reshape(-1, D))
         out = OrderedDict((name, values[name].reshape(lead + tuple(values[name].shape[1:])).detach())
@@ -430,8 +399,9 @@ class OSDS(LogWeightsMixin):
         The file holds tensors and plain Python values only and loads with ``weights_only=True``."""
         ckpt.atomic_save(self.state_dict(), path)
 
-    def _restore(self, state: dict) -> None:
-        """Rebuilds the samplers and draws from a checkpoint; ``self.target`` must be built."""
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the chains and draws of a :meth:`state_dict` after checking that they fit this runner
+        (built with :meth:`setup`)."""
         ckpt.check_compatible(state, self)
         self.chain_seeds = [int(s) for s in state["chain_seeds"]]
         self.samplers = []
@@ -452,29 +422,7 @@ class OSDS(LogWeightsMixin):
         the checkpoint's. ``kwargs`` go to the constructor (e.g. ``transforms``, ``device``,
         ``checkpoint``). An unfinished training run continues with :meth:`continue_training`.
         """
-        state = ckpt.read(path)
-        if (model is None) == (potential_fn is None):
-            raise ValueError("Only one of `model` or `potential_fn` must be specified.")
-        kind = "model" if model is not None else "potential"
-        if state["kind"] != kind:
-            raise ValueError(f"The checkpoint was made for a {state['kind']}, not a {kind}.")
-        init_params = kwargs.pop("initial_params", None) or state.get("initial_params")
-        osds = cls(model, potential_fn, initial_params=init_params, num_samples=state["num_samples"],
-                   num_chains=state["num_chains"], num_steps=state["train_num_steps"],
-                   config=OSDSConfig(**state["config"]), **kwargs)
-        osds.num_steps = state["num_steps"]
-        args, kw = (), {}
-        if kind == "model":
-            if model_args is None and model_kwargs is None:
-                if "model_args" not in state:
-                    raise ValueError("The checkpoint does not hold the model's data (they were not plain tensors); "
-                                     "pass `model_args=` / `model_kwargs=`.")
-                model_args, model_kwargs = tuple(state["model_args"]), state["model_kwargs"]
-            args, kw = tuple(model_args or ()), dict(model_kwargs or {})
-        with poutine.block():
-            osds.target = osds._build_target(args, kw)
-            osds._restore(state)
-        return osds
+        return ckpt.load(cls, path, model, potential_fn, model_args=model_args, model_kwargs=model_kwargs, **kwargs)
 
     def __repr__(self) -> str:
         what = getattr(self.model, "__name__", "model") if self.model is not None else "potential_fn"

@@ -17,10 +17,11 @@ import tempfile
 import torch
 
 from ._version import __version__
+from .config import OSDSConfig
 from .results import Draws
 
-__all__ = ["FORMAT", "RESUMABLE_CHANGES", "atomic_save", "check_compatible", "is_plain", "read", "restore_draws",
-           "runner_state"]
+__all__ = ["FORMAT", "RESUMABLE_CHANGES", "atomic_save", "check_compatible", "is_plain", "load", "read",
+           "restore_draws", "runner_state"]
 
 FORMAT = "pyro_osds.OSDS/2"
 #: settings that may differ between a checkpoint and the run that resumes it
@@ -140,3 +141,30 @@ def restore_draws(state: dict, device) -> tuple[Draws, ...]:
               d.get("discrete"))
         for d in state["draws"]
     )
+
+
+def load(cls, path: str | os.PathLike, model=None, potential_fn=None, *, model_args: tuple | None = None,
+         model_kwargs: dict | None = None, **kwargs):
+    """:meth:`OSDS.load <pyro_osds.OSDS.load>` for the runner class ``cls``."""
+    state = read(path)
+    if (model is None) == (potential_fn is None):
+        raise ValueError("Only one of `model` or `potential_fn` must be specified.")
+    kind = "model" if model is not None else "potential"
+    if state["kind"] != kind:
+        raise ValueError(f"The checkpoint was made for a {state['kind']}, not a {kind}.")
+    init_params = kwargs.pop("initial_params", None) or state.get("initial_params")
+    osds = cls(model, potential_fn, initial_params=init_params, num_samples=state["num_samples"],
+               num_chains=state["num_chains"], num_steps=state["train_num_steps"],
+               config=OSDSConfig(**state["config"]), **kwargs)
+    osds.num_steps = state["num_steps"]
+    args, kw = (), {}
+    if kind == "model":
+        if model_args is None and model_kwargs is None:
+            if "model_args" not in state:
+                raise ValueError("The checkpoint does not hold the model's data (they were not plain tensors); "
+                                 "pass `model_args=` / `model_kwargs=`.")
+            model_args, model_kwargs = tuple(state["model_args"]), state["model_kwargs"]
+        args, kw = tuple(model_args or ()), dict(model_kwargs or {})
+    osds.setup(*args, **kw)
+    osds.load_state_dict(state)
+    return osds

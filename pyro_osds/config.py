@@ -278,6 +278,22 @@ class OSDSConfig:
         return cls(**values)
 
     @classmethod
+    def resolve(cls, *, preset: str | None = None, config: OSDSConfig | None = None, method: str | None = None,
+                **options) -> OSDSConfig:
+        """The configuration :class:`~pyro_osds.OSDS` asks for: at most one of a ``preset`` name and a
+        ``config`` (default: the defaults), switched to ``method`` with its defaults when it differs, then
+        the flat ``options``."""
+        if preset is not None and config is not None:
+            raise ValueError("Give at most one of `preset` and `config`.")
+        check_option_names(options)
+        base = cls.preset(preset) if preset is not None else (config or cls())
+        if not isinstance(base, OSDSConfig):
+            raise TypeError(f"`config` must be an OSDSConfig, got {type(base).__name__}.")
+        if method is not None and method != base.method:
+            return cls.for_method(method, base, **options)
+        return base.replace(**options)
+
+    @classmethod
     def preset(cls, name: str, **changes) -> OSDSConfig:
         """A named preset (see :data:`PRESETS`), optionally modified by ``changes``."""
         if name not in PRESETS:

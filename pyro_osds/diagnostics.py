@@ -23,10 +23,10 @@ import torch
 from pyro.ops.stats import split_gelman_rubin, weighed_quantile
 
 from .ops.estimators import kish_ess
-from .util import check_positive_int
+from .util import check_positive_int, warn
 
-__all__ = ["between_chain_r_hat", "diagnostics", "print_summary", "resample_indices", "subsample_indices",
-           "weighted_summary"]
+__all__ = ["between_chain_r_hat", "diagnostics", "print_summary", "resample_indices", "select_draws",
+           "subsample_indices", "weighted_summary"]
 
 
 def between_chain_r_hat(value: torch.Tensor) -> torch.Tensor:
@@ -125,3 +125,30 @@ def subsample_indices(num_draws: int, num_samples: int) -> torch.Tensor:
     :func:`pyro.infer.mcmc.util.select_samples`, so no draw is repeated; global RNG)."""
     check_positive_int("num_samples", num_samples)
     return torch.randperm(num_draws)[: min(num_samples, num_draws)]
+
+
+def select_draws(z: torch.Tensor, log_weights: torch.Tensor, *, num_samples: int | None = None,
+                 group_by_chain: bool = False, resample: bool = False) -> torch.Tensor:
+    """
+    Draws ``z`` ``(chains, draws, D)`` with log-weights ``(chains, draws)``: resampled by their weights
+    (:func:`resample_indices`; per chain with ``group_by_chain``, else over the pooled draws; a warning
+    says when the weights' ESS is below a tenth of the draws), then ``num_samples`` distinct ones picked
+    at random (per chain with ``group_by_chain``; else the result is ``(1, num_samples, D)``).
+    """
+    C, N, D = z.shape
+    if resample:
+        if group_by_chain:
+            z = torch.gather(z, 1, resample_indices(log_weights).to(z.device).unsqueeze(-1).expand(C, N, D))
+        else:
+            z = z.reshape(C * N, D)[resample_indices(log_weights.reshape(-1)).to(z.device)].reshape(C, N, D)
+        ess = float(kish_ess(log_weights.reshape(-1)))
+        if ess < 0.1 * C * N:
+            warn(f"Resampled draws carry only about {ess:.0f} effective samples (Kish ESS of the weights) out of "
+                 f"{C * N}.", RuntimeWarning)
+    if num_samples is not None:
+        if group_by_chain:
+            idx = torch.stack([subsample_indices(N, num_samples) for _ in range(C)]).to(z.device)
+            z = torch.gather(z, 1, idx.unsqueeze(-1).expand(C, idx.shape[1], D))
+        else:
+            z = z.reshape(C * N, D)[subsample_indices(C * N, num_samples).to(z.device)].unsqueeze(0)
+    return z

@@ -38,10 +38,10 @@ from pyro.infer.mcmc.util import _guess_max_plate_nesting, initialize_model
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.util import site_is_subsample
 
-from .target import FlatTarget, Site
+from .target import FlatTarget, PotentialTarget, Site
 from .util import check_choice
 
-__all__ = ["ModelTarget", "UnsupportedModelError"]
+__all__ = ["ModelTarget", "UnsupportedModelError", "build_target"]
 
 PARTICLE_PLATE = "_osds_particles"
 
@@ -386,3 +386,26 @@ class ModelTarget(FlatTarget):
     def data_device(args, kwargs):
         t = _first_tensor(list(args) + list(kwargs.values()))
         return None if t is None else t.device
+
+
+def build_target(model=None, potential_fn=None, args=(), kwargs=None, *, initial_params=None, transforms=None,
+                 batched_potential: bool = False, max_plate_nesting=None, init_strategy=None,
+                 device=None) -> tuple[FlatTarget, tuple, dict]:
+    """
+    The flat target of ``model`` called with ``(args, kwargs)`` (moved to ``device`` when given), or of
+    ``potential_fn`` (which takes no arguments). Returns ``(target, args, kwargs)``, the arguments as
+    the target uses them.
+    """
+    kwargs = dict(kwargs or {})
+    if model is not None:
+        if device is not None:
+            args, kwargs = ModelTarget.move_args(args, kwargs, device)
+        target = ModelTarget(model, args, kwargs, max_plate_nesting=max_plate_nesting, init_strategy=init_strategy,
+                             transforms=transforms, initial_params=initial_params)
+        return target, tuple(args), kwargs
+    if args or kwargs:
+        raise TypeError("`run()` takes no model arguments when OSDS wraps a `potential_fn`.")
+    params = initial_params
+    if device is not None and isinstance(params, dict):
+        params = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in params.items()}
+    return PotentialTarget(potential_fn, params, transforms=transforms, batched=batched_potential), (), {}
