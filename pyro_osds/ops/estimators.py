@@ -33,6 +33,7 @@ import warnings
 from typing import NamedTuple
 
 import torch
+from pyro.ops.stats import fit_generalized_pareto
 
 __all__ = [
     "EvidenceError",
@@ -43,7 +44,6 @@ __all__ = [
     "kish_ess",
     "log_mean_exp",
     "pareto_k_hat",
-    "psis_smooth",
     "pool_estimates",
 ]
 
@@ -119,25 +119,6 @@ def kish_ess(log_w: torch.Tensor) -> torch.Tensor:
     return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
 
 
-def _gpd_fit(exceedances: torch.Tensor) -> tuple[float, float]:
-    """Zhang--Stephens posterior-mean fit of a generalised Pareto to sorted positive exceedances,
-    with the weakly informative shrinkage of k towards 0.5 used by PSIS. Returns ``(k, sigma)``."""
-    x = exceedances
-    n = x.numel()
-    num_grid = 30 + int(math.sqrt(n))
-    j = torch.arange(1, num_grid + 1, dtype=x.dtype, device=x.device)
-    quartile = x[max(int(n / 4 + 0.5) - 1, 0)]
-    theta = 1.0 / x[-1] + (1.0 - torch.sqrt(num_grid / (j - 0.5))) / (3.0 * quartile)
-    k_of_theta = -torch.log1p(-theta.unsqueeze(-1) * x).mean(-1)
-    profile = n * (torch.log(theta / k_of_theta) + k_of_theta - 1.0)
-    weights = torch.softmax(profile, 0)
-    theta_hat = (theta * weights).sum()
-    k = torch.log1p(-theta_hat * x).mean()  # the tail index xi (> 0: heavy tail)
-    sigma = -k / theta_hat
-    k = (n * k + 10 * 0.5) / (n + 10)
-    return float(k), float(sigma)
-
-
 def _tail_length(n: int) -> int:
     return int(math.ceil(min(0.2 * n, 3 * math.sqrt(n))))
 
@@ -145,10 +126,12 @@ def _tail_length(n: int) -> int:
 def pareto_k_hat(log_w: torch.Tensor) -> float:
     r"""
     PSIS Pareto :math:`\hat k` of the upper tail of the importance weights (tail length
-    :math:`\lceil\min(N/5, 3\sqrt N)\rceil`). :math:`\hat k < 0.5`: finite variance;
-    :math:`\hat k < 0.7`: estimates reliable; above: unreliable. NaN if fewer than 20 draws.
+    :math:`\lceil\min(N/5, 3\sqrt N)\rceil`), fitted by :func:`pyro.ops.stats.fit_generalized_pareto`
+    (Zhang--Stephens with PSIS's shrinkage towards 0.5). :math:`\hat k < 0.5`: finite variance;
+    :math:`\hat k < 0.7`: estimates reliable; above: unreliable. NaN if fewer than 20 draws;
+    :math:`-\infty` for a constant tail (no tail at all).
     """
-    log_w = torch.as_tensor(log_w).detach().reshape(-1).to(torch.float64)
+    log_w = torch.as_tensor(log_w).detach().reshape(-1).to(device="cpu", dtype=torch.float64)
     log_w = log_w[torch.isfinite(log_w)]
     n = log_w.numel()
     if n < 20:
@@ -161,44 +144,8 @@ def pareto_k_hat(log_w: torch.Tensor) -> float:
     if not bool((exceed > 0).any()) or float(exceed[-1]) <= 0:
         return -math.inf  # constant tail: no heavier-than-exponential tail at all
     exceed = exceed.clamp_min(torch.finfo(exceed.dtype).tiny)
-    k, _ = _gpd_fit(exceed)
+    k, _ = fit_generalized_pareto(exceed)
     return k
-
-
-def psis_smooth(log_w: torch.Tensor) -> tuple[torch.Tensor, float]:
-    r"""
-    Pareto-smoothed log-weights (the :math:`M` largest replaced by expected order statistics of the
-    fitted generalised Pareto, capped at the largest raw weight) and :math:`\hat k`.
-    Returns log-weights of the same shape (unnormalised) and :math:`\hat k`.
-    """
-    log_w = torch.as_tensor(log_w).detach().to(torch.float64)
-    flat = log_w.reshape(-1).clone()
-    finite = torch.isfinite(flat)
-    n = int(finite.sum())
-    if n < 20:
-        return log_w.clone(), math.nan
-    m = _tail_length(n)
-    values = flat[finite]
-    order = torch.argsort(values)
-    tail_idx = order[-m:]
-    cutoff = values[order[-m - 1]]
-    ref = values[order[-1]]
-    w_tail = torch.exp(values[tail_idx] - ref)
-    w_cut = torch.exp(cutoff - ref)
-    exceed = (w_tail - w_cut).clamp_min(torch.finfo(torch.float64).tiny)
-    if float(exceed[-1]) <= torch.finfo(torch.float64).tiny:
-        return log_w.clone(), -math.inf
-    k, sigma = _gpd_fit(exceed)
-    p = (torch.arange(1, m + 1, dtype=torch.float64, device=values.device) - 0.5) / m
-    if abs(k) < 1e-12:
-        quantiles = -sigma * torch.log1p(-p)
-    else:
-        quantiles = sigma * torch.expm1(-k * torch.log1p(-p)) / k
-    smoothed = torch.log((w_cut + quantiles).clamp(max=1.0)) + ref
-    values = values.clone()
-    values[tail_idx] = smoothed
-    flat[finite] = values
-    return flat.reshape(log_w.shape), k
 
 
 def evidence(
