@@ -34,7 +34,7 @@ import torch
 from pyro import poutine
 from pyro.infer import config_enumerate, infer_discrete
 from pyro.infer.autoguide.initialization import init_to_median
-from pyro.infer.mcmc.util import _guess_max_plate_nesting, initialize_model
+from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.util import site_is_subsample
 
@@ -136,8 +136,10 @@ class ModelTarget(FlatTarget):
         self.args = tuple(model_args)
         self.kwargs = dict(model_kwargs or {})
         self.trace = _check_model(model, self.args, self.kwargs)
-        if max_plate_nesting is None:
-            max_plate_nesting = _guess_max_plate_nesting(model, self.args, self.kwargs)
+        if max_plate_nesting is None:  # the deepest vectorised plate of the model's trace, as Pyro guesses it
+            dims = [frame.dim for site in self.trace.nodes.values() if site["type"] == "sample"
+                    for frame in site["cond_indep_stack"] if frame.vectorized]
+            max_plate_nesting = -min(dims) if dims else 0
         self.max_plate_nesting = int(max_plate_nesting)
         init_strategy = init_to_median(num_samples=15) if init_strategy is None else init_strategy
         try:
