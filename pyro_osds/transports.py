@@ -130,13 +130,15 @@ def draw(transport: Transport, potential_fn: PotentialFn, num_samples: int, *, l
 
 
 class _PreconditionedTransport:
-    """What every transport of a chain shares: the base distribution (the reference process's prior in
-    the flow's dtype), the affine map to the potential's space and the dtype bridge."""
+    """What every transport of a chain shares: a control network on the whitened potential, its step
+    count, the base distribution (the reference process's prior in the flow's dtype), the affine map to
+    the potential's space and the dtype bridge."""
 
-    def __init__(self, process: ReferenceProcess, affine: AffineMap, *, dtype: torch.dtype,
-                 model_dtype: torch.dtype):
-        self.process = process
-        self.affine = affine
+    def __init__(self, net: torch.nn.Module, potential_z: PotentialFn, process: ReferenceProcess, affine: AffineMap,
+                 num_steps: int, *, dtype: torch.dtype, model_dtype: torch.dtype):
+        process.step_codes(num_steps)  # validates num_steps
+        self.net, self.potential_z, self.process, self.affine, self.num_steps = (net, potential_z, process, affine,
+                                                                                 num_steps)
         self.dim = affine.shift.numel()
         self.dtype, self.model_dtype = dtype, model_dtype
         self.device = affine.shift.device
@@ -154,15 +156,15 @@ class _PreconditionedTransport:
 
 class FlowTransport(_PreconditionedTransport):
     r"""
-    ``num_steps`` probability-flow ODE steps of a control network on the whitened potential, then the
-    affine map (module docstring). ``num_probes`` sets the probes of a ``"hutchinson"`` volume.
+    ``num_steps`` probability-flow ODE steps of the control network ``net`` on the whitened potential
+    ``potential_z``, then the ``affine`` map (module docstring); the flow runs in ``dtype``, the points
+    are returned in the potential's ``model_dtype``. ``num_probes`` sets the probes of a
+    ``"hutchinson"`` volume.
     """
 
-    def __init__(self, net: torch.nn.Module, potential_z: PotentialFn, process: ReferenceProcess, affine: AffineMap,
-                 num_steps: int, *, dtype: torch.dtype, model_dtype: torch.dtype, num_probes: int = 16):
-        super().__init__(process, affine, dtype=dtype, model_dtype=model_dtype)
-        process.step_codes(num_steps)  # validates num_steps
-        self.net, self.potential_z, self.num_steps, self.num_probes = net, potential_z, num_steps, num_probes
+    def __init__(self, *args, num_probes: int = 16, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_probes = num_probes
 
     def __call__(self, z0: torch.Tensor, *, log_det: str = "exact",
                  generator: torch.Generator | None = None) -> TransportOutput:
@@ -192,11 +194,9 @@ class ConsistencyTransport(_PreconditionedTransport):
     ``log_q`` is NaN and :meth:`log_prob` raises.
     """
 
-    def __init__(self, net: torch.nn.Module, potential_z: PotentialFn, process: ReferenceProcess, affine: AffineMap,
-                 num_steps: int, *, dtype: torch.dtype, model_dtype: torch.dtype, sigma_data: float = 0.5):
-        super().__init__(process, affine, dtype=dtype, model_dtype=model_dtype)
-        process.step_codes(num_steps)  # validates num_steps
-        self.net, self.potential_z, self.num_steps, self.sigma_data = net, potential_z, num_steps, sigma_data
+    def __init__(self, *args, sigma_data: float = 0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sigma_data = sigma_data
 
     def __call__(self, z0: torch.Tensor, *, log_det: str = "exact",
                  generator: torch.Generator | None = None) -> TransportOutput:
