@@ -53,16 +53,18 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")
 
 
-def _internal(filename: str) -> bool:
-    return filename.startswith("<frozen importlib") or os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep)
-
-
 def _stack_level() -> int:
     """The ``stacklevel`` of the first frame outside this package and the import machinery (NumPyro's
-    ``find_stack_level``)."""
+    ``find_stack_level``). ``warnings.warn`` does not count the import machinery's frames, so neither
+    does this."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and _internal(frame.f_code.co_filename):
-        frame, level = frame.f_back, level + 1
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not ("importlib" in filename and "_bootstrap" in filename):
+            if not os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+                break
+            level += 1
+        frame = frame.f_back
     return level
 
 

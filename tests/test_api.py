@@ -1,37 +1,34 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
-"""The public OSDS runner on bare potentials: construction, validation, results, persistence."""
+"""Tests of pyro_osds.api: the OSDS runner on bare potentials (construction, methods, results, interruption)."""
 
 import math
 
+import pyro
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from pyro_osds import OSDS, OSDSConfig
-
-D64 = torch.float64
-MU = torch.tensor([1.0, -0.5, 2.0], dtype=D64)
-SD = torch.tensor([0.5, 1.5, 1.0], dtype=D64)
-LOG_Z = float((0.5 * math.log(2 * math.pi) + SD.log()).sum())
-
-
-def potential(params):
-    return 0.5 * (((params["x"] - MU) / SD) ** 2).sum()
-
-
-def fitted(**kw):
-    options = dict(potential_fn=potential, initial_params={"x": torch.zeros(3, dtype=D64)}, num_samples=300,
-                   preset="smoke")
-    options.update(kw)
-    return OSDS(**options).run()
+from pyro_osds import OSDS, EvidenceError, TrainingDivergedError, UnsupportedModelError
+from tests.common import (
+    D64,
+    LOG_Z,
+    MU,
+    SD,
+    Z,
+    assert_same_training,
+    fitted,
+    fitted_module_osds,
+    make,
+    mixture_potential,
+    potential,
+)
 
 
 @pytest.fixture(scope="module")
 def osds():
-    import pyro
-
-    pyro.set_rng_seed(1)
-    return fitted()
+    return fitted_module_osds()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,52 +55,6 @@ def test_counts_must_be_positive_integers(name, bad):
 def test_num_steps_must_divide_the_grid():
     with pytest.raises(ValueError, match="does not divide the fine grid"):
         OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3)}, num_steps=3, grid_size=32)
-
-
-def test_unknown_options_are_refused_with_a_suggestion():
-    with pytest.raises(TypeError, match="Unknown OSDS option 'num_iteration'. Did you mean 'num_iterations'"):
-        OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3)}, num_iteration=10)
-
-
-@pytest.mark.parametrize(
-    "options, error, match",
-    [
-        ({"learning_rate": -1.0}, ValueError, "learning_rate"),
-        ({"batch_size": 1}, ValueError, "batch_size"),
-        ({"precondition": "whiten"}, ValueError, "precondition"),
-        ({"eval_log_det": "magic"}, ValueError, "eval_log_det"),
-        ({"grid_size": 7}, ValueError, "even `grid_size`"),
-        ({"preset": "fast"}, ValueError, "Unknown preset"),
-        ({"preset": "smoke", "config": OSDSConfig()}, ValueError, "at most one of `preset` and `config`"),
-        ({"config": {"grid_size": 8}}, TypeError, "OSDSConfig"),
-    ],
-)
-def test_invalid_options(options, error, match):
-    with pytest.raises(error, match=match):
-        OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3)}, **options)
-
-
-@pytest.mark.parametrize(
-    "initial_params, error, match",
-    [
-        ({}, ValueError, "non-empty dict"),
-        ({"x": [0.0, 1.0]}, TypeError, "must be a torch.Tensor"),
-        ({"x": torch.zeros(3, dtype=torch.long)}, TypeError, "floating point"),
-        ({"x": torch.tensor([0.0, math.nan, 0.0])}, ValueError, "NaN or infinite"),
-        ({"x": torch.zeros(3), "y": torch.zeros(2, dtype=D64)}, ValueError, "one dtype and device"),
-    ],
-)
-def test_bad_initial_params(initial_params, error, match):
-    with pytest.raises(error, match=match):
-        OSDS(potential_fn=potential, initial_params=initial_params, preset="smoke").run()
-
-
-def test_potential_must_be_scalar_and_finite():
-    with pytest.raises(ValueError, match="must return a scalar"):
-        OSDS(potential_fn=lambda p: p["x"] ** 2, initial_params={"x": torch.zeros(3)}, preset="smoke").run()
-    with pytest.raises(ValueError, match="not finite near `initial_params`"):
-        OSDS(potential_fn=lambda p: p["x"].sum() * math.inf, initial_params={"x": torch.zeros(3)},
-             preset="smoke").run()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
@@ -148,36 +99,6 @@ def test_weights_and_evidence_accessors(osds):
     assert "log Z =" in str(ev) and "chain 1" in str(ev)
 
 
-def test_summary_and_diagnostics(osds, capsys):
-    osds.summary(prob=0.8)
-    out = capsys.readouterr().out
-    for column in ("mean", "std", "median", "10.0%", "90.0%", "n_eff", "r_hat", "x[2]", "log Z ="):
-        assert column in out
-    diag = osds.diagnostics()
-    assert set(diag["x"]) == {"n_eff", "r_hat"} and diag["x"]["r_hat"].shape == (3,)
-    assert diag["divergences"] == {"chain 0": [], "chain 1": []}
-    assert set(diag["log_evidence"]) == {"chain 0", "chain 1"}
-    with pytest.raises(ValueError, match="prob"):
-        osds.summary_dict(prob=1.5)
-
-
-def test_weighted_summary_uses_the_weights(osds):
-    stats = osds.summary_dict()
-    x = osds.get_samples()["x"]
-    w = osds.get_normalized_weights()
-    torch.testing.assert_close(stats["x"]["mean"], (w[:, None] * x).sum(0))
-
-
-def test_resampling_follows_the_weights():
-    # a deliberately poor sampler (no training, identity preconditioner): resampling must move the draws
-    osds = fitted(num_iterations=0, precondition="none", num_samples=2000)
-    raw = osds.get_samples()["x"].mean(0)
-    with pytest.warns(RuntimeWarning, match="effective samples"):
-        resampled = osds.get_samples(resample=True)["x"].mean(0)
-    weighted = osds.summary_dict()["x"]["mean"]
-    assert float((resampled - weighted).abs().max()) < float((raw - weighted).abs().max())
-
-
 def test_sample_again_with_more_steps(osds):
     with pytest.warns(UserWarning, match="The 2-step flow was not trained"):
         osds.sample(200, num_steps=2)
@@ -196,37 +117,6 @@ def test_num_steps_is_trained_by_the_one_step_objective():
     assert paper.samplers[0].trained_step_counts is None  # the paper's objective trains every step size
 
 
-def test_transforms_map_draws_back():
-    exp = torch.distributions.transforms.ExpTransform()
-    osds = fitted(transforms={"x": exp.inv})
-    samples = osds.get_samples()["x"]
-    assert bool((samples > 0).all())
-    unconstrained = osds.get_samples(unconstrained=True)["x"]
-    torch.testing.assert_close(samples, unconstrained.exp())
-
-
-def test_non_vmappable_potential_falls_back_to_a_loop():
-    def item_potential(params):
-        x = params["x"]
-        if float(x.detach().sum()) > 1e9:  # data-dependent control flow: not vmappable
-            return x.sum()
-        return potential(params)
-
-    with pytest.warns(UserWarning, match="could not be vectorised"):
-        osds = fitted(potential_fn=item_potential, num_iterations=2, num_chains=1)
-    assert osds.target.vectorize == "loop"
-    assert osds.get_samples()["x"].shape == (300, 3)
-
-
-def test_batched_potential_flag():
-    def batched(params):
-        return 0.5 * (((params["x"] - MU) / SD) ** 2).sum(-1)
-
-    osds = fitted(potential_fn=batched, batched_potential=True, num_iterations=2, num_chains=1)
-    assert osds.target.vectorize == "batched"
-    assert math.isfinite(osds.log_evidence().log_z)
-
-
 def test_hook_receives_chain_step_and_info():
     seen = []
     fitted(hook_fn=lambda chain, step, info: seen.append((chain, step, "loss" in info)), num_iterations=3)
@@ -234,8 +124,6 @@ def test_hook_receives_chain_step_and_info():
 
 
 def test_chains_are_independent_and_seeded():
-    import pyro
-
     pyro.set_rng_seed(7)
     a = fitted(num_iterations=3)
     pyro.set_rng_seed(7)
@@ -245,36 +133,144 @@ def test_chains_are_independent_and_seeded():
     assert not torch.equal(xa[0], xa[1])  # chains draw from independent streams
 
 
-# ------------------------------------------------------------------------------------------------
-# persistence
-def test_save_load_gives_identical_draws(osds, tmp_path):
-    path = tmp_path / "osds.pt"
-    osds.save(path)
-    loaded = OSDS.load(path, potential_fn=potential)
-    torch.testing.assert_close(loaded.get_samples()["x"], osds.get_samples()["x"], rtol=0, atol=0)
-    assert loaded.log_evidence().log_z == osds.log_evidence().log_z
-    # the samplers' generators were saved too: new draws agree as well
-    osds.sample(100)
-    loaded.sample(100)
-    torch.testing.assert_close(loaded.get_samples()["x"], osds.get_samples()["x"], rtol=0, atol=0)
-    osds.sample(300)
-
-
-def test_load_rejects_bad_files(osds, tmp_path):
-    path = tmp_path / "osds.pt"
-    osds.save(path)
-    data = path.read_bytes()
-    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated, corrupted or not a checkpoint"):
-        OSDS.load(tmp_path / "truncated.pt", potential_fn=potential)
-    torch.save({"format": "something else"}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a pyro_osds OSDS checkpoint"):
-        OSDS.load(tmp_path / "other.pt", potential_fn=potential)
-    with pytest.raises(ValueError, match="made for a potential, not a model"):
-        OSDS.load(path, lambda: None)
-    with pytest.raises(ValueError, match="do not match"):
-        OSDS.load(path, potential_fn=lambda p: 0.5 * (p["x"] ** 2).sum(), initial_params={"x": torch.zeros(4, dtype=D64)})
-
-
 def test_repr(osds):
     assert "OSDS(potential_fn" in repr(osds) and "trained" in repr(osds)
+
+
+# ------------------------------------------------------------------------------------------------
+# the training methods side by side: OSDS, DIS, SCDS, CDDS (issue #5)
+@pytest.mark.parametrize("method", ["osds", "dis", "scds", "cdds"])
+def test_each_method_recovers_a_gaussian(method):
+    pyro.set_rng_seed(0)
+    osds = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3, dtype=D64)}, method=method,
+                num_samples=2000, num_chains=1, num_iterations=60, consistency_iterations=100, grid_size=16).run()
+    assert osds.config.method == method
+    assert osds.num_steps == (16 if method == "dis" else 1)
+    ev = osds.log_evidence()
+    assert ev.num_folded == 0
+    assert abs(ev.log_z - LOG_Z) <= Z * ev.se + 0.5 * ev.se**2 + 1e-9, ev
+    stats = osds.summary_dict()["x"]
+    assert bool(((stats["mean"] - MU).abs() <= Z * SD / math.sqrt(ev.ess)).all()), stats["mean"]
+    assert bool(((stats["std"] / SD - 1).abs() <= Z / math.sqrt(2 * ev.ess) + 0.01).all()), stats["std"]
+
+
+def test_cdds_multi_step_draws_have_no_weights():
+    pyro.set_rng_seed(0)
+    osds = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3, dtype=D64)}, method="cdds",
+                preset="smoke", num_samples=50, num_chains=1).run()
+    assert math.isfinite(osds.log_evidence().log_z)
+    osds.sample(50, num_steps=4)
+    assert osds.get_samples()["x"].shape == (50, 3)
+    with pytest.raises(EvidenceError, match="carry no importance weights"):
+        osds.log_evidence()
+    with pytest.raises(ValueError, match="no tractable density"):
+        osds.samplers[0].evidence(50, num_steps=2)
+    with pytest.raises(ValueError, match="CDDS has no EM paths"):
+        osds.samplers[0].em_evidence(50)
+
+
+# ------------------------------------------------------------------------------------------------
+# interruption
+def test_keyboard_interrupt_keeps_a_usable_sampler(tmp_path):
+    def hook(chain, step, info):
+        if chain == 0 and step == 4:
+            raise KeyboardInterrupt
+
+    pyro.set_rng_seed(0)
+    with pytest.warns(RuntimeWarning) as record:
+        osds = make(num_iterations=10, hook_fn=hook).run()
+    messages = " ".join(str(w.message) for w in record)
+    assert "interrupted at iteration 4" in messages and "continue_training" in messages
+    assert osds.interrupted and len(osds.samplers) == 1 and osds.samplers[0].trainer.step == 4
+    assert osds.get_samples()["x"].shape == (100, 3)
+    assert math.isfinite(osds.log_evidence().log_z)
+    osds.save(tmp_path / "partial.pt")
+    osds.hook_fn = None
+    osds.continue_training().sample()
+    assert not osds.interrupted and [s.trainer.step for s in osds.samplers] == [10, 10]
+    pyro.set_rng_seed(0)
+    assert_same_training(osds, make(num_iterations=10).run())
+
+
+# ------------------------------------------------------------------------------------------------
+# lost modes
+def test_osds_sample_warns_about_a_lost_mode_per_chain(tmp_path):
+    def potential(p):
+        return mixture_potential(p["x"])
+
+    pyro.set_rng_seed(0)
+    osds = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(2, dtype=D64)},
+                batched_potential=True, num_chains=1, num_samples=4000, num_iterations=300, disable_progbar=True)
+    lost = "Chain 0: The draws carry almost no weight near 1 of the 2 modes"
+    with pytest.warns(UserWarning, match="separated modes"), pytest.warns(RuntimeWarning, match=lost):
+        osds.run()
+    # the found modes are saved with the sampler, so a loaded one still checks its draws
+    osds.save(tmp_path / "mixture.pt")
+    loaded = OSDS.load(tmp_path / "mixture.pt", potential_fn=potential)
+    with pytest.warns(RuntimeWarning, match=lost):
+        loaded.sample(4000)
+
+
+# ------------------------------------------------------------------------------------------------
+# reproducibility and resources
+def test_same_seed_same_bits():
+    pyro.set_rng_seed(3)
+    a = make(num_iterations=4).run()
+    pyro.set_rng_seed(3)
+    b = make(num_iterations=4).run()
+    assert torch.equal(a.get_samples()["x"], b.get_samples()["x"])
+    assert a.log_evidence() == b.log_evidence()
+
+
+def test_chunked_draws(tmp_path):
+    osds = make(num_iterations=3, chunk_size=7).run()
+    ev = osds.log_evidence()
+    assert osds.get_samples()["x"].shape == (200, 3) and math.isfinite(ev.log_z)
+    assert osds.to_datatree()["posterior"]["x"].shape == (2, 100, 3)
+
+
+def test_training_that_keeps_diverging_stops_with_advice():
+    calls = {"n": 0}
+
+    def exploding(params):
+        calls["n"] += 1
+        x = params["x"]
+        # finite at the start (so the model passes its checks), NaN everywhere the sampler goes later
+        return torch.where(x.abs().sum() < 1e-12, (x**2).sum(), x.sum() * math.nan)
+
+    with pytest.raises((TrainingDivergedError, ValueError)):
+        make(potential_fn=exploding, num_iterations=60, max_consecutive_skips=5, precondition="none").run()
+
+
+# ------------------------------------------------------------------------------------------------
+# property-based: any input either works or raises one of the documented errors
+DOCUMENTED = (ValueError, TypeError, UnsupportedModelError, EvidenceError, TrainingDivergedError)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.lists(st.integers(0, 3), min_size=0, max_size=2),
+    num_samples=st.one_of(st.integers(-2, 40), st.floats(-1, 5), st.none()),
+    num_chains=st.sampled_from([1, 2, 0, -1, 1.5, True]),
+    num_steps=st.sampled_from([1, 2, 3, 4, 16, 0]),
+    scale=st.floats(1e-3, 1e3),
+    shift=st.floats(-1e3, 1e3),
+)
+def test_public_api_works_or_raises_documented_errors(shape, num_samples, num_chains, num_steps, scale, shift):
+    init = {"x": torch.zeros(tuple(shape), dtype=D64)}
+
+    def pot(params):
+        return 0.5 * (((params["x"] - shift) / scale) ** 2).sum()
+
+    kwargs = dict(potential_fn=pot, initial_params=init, num_chains=num_chains, num_steps=num_steps,
+                  preset="smoke", num_iterations=2, disable_progbar=True)
+    if num_samples is not None:
+        kwargs["num_samples"] = num_samples
+    try:
+        osds = OSDS(**kwargs).run()
+    except DOCUMENTED:
+        return
+    samples = osds.get_samples()["x"]
+    assert samples.shape[1:] == tuple(shape)
+    ev = osds.log_evidence()
+    assert not math.isnan(ev.log_z)

@@ -1,6 +1,6 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
-"""Model comparison by log evidence."""
+"""Tests of pyro_osds.compare: model comparison by log evidence."""
 
 import math
 
@@ -11,9 +11,7 @@ import torch
 
 from pyro_osds import OSDS, compare
 from pyro_osds.ops.estimators import Estimates
-
-D64 = torch.float64
-Z = 4.5  # per-assertion false-alarm rate < 1e-5
+from tests.common import D64, Z
 
 
 def normal_mean_model(y, prior_scale):

@@ -1,6 +1,6 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
-"""ArviZ output: DataTree / InferenceData groups, ArviZ functions on them, netCDF round trips."""
+"""Tests of pyro_osds.convert: ArviZ output (DataTree / InferenceData groups, ArviZ functions, netCDF round trips)."""
 
 import math
 import warnings
@@ -13,8 +13,7 @@ import torch
 import xarray as xr
 
 from pyro_osds import OSDS, to_datatree
-
-D64 = torch.float64
+from tests.common import D64
 
 
 def model(X, y=None):

@@ -22,6 +22,7 @@ with no usable weight raises :class:`EvidenceError` instead of returning NaN.
 
 [1] `Pareto Smoothed Importance Sampling`, A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry
     (2024), arXiv 1507.02646.
+
 [2] `A New and Efficient Estimation Method for the Generalized Pareto Distribution`,
     J. Zhang, M. A. Stephens (2009), Technometrics 51(3).
 """

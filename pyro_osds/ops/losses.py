@@ -79,11 +79,11 @@ Paths or pairs with non-finite values are excluded from the mean and counted.
 
 [2] `Single-Step Consistent Diffusion Samplers`, P. Jutras-Dubé, P. Pynadath, R. Zhang (2025), arXiv 2502.07579.
 
-[3] Roeder, Wu, Duvenaud, `Sticking the Landing: Simple, Lower-Variance Gradient Estimators for
-Variational Inference`, NeurIPS 2017.
+[3] `Sticking the Landing: Simple, Lower-Variance Gradient Estimators for Variational Inference`, G. Roeder,
+    Y. Wu, D. Duvenaud (2017), NeurIPS.
 
-[4] Vaitl, Nicoli, Nakajima, Kessel, `Gradients should stay on path: better estimators of the reverse-
-and forward KL divergence for normalizing flows`, Machine Learning: Science and Technology 2022.
+[4] `Gradients should stay on path: better estimators of the reverse- and forward KL divergence for normalizing
+    flows`, L. Vaitl, K. A. Nicoli, S. Nakajima, P. Kessel (2022), Machine Learning: Science and Technology 3(4).
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ Schedules (both with :math:`\beta(0) = \sigma_{\min}/2` and :math:`\beta(1) \app
 
 **References**
 
-[1] `One-Step Diffusion Samplers via Self-Distillation and Deterministic Flow`, arXiv 2512.05251.
+[1] `One-Step Diffusion Samplers via Self-Distillation and Deterministic Flow`, P. Jutras-Dubé, J. Zhang,
+    Z. Wang, R. Zhang (2025), arXiv 2512.05251.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
+"""Tests of pyro_osds.ops.reference: the reference process (noise schedule, prior, step codes)."""
+
 import math
 
 import pytest
 import torch
 
 from pyro_osds.ops.reference import ReferenceProcess
-
-D64 = torch.float64
+from tests.common import D64
 
 
 def test_cosine_schedule_endpoints_and_monotone():

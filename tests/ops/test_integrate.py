@@ -1,10 +1,11 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
+"""Tests of pyro_osds.ops.integrate: the K-step flow and its exact log-determinant, its inverse, EM paths, folds."""
+
 import math
 
 import pytest
 import torch
-from torch import nn
 
 from pyro_osds.ops.integrate import (
     count_folded,
@@ -15,34 +16,10 @@ from pyro_osds.ops.integrate import (
     langevin_input,
     ode_step,
 )
-from pyro_osds.ops.jacobian import batched_jacobian, exact_trace, hutchinson_trace, potential_and_score, rademacher
-from pyro_osds.ops.nets import ControlNetwork, StepConditionedControl
+from pyro_osds.ops.jacobian import batched_jacobian, exact_trace, potential_and_score
+from pyro_osds.ops.nets import ControlNetwork
 from pyro_osds.ops.reference import ReferenceProcess
-
-D64 = torch.float64
-DIM = 4
-
-
-def make_potential(scale=1.0):
-    g = torch.Generator().manual_seed(3)
-    a = torch.randn(DIM, DIM, dtype=D64, generator=g)
-    prec = a @ a.T / DIM + torch.eye(DIM, dtype=D64)
-    w = torch.randn(DIM, dtype=D64, generator=g)
-
-    def potential(x):
-        # Gaussian + softplus + quartic: a Hessian that varies with x
-        return scale * (0.5 * ((x @ prec) * x).sum(-1) + nn.functional.softplus(x @ w) + 0.05 * (x**4).sum(-1))
-
-    return potential
-
-
-def random_net(scale=0.3, seed=0):
-    torch.manual_seed(seed)
-    net = StepConditionedControl(DIM, hidden_dim=16, dtype=D64)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return net
+from tests.common import D64, DIM, make_potential, random_net
 
 
 def single_map(net, potential, process, num_steps, langevin_grad=True):
@@ -101,31 +78,6 @@ def test_euler_trace_formula_and_its_first_order_agreement_with_the_exact_log_de
         gaps.append(float((ex - tr).abs().mean()))
     orders = [math.log2(gaps[i] / gaps[i + 1]) for i in range(len(gaps) - 1)]
     assert all(0.8 < o < 1.2 for o in orders), orders
-
-
-def test_hutchinson_trace_is_unbiased():
-    net, potential = random_net(), make_potential()
-    process = ReferenceProcess(grid_size=8)
-    x0 = torch.randn(3, DIM, dtype=D64)
-    step = ode_step(net, potential, process, x0, 8, 4, log_det="none", differentiable=True, langevin_grad=False)
-    exact = exact_trace(step.control, step.start)
-    probes = rademacher((4000, 3, DIM), dtype=D64)
-    _, vjp = hutchinson_trace(step.control, step.start, probes)
-    samples = (vjp * probes).sum(-1)  # (probes, batch)
-    mean, se = samples.mean(0), samples.std(0) / math.sqrt(4000)
-    assert bool(((mean - exact).abs() < 4 * se + 1e-12).all())
-
-
-def test_batched_jacobian_and_trace_match_autograd():
-    net = random_net()
-    x = torch.randn(5, DIM, dtype=D64, requires_grad=True)
-    g = torch.randn(5, DIM, dtype=D64)
-    y = net(x, 0.3, 0.5, g)
-    jac = batched_jacobian(y, x)
-    for i in range(5):
-        ref = torch.autograd.functional.jacobian(lambda z, i=i: net(z.unsqueeze(0), 0.3, 0.5, g[i : i + 1])[0], x[i])
-        torch.testing.assert_close(jac[i], ref, rtol=0, atol=1e-12)
-    torch.testing.assert_close(exact_trace(y, x), jac.diagonal(dim1=-2, dim2=-1).sum(-1), rtol=0, atol=1e-12)
 
 
 class LinearControl(ControlNetwork):
@@ -217,17 +169,6 @@ def test_em_rollout_is_reparameterised():
     path = em_rollout(net, potential, process, x0, 4, differentiable=True, generator=torch.Generator().manual_seed(0))
     path.states[-1].sum().backward()
     assert all(p.grad is not None for p in net.state_net.parameters())
-
-
-def test_potential_and_score():
-    potential = make_potential()
-    x = torch.randn(4, DIM, dtype=D64)
-    u, score = potential_and_score(potential, x)
-    torch.testing.assert_close(u, potential(x))
-    for i in range(4):
-        ref = torch.autograd.functional.jacobian(lambda z: potential(z.unsqueeze(0))[0], x[i])
-        torch.testing.assert_close(score[i], -ref, rtol=0, atol=1e-12)
-    assert not u.requires_grad and not score.requires_grad
 
 
 def test_langevin_time_end_feeds_the_target_score_to_one_step_maps():

@@ -1,6 +1,6 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
-"""The Pyro backend: model adapter, constrained sites, enumeration, conjugate models with exact evidence."""
+"""Tests of pyro_osds.model: the Pyro model adapter, constrained sites, enumeration, conjugate models' evidence."""
 
 import math
 
@@ -12,10 +12,7 @@ from pyro.ops.indexing import Vindex
 
 from pyro_osds import OSDS, UnsupportedModelError
 from pyro_osds.model import ModelTarget
-
-D64 = torch.float64
-# Statistical assertions: z = 4.5 keeps the false-alarm rate per assertion below 1e-5 (Gaussian tails).
-Z = 4.5
+from tests.common import D64, Z
 
 
 def close_to_truth(estimate, truth, se):

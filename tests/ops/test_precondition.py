@@ -1,5 +1,7 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
+"""Tests of pyro_osds.ops.precondition: affine maps, Laplace and Gaussian fits, mode search, mode shares."""
+
 import math
 
 import pytest
@@ -16,8 +18,7 @@ from pyro_osds.ops.precondition import (
     mode_shares,
     whiten_potential,
 )
-
-D64 = torch.float64
+from tests.common import D64, two_mode_potential
 
 
 def gaussian_target(dim=3, seed=0):
@@ -91,12 +92,6 @@ def test_gaussian_fit_starts_from_the_better_candidate_and_avoids_the_funnel_spi
     assert float(affine.shift[0]) > -3
 
 
-def two_mode_potential(x):
-    left = torch.distributions.Normal(torch.tensor([-3.0, 0.0], dtype=D64), 0.5).log_prob(x).sum(-1)
-    right = torch.distributions.Normal(torch.tensor([3.0, 0.0], dtype=D64), 0.5).log_prob(x).sum(-1)
-    return -torch.logaddexp(left + math.log(0.3), right + math.log(0.7))
-
-
 def test_mode_search_finds_both_modes_with_their_masses():
     modes = find_modes(two_mode_potential, torch.zeros(2, dtype=D64), num_starts=8,
                        generator=torch.Generator().manual_seed(0))
@@ -118,29 +113,6 @@ def test_mode_search_merges_a_single_mode():
     modes = find_modes(potential, torch.zeros(3, dtype=D64), num_starts=4, generator=torch.Generator().manual_seed(0))
     assert len(modes) == 1 and modes[0][1] == pytest.approx(1.0)
     torch.testing.assert_close(modes[0][0].shift, mean, rtol=0, atol=1e-6)
-
-
-def test_sampler_warns_and_covers_separated_modes():
-    from pyro_osds.config import OSDSConfig
-    from pyro_osds.sampler import FlowSampler
-
-    sampler = FlowSampler(two_mode_potential, torch.zeros(2, dtype=D64), OSDSConfig(mode_search_starts=8),
-                          generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match="at least 2 separated modes"):
-        affine = sampler.fit_preconditioner()
-    assert float((affine.scale_tril @ affine.scale_tril.T)[0, 0]) > 5.0  # broad enough to hold both modes
-
-
-@pytest.mark.parametrize("preset, advice", [("cpu", "add the paper's diffusion objective"),
-                                            ("paper-cpu", "can still drop modes")])
-def test_mode_warning_advice_fits_the_objective(preset, advice):
-    from pyro_osds.config import OSDSConfig
-    from pyro_osds.sampler import FlowSampler
-
-    sampler = FlowSampler(two_mode_potential, torch.zeros(2, dtype=D64),
-                          OSDSConfig.preset(preset, mode_search_starts=8), generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match=advice):
-        sampler.fit_preconditioner()
 
 
 def light_mode_potential(x):

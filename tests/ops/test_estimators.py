@@ -1,5 +1,7 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
+"""Tests of pyro_osds.ops.estimators: log-evidence estimates, ESS, Pareto k-hat, pooled chains."""
+
 import math
 
 import pytest
@@ -14,8 +16,7 @@ from pyro_osds.ops.estimators import (
     pareto_k_hat,
     pool_estimates,
 )
-
-D64 = torch.float64
+from tests.common import D64
 
 
 def test_equal_weights():

@@ -17,16 +17,8 @@ import pytest
 import torch
 
 from pyro_osds.config import OSDSConfig
-from pyro_osds.ops.estimators import evidence
 from pyro_osds.sampler import FlowSampler
-
-D64 = torch.float64
-Z = 4.5
-
-
-def within(estimate, truth, se, bias=0.0):
-    return abs(estimate - truth) <= Z * se + bias + 1e-9
-
+from tests.common import D64, Z, mixture_potential, within
 
 # ------------------------------------------------------------------------------------------------
 # a correlated, anisotropic, shifted 5-D Gaussian; only a *diagonal* preconditioner, so the flow
@@ -109,12 +101,6 @@ def test_the_authors_weight_is_not_a_bound_but_ours_is(gaussian_sampler):
 
 # ------------------------------------------------------------------------------------------------
 # slower: a two-component mixture and a skewed (rotated log-Gamma) target
-def mixture_potential(x):
-    left = torch.distributions.Normal(torch.tensor([-2.0, 0.0], dtype=D64), 0.5).log_prob(x).sum(-1)
-    right = torch.distributions.Normal(torch.tensor([2.0, 0.0], dtype=D64), 0.5).log_prob(x).sum(-1)
-    return -torch.logaddexp(left + math.log(0.3), right + math.log(0.7))
-
-
 @pytest.mark.slow
 def test_two_component_mixture_recovers_both_mode_weights():
     # Both objectives together: the paper's diffusion loss keeps both modes (the exact reverse KL of the
@@ -205,41 +191,3 @@ def test_one_step_map_does_not_fold_to_overstate_the_evidence():
     assert est.num_folded <= 0.001 * 8000, est
     assert est.log_z <= 0.0 + Z * est.se, est
     assert est.elbo <= 0.0 + Z * est.elbo_se, est
-
-
-def test_a_lost_mode_is_reported_with_its_size():
-    # The one-step objective alone is mode-seeking: on the 0.3 / 0.7 mixture it drops the lighter mode,
-    # and its weights (ESS/N ~ 1) cannot show that. The mode search found both modes, so the draws'
-    # weighted share near each is checked; the lost mass predicts the log Z deficit, log 0.7.
-    pyro.set_rng_seed(0)
-    config = OSDSConfig(num_iterations=300)
-    sampler = FlowSampler(mixture_potential, torch.zeros(2, dtype=D64), config,
-                          generator=torch.Generator().manual_seed(0), disable_progbar=True)
-    with pytest.warns(UserWarning, match="separated modes"):
-        sampler.fit_preconditioner()
-    sampler.fit()
-    draws = sampler.draw(8000, 1)
-    est = evidence(draws.log_weight, num_folded=draws.num_folded)
-    with pytest.warns(RuntimeWarning, match=r"almost no weight near 1 of the 2 modes .* low by about 0.36 nats"):
-        lost = sampler.warn_lost_modes(draws)
-    assert lost == [1]
-    assert within(est.log_z, math.log(0.7), est.se, bias=0.5 * est.se**2 + 0.01), est
-
-
-def test_osds_sample_warns_about_a_lost_mode_per_chain(tmp_path):
-    from pyro_osds import OSDS
-
-    def potential(p):
-        return mixture_potential(p["x"])
-
-    pyro.set_rng_seed(0)
-    osds = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(2, dtype=D64)},
-                batched_potential=True, num_chains=1, num_samples=4000, num_iterations=300, disable_progbar=True)
-    lost = "Chain 0: The draws carry almost no weight near 1 of the 2 modes"
-    with pytest.warns(UserWarning, match="separated modes"), pytest.warns(RuntimeWarning, match=lost):
-        osds.run()
-    # the found modes are saved with the sampler, so a loaded one still checks its draws
-    osds.save(tmp_path / "mixture.pt")
-    loaded = OSDS.load(tmp_path / "mixture.pt", potential_fn=potential)
-    with pytest.warns(RuntimeWarning, match=lost):
-        loaded.sample(4000)

@@ -1,0 +1,114 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+"""Tests of pyro_osds.objectives: the stages of each objective, their history, the distillation schedule and the
+"auto" flow-KL gradient estimator."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from pyro_osds.config import OSDSConfig
+from pyro_osds.objectives import (
+    DiffusionConfig,
+    FlowKLConfig,
+    ObjectiveConfig,
+    build_objective,
+    distillation_stage,
+    flow_kl_stage,
+    flow_kl_train_steps,
+    multimodal_remedy,
+    resolve_flow_kl_gradient,
+)
+from pyro_osds.ops.nets import StepConditionedControl
+from pyro_osds.ops.reference import ReferenceProcess
+from pyro_osds.sampler import FlowSampler
+from pyro_osds.train import TrainContext, Trainer
+from tests.common import D64, quadratic
+
+
+def _two_modes(x):
+    # equal-mass modes at +-3 in the first coordinate, Gaussian in the second
+    a = -0.5 * ((x[..., 0] - 3.0) ** 2)
+    b = -0.5 * ((x[..., 0] + 3.0) ** 2)
+    return -torch.logaddexp(a, b) + 0.5 * x[..., 1] ** 2
+
+
+def _gaussian(x):
+    return 0.5 * (x**2).sum(-1)
+
+
+@pytest.mark.parametrize(("potential", "expected"), [(_gaussian, "path"), (_two_modes, "total")])
+def test_auto_estimator_follows_the_mode_search(potential, expected):
+    config = OSDSConfig.preset("smoke", mode_search_starts=8)
+    sampler = FlowSampler(potential, torch.zeros(2, dtype=D64), config, disable_progbar=True,
+                          generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert sampler.flow_kl_gradient == expected
+    forced = FlowSampler(potential, torch.zeros(2, dtype=D64), config.replace(flow_kl_gradient="path"),
+                         disable_progbar=True)
+    assert forced.flow_kl_gradient == "path"
+
+
+def _stages(config, dim=3):
+    return build_objective(config.objective, quadratic, config.process, dim, flow_kl_steps=(1,),
+                           flow_kl_gradient="path")
+
+
+def test_each_method_builds_its_stages():
+    base = OSDSConfig.preset("smoke")
+    assert [s.keys for s in _stages(base)] == [("flow_kl",)]
+    paper = _stages(OSDSConfig.preset("paper-cpu", grid_size=8))
+    assert [s.keys for s in paper] == [(), ("sd_loss", "state_loss", "volume_loss", "jacobian_loss")]
+    assert len(_stages(OSDSConfig.for_method("dis", grid_size=8))) == 1
+    assert len(_stages(OSDSConfig.for_method("scds", grid_size=8))) == 2
+    both = OSDSConfig.preset("paper-cpu", grid_size=8, flow_kl_weight=1.0)
+    assert [s.keys for s in _stages(both)][-1] == ("flow_kl",)
+
+
+def test_history_follows_the_objective():
+    torch.manual_seed(0)
+    config = OSDSConfig.preset("paper-cpu", grid_size=8, batch_size=8, num_iterations=3, sd_warmup=2, hidden_dim=8,
+                               flow_kl_weight=1.0, flow_kl_batch_size=8, dtype=None)
+    net = config.net.build(3, dtype=torch.float64)
+    trainer = Trainer(net, _stages(config), config.optim, generator=torch.Generator().manual_seed(0))
+    history = trainer.train()
+    assert list(history) == ["loss", "elbo", "grad_norm", "skipped", "invalid_paths", "seconds", "sd_loss",
+                             "state_loss", "volume_loss", "jacobian_loss", "flow_kl"]
+    # the first stage (the diffusion loss) gives the loss; the one-step objective reports on its own
+    assert all(math.isfinite(v) for v in history["loss"] + history["flow_kl"])
+    assert history["loss"] != history["flow_kl"]
+    # no distillation at iteration 0 (warm-up weight 0): its values are missing there, not zero
+    assert math.isnan(history["sd_loss"][0]) and math.isfinite(history["sd_loss"][1])
+
+
+def test_distillation_waits_for_its_weight():
+    config = DiffusionConfig(weight=1.0, sd_weight=0.5, sd_warmup=4)
+    assert [config.distillation_weight(s) for s in (0, 2, 4, 9)] == [0.0, 0.25, 0.5, 0.5]
+    assert DiffusionConfig(sd_weight=0.5, sd_warmup=0).distillation_weight(0) == 0.5
+    stage = distillation_stage(config, quadratic, ReferenceProcess(grid_size=4))
+    net = StepConditionedControl(3, hidden_dim=4, dtype=torch.float64)
+    context = TrainContext(net, net, 0, torch.Generator(), {"states": torch.zeros(5, 2, 3, dtype=torch.float64)})
+    assert stage.term(context) is None  # weight 0 at step 0
+    context.step = 2
+    context.scratch["states"][0, 0, 0] = math.nan
+    assert stage.term(context) is None  # a non-finite path: nothing to distil this iteration
+
+
+def test_flow_kl_step_counts_and_gradient_resolution():
+    assert flow_kl_train_steps(FlowKLConfig(steps=(4, 1)), 1) == (4, 1)  # already trained: the order is kept
+    assert flow_kl_train_steps(FlowKLConfig(steps=(4, 1)), 2) == (1, 2, 4)
+    assert flow_kl_train_steps(FlowKLConfig(), None) == (1,)
+    assert resolve_flow_kl_gradient("auto", 1) == "path" and resolve_flow_kl_gradient("auto", 3) == "total"
+    assert resolve_flow_kl_gradient("path", 3) == "path"
+    with pytest.raises(ValueError, match="`gradient` must be one of"):
+        flow_kl_stage(FlowKLConfig(), quadratic, ReferenceProcess(), 3, steps=(1,), gradient="auto")
+
+
+def test_advice_follows_the_objective():
+    assert "paper-cpu" in multimodal_remedy(ObjectiveConfig())
+    assert multimodal_remedy(OSDSConfig.preset("paper-cpu").objective) is None
+    with pytest.raises(ValueError, match="Nothing to train"):
+        ObjectiveConfig(flow_kl=FlowKLConfig(weight=0.0))

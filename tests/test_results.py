@@ -1,0 +1,40 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+"""Tests of pyro_osds.results: one chain's Draws and a run's pooled LogEvidence."""
+
+import math
+
+import pytest
+import torch
+
+from pyro_osds.ops.estimators import Estimates, EvidenceError, evidence, pool_estimates
+from pyro_osds.results import Draws, LogEvidence
+from tests.common import D64
+
+
+def _draws(log_w, orientation=None, log_det="exact"):
+    n = log_w.numel()
+    return Draws(torch.zeros(n, 2, dtype=D64), -log_w, torch.zeros(n, dtype=D64), log_w, orientation, log_det)
+
+
+def test_log_evidence_pools_chains_and_reads_like_its_pooled_estimates():
+    a, b = torch.randn(400, dtype=D64), 0.2 + torch.randn(400, dtype=D64)
+    folded = torch.ones(400, dtype=D64)
+    folded[:3] = -1.0
+    ev = LogEvidence.from_draws([_draws(a, folded), _draws(b)], num_steps=2)
+    assert ev.pooled == pool_estimates([a, b], num_folded=3)
+    assert ev.chains == (evidence(a, num_folded=3), evidence(b)) and ev.num_steps == 2
+    for field in Estimates._fields:  # every estimate field reads through
+        assert getattr(ev, field) == getattr(ev.pooled, field) or math.isnan(getattr(ev, field))
+    assert ev.num_folded == 3 and {"log_z", "se", "k_hat"} <= set(dir(ev))
+    text = str(ev)
+    assert "2-step flow" in text and "folds at 3 draws" in text and "chain 1: log Z" in text
+    with pytest.raises(AttributeError):
+        ev.no_such_field  # noqa: B018
+
+
+def test_draws_without_a_volume_carry_no_evidence():
+    draws = _draws(torch.full((30,), math.nan, dtype=D64), log_det="none")
+    assert draws.folded is None and draws.num_folded == 0
+    with pytest.raises(EvidenceError, match="carry no importance weights"):
+        draws.evidence()

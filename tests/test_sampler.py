@@ -1,0 +1,138 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+"""Tests of pyro_osds.sampler: FlowSampler with each training method, its preconditioner and its mode reports."""
+
+import math
+import warnings
+
+import pyro
+import pytest
+import torch
+
+from pyro_osds.config import OSDSConfig
+from pyro_osds.ops.consistency import consistency_function
+from pyro_osds.ops.estimators import evidence
+from pyro_osds.ops.integrate import flow
+from pyro_osds.sampler import FlowSampler
+from tests.common import D64, LOG_Z, Z, batched, mixture_potential, two_mode_potential, within
+
+
+def test_dis_path_weights_are_accurate_at_its_natural_step_count_and_collapse_at_one():
+    pyro.set_rng_seed(0)
+    config = OSDSConfig.for_method("dis", num_iterations=300, grid_size=16, precondition="none", dtype=None)
+    sampler = FlowSampler(batched, torch.zeros(3, dtype=D64), config, disable_progbar=True)
+    sampler.fit()
+    many = sampler.em_evidence(4000, num_steps=16)
+    one = sampler.em_evidence(4000, num_steps=1)
+    assert abs(many.log_z - LOG_Z) <= Z * many.se + 0.5 * many.se**2, many
+    assert many.ess_per_draw > 0.2 and one.ess_per_draw < 0.02 and one.elbo < many.elbo - 1.0
+
+
+def test_scds_teacher_is_the_current_network():
+    config = OSDSConfig.for_method("scds")
+    assert config.objective.diffusion.sd_teacher == "current" and config.objective.diffusion.volume_weight == 0.0 and config.objective.diffusion.sd_warmup == 0
+    assert config.option("sd_weight") == 1.0 and config.option("diffusion_loss") == "lv"
+    pyro.set_rng_seed(0)
+    sampler = FlowSampler(batched, torch.zeros(3, dtype=D64), config.replace(num_iterations=3, grid_size=8, dtype=None),
+                          disable_progbar=True)
+    history = sampler.fit()
+    assert all(math.isfinite(v) for v in history["sd_loss"])
+    # no volume term and no Jacobian penalty: the distillation loss is the state term alone
+    assert history["sd_loss"] == pytest.approx(history["state_loss"], rel=1e-12)
+
+
+def test_cdds_reproduces_its_teachers_ode_endpoints():
+    def skewed(x):
+        return batched(x) + 0.3 * torch.nn.functional.softplus(2 * x[:, 0])
+
+    pyro.set_rng_seed(0)
+    config = OSDSConfig.for_method("cdds", num_iterations=200, consistency_iterations=600, grid_size=16,
+                                   precondition="none", dtype=None)
+    sampler = FlowSampler(skewed, torch.zeros(3, dtype=D64), config, disable_progbar=True)
+    sampler.fit()
+    z0 = sampler.process.sample_prior(2000, 3, dtype=D64, generator=torch.Generator().manual_seed(1))
+    teacher = sampler.trainers[0].sampling_net
+    endpoints = flow(teacher, sampler.whitened_potential, sampler.process, z0, 16, log_det="none").x
+    student = consistency_function(sampler.sampling_net, sampler.whitened_potential, sampler.process, z0, 16.0).f
+    untrained = consistency_function(teacher, sampler.whitened_potential, sampler.process, z0, 16.0).f
+    rmse = ((student - endpoints) ** 2).mean(0).sqrt()
+    spread = endpoints.std(0)
+    assert bool((rmse < 0.25 * spread).all()), rmse / spread
+    assert bool((rmse < 0.2 * ((untrained - endpoints) ** 2).mean(0).sqrt()).all())
+
+
+def test_sampler_warns_and_covers_separated_modes():
+    sampler = FlowSampler(two_mode_potential, torch.zeros(2, dtype=D64), OSDSConfig(mode_search_starts=8),
+                          generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="at least 2 separated modes"):
+        affine = sampler.fit_preconditioner()
+    assert float((affine.scale_tril @ affine.scale_tril.T)[0, 0]) > 5.0  # broad enough to hold both modes
+
+
+@pytest.mark.parametrize("preset, advice", [("cpu", "add the paper's diffusion objective"),
+                                            ("paper-cpu", "can still drop modes")])
+def test_mode_warning_advice_fits_the_objective(preset, advice):
+    sampler = FlowSampler(two_mode_potential, torch.zeros(2, dtype=D64),
+                          OSDSConfig.preset(preset, mode_search_starts=8), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=advice):
+        sampler.fit_preconditioner()
+
+
+def test_a_lost_mode_is_reported_with_its_size():
+    # The one-step objective alone is mode-seeking: on the 0.3 / 0.7 mixture it drops the lighter mode,
+    # and its weights (ESS/N ~ 1) cannot show that. The mode search found both modes, so the draws'
+    # weighted share near each is checked; the lost mass predicts the log Z deficit, log 0.7.
+    pyro.set_rng_seed(0)
+    config = OSDSConfig(num_iterations=300)
+    sampler = FlowSampler(mixture_potential, torch.zeros(2, dtype=D64), config,
+                          generator=torch.Generator().manual_seed(0), disable_progbar=True)
+    with pytest.warns(UserWarning, match="separated modes"):
+        sampler.fit_preconditioner()
+    sampler.fit()
+    draws = sampler.draw(8000, 1)
+    est = evidence(draws.log_weight, num_folded=draws.num_folded)
+    with pytest.warns(RuntimeWarning, match=r"almost no weight near 1 of the 2 modes .* low by about 0.36 nats"):
+        lost = sampler.warn_lost_modes(draws)
+    assert lost == [1]
+    assert within(est.log_z, math.log(0.7), est.se, bias=0.5 * est.se**2 + 0.01), est
+
+
+def _two_modes_potential(x):
+    a = -0.5 * ((x[..., 0] - 3.0) ** 2)
+    b = -0.5 * ((x[..., 0] + 3.0) ** 2)
+    return -torch.logaddexp(a, b) + 0.5 * x[..., 1] ** 2
+
+
+def test_a_reloaded_multimodal_sampler_resumes_with_the_same_gradient_estimator():
+    config = OSDSConfig.preset("smoke", mode_search_starts=8, num_iterations=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the mode search warns about the two modes
+        full = FlowSampler(_two_modes_potential, torch.zeros(2, dtype=torch.float64), config,
+                           generator=torch.Generator().manual_seed(0), disable_progbar=True)
+        full.fit(3)
+        state = full.state_dict()
+        full.fit()
+        resumed = FlowSampler(_two_modes_potential, torch.zeros(2, dtype=torch.float64), config,
+                              generator=torch.Generator().manual_seed(1), disable_progbar=True)
+        resumed.load_state_dict(state)
+        assert full.flow_kl_gradient == resumed.flow_kl_gradient == "total"
+        resumed.fit()
+    for p, q in zip(full.trainer.net.parameters(), resumed.trainer.net.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_cdds_chain_has_two_phases_and_an_invertible_map():
+    config = OSDSConfig.for_method("cdds", grid_size=8, num_iterations=4, consistency_iterations=4, hidden_dim=8,
+                                   batch_size=8, precondition="none", dtype=None)
+    sampler = FlowSampler(lambda x: 0.5 * (x**2).sum(-1), torch.zeros(2, dtype=torch.float64), config,
+                          generator=torch.Generator().manual_seed(0), disable_progbar=True)
+    with pytest.raises(RuntimeError, match="not trained yet"):
+        sampler.sampling_net  # noqa: B018
+    sampler.fit()
+    assert sampler.num_phases == 2 and [t.step for t in sampler.trainers] == [4, 4]
+    draws = sampler.draw(50)
+    log_q, ok = sampler.log_q(draws.x)
+    assert bool(ok.all())
+    torch.testing.assert_close(log_q, draws.log_q, rtol=0, atol=1e-8)
+    forward = sampler.forward_evidence(torch.randn(200, 2, dtype=torch.float64))
+    assert math.isfinite(forward.log_z)
