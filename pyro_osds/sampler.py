@@ -30,16 +30,11 @@ from collections.abc import Callable
 import torch
 
 from .config import OSDSConfig
-from .objectives import (
-    build_objective,
-    consistency_stage,
-    flow_kl_train_steps,
-    multimodal_remedy,
-    resolve_flow_kl_gradient,
-)
+from .modes import mode_coverage, warn_about_mode_search, warn_lost_modes
+from .objectives import build_objective, consistency_stage, flow_kl_train_steps, resolve_flow_kl_gradient
 from .ops.estimators import Estimates, ForwardEstimates, evidence, forward_evidence
 from .ops.integrate import em_log_weights
-from .ops.precondition import AffineMap, choose_preconditioner, lost_modes, mode_shares, whiten_potential
+from .ops.precondition import AffineMap, choose_preconditioner, whiten_potential
 from .results import Draws
 from .train import Trainer
 from .transports import ConsistencyTransport, FlowTransport, draw
@@ -117,30 +112,9 @@ class FlowSampler:
             affine, info = choose_preconditioner(self.potential_fn, self.init, self.config.preconditioner,
                                                  generator=self.generator)
             self.precondition_info.update(info)
-            self._warn_about_modes(info)
+            warn_about_mode_search(info, self.config.objective)
             self.preconditioner = affine.to(dtype=self.dtype)
         return self.preconditioner
-
-    def _warn_about_modes(self, info: dict) -> None:
-        light, modes = info.get("light_modes", 0), info.get("modes", ())
-        if info.get("num_modes") == 1 and light:
-            warn(f"The mode search found {light} further local optima of the potential, each with less than 1e-3 "
-                 "of the main mode's Laplace mass. OSDS ignores them and is likely to miss them, which the "
-                 "importance weights cannot show. Alone each is negligible, but many light modes (e.g. a product "
-                 "of independent multimodal factors) can together hold much mass: check against another method "
-                 "if the model can be multimodal.")
-        if len(modes) > 1:
-            remedy = multimodal_remedy(self.config.objective)
-            if remedy is not None:
-                advice = ("The one-step objective (reverse KL) is mode-seeking: for multimodal targets "
-                          f"{remedy}, and check the samples of each mode and the per-chain log Z.")
-            else:
-                advice = ("Reverse-KL training can still drop modes: check the samples of each mode and the "
-                          "per-chain log Z.")
-            warn(f"The target has at least {len(modes)} separated modes (Laplace masses "
-                 + ", ".join(f"{w:.2g}" for _, w in modes)
-                 + "); a Gaussian preconditioner would hide all but one, so OSDS uses a broad Gaussian covering "
-                 "them. " + advice)
 
     def flow_potential(self, z: torch.Tensor) -> torch.Tensor:
         """The potential on inputs of the flow's dtype (evaluated in the model's dtype)."""
@@ -337,37 +311,18 @@ class FlowSampler:
 
     # ------------------------------------------------------------------------------------------
     # modes
+    @property
+    def modes(self) -> list:
+        """The separated modes the mode search found, ``[(centre, Laplace mass), ...]`` (empty for one)."""
+        return list(self.precondition_info.get("modes") or [])
+
     def mode_coverage(self, draws: Draws) -> list[tuple[torch.Tensor, float, float]]:
-        """
-        For each separated mode the mode search found (none for a unimodal fit): its location, its
-        Laplace mass and the importance-weighted share of ``draws`` nearest to it
-        (:func:`~pyro_osds.ops.precondition.mode_shares`). A share far below the mass means the sampler
-        lost that mode, and the evidence is then low by about :math:`-\\log(1 - \\text{mass})`,
-        which the weights themselves cannot show.
-        """
-        modes = self.precondition_info.get("modes") or []
-        if len(modes) < 2:
-            return []
-        centers = torch.stack([c for c, _ in modes]).to(draws.x.device)
-        shares = mode_shares(draws.x, draws.log_weight, centers)
-        return [(c, float(m), float(sh)) for (c, m), sh in zip(modes, shares, strict=True)]
+        """Each found mode's centre, Laplace mass and weighted share of ``draws`` (:func:`pyro_osds.modes.mode_coverage`)."""
+        return mode_coverage(self.modes, draws)
 
     def warn_lost_modes(self, draws: Draws, label: str = "") -> list[int]:
-        """Warns (and returns their indices) about modes of :meth:`mode_coverage` the draws have lost."""
-        coverage = self.mode_coverage(draws)
-        if not coverage:
-            return []
-        lost = lost_modes([m for _, m, _ in coverage], [sh for _, _, sh in coverage])
-        if lost:
-            missing = sum(coverage[k][1] for k in lost)
-            remedy = multimodal_remedy(self.config.objective)
-            warn(f"{label}The draws carry almost no weight near {len(lost)} of the {len(coverage)} modes the mode "
-                 "search found (Laplace mass "
-                 + ", ".join(f"{coverage[k][1]:.2g} vs weighted share {coverage[k][2]:.2g}" for k in lost)
-                 + f"): the sampler has lost them, so log Z is probably low by about "
-                 f"{-math.log1p(-min(missing, 0.999)):.2g} nats and the posterior misses those modes. Retrain "
-                 "(another seed, more iterations)" + (f" or {remedy}." if remedy else "."), RuntimeWarning)
-        return lost
+        """Warns about the found modes ``draws`` have lost (:func:`pyro_osds.modes.warn_lost_modes`)."""
+        return warn_lost_modes(self.modes, draws, self.config.objective, label)
 
     # ------------------------------------------------------------------------------------------
     # persistence

@@ -1,0 +1,78 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+r"""
+What is known about a target's modes, and what it tells the user: the warnings about the mode search's
+findings (:func:`~pyro_osds.ops.precondition.find_modes`) and the check that a chain's draws kept the
+modes it found. A sampler that loses a mode of Laplace mass :math:`m` gives a log evidence low by about
+:math:`-\log(1 - m)`, which its importance weights cannot show.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .objectives import ObjectiveConfig, multimodal_remedy
+from .ops.precondition import lost_modes, mode_shares
+from .results import Draws
+from .util import warn
+
+__all__ = ["mode_coverage", "warn_about_mode_search", "warn_lost_modes"]
+
+
+def warn_about_mode_search(info: dict, objective: ObjectiveConfig) -> None:
+    """Warns when the mode search (its ``info`` from :func:`~pyro_osds.ops.precondition.choose_preconditioner`)
+    found several separated modes, or one mode and further light local optima; the advice follows
+    the training ``objective``."""
+    light, modes = info.get("light_modes", 0), info.get("modes", ())
+    if info.get("num_modes") == 1 and light:
+        warn(f"The mode search found {light} further local optima of the potential, each with less than 1e-3 "
+             "of the main mode's Laplace mass. OSDS ignores them and is likely to miss them, which the "
+             "importance weights cannot show. Alone each is negligible, but many light modes (e.g. a product "
+             "of independent multimodal factors) can together hold much mass: check against another method "
+             "if the model can be multimodal.")
+    if len(modes) > 1:
+        remedy = multimodal_remedy(objective)
+        if remedy is not None:
+            advice = ("The one-step objective (reverse KL) is mode-seeking: for multimodal targets "
+                      f"{remedy}, and check the samples of each mode and the per-chain log Z.")
+        else:
+            advice = "Reverse-KL training can still drop modes: check the samples of each mode and the per-chain log Z."
+        warn(f"The target has at least {len(modes)} separated modes (Laplace masses "
+             + ", ".join(f"{w:.2g}" for _, w in modes)
+             + "); a Gaussian preconditioner would hide all but one, so OSDS uses a broad Gaussian covering "
+             "them. " + advice)
+
+
+def mode_coverage(modes: list, draws: Draws) -> list[tuple[torch.Tensor, float, float]]:
+    """
+    For each of several separated ``modes`` (``[(centre, Laplace mass), ...]``; none for one): its
+    location, its Laplace mass and the importance-weighted share of ``draws`` nearest to it
+    (:func:`~pyro_osds.ops.precondition.mode_shares`). A share far below the mass means the sampler
+    lost that mode.
+    """
+    if len(modes) < 2:
+        return []
+    centers = torch.stack([c for c, _ in modes]).to(draws.x.device)
+    shares = mode_shares(draws.x, draws.log_weight, centers)
+    return [(c, float(m), float(sh)) for (c, m), sh in zip(modes, shares, strict=True)]
+
+
+def warn_lost_modes(modes: list, draws: Draws, objective: ObjectiveConfig, label: str = "") -> list[int]:
+    """Warns (and returns their indices) about the ``modes`` of :func:`mode_coverage` that ``draws`` have
+    lost (:func:`~pyro_osds.ops.precondition.lost_modes`), with the log Z deficit they imply."""
+    coverage = mode_coverage(modes, draws)
+    if not coverage:
+        return []
+    lost = lost_modes([m for _, m, _ in coverage], [sh for _, _, sh in coverage])
+    if lost:
+        missing = sum(coverage[k][1] for k in lost)
+        remedy = multimodal_remedy(objective)
+        warn(f"{label}The draws carry almost no weight near {len(lost)} of the {len(coverage)} modes the mode "
+             "search found (Laplace mass "
+             + ", ".join(f"{coverage[k][1]:.2g} vs weighted share {coverage[k][2]:.2g}" for k in lost)
+             + f"): the sampler has lost them, so log Z is probably low by about "
+             f"{-math.log1p(-min(missing, 0.999)):.2g} nats and the posterior misses those modes. Retrain "
+             "(another seed, more iterations)" + (f" or {remedy}." if remedy else "."), RuntimeWarning)
+    return lost
