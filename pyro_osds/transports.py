@@ -17,7 +17,10 @@ weighted draws, :math:`\log w = -U(x) - \log q(x)`.
 
 * :class:`FlowTransport`: ``K`` steps of the probability-flow ODE (:func:`~pyro_osds.ops.integrate.flow`);
 * :class:`ConsistencyTransport`: CDDS's consistency function (one step; ``K > 1`` re-noises between
-  steps and has no density).
+  steps and has no density);
+* :class:`MixtureTransport`: a mixture :math:`q = \sum_k \alpha_k q_k` of transports, whose draws are
+  weighted against the whole mixture (multiple importance sampling with the balance heuristic),
+  :math:`\log q(x) = \log\sum_k \alpha_k q_k(x)`, the other components' densities from their inverses.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from .ops.reference import ReferenceProcess
 from .results import Draws
 from .util import PotentialFn, check_choice, check_positive_int
 
-__all__ = ["ConsistencyTransport", "EvaluationConfig", "FlowTransport", "Transport", "TransportOutput", "draw"]
+__all__ = ["ConsistencyTransport", "EvaluationConfig", "FlowTransport", "MixtureTransport", "Transport",
+           "TransportOutput", "draw"]
 
 
 @dataclass(frozen=True)
@@ -88,12 +92,9 @@ class Transport(Protocol):
 
     dim: int
 
-    def sample_base(self, num_samples: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Base draws :math:`z_0 \\sim p_0`, ``(num_samples, dim)``."""
-
-    def __call__(self, z0: torch.Tensor, *, log_det: str = "exact",
-                 generator: torch.Generator | None = None) -> TransportOutput:
-        """The points and log densities of base draws ``z0``."""
+    def sample(self, num_samples: int, *, log_det: str = "exact",
+               generator: torch.Generator | None = None) -> TransportOutput:
+        """``num_samples`` fresh points with their log densities."""
 
     def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log_q, ok)`` at given points by the exact inverse; ``ok`` marks converged, unfolded rows."""
@@ -111,8 +112,7 @@ def draw(transport: Transport, potential_fn: PotentialFn, num_samples: int, *, l
     xs, us, lqs, signs, used = [], [], [], [], None
     for start in range(0, num_samples, chunk_size):
         n = min(chunk_size, num_samples - start)
-        z0 = transport.sample_base(n, generator=generator)
-        out = transport(z0, log_det=log_det, generator=generator)
+        out = transport.sample(n, log_det=log_det, generator=generator)
         if log_det == "none":
             u = torch.full((n,), math.nan, dtype=out.x.dtype, device=out.x.device)
         else:
@@ -144,8 +144,14 @@ class _PreconditionedTransport:
         self.device = affine.shift.device
 
     def sample_base(self, num_samples: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        r"""Base draws :math:`z_0 \sim p_0`, ``(num_samples, dim)``, never clipped."""
         return self.process.sample_prior(num_samples, self.dim, clip=False, dtype=self.dtype, device=self.device,
                                          generator=generator)
+
+    def sample(self, num_samples: int, *, log_det: str = "exact",
+               generator: torch.Generator | None = None) -> TransportOutput:
+        """Base draws carried through the map (``self(z0)``)."""
+        return self(self.sample_base(num_samples, generator=generator), log_det=log_det, generator=generator)
 
     def _to_flow_space(self, x: torch.Tensor) -> torch.Tensor:
         return self.affine.inverse(torch.as_tensor(x, device=self.device).to(self.dtype))
@@ -235,3 +241,59 @@ class ConsistencyTransport(_PreconditionedTransport):
                                    log_det=True)
         log_q = self.process.prior_log_prob(z0) - out.log_det - self.affine.log_abs_det
         return log_q.detach(), converged & ~count_folded(out.sign)
+
+
+class MixtureTransport:
+    r"""
+    The mixture :math:`q = \sum_k \alpha_k q_k` of ``components`` (transports on the same space) with
+    ``weights`` :math:`\alpha` (normalised here). Each draw comes from one component, chosen with
+    probability :math:`\alpha_k`, and is weighted against the whole mixture (the balance heuristic of
+    multiple importance sampling),
+
+    .. math:: \log q(x) = \log\sum_k \alpha_k q_k(x),
+
+    with its own component's density from the forward map and the others' from their exact inverses
+    (:meth:`Transport.log_prob`). Whatever :math:`\alpha` is, the weights :math:`\pi(x)/q(x)` are exact, so
+    components that found different modes give one consistent evidence estimate. A point where another
+    component's inversion does not converge counts as outside that component's reach
+    (:math:`q_k(x) = 0` there); ``orientation`` is the drawing component's.
+    """
+
+    def __init__(self, components, weights):
+        self.components = list(components)
+        weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+        if len(self.components) != weights.numel() or not bool((weights >= 0).all()) or float(weights.sum()) <= 0:
+            raise ValueError(f"`weights` must be {len(self.components)} non-negative numbers, not all zero, got "
+                             f"{weights.tolist()}.")
+        self.weights = weights / weights.sum()
+        self.dim = self.components[0].dim
+
+    def _log_prob_under(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        log_q, ok = self.components[k].log_prob(x)
+        log_q = log_q.to(torch.float64)
+        return torch.where(ok, log_q, torch.full_like(log_q, -math.inf))
+
+    def sample(self, num_samples: int, *, log_det: str = "exact",
+               generator: torch.Generator | None = None) -> TransportOutput:
+        """``num_samples`` draws, grouped by the component that drew them (class docstring)."""
+        which = torch.multinomial(self.weights, num_samples, replacement=True, generator=generator)
+        counts = torch.bincount(which, minlength=len(self.components)).tolist()
+        outs = [(k, c.sample(n, log_det=log_det, generator=generator))
+                for k, (c, n) in enumerate(zip(self.components, counts, strict=True)) if n > 0]
+        x = torch.cat([out.x for _, out in outs])
+        signs = [out.orientation for _, out in outs]
+        orientation = None if any(s is None for s in signs) else torch.cat(signs)
+        if any(out.log_det == "none" for _, out in outs):
+            return TransportOutput(x, torch.full((num_samples,), math.nan, dtype=torch.float64), orientation, "none")
+        terms = []
+        for j in range(len(self.components)):
+            log_qj = torch.cat([out.log_q.to(torch.float64) if k == j else self._log_prob_under(j, out.x)
+                                for k, out in outs])
+            terms.append(self.weights[j].log() + log_qj)
+        return TransportOutput(x, torch.logsumexp(torch.stack(terms), 0), orientation, outs[0][1].log_det)
+
+    def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixture's log density at ``x``; ``ok`` marks points some component reaches."""
+        terms = torch.stack([self.weights[k].log() + self._log_prob_under(k, x) for k in range(len(self.components))])
+        log_q = torch.logsumexp(terms, 0)
+        return log_q, torch.isfinite(log_q)

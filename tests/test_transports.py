@@ -2,6 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Tests of pyro_osds.transports: exact densities and inverses of the maps, and the draw-and-weight loop."""
 
+import math
+
 import pytest
 import torch
 
@@ -9,7 +11,14 @@ from pyro_osds.config import OSDSConfig
 from pyro_osds.ops.nets import NetConfig
 from pyro_osds.ops.precondition import AffineMap, whiten_potential
 from pyro_osds.ops.reference import ReferenceProcess
-from pyro_osds.transports import ConsistencyTransport, EvaluationConfig, FlowTransport, draw
+from pyro_osds.transports import (
+    ConsistencyTransport,
+    EvaluationConfig,
+    FlowTransport,
+    MixtureTransport,
+    TransportOutput,
+    draw,
+)
 
 D64 = torch.float64
 DIM = 3
@@ -99,3 +108,66 @@ def test_evaluation_config_default_volume():
     assert OSDSConfig(eval_log_det="none").evaluation.log_det == "none"
     with pytest.raises(ValueError, match="`eval_log_det` must be one of"):
         EvaluationConfig(log_det="approximate")
+
+
+class GaussianTransport:
+    """A transport with a closed form: x = m + s z0, z0 ~ N(0, I) (the test's reference component)."""
+
+    def __init__(self, mean, scale):
+        self.mean, self.scale = torch.as_tensor(mean, dtype=D64), float(scale)
+        self.dim = self.mean.numel()
+
+    def log_prob(self, x):
+        dist = torch.distributions.Normal(self.mean, self.scale)
+        return dist.log_prob(x).sum(-1), torch.ones(x.shape[0], dtype=torch.bool)
+
+    def sample(self, num_samples, *, log_det="exact", generator=None):
+        x = self.mean + self.scale * torch.randn(num_samples, self.dim, dtype=D64, generator=generator)
+        log_q = self.log_prob(x)[0] if log_det != "none" else torch.full((num_samples,), float("nan"), dtype=D64)
+        return TransportOutput(x, log_q, torch.ones(num_samples, dtype=D64), log_det)
+
+
+def test_mixture_density_is_the_balance_heuristic():
+    a, b = GaussianTransport([-3.0, 0.0], 1.0), GaussianTransport([3.0, 1.0], 0.7)
+    mixture = MixtureTransport([a, b], [1.0, 3.0])
+    out = mixture.sample(500, generator=torch.Generator().manual_seed(0))
+    expected = torch.logaddexp(math.log(0.25) + a.log_prob(out.x)[0], math.log(0.75) + b.log_prob(out.x)[0])
+    torch.testing.assert_close(out.log_q, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(mixture.log_prob(out.x)[0], expected, rtol=0, atol=1e-12)
+    share_b = float((out.x[:, 0] > 0).double().mean())
+    assert abs(share_b - 0.75) < 4 * math.sqrt(0.75 * 0.25 / 500)  # components are drawn with their weights
+    with pytest.raises(ValueError, match="non-negative"):
+        MixtureTransport([a, b], [1.0, -1.0])
+
+
+def test_mixture_evidence_is_unbiased_whatever_the_component_weights():
+    # target: 0.3 N(-3, I) + 0.7 N(3, I) in 2-D, times Z = e^{1.5}; each component proposal covers one mode only
+    log_z = 1.5
+    modes = torch.tensor([[-3.0, 0.0], [3.0, 0.0]], dtype=D64)
+
+    def target_potential(x):
+        comp = torch.distributions.Normal(modes, 1.0).log_prob(x[:, None, :]).sum(-1)
+        return -(log_z + torch.logsumexp(comp + torch.tensor([0.3, 0.7], dtype=D64).log(), -1))
+
+    components = [GaussianTransport(modes[0], 1.2), GaussianTransport(modes[1], 1.2)]
+    for weights in ([0.5, 0.5], [0.9, 0.1]):
+        draws = draw(MixtureTransport(components, weights), target_potential, 20_000,
+                     generator=torch.Generator().manual_seed(1))
+        est = draws.evidence()
+        assert abs(est.log_z - log_z) < 4 * est.se, (weights, est)
+    one = draw(components[1], target_potential, 20_000, generator=torch.Generator().manual_seed(2)).evidence()
+    assert abs(one.log_z - (log_z + math.log(0.7))) < 4 * one.se  # a single component misses the other mode's mass
+
+
+def test_a_mixture_of_flows_weights_every_draw_exactly():
+    flows = []
+    for seed in (4, 5):
+        net, process, affine, potential_z = _parts(seed)
+        flows.append(FlowTransport(net, potential_z, process, affine, 2, dtype=D64, model_dtype=D64))
+    mixture = MixtureTransport(flows, [0.4, 0.6])
+    draws = draw(mixture, skewed, 64, generator=torch.Generator().manual_seed(3))
+    log_q, ok = mixture.log_prob(draws.x)
+    assert bool(ok.all()) and draws.log_det == "exact" and draws.orientation is not None
+    torch.testing.assert_close(log_q, draws.log_q, rtol=0, atol=1e-8)
+    unweighted = draw(mixture, skewed, 10, log_det="none", generator=torch.Generator().manual_seed(3))
+    assert bool(torch.isnan(unweighted.log_weight).all())
