@@ -65,7 +65,7 @@ from pyro_osds.config import PRESETS as ENGINE_PRESETS
 from pyro_osds.config import OSDSConfig
 from pyro_osds.ops.estimators import EvidenceError, evidence
 from pyro_osds.ops.precondition import fit_laplace
-from pyro_osds.sampler import FlowSampler
+from pyro_osds.sampler import FlowSampler, MixtureSampler, build_sampler
 
 from . import metrics
 from .targets import Target
@@ -486,14 +486,14 @@ def _flow_nfe(K: int) -> dict:
     return {"network": K, "target_gradients": K - 1, "potentials": 1}
 
 
-def _train_flow_sampler(ctx: RunContext, config: OSDSConfig, desc: str) -> tuple[FlowSampler, dict]:
+def _train_flow_sampler(ctx: RunContext, config: OSDSConfig, desc: str) -> tuple[FlowSampler | MixtureSampler, dict]:
     device = ctx.preset.resolved_device()
     target = ctx.target
     potential = potential_on_device(target.potential, device)
     gen = torch.Generator(device=device).manual_seed(ctx.seed)
     init = torch.zeros(target.dim, dtype=D64, device=device)
-    sampler = FlowSampler(potential, init, config, generator=gen, disable_progbar=True, desc=desc)
     t0 = _now()
+    sampler = build_sampler(potential, init, config, generator=gen, disable_progbar=True, desc=desc)
     sampler.fit_preconditioner()
     _sync(device)
     t1 = _now()

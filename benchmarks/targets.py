@@ -40,6 +40,7 @@ Targets are built lazily (the Bayesian ones load bundled data) and cached: use
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -80,6 +81,8 @@ class Target:
     :param callable to_sites: flat ``(..., dim)`` tensor -> ``{site: unconstrained value}``.
     :param callable from_sites: inverse of ``to_sites``.
     :param tuple labels: a name for every flat coordinate.
+    :param modes: the mode locations ``(M, dim)`` of a multimodal target with known mode weights, or ``None``.
+    :param mode_weights: the modes' exact masses ``(M,)`` (the share of the posterior nearest to each mode).
     """
 
     name: str
@@ -93,6 +96,8 @@ class Target:
     to_sites: Callable[[torch.Tensor], dict[str, torch.Tensor]]
     from_sites: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
     labels: tuple[str, ...]
+    modes: torch.Tensor | None = None
+    mode_weights: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,28 +197,32 @@ class _RealVectorMixture(dist.MixtureSameFamily):
     support = dist.constraints.real_vector
 
 
-def _gaussian_mixture(name: str, locs: torch.Tensor, std: float, description: str) -> Target:
+def _gaussian_mixture(name: str, locs: torch.Tensor, std: float, description: str,
+                      weights: torch.Tensor | None = None) -> Target:
     k, dim = locs.shape
     shapes = {"x": (dim,)}
     to_sites, from_sites = _packing(shapes)
-    log_norm = math.log(k) + dim * (math.log(std) + 0.5 * LOG_2PI)
+    weights = torch.full((k,), 1.0 / k, dtype=D64) if weights is None else weights.to(D64)
+    log_weights = weights.log()
+    log_norm = dim * (math.log(std) + 0.5 * LOG_2PI)
 
     def potential(x: torch.Tensor) -> torch.Tensor:
         _check_batch(x, dim)
         sq = ((x[:, None, :] - locs.to(x.dtype)) ** 2).sum(-1)  # (batch, k)
-        return -torch.logsumexp(-0.5 * sq / std**2, dim=-1) + log_norm
+        return -torch.logsumexp(-0.5 * sq / std**2 + log_weights.to(x.dtype), dim=-1) + log_norm
 
     def sample(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        idx = torch.randint(k, (n,), generator=generator)
+        idx = torch.multinomial(weights, n, replacement=True, generator=generator)
         return locs[idx] + std * torch.randn(n, dim, dtype=D64, generator=generator)
 
     def model():
-        mix = dist.Categorical(logits=torch.zeros(k, dtype=D64))
+        mix = dist.Categorical(probs=weights)
         comp = dist.Normal(locs, torch.full_like(locs, std)).to_event(1)
         pyro.sample("x", _RealVectorMixture(mix, comp))
 
     return Target(name=name, dim=dim, potential=potential, log_z=0.0, sample=sample, model=model, model_args=(),
-                  description=description, to_sites=to_sites, from_sites=from_sites, labels=_labels(shapes))
+                  description=description, to_sites=to_sites, from_sites=from_sites, labels=_labels(shapes),
+                  modes=locs, mode_weights=weights)
 
 
 def _gmm9_2d() -> Target:
@@ -236,6 +245,85 @@ def _gmm40_50d() -> Target:
         "OSDS / Beyond-ELBOs `gmm40.py` draws the means with jax.random.PRNGKey(0), so its means (and hence its "
         "mode geometry) differ from these; the family and the scale (loc_scaling 40, unit covariances) are the "
         "same. Flat vector = site 'x'.",
+    )
+
+
+def _gmm40_2d() -> Target:
+    gen = torch.Generator().manual_seed(0)
+    locs = torch.rand(40, 2, dtype=D64, generator=gen) * 80.0 - 40.0
+    return _gaussian_mixture(
+        "gmm40_2d", locs, 1.0,
+        "The OSDS paper's GMM40 in 2-D: 40 equal-weight Gaussians N(mu_k, I), mu_k ~ U[-40, 40]^2 drawn with "
+        "torch.Generator().manual_seed(0) (torch.rand(40, 2) * 80 - 40, float64); normalised, log Z = 0. Some means "
+        "lie closer than 2 sd, so they share one mode of the density. Flat vector = site 'x'.",
+    )
+
+
+def _two_modes(weight: float, separation: float, dim: int) -> Target:
+    locs = torch.zeros(2, dim, dtype=D64)
+    locs[0, 0], locs[1, 0] = -0.5 * separation, 0.5 * separation
+    name = f"two_modes_w{round(100 * weight)}_s{round(separation)}_{dim}d"
+    return _gaussian_mixture(
+        name, locs, 1.0,
+        f"Two unit-variance Gaussians in {dim}-D with weights {weight} / {1 - weight}, their means {separation} sd "
+        "apart along the first axis (at -/+ half of it); normalised, log Z = 0. Flat vector = site 'x'.",
+        weights=torch.tensor([weight, 1.0 - weight], dtype=D64),
+    )
+
+
+def _mixture_model(num_components: int) -> Target:
+    r"""A Bayesian mixture model whose posterior has K! label-switching modes, with log Z by enumeration."""
+    K, sigma, tau = num_components, 1.0, 5.0
+    centres = {2: [-2.5, 2.5], 3: [-4.0, 0.0, 4.0]}[K]
+    offsets = torch.tensor([-0.6, -0.2, 0.25, 0.55], dtype=D64)[: 12 // K]
+    y = torch.cat([c + offsets for c in centres])  # 4 points per cluster: 8 (K = 2) or 12 (K = 3)
+    n = y.numel()
+    shapes = {"locs": (K,)}
+    to_sites, from_sites = _packing(shapes)
+
+    def log_joint(locs: torch.Tensor) -> torch.Tensor:
+        prior = _normal_log_prob(locs, tau).sum(-1)
+        comp = -0.5 * ((y[None, :, None] - locs[:, None, :].to(D64)) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI
+        return prior + torch.logsumexp(comp - math.log(K), -1).sum(-1)
+
+    def potential(x: torch.Tensor) -> torch.Tensor:
+        _check_batch(x, K)
+        return -log_joint(x)
+
+    # exact log Z: sum over all K^n assignments of the conjugate Gaussian marginal likelihood of each group
+    assignments = torch.cartesian_prod(*[torch.arange(K)] * n) if n > 1 else torch.arange(K)[:, None]
+    one_hot = torch.nn.functional.one_hot(assignments, K).to(D64)  # (K^n, n, K)
+    counts = one_hot.sum(1)
+    sums = (one_hot * y[None, :, None]).sum(1)
+    squares = (one_hot * (y**2)[None, :, None]).sum(1)
+    precision = 1.0 / tau**2 + counts / sigma**2
+    log_marg = (-0.5 * counts * math.log(2 * math.pi * sigma**2) - 0.5 * torch.log(tau**2 * precision)
+                - 0.5 * squares / sigma**2 + 0.5 * (sums / sigma**2) ** 2 / precision).sum(-1)
+    log_z = float(torch.logsumexp(log_marg, 0)) - n * math.log(K)
+
+    # the posterior's modes: the K! permutations of the sorted cluster means (by symmetry, equal masses)
+    perms = torch.tensor(list(itertools.permutations(range(K))))
+    base = torch.tensor(centres, dtype=D64) * (1 - sigma**2 / (n / K * tau**2 + sigma**2))
+    modes = base[perms]
+
+    def model(y):
+        locs = pyro.sample("locs", dist.Normal(torch.zeros(K, dtype=D64), tau).to_event(1))
+        with pyro.plate("data", y.shape[0]):
+            mix = dist.Categorical(logits=torch.zeros(K, dtype=D64))
+            pyro.sample("obs", dist.MixtureSameFamily(mix, dist.Normal(locs, sigma)), obs=y)
+
+    return Target(
+        name=f"mixture_model_k{K}", dim=K, potential=potential, log_z=log_z, sample=None, model=model,
+        model_args=(y,),
+        description=(
+            f"A Bayesian mixture of {K} Gaussians with equal weights and known sd {sigma}: locs_k ~ N(0, {tau}^2) iid, "
+            f"y_i ~ sum_k N(locs_k, {sigma}^2) / {K}, {n} points in {K} clusters at {centres}. The posterior is "
+            f"invariant under the {math.factorial(K)} permutations of the labels (label switching), so it has "
+            f"{math.factorial(K)} symmetric modes. log Z exactly, by summing the conjugate marginal likelihood over "
+            f"all {K}^{n} assignments. Flat vector = site 'locs'."
+        ),
+        to_sites=to_sites, from_sites=from_sites, labels=_labels(shapes), modes=modes,
+        mode_weights=torch.full((len(perms),), 1.0 / len(perms), dtype=D64),
     )
 
 
@@ -545,6 +633,11 @@ _BUILDERS: dict[str, Callable[[], Target]] = {
     "funnel10": _funnel10,
     "gmm9_2d": _gmm9_2d,
     "gmm40_50d": _gmm40_50d,
+    "gmm40_2d": _gmm40_2d,
+    **{f"two_modes_w{round(100 * w)}_s{s}_{d}d": functools.partial(_two_modes, w, float(s), d)
+       for w in (0.3, 0.1) for s in (6, 10) for d in (2, 10)},
+    "mixture_model_k2": functools.partial(_mixture_model, 2),
+    "mixture_model_k3": functools.partial(_mixture_model, 3),
     "student_t_mixture_50d": _student_t_mixture_50d,
     "many_well32": _many_well32,
     "ionosphere": _ionosphere,

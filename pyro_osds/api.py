@@ -24,8 +24,9 @@ from . import checkpoint as ckpt
 from .config import OSDSConfig
 from .diagnostics import diagnostics, print_summary, select_draws, weighted_summary
 from .model import ModelTarget, build_target
+from .ops.precondition import lost_modes
 from .results import Draws, LogEvidence
-from .sampler import FlowSampler
+from .sampler import FlowSampler, MixtureSampler, build_sampler, restore_sampler
 from .target import FlatTarget
 from .util import check_positive_int, derive_seed, seeded_generator, warn
 
@@ -143,7 +144,7 @@ class OSDS(LogWeightsMixin):
         self.checkpoint_every, self.resume = checkpoint_every, resume
         self.chain_seeds: list[int] = []
         self.target: FlatTarget | None = None
-        self.samplers: list[FlowSampler] = []
+        self.samplers: list[FlowSampler | MixtureSampler] = []
         #: the current draws, one :class:`~pyro_osds.results.Draws` per chain (empty before :meth:`sample`)
         self.draws: tuple[Draws, ...] = ()
         self.model_args, self.model_kwargs = (), {}
@@ -165,17 +166,23 @@ class OSDS(LogWeightsMixin):
                 max_plate_nesting=self.max_plate_nesting, init_strategy=self.init_strategy, device=self.device)
         return self
 
-    def _new_sampler(self, chain: int) -> FlowSampler:
+    def _new_sampler(self, chain: int, state: dict | None = None) -> FlowSampler | MixtureSampler:
+        """Chain ``chain``: built afresh (its own mode search decides between one flow and a mixture with a
+        component per mode, :func:`~pyro_osds.sampler.build_sampler`) or restored from ``state``."""
         def hook(step, info, chain=chain):
             if self.hook_fn is not None:
                 self.hook_fn(chain, step, info)
             if self.checkpoint is not None and step % self.checkpoint_every == 0:
                 ckpt.atomic_save(self.state_dict(), self.checkpoint)
 
-        return FlowSampler(self.target.potential, self.target.init, self.config, num_steps=self.train_num_steps,
-                           generator=seeded_generator(self.target.device, self.chain_seeds[chain]), hook_fn=hook,
-                           disable_progbar=self.disable_progbar,
-                           desc=f"OSDS chain {chain}" if self.num_chains > 1 else "OSDS")
+        options = dict(num_steps=self.train_num_steps, generator=seeded_generator(self.target.device,
+                                                                                  self.chain_seeds[chain]),
+                       hook_fn=hook, disable_progbar=self.disable_progbar,
+                       desc=f"OSDS chain {chain}" if self.num_chains > 1 else "OSDS")
+        with poutine.block():
+            if state is not None:
+                return restore_sampler(self.target.potential, self.target.init, self.config, state, **options)
+            return build_sampler(self.target.potential, self.target.init, self.config, **options)
 
     def fit(self, *args, **kwargs) -> OSDS:
         r"""
@@ -333,7 +340,11 @@ class OSDS(LogWeightsMixin):
     def log_evidence(self) -> LogEvidence:
         r"""Log evidence :math:`\log\hat Z` with standard error, ELBO, ESS and k-hat, pooled and per chain."""
         self._require_draws()
-        return LogEvidence.from_draws(self.draws, self.num_steps)
+        mixtures = [(torch.stack([c for c, _ in s.modes]), s.weights.tolist()) if isinstance(s, MixtureSampler)
+                    else None for s in self.samplers]
+        lost = sum(len(lost_modes([m for _, m, _ in cov], [sh for _, _, sh in cov]))
+                   for cov in (s.mode_coverage(d) for s, d in zip(self.samplers, self.draws, strict=True)) if cov)
+        return LogEvidence.from_draws(self.draws, self.num_steps, mixtures=mixtures, num_lost_modes=lost)
 
     def diagnostics(self) -> dict:
         """
@@ -406,9 +417,7 @@ class OSDS(LogWeightsMixin):
         self.chain_seeds = [int(s) for s in state["chain_seeds"]]
         self.samplers = []
         for chain, sampler_state in enumerate(state["samplers"]):
-            sampler = self._new_sampler(chain)
-            sampler.load_state_dict(sampler_state)
-            self.samplers.append(sampler)
+            self.samplers.append(self._new_sampler(chain, sampler_state))
         self.draws = ckpt.restore_draws(state, self.target.device)
 
     @classmethod

@@ -94,7 +94,7 @@ def runner_state(osds) -> dict:
         "samplers": [s.state_dict() for s in osds.samplers],
         "draws": [
             {"x": d.x, "potential": d.potential, "log_q": d.log_q, "log_weight": d.log_weight,
-             "orientation": d.orientation, "log_det": d.log_det, "discrete": d.discrete}
+             "orientation": d.orientation, "log_det": d.log_det, "discrete": d.discrete, "component": d.component}
             for d in osds.draws
         ],
     }
@@ -138,7 +138,7 @@ def restore_draws(state: dict, device) -> tuple[Draws, ...]:
 
     return tuple(
         Draws(to(d["x"]), to(d["potential"]), to(d["log_q"]), d["log_weight"], to(d["orientation"]), d["log_det"],
-              d.get("discrete"))
+              d.get("discrete"), d.get("component"))
         for d in state["draws"]
     )
 

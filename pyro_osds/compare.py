@@ -21,7 +21,7 @@ import warnings
 
 import pandas as pd
 
-from .ops.estimators import Estimates
+from .ops.estimators import NEAR_CONSTANT_ESS, Estimates
 from .results import LogEvidence
 
 __all__ = ["compare"]
@@ -39,16 +39,18 @@ def compare(models: dict, *, k_hat_threshold: float = 0.7, min_ess: float = 100.
     Compares models by their log evidence.
 
     :param dict models: ``{name: fitted OSDS or its log_evidence()}`` (at least one).
-    :param float k_hat_threshold: Pareto :math:`\hat k` above which an estimate is flagged unreliable.
+    :param float k_hat_threshold: Pareto :math:`\hat k` above which an estimate is flagged unreliable, unless
+        its weights are nearly constant (ESS/N >= 0.99; see :attr:`~pyro_osds.ops.estimators.Estimates.reliable`).
     :param float min_ess: Kish ESS below which an estimate is flagged unreliable.
     :returns: a :class:`pandas.DataFrame` indexed by model name, sorted best first, with columns
         ``log_z``, ``se``, ``log_bf`` (against the best model), ``log_bf_se``, ``prob`` (posterior
-        model probability under equal prior odds), ``elbo``, ``ess``, ``k_hat``, ``folded`` and
+        model probability under equal prior odds), ``elbo``, ``ess``, ``k_hat``, ``folded``, ``lost_modes`` and
         ``reliable``.
 
     A ``UserWarning`` names every model whose estimate is unreliable (:math:`\hat k` above the
-    threshold, ESS below ``min_ess``, a non-finite standard error, or draws where the flow folds,
-    whose weights are not exact).
+    threshold, ESS below ``min_ess``, a non-finite standard error, draws where the flow folds, whose
+    weights are not exact, or a mode the mode search found that the draws carry almost no weight near,
+    whose mass the estimate misses).
 
     **Example**::
 
@@ -61,7 +63,8 @@ def compare(models: dict, *, k_hat_threshold: float = 0.7, min_ess: float = 100.
     for name, fitted in models.items():
         ev = _evidence_of(name, fitted)
         rows.append({"model": str(name), "log_z": ev.log_z, "se": ev.se, "elbo": ev.elbo, "ess": ev.ess,
-                     "k_hat": ev.k_hat, "folded": int(ev.num_folded)})
+                     "ess_per_draw": ev.ess_per_draw, "k_hat": ev.k_hat, "folded": int(ev.num_folded),
+                     "lost_modes": int(getattr(ev, "num_lost_modes", 0))})
     table = pd.DataFrame(rows).set_index("model")
     best = table["log_z"].idxmax()
     table["log_bf"] = table["log_z"] - table.loc[best, "log_z"]
@@ -71,16 +74,18 @@ def compare(models: dict, *, k_hat_threshold: float = 0.7, min_ess: float = 100.
     weights = shifted.map(math.exp)
     table["prob"] = weights / weights.sum()
     k_hat = table["k_hat"].fillna(-math.inf)
-    table["reliable"] = ((k_hat <= k_hat_threshold) & (table["ess"] >= min_ess) & table["se"].map(math.isfinite)
-                         & (table["folded"] == 0))
+    tail_ok = (k_hat <= k_hat_threshold) | (table["ess_per_draw"] >= NEAR_CONSTANT_ESS)
+    table["reliable"] = (tail_ok & (table["ess"] >= min_ess) & table["se"].map(math.isfinite)
+                         & (table["folded"] == 0) & (table["lost_modes"] == 0))
     table = table.sort_values("log_z", ascending=False)[
-        ["log_z", "se", "log_bf", "log_bf_se", "prob", "elbo", "ess", "k_hat", "folded", "reliable"]
+        ["log_z", "se", "log_bf", "log_bf_se", "prob", "elbo", "ess", "k_hat", "folded", "lost_modes", "reliable"]
     ]
     bad = [name for name, ok in table["reliable"].items() if not ok]
     if bad:
         details = "; ".join(
             f"{n}: k_hat={table.loc[n, 'k_hat']:.2f}, ESS={table.loc[n, 'ess']:.0f}"
-            + (f", {table.loc[n, 'folded']} folded draws" if table.loc[n, "folded"] else "") for n in bad
+            + (f", {table.loc[n, 'folded']} folded draws" if table.loc[n, "folded"] else "")
+            + (f", {table.loc[n, 'lost_modes']} lost mode(s)" if table.loc[n, "lost_modes"] else "") for n in bad
         )
         warnings.warn(
             f"Unreliable log-evidence estimate(s) ({details}): Bayes factors involving them may be wrong. Train "

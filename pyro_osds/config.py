@@ -89,6 +89,7 @@ FLAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "fold_weight": ("objective", "flow_kl", "fold_weight"),
     "flow_kl_gradient": ("objective", "flow_kl", "gradient"),
     "path_gradient_cutoff": ("objective", "flow_kl", "path_cutoff"),
+    "flow_kl_tempering": ("objective", "flow_kl", "tempering"),
     # the paper's objective
     "diffusion_weight": ("objective", "diffusion", "weight"),
     "batch_size": ("objective", "diffusion", "batch_size"),
@@ -108,6 +109,9 @@ FLAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "precondition": ("preconditioner", "kind"),
     "precondition_iterations": ("preconditioner", "num_iterations"),
     "mode_search_starts": ("preconditioner", "mode_search_starts"),
+    "mode_search_scale": ("preconditioner", "mode_search_scale"),
+    "components": ("preconditioner", "components"),
+    "max_components": ("preconditioner", "max_components"),
     # evaluation
     "eval_log_det": ("evaluation", "log_det"),
     "exact_log_det_max_dim": ("evaluation", "exact_log_det_max_dim"),

@@ -77,6 +77,11 @@ class FlowKLConfig:
         found several modes, else ``"path"``); see :func:`~pyro_osds.ops.losses.flow_kl_loss`.
     :param path_cutoff: draws whose path direction exceeds this many batch-median norms of the target's
         score keep the total gradient (``path_gradient_cutoff``, 5; ``None``: none does).
+    :param float tempering: the fraction of the iterations over which the trained target is tempered
+        (``flow_kl_tempering``, 0: off): at iteration :math:`i` the flow is trained on
+        :math:`\pi^{\beta} p_0^{1-\beta}` with :math:`\beta = \min(1, i / (\text{tempering} \cdot
+        \text{num\_iterations}))`, from the base :math:`p_0` (which the untrained map already is) to the
+        target; a flow that covers separated modes while they emerge keeps them.
     """
 
     weight: float = 1.0
@@ -85,6 +90,7 @@ class FlowKLConfig:
     fold_weight: float = 1.0
     gradient: str = "auto"
     path_cutoff: float | None = 5.0
+    tempering: float = 0.0
 
     def __post_init__(self):
         check_number("flow_kl_weight", self.weight, low=0)
@@ -98,6 +104,7 @@ class FlowKLConfig:
         check_choice("flow_kl_gradient", self.gradient, ("auto",) + FLOW_KL_GRADIENTS)
         if self.path_cutoff is not None:
             check_number("path_gradient_cutoff", self.path_cutoff, low=0, low_open=True)
+        check_number("flow_kl_tempering", self.tempering, low=0, high=1)
 
 
 @dataclass(frozen=True)
@@ -221,6 +228,14 @@ def _finite_mean(values: torch.Tensor) -> float:
     return float(finite.mean()) if finite.numel() else math.nan
 
 
+def tempering_beta(tempering: float, step: int, num_iterations: int) -> float:
+    r"""The inverse temperature :math:`\beta` at iteration ``step`` of a tempering over the fraction
+    ``tempering`` of ``num_iterations`` (:class:`FlowKLConfig`); 1 without tempering."""
+    if tempering <= 0 or num_iterations <= 0:
+        return 1.0
+    return min(1.0, step / (tempering * num_iterations))
+
+
 def flow_kl_stage(config: FlowKLConfig, potential_fn: PotentialFn, process: ReferenceProcess, dim: int, *,
                   steps: tuple[int, ...], gradient: str) -> Stage:
     """The one-step objective (:func:`~pyro_osds.ops.losses.flow_kl_loss`) on ``config.batch_size``
@@ -232,7 +247,12 @@ def flow_kl_stage(config: FlowKLConfig, potential_fn: PotentialFn, process: Refe
         num_steps = steps[context.step % len(steps)]
         z0 = process.sample_prior(config.batch_size, dim, dtype=context.dtype, device=context.device,
                                   generator=context.generator)
-        out = flow_kl_loss(context.net, potential_fn, process, z0, num_steps, fold_weight=config.fold_weight,
+        target = potential_fn
+        beta = tempering_beta(config.tempering, context.step, context.num_iterations)
+        if beta < 1:
+            def target(z, beta=beta):  # pi^beta p0^(1 - beta), p0 = N(0, prior_scale^2 I)
+                return beta * potential_fn(z) + (1 - beta) * 0.5 * (z**2).sum(-1) / process.prior_scale**2
+        out = flow_kl_loss(context.net, target, process, z0, num_steps, fold_weight=config.fold_weight,
                            gradient=gradient, path_cutoff=config.path_cutoff)
         value = float(out.loss.detach()) if out.loss is not None else math.nan
         info = {"loss": value, "elbo": _finite_mean(out.log_weights), "invalid_paths": out.num_invalid,

@@ -11,10 +11,10 @@ from typing import NamedTuple
 
 import torch
 
-from .ops.estimators import Estimates, EvidenceError, evidence, pool_estimates
+from .ops.estimators import Estimates, EvidenceError, evidence, kish_ess, pareto_k_hat, pool_estimates
 from .ops.integrate import count_folded
 
-__all__ = ["Draws", "LogEvidence"]
+__all__ = ["ComponentEstimate", "Draws", "LogEvidence"]
 
 
 class Draws(NamedTuple):
@@ -22,8 +22,9 @@ class Draws(NamedTuple):
     Weighted draws of one chain: ``x`` ``(N, D)`` in the potential's (unconstrained) space,
     ``potential`` :math:`U(x)`, ``log_q`` (the sampler's log density at ``x``), ``log_weight``
     :math:`= -U - \log q` (float64), ``orientation`` (the sign of the map's Jacobian determinant at each
-    draw; exact volumes only, else ``None``), ``log_det`` (the volume method) and ``discrete`` (draws of
-    a model's enumerated discrete sites given each ``x``, ``{site: (N, ...)}``, or ``None``).
+    draw; exact volumes only, else ``None``), ``log_det`` (the volume method), ``discrete`` (draws of
+    a model's enumerated discrete sites given each ``x``, ``{site: (N, ...)}``, or ``None``) and, for a
+    mixture sampler, the ``component`` that drew each draw (its ``log_q`` is the whole mixture's).
     """
 
     x: torch.Tensor
@@ -33,6 +34,7 @@ class Draws(NamedTuple):
     orientation: torch.Tensor | None
     log_det: str
     discrete: dict | None = None
+    component: torch.Tensor | None = None
 
     @property
     def folded(self) -> torch.Tensor | None:
@@ -55,26 +57,69 @@ class Draws(NamedTuple):
         return evidence(self.log_weight, num_folded=self.num_folded, log_det=self.log_det)
 
 
+class ComponentEstimate(NamedTuple):
+    """
+    One component of a chain that is a mixture (:class:`~pyro_osds.sampler.MixtureSampler`): the ``chain``
+    and ``component`` index, the mode it sits at (``location``, flat unconstrained), its mixture
+    ``weight``, the ``share`` of the chain's posterior mass its draws carry (their self-normalised weight),
+    and the ``ess`` and ``k_hat`` of its own draws' weights, of which there are ``num_draws``.
+    """
+
+    chain: int
+    component: int
+    location: torch.Tensor
+    weight: float
+    share: float
+    ess: float
+    k_hat: float
+    num_draws: int
+
+
 class LogEvidence(NamedTuple):
     r"""
     The log evidence of a run: the ``pooled`` :class:`~pyro_osds.ops.estimators.Estimates` of all draws
     (read its fields directly: ``ev.log_z``, ``ev.se``, ``ev.elbo``, ``ev.ess``, ``ev.k_hat``, ...),
-    each chain's estimates in ``chains``, and the flow's ``num_steps`` :math:`K`. The pooled ``k_hat`` is
-    the largest over chains; ``k_hat > 0.7`` means the estimate is unreliable, and ``num_folded`` counts
-    draws where the flow folds (their weights are not exact).
+    each chain's estimates in ``chains``, the flow's ``num_steps`` :math:`K`, the mixture ``components``
+    of chains that are mixtures (:class:`ComponentEstimate`), and ``num_lost_modes``: modes the mode search
+    found that the draws carry almost no weight near (the evidence then misses their mass). The pooled
+    ``k_hat`` is the largest over chains; :attr:`reliable` is the verdict (the weights' own diagnostics,
+    :attr:`~pyro_osds.ops.estimators.Estimates.reliable`, and no lost mode).
     """
 
     pooled: Estimates
     chains: tuple[Estimates, ...]
     num_steps: int
+    components: tuple[ComponentEstimate, ...] = ()
+    num_lost_modes: int = 0
 
     @classmethod
-    def from_draws(cls, draws, num_steps: int) -> LogEvidence:
-        """Per-chain and pooled estimates of a sequence of :class:`Draws` (one per chain)."""
+    def from_draws(cls, draws, num_steps: int, *, mixtures=None, num_lost_modes: int = 0) -> LogEvidence:
+        """
+        Per-chain and pooled estimates of a sequence of :class:`Draws` (one per chain); ``mixtures`` gives,
+        per chain, ``(locations, weights)`` of its mixture components (or ``None`` for a single flow).
+        """
         chains = tuple(d.evidence() for d in draws)
         pooled = pool_estimates([d.log_weight for d in draws], num_folded=sum(c.num_folded for c in chains),
                                 log_det=draws[0].log_det)
-        return cls(pooled, chains, num_steps)
+        components = []
+        for chain, (d, mixture) in enumerate(zip(draws, mixtures or [None] * len(draws), strict=True)):
+            if mixture is None or d.component is None:
+                continue
+            locations, weights = mixture
+            share = torch.softmax(d.log_weight, 0)
+            for k in range(len(weights)):
+                mine = (d.component == k).to(d.log_weight.device)
+                lw = d.log_weight[mine]
+                ok = bool(mine.any())
+                components.append(ComponentEstimate(
+                    chain, k, locations[k], float(weights[k]), float(share[mine].sum()),
+                    float(kish_ess(lw)) if ok else 0.0, pareto_k_hat(lw) if ok else float("nan"), int(mine.sum())))
+        return cls(pooled, chains, num_steps, tuple(components), int(num_lost_modes))
+
+    @property
+    def reliable(self) -> bool:
+        """The pooled estimate's own diagnostics are fine and no found mode was lost."""
+        return self.pooled.reliable and self.num_lost_modes == 0
 
     def __getattr__(self, name: str):
         if name in Estimates._fields:
@@ -92,7 +137,18 @@ class LogEvidence(NamedTuple):
         ]
         if p.num_folded:
             lines.append(f"  warning: the flow folds at {p.num_folded} draws; their weights are not exact")
+        if self.num_lost_modes:
+            lines.append(f"  warning: {self.num_lost_modes} mode(s) the mode search found carry almost no weight; "
+                         "log Z misses their mass")
         for i, c in enumerate(self.chains):
             lines.append(f"  chain {i}: log Z = {c.log_z:.4f} +- {c.se:.4f}, ELBO {c.elbo:.4f}, "
                          f"ESS {c.ess:.0f}/{c.num_draws}, k_hat {c.k_hat:.2f}")
+            mine = [m for m in self.components if m.chain == i]
+            for m in mine[:12]:
+                where = ", ".join(f"{v:.3g}" for v in m.location.reshape(-1)[:4].tolist())
+                more = ", ..." if m.location.numel() > 4 else ""
+                lines.append(f"    component {m.component} at ({where}{more}): weight {m.weight:.3f}, share "
+                             f"{m.share:.3f}, ESS {m.ess:.0f}/{m.num_draws}, k_hat {m.k_hat:.2f}")
+            if len(mine) > 12:
+                lines.append(f"    ... and {len(mine) - 12} more components")
         return "\n".join(lines)

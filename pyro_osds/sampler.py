@@ -34,16 +34,60 @@ from .modes import mode_coverage, warn_about_mode_search, warn_lost_modes
 from .objectives import build_objective, consistency_stage, flow_kl_train_steps, resolve_flow_kl_gradient
 from .ops.estimators import Estimates, ForwardEstimates, evidence, forward_evidence
 from .ops.integrate import em_log_weights
-from .ops.precondition import AffineMap, choose_preconditioner, whiten_potential
+from .ops.precondition import (
+    AffineMap,
+    LaplacePartition,
+    ModeSearch,
+    choose_preconditioner,
+    refine_component,
+    whiten_potential,
+)
 from .results import Draws
-from .train import Trainer
-from .transports import ConsistencyTransport, FlowTransport, draw
+from .train import COMMON_KEYS, Trainer
+from .transports import ConsistencyTransport, FlowTransport, MixtureTransport, draw
 from .util import PotentialFn, check_positive_int, derive_seed, seeded_generator, warn
 
-__all__ = ["ConsistencySampler", "Draws", "FlowSampler"]
+__all__ = ["ConsistencySampler", "Draws", "FlowSampler", "MixtureSampler", "build_sampler", "restore_sampler"]
 
 
-class FlowSampler:
+class _Chain:
+    """What every chain offers on top of its ``draw`` and ``log_q``: evidence estimates and mode reports."""
+
+    def evidence(self, num_samples: int = 2000, num_steps: int = 1, *, log_det: str | None = None) -> Estimates:
+        """Evidence estimates from fresh draws (never the training batch)."""
+        self._require_density(num_steps)
+        return self.draw(num_samples, num_steps, log_det=log_det).evidence()
+
+    def forward_evidence(self, target_samples: torch.Tensor, num_steps: int = 1) -> ForwardEstimates:
+        r"""EUBO and forward :math:`\log\hat Z` from exact target draws, via the exact inverse map."""
+        x = torch.as_tensor(target_samples, dtype=self.model_dtype, device=self.device)
+        log_q, ok = self.log_q(x, num_steps)
+        with torch.no_grad():
+            u = self.potential_fn(x)
+        lw = (-u.to(torch.float64)) - log_q.to(torch.float64)
+        if not bool(ok.all()):
+            warn(f"The inverse map did not converge (or folded) for {int((~ok).sum())} of {ok.numel()} target "
+                 "draws; they are excluded.", RuntimeWarning)
+            lw = torch.where(ok, lw, torch.full_like(lw, math.nan))
+        return forward_evidence(lw)
+
+    def _require_density(self, num_steps: int) -> None:
+        if self.config.method == "cdds" and num_steps != 1:
+            raise ValueError(
+                "CDDS draws with num_steps > 1 re-noise between steps, so they have no tractable density and "
+                "no importance weights; estimate the evidence with num_steps=1 (exact one-step weights)."
+            )
+
+    def mode_coverage(self, draws: Draws) -> list[tuple[torch.Tensor, float, float]]:
+        """Each found mode's centre, Laplace mass and weighted share of ``draws`` (:func:`pyro_osds.modes.mode_coverage`)."""
+        return mode_coverage(self.modes, draws)
+
+    def warn_lost_modes(self, draws: Draws, label: str = "") -> list[int]:
+        """Warns about the found modes ``draws`` have lost (:func:`pyro_osds.modes.warn_lost_modes`)."""
+        return warn_lost_modes(self.modes, draws, self.config.objective, label)
+
+
+class FlowSampler(_Chain):
     r"""
     One chain: a one-step diffusion sampler for a batched potential (module docstring).
 
@@ -56,6 +100,8 @@ class FlowSampler:
     :param int num_steps: the flow step count this chain will be drawn with; the one-step objective
         trains it alongside ``flow_kl_steps``.
     :param AffineMap preconditioner: use this affine map instead of fitting one.
+    :param ModeSearch search: the mode search's result to fit the preconditioner from (default: the
+        sampler runs its own when ``config.preconditioner.mode_search_starts > 0``).
     :param torch.Generator generator: randomness for training (default: seeded from the global RNG);
         draws use a second generator seeded from it, so drawing never changes training.
     :param callable hook_fn: ``hook_fn(step, info)`` after every training iteration.
@@ -71,6 +117,7 @@ class FlowSampler:
         *,
         num_steps: int | None = None,
         preconditioner: AffineMap | None = None,
+        search: ModeSearch | None = None,
         generator: torch.Generator | None = None,
         hook_fn: Callable | None = None,
         disable_progbar: bool = False,
@@ -97,7 +144,8 @@ class FlowSampler:
         self.generator = seeded_generator(self.device) if generator is None else generator
         # drawing has its own stream, so that sampling never perturbs (resumed) training
         self.draw_generator = seeded_generator(self.device, derive_seed(self.generator))
-        self.preconditioner = preconditioner
+        self.preconditioner = None if preconditioner is None else preconditioner.to(dtype=self.dtype)
+        self.search = search
         self.precondition_info: dict = {}
         self.net = config.net.build(self.dim, dtype=self.dtype, device=self.device, generator=self.generator)
         #: one trainer per training phase started so far
@@ -110,7 +158,7 @@ class FlowSampler:
         """Fits the affine preconditioner chosen by ``config.precondition`` (once)."""
         if self.preconditioner is None:
             affine, info = choose_preconditioner(self.potential_fn, self.init, self.config.preconditioner,
-                                                 generator=self.generator)
+                                                 search=self.search, generator=self.generator)
             self.precondition_info.update(info)
             warn_about_mode_search(info, self.config.objective)
             self.preconditioner = affine.to(dtype=self.dtype)
@@ -254,18 +302,6 @@ class FlowSampler:
                     chunk_size=chunk_size or evaluation.chunk_size,
                     generator=self.draw_generator if generator is None else generator)
 
-    def _require_density(self, num_steps: int) -> None:
-        if self.config.method == "cdds" and num_steps != 1:
-            raise ValueError(
-                "CDDS draws with num_steps > 1 re-noise between steps, so they have no tractable density and "
-                "no importance weights; estimate the evidence with num_steps=1 (exact one-step weights)."
-            )
-
-    def evidence(self, num_samples: int = 2000, num_steps: int = 1, *, log_det: str | None = None) -> Estimates:
-        """Evidence estimates from fresh draws (never the training batch)."""
-        self._require_density(num_steps)
-        return self.draw(num_samples, num_steps, log_det=log_det).evidence()
-
     def log_q(self, x: torch.Tensor, num_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         r"""
         Sampler log density at given points ``x`` (exact inverse of the map); returns ``(log_q, ok)``
@@ -273,19 +309,6 @@ class FlowSampler:
         """
         self._require_density(num_steps)
         return self.transport(num_steps).log_prob(x)
-
-    def forward_evidence(self, target_samples: torch.Tensor, num_steps: int = 1) -> ForwardEstimates:
-        r"""EUBO and forward :math:`\log\hat Z` from exact target draws, via the exact inverse map."""
-        x = torch.as_tensor(target_samples, dtype=self.model_dtype, device=self.device)
-        log_q, ok = self.log_q(x, num_steps)
-        with torch.no_grad():
-            u = self.potential_fn(x)
-        lw = (-u.to(torch.float64)) - log_q.to(torch.float64)
-        if not bool(ok.all()):
-            warn(f"The inverse map did not converge (or folded) for {int((~ok).sum())} of {ok.numel()} target "
-                 "draws; they are excluded.", RuntimeWarning)
-            lw = torch.where(ok, lw, torch.full_like(lw, math.nan))
-        return forward_evidence(lw)
 
     def em_log_weights(self, num_samples: int, num_steps: int = 1, *, chunk_size: int | None = None) -> torch.Tensor:
         r"""Log-weights of stochastic EM paths with ``num_steps`` steps
@@ -316,14 +339,6 @@ class FlowSampler:
         """The separated modes the mode search found, ``[(centre, Laplace mass), ...]`` (empty for one)."""
         return list(self.precondition_info.get("modes") or [])
 
-    def mode_coverage(self, draws: Draws) -> list[tuple[torch.Tensor, float, float]]:
-        """Each found mode's centre, Laplace mass and weighted share of ``draws`` (:func:`pyro_osds.modes.mode_coverage`)."""
-        return mode_coverage(self.modes, draws)
-
-    def warn_lost_modes(self, draws: Draws, label: str = "") -> list[int]:
-        """Warns about the found modes ``draws`` have lost (:func:`pyro_osds.modes.warn_lost_modes`)."""
-        return warn_lost_modes(self.modes, draws, self.config.objective, label)
-
     # ------------------------------------------------------------------------------------------
     # persistence
     def state_dict(self) -> dict:
@@ -332,6 +347,7 @@ class FlowSampler:
         affine = self.fit_preconditioner()
         self.trainer_for(0)
         return {
+            "kind": "flow",
             "preconditioner": {"shift": affine.shift.detach().clone(), "scale_tril": affine.scale_tril.detach().clone()},
             "trainers": [t.state_dict() for t in self.trainers],
             "generator": self.generator.get_state(),
@@ -364,3 +380,201 @@ class ConsistencySampler(FlowSampler):
         super().__init__(*args, **kwargs)
         if self.config.method != "cdds":
             raise ValueError(f"`ConsistencySampler` needs a `method='cdds'` config, got {self.config.method!r}.")
+
+
+class MixtureSampler(_Chain):
+    r"""
+    One chain as a mixture :math:`q = \sum_k \alpha_k q_k` with one component per separated mode a mode
+    search found (:func:`~pyro_osds.ops.precondition.search_modes`). The modes' Laplace fits define a
+    partition of unity :math:`s_k` (:class:`~pyro_osds.ops.precondition.LaplacePartition`), so that
+    :math:`Z = \sum_k Z_k` with :math:`Z_k = \int \pi s_k`; component :math:`k` is a :class:`FlowSampler`
+    preconditioned at mode :math:`k` (its Laplace fit, refined as ``config.preconditioner.kind`` asks) and
+    trained on the piece :math:`\pi s_k`, which keeps it at that mode. A component whose untrained one-step
+    map already fits its piece (1024 pilot draws with ESS/N >= 0.95 and k-hat <= 0.5) is not trained. Draws
+    come from the :class:`~pyro_osds.transports.MixtureTransport`, each weighted by :math:`\pi s_k / q_k`
+    (multiple importance sampling with the partition as weighting functions), so the weights are exact and
+    :math:`\hat Z` unbiased whatever :math:`\alpha` is, and no component's density is needed at another's
+    draws; after training, :math:`\alpha_k` is set from the pilot estimates :math:`\hat Z_k` (with a tenth
+    spread evenly), so that draws go where the mass is.
+
+    The constructor's arguments are :class:`FlowSampler`'s, with the ``search`` that found the modes.
+    """
+
+    #: pilot draws per component, to decide on training and to set the mixture weights
+    num_pilot = 1024
+
+    def __init__(self, potential_fn: PotentialFn, init: torch.Tensor, config: OSDSConfig, search: ModeSearch, *,
+                 num_steps: int | None = None, generator: torch.Generator | None = None,
+                 hook_fn: Callable | None = None, disable_progbar: bool = False, desc: str = "OSDS"):
+        self.config, self.potential_fn, self.search = config, potential_fn, search
+        init = torch.as_tensor(init)
+        self.init, self.dim = init.detach().clone(), init.numel()
+        self.model_dtype, self.device = init.dtype, init.device
+        self.num_steps = num_steps
+        self.generator = seeded_generator(self.device) if generator is None else generator
+        self.draw_generator = seeded_generator(self.device, derive_seed(self.generator))
+        self.partition = LaplacePartition(search.modes)
+        self.components = [
+            FlowSampler(self.partition.restricted(potential_fn, k), affine.shift, config, num_steps=num_steps,
+                        generator=seeded_generator(self.device, derive_seed(self.generator)), hook_fn=hook_fn,
+                        disable_progbar=disable_progbar, desc=f"{desc} component {k}")
+            for k, (affine, _) in enumerate(search.modes)
+        ]
+        #: the mixture weights :math:`\alpha` (the Laplace masses until :meth:`fit` estimates them)
+        self.weights = torch.tensor([w for _, w in search.modes], dtype=torch.float64)
+        #: per component: trained (True), fits without training (False), not decided yet (None)
+        self.trained: list[bool | None] = [None] * len(self.components)
+        self.precondition_info = {"num_modes": len(search.modes), "light_modes": search.num_light,
+                                  "modes": self.modes, "components": len(self.components)}
+
+    @property
+    def modes(self) -> list:
+        """The modes the components sit at, ``[(centre, Laplace mass), ...]``."""
+        return [(a.shift, w) for a, w in self.search.modes]
+
+    @property
+    def train_steps(self) -> tuple[int, ...]:
+        return self.components[0].train_steps
+
+    @property
+    def trained_step_counts(self) -> tuple[int, ...] | None:
+        return self.components[0].trained_step_counts
+
+    def fit_preconditioner(self) -> None:
+        """Refines each component's preconditioner from its mode's Laplace fit (once)."""
+        for component, (laplace, _) in zip(self.components, self.search.modes, strict=True):
+            if component.preconditioner is None:
+                affine, info = refine_component(component.potential_fn, laplace, self.config.preconditioner,
+                                                generator=component.generator)
+                component.preconditioner = affine.to(dtype=component.dtype)
+                component.precondition_info.update(info)
+
+    def _fits_untrained(self, component: FlowSampler) -> bool:
+        if component.train_steps != (1,) or self.config.objective.trains_every_step_count:
+            return False  # only the untrained one-step map is the identity
+        est = component.draw(self.num_pilot, 1, generator=self.draw_generator).evidence()
+        return est.ess_per_draw >= 0.95 and est.k_hat <= 0.5
+
+    def fit(self, num_iterations: int | None = None, *, until: int | None = None) -> dict[str, list]:
+        """Fits the components' preconditioners, trains the components that need it (module docstring)
+        and sets the mixture weights; returns the training history, concatenated over components."""
+        self.fit_preconditioner()
+        history: dict[str, list] = {key: [] for key in COMMON_KEYS}
+        for k, component in enumerate(self.components):
+            if self.trained[k] is None:
+                self.trained[k] = not self._fits_untrained(component)
+            if self.trained[k]:
+                for key, values in component.fit(num_iterations, until=until).items():
+                    history.setdefault(key, []).extend(values)
+                if component.interrupted:
+                    return history
+        self._set_weights()
+        self.precondition_info["trained_components"] = sum(bool(t) for t in self.trained)
+        return history
+
+    def _set_weights(self) -> None:
+        log_z = torch.tensor([c.draw(self.num_pilot // 4, 1, generator=self.draw_generator).evidence().log_z
+                              for c in self.components], dtype=torch.float64)
+        laplace = torch.tensor([w for _, w in self.search.modes], dtype=torch.float64)
+        share = torch.softmax(log_z, 0) if bool(torch.isfinite(log_z).all()) else laplace
+        self.weights = 0.9 * share + 0.1 / len(self.components)
+
+    @property
+    def interrupted(self) -> bool:
+        return any(c.interrupted for c in self.components)
+
+    @property
+    def iteration(self) -> int:
+        return max(c.iteration for c in self.components)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(c.num_skipped for c in self.components)
+
+    def transport(self, num_steps: int = 1, *, num_probes: int | None = None) -> MixtureTransport:
+        """The mixture of the components' transports with ``num_steps`` steps."""
+        self.fit_preconditioner()
+        return MixtureTransport([c.transport(num_steps, num_probes=num_probes) for c in self.components],
+                                self.weights, partition=self.partition)
+
+    def draw(self, num_samples: int, num_steps: int = 1, *, log_det: str | None = None,
+             chunk_size: int | None = None, num_probes: int | None = None,
+             generator: torch.Generator | None = None) -> Draws:
+        """``num_samples`` fresh draws of the mixture, each weighted against the whole mixture."""
+        check_positive_int("num_samples", num_samples)
+        self.config.process.step_codes(num_steps)
+        evaluation = self.config.evaluation
+        log_det = evaluation.default_log_det(self.dim) if log_det is None else log_det
+        return draw(self.transport(num_steps, num_probes=num_probes), self.potential_fn, num_samples,
+                    log_det=log_det, chunk_size=chunk_size or evaluation.chunk_size,
+                    generator=self.draw_generator if generator is None else generator)
+
+    def log_q(self, x: torch.Tensor, num_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixture's own log density :math:`\\log\\sum_k \\alpha_k q_k(x)` at ``x`` (every component's
+        exact inverse; not the partition's effective density of its draws)."""
+        self._require_density(num_steps)
+        return self.transport(num_steps).log_prob(x)
+
+    def em_log_weights(self, num_samples: int, num_steps: int = 1, **kwargs) -> torch.Tensor:
+        raise ValueError("EM path weights belong to a single flow; a mixture's draws are weighted by its exact "
+                         "density (`draw`, `evidence`).")
+
+    def state_dict(self) -> dict:
+        """The modes (their Laplace fits and masses), the components, the mixture weights and generators."""
+        self.fit_preconditioner()
+        return {
+            "kind": "mixture",
+            "modes": [(a.shift.detach().clone(), a.scale_tril.detach().clone(), float(w)) for a, w in self.search.modes],
+            "num_light": self.search.num_light,
+            "components": [c.state_dict() for c in self.components],
+            "weights": self.weights.clone(),
+            "trained": [-1 if t is None else int(t) for t in self.trained],
+            "generator": self.generator.get_state(),
+            "draw_generator": self.draw_generator.get_state(),
+            "dim": self.dim,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["components"]) != len(self.components):
+            raise ValueError(f"State has {len(state['components'])} components, this sampler {len(self.components)}.")
+        for component, component_state in zip(self.components, state["components"], strict=True):
+            component.load_state_dict(component_state)
+        self.weights = state["weights"].to(torch.float64)
+        self.trained = [None if t < 0 else bool(t) for t in state["trained"]]
+        self.generator.set_state(state["generator"])
+        self.draw_generator.set_state(state["draw_generator"])
+
+
+def build_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSConfig | None = None, *,
+                  generator: torch.Generator | None = None, **kwargs) -> FlowSampler | MixtureSampler:
+    """
+    One chain for ``potential_fn``: runs the mode search ``config.preconditioner`` asks for, then returns a
+    :class:`MixtureSampler` with a component per mode when it found several separated ones
+    (:meth:`~pyro_osds.ops.precondition.PreconditionConfig.wants_components`), else a :class:`FlowSampler`
+    preconditioned from the search's result. ``kwargs`` go to the sampler (``num_steps``, ``hook_fn``,
+    ``disable_progbar``, ``desc``).
+    """
+    config = OSDSConfig() if config is None else config
+    init = torch.as_tensor(init)
+    generator = seeded_generator(init.device) if generator is None else generator
+    pre = config.preconditioner
+    if pre.kind == "none" or pre.mode_search_starts == 0:
+        return FlowSampler(potential_fn, init, config, generator=generator, **kwargs)
+    search = pre.search(potential_fn, init.detach(), generator=generator)
+    if pre.wants_components(search):
+        return MixtureSampler(potential_fn, init, config, search, generator=generator, **kwargs)
+    return FlowSampler(potential_fn, init, config, search=search, generator=generator, **kwargs)
+
+
+def restore_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSConfig, state: dict, *,
+                    generator: torch.Generator | None = None, **kwargs) -> FlowSampler | MixtureSampler:
+    """The chain saved as ``state`` (:meth:`FlowSampler.state_dict` or :meth:`MixtureSampler.state_dict`),
+    rebuilt without searching or fitting again."""
+    if state.get("kind") == "mixture":
+        modes = [(AffineMap(shift, tril), mass) for shift, tril, mass in state["modes"]]
+        search = ModeSearch(modes, int(state["num_light"]), True, 0)
+        sampler = MixtureSampler(potential_fn, init, config, search, generator=generator, **kwargs)
+    else:
+        sampler = FlowSampler(potential_fn, init, config, generator=generator, **kwargs)
+    sampler.load_state_dict(state)
+    return sampler

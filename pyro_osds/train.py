@@ -98,14 +98,15 @@ class Term(NamedTuple):
 @dataclass
 class TrainContext:
     """What a stage sees of the trainer in one iteration: the trained ``net``, its ``ema``, the
-    iteration index ``step``, the ``generator`` of all training randomness, and ``scratch``, a dict
-    the stages of one iteration share (emptied every iteration)."""
+    iteration index ``step``, the ``generator`` of all training randomness, ``scratch``, a dict the
+    stages of one iteration share (emptied every iteration), and the training's ``num_iterations``."""
 
     net: torch.nn.Module
     ema: torch.nn.Module
     step: int
     generator: torch.Generator
     scratch: dict = field(default_factory=dict)
+    num_iterations: int = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -210,7 +211,7 @@ class Trainer:
         start = time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
-        context = TrainContext(self.net, self.ema, self.step, self.generator)
+        context = TrainContext(self.net, self.ema, self.step, self.generator, num_iterations=self.num_iterations)
         record: dict = {"skipped": 0}
         for stage in self.objective:
             term = stage.term(context)

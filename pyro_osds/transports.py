@@ -18,9 +18,9 @@ weighted draws, :math:`\log w = -U(x) - \log q(x)`.
 * :class:`FlowTransport`: ``K`` steps of the probability-flow ODE (:func:`~pyro_osds.ops.integrate.flow`);
 * :class:`ConsistencyTransport`: CDDS's consistency function (one step; ``K > 1`` re-noises between
   steps and has no density);
-* :class:`MixtureTransport`: a mixture :math:`q = \sum_k \alpha_k q_k` of transports, whose draws are
-  weighted against the whole mixture (multiple importance sampling with the balance heuristic),
-  :math:`\log q(x) = \log\sum_k \alpha_k q_k(x)`, the other components' densities from their inverses.
+* :class:`MixtureTransport`: a mixture :math:`q = \sum_k \alpha_k q_k` of transports whose draws are
+  weighted by multiple importance sampling: against the whole mixture (the balance heuristic, the other
+  components' densities from their inverses) or with a partition of unity (no other density needed).
 """
 
 from __future__ import annotations
@@ -78,13 +78,15 @@ class TransportOutput(NamedTuple):
     r"""
     Points ``x`` (the potential's dtype), their log density ``log_q`` under the transport (NaN without a
     volume: ``log_det="none"`` or a map without a density), their ``orientation`` (``None`` unless the
-    volume is exact) and the ``log_det`` method actually used.
+    volume is exact), the ``log_det`` method actually used and, for a mixture, the ``component`` that drew
+    each point.
     """
 
     x: torch.Tensor
     log_q: torch.Tensor
     orientation: torch.Tensor | None
     log_det: str
+    component: torch.Tensor | None = None
 
 
 class Transport(Protocol):
@@ -109,7 +111,7 @@ def draw(transport: Transport, potential_fn: PotentialFn, num_samples: int, *, l
     are NaN.
     """
     check_positive_int("num_samples", num_samples)
-    xs, us, lqs, signs, used = [], [], [], [], None
+    xs, us, lqs, signs, components, used = [], [], [], [], [], None
     for start in range(0, num_samples, chunk_size):
         n = min(chunk_size, num_samples - start)
         out = transport.sample(n, log_det=log_det, generator=generator)
@@ -122,11 +124,13 @@ def draw(transport: Transport, potential_fn: PotentialFn, num_samples: int, *, l
         us.append(u.detach())
         lqs.append(out.log_q)
         signs.append(out.orientation)
+        components.append(out.component)
         used = out.log_det if used is None else used
     x, u, log_q = torch.cat(xs), torch.cat(us), torch.cat(lqs)
     log_w = (-u.to(torch.float64)) - log_q.to(torch.float64)
     orientation = None if signs[0] is None else torch.cat(signs)
-    return Draws(x, u, log_q, log_w, orientation, used)
+    component = None if components[0] is None else torch.cat(components)
+    return Draws(x, u, log_q, log_w, orientation, used, component=component)
 
 
 class _PreconditionedTransport:
@@ -245,27 +249,32 @@ class ConsistencyTransport(_PreconditionedTransport):
 
 class MixtureTransport:
     r"""
-    The mixture :math:`q = \sum_k \alpha_k q_k` of ``components`` (transports on the same space) with
-    ``weights`` :math:`\alpha` (normalised here). Each draw comes from one component, chosen with
-    probability :math:`\alpha_k`, and is weighted against the whole mixture (the balance heuristic of
-    multiple importance sampling),
+    Draws from the mixture :math:`q = \sum_k \alpha_k q_k` of ``components`` (transports on the same space)
+    with ``weights`` :math:`\alpha` (normalised here): each draw comes from one component, chosen with
+    probability :math:`\alpha_k`, and is weighted by multiple importance sampling (Veach and Guibas
+    1995), which gives an unbiased :math:`\hat Z` and exact weights whatever :math:`\alpha` is:
 
-    .. math:: \log q(x) = \log\sum_k \alpha_k q_k(x),
+    * without ``partition``, against the whole mixture (the balance heuristic),
+      :math:`\log q(x) = \log\sum_j \alpha_j q_j(x)`, with the drawing component's density from its forward
+      map and the others' from their exact inverses (:meth:`Transport.log_prob`); a point where another
+      component's inversion does not converge counts as outside its reach (:math:`q_j(x) = 0`);
+    * with a ``partition`` of unity :math:`s_j(x)` (a callable returning :math:`\log s_j(x)`, ``(M, N)``,
+      e.g. :class:`~pyro_osds.ops.precondition.LaplacePartition`), a draw of component :math:`k` counts
+      for the piece :math:`\pi s_k` only: its effective density is
+      :math:`\log\tilde q(x) = \log\alpha_k + \log q_k(x) - \log s_k(x)`, so
+      :math:`\mathbb E[\pi/\tilde q] = \sum_k \int \pi s_k = Z`, and no other component's density is needed.
 
-    with its own component's density from the forward map and the others' from their exact inverses
-    (:meth:`Transport.log_prob`). Whatever :math:`\alpha` is, the weights :math:`\pi(x)/q(x)` are exact, so
-    components that found different modes give one consistent evidence estimate. A point where another
-    component's inversion does not converge counts as outside that component's reach
-    (:math:`q_k(x) = 0` there); ``orientation`` is the drawing component's.
+    ``orientation`` is the drawing component's; ``component`` records it.
     """
 
-    def __init__(self, components, weights):
+    def __init__(self, components, weights, *, partition=None):
         self.components = list(components)
         weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
         if len(self.components) != weights.numel() or not bool((weights >= 0).all()) or float(weights.sum()) <= 0:
             raise ValueError(f"`weights` must be {len(self.components)} non-negative numbers, not all zero, got "
                              f"{weights.tolist()}.")
         self.weights = weights / weights.sum()
+        self.partition = partition
         self.dim = self.components[0].dim
 
     def _log_prob_under(self, k: int, x: torch.Tensor) -> torch.Tensor:
@@ -281,19 +290,32 @@ class MixtureTransport:
         outs = [(k, c.sample(n, log_det=log_det, generator=generator))
                 for k, (c, n) in enumerate(zip(self.components, counts, strict=True)) if n > 0]
         x = torch.cat([out.x for _, out in outs])
+        component = torch.cat([torch.full((out.x.shape[0],), k, dtype=torch.long) for k, out in outs])
         signs = [out.orientation for _, out in outs]
         orientation = None if any(s is None for s in signs) else torch.cat(signs)
         if any(out.log_det == "none" for _, out in outs):
-            return TransportOutput(x, torch.full((num_samples,), math.nan, dtype=torch.float64), orientation, "none")
-        terms = []
+            nan = torch.full((num_samples,), math.nan, dtype=torch.float64)
+            return TransportOutput(x, nan, orientation, "none", component)
+        own = torch.cat([out.log_q.to(torch.float64) for _, out in outs])
+        mine = component.to(x.device)
+        if self.partition is not None:
+            log_s = self.partition(x).to(torch.float64)
+            rows = torch.arange(num_samples, device=log_s.device)
+            log_q = self.weights.log().to(own.device)[mine] + own - log_s[mine.to(log_s.device), rows].to(own.device)
+            return TransportOutput(x, log_q, orientation, outs[0][1].log_det, component)
+        terms = torch.empty(len(self.components), num_samples, dtype=torch.float64)
         for j in range(len(self.components)):
-            log_qj = torch.cat([out.log_q.to(torch.float64) if k == j else self._log_prob_under(j, out.x)
-                                for k, out in outs])
-            terms.append(self.weights[j].log() + log_qj)
-        return TransportOutput(x, torch.logsumexp(torch.stack(terms), 0), orientation, outs[0][1].log_det)
+            log_qj = own.clone()
+            others = mine != j
+            if bool(others.any()):  # every other component's draws through component j's inverse
+                log_qj[others] = self._log_prob_under(j, x[others]).to(own.device)
+            terms[j] = self.weights[j].log() + log_qj.cpu()
+        log_q = torch.logsumexp(terms, 0).to(own.device)
+        return TransportOutput(x, log_q, orientation, outs[0][1].log_det, component)
 
     def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mixture's log density at ``x``; ``ok`` marks points some component reaches."""
+        """The mixture's log density :math:`\\log\\sum_k \\alpha_k q_k(x)` at ``x`` (every component's exact
+        inverse); ``ok`` marks points some component reaches."""
         terms = torch.stack([self.weights[k].log() + self._log_prob_under(k, x) for k in range(len(self.components))])
         log_q = torch.logsumexp(terms, 0)
         return log_q, torch.isfinite(log_q)

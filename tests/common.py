@@ -122,3 +122,14 @@ def assert_same_training(a, b):
     for sa, sb in zip(a.samplers, b.samplers, strict=True):
         assert sa.trainer.step == sb.trainer.step
         assert sa.trainer.history["loss"] == sb.trainer.history["loss"]
+
+
+def gaussian_mixture_potential(locs, weights, scale=1.0):
+    """The potential of a normalised Gaussian mixture (log Z = 0) with isotropic components."""
+    locs, log_weights = torch.as_tensor(locs, dtype=D64), torch.as_tensor(weights, dtype=D64).log()
+
+    def potential(x):
+        comp = torch.distributions.Normal(locs, scale).log_prob(x[..., None, :]).sum(-1)
+        return -torch.logsumexp(comp + log_weights, -1)
+
+    return potential

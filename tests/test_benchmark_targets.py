@@ -44,7 +44,7 @@ def _random_points(name, n=5):
 
 def test_registry():
     assert set(BAYESIAN_TARGETS) <= set(TARGETS)
-    assert len(TARGETS) == 11
+    assert len(TARGETS) == 22
     assert TARGETS["funnel10"] is get_target("funnel10")
     with pytest.raises(KeyError, match="unknown target"):
         get_target("nope")
@@ -213,3 +213,14 @@ def test_references_json():
         dim = get_target(name).dim
         assert len(entry["posterior_mean"]) == len(entry["posterior_sd"]) == len(entry["labels"]) == dim
         assert all(s > 0 for s in entry["posterior_sd"])
+
+
+def test_mixture_model_evidence_by_enumeration_matches_quadrature():
+    t = get_target("mixture_model_k2")
+    grid = torch.linspace(-15.0, 15.0, 1201, dtype=D64)
+    points = torch.cartesian_prod(grid, grid)
+    quadrature = float(torch.logsumexp(-t.potential(points), 0)) + 2 * math.log(float(grid[1] - grid[0]))
+    assert t.log_z == pytest.approx(quadrature, abs=1e-8)
+    # the label switching: the potential is invariant under swapping the two locations
+    x = torch.randn(5, 2, dtype=D64)
+    torch.testing.assert_close(t.potential(x), t.potential(x.flip(-1)), rtol=0, atol=1e-12)

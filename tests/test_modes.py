@@ -48,3 +48,10 @@ def test_the_mode_search_warnings():
     with pytest.warns(UserWarning, match="3 further local optima"):
         warn_about_mode_search({"num_modes": 1, "light_modes": 3}, OSDSConfig().objective)
     warn_about_mode_search({"num_modes": 1, "light_modes": 0}, OSDSConfig().objective)  # nothing to say
+
+
+def test_an_exhausted_search_says_so_and_gives_no_false_remedy():
+    info = {"num_modes": 40, "modes": MODES * 20, "light_modes": 900, "saturated": False, "search_starts": 1024}
+    with pytest.warns(UserWarning, match="kept finding new modes until its budget ran out.*independent method") as rec:
+        warn_about_mode_search(info, OSDSConfig().objective)
+    assert len(rec) == 1 and "paper-cpu" not in str(rec[0].message)

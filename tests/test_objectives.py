@@ -20,6 +20,7 @@ from pyro_osds.objectives import (
     flow_kl_train_steps,
     multimodal_remedy,
     resolve_flow_kl_gradient,
+    tempering_beta,
 )
 from pyro_osds.ops.nets import StepConditionedControl
 from pyro_osds.ops.reference import ReferenceProcess
@@ -112,3 +113,20 @@ def test_advice_follows_the_objective():
     assert multimodal_remedy(OSDSConfig.preset("paper-cpu").objective) is None
     with pytest.raises(ValueError, match="Nothing to train"):
         ObjectiveConfig(flow_kl=FlowKLConfig(weight=0.0))
+
+
+def test_tempering_runs_from_the_base_to_the_target():
+    assert [tempering_beta(0.5, s, 100) for s in (0, 25, 50, 80)] == [0.0, 0.5, 1.0, 1.0]
+    assert tempering_beta(0.0, 0, 100) == 1.0
+    # at beta = 0 the trained target is the base N(0, s^2 I), which the untrained one-step map already is
+    config = OSDSConfig(grid_size=8, flow_kl_batch_size=32, flow_kl_tempering=0.5, prior_scale=1.3, dtype=None)
+    stage = flow_kl_stage(config.objective.flow_kl, lambda z: 100.0 * (z**2).sum(-1), config.process, 2,
+                          steps=(1,), gradient="total")
+    net = config.net.build(2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    at_start = stage.term(TrainContext(net, net, 0, torch.Generator().manual_seed(1), num_iterations=10))
+    # log w = -|z|^2 / (2 s^2) - log p0(z) = log normaliser of p0, the same for every draw (up to the tiny init)
+    assert at_start.info["elbo"] == pytest.approx(math.log(2 * math.pi * 1.3**2), abs=1e-6)
+    later = stage.term(TrainContext(net, net, 9, torch.Generator().manual_seed(1), num_iterations=10))
+    assert later.info["elbo"] < -10  # the sharp target itself
+    with pytest.raises(ValueError, match="flow_kl_tempering"):
+        OSDSConfig(flow_kl_tempering=1.5)

@@ -38,3 +38,17 @@ def test_draws_without_a_volume_carry_no_evidence():
     assert draws.folded is None and draws.num_folded == 0
     with pytest.raises(EvidenceError, match="carry no importance weights"):
         draws.evidence()
+
+
+def test_mixture_components_are_listed_with_their_shares_and_lost_modes_make_it_unreliable():
+    lw = torch.zeros(6, dtype=D64)
+    lw[3:] = math.log(3.0)  # component 1's draws carry three times the weight
+    draws = Draws(torch.zeros(6, 2, dtype=D64), -lw, torch.zeros(6, dtype=D64), lw, None, "exact",
+                  component=torch.tensor([0, 0, 0, 1, 1, 1]))
+    locations = torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=D64)
+    ev = LogEvidence.from_draws([draws], 1, mixtures=[(locations, [0.4, 0.6])])
+    assert [(c.component, c.weight, c.num_draws) for c in ev.components] == [(0, 0.4, 3), (1, 0.6, 3)]
+    assert [c.share for c in ev.components] == pytest.approx([0.25, 0.75])
+    assert torch.equal(ev.components[1].location, locations[1]) and "component 1 at (1, 0)" in str(ev)
+    lost = LogEvidence.from_draws([draws], 1, num_lost_modes=2)
+    assert lost.pooled.reliable and not lost.reliable and "2 mode(s)" in str(lost)

@@ -13,8 +13,17 @@ from pyro_osds.config import OSDSConfig
 from pyro_osds.ops.consistency import consistency_function
 from pyro_osds.ops.estimators import evidence
 from pyro_osds.ops.integrate import flow
-from pyro_osds.sampler import FlowSampler
-from tests.common import D64, LOG_Z, Z, batched, mixture_potential, two_mode_potential, within
+from pyro_osds.sampler import FlowSampler, MixtureSampler, build_sampler, restore_sampler
+from tests.common import (
+    D64,
+    LOG_Z,
+    Z,
+    batched,
+    gaussian_mixture_potential,
+    mixture_potential,
+    two_mode_potential,
+    within,
+)
 
 
 def test_dis_path_weights_are_accurate_at_its_natural_step_count_and_collapse_at_one():
@@ -136,3 +145,38 @@ def test_cdds_chain_has_two_phases_and_an_invertible_map():
     torch.testing.assert_close(log_q, draws.log_q, rtol=0, atol=1e-8)
     forward = sampler.forward_evidence(torch.randn(200, 2, dtype=torch.float64))
     assert math.isfinite(forward.log_z)
+
+
+THREE_MODES = ([[-4.0, 0.0, 0.0], [4.0, 1.0, 0.0], [0.0, 6.0, -3.0]], [0.1, 0.3, 0.6])
+
+
+def test_a_multimodal_target_gets_a_mixture_with_a_component_per_mode():
+    potential = gaussian_mixture_potential(*THREE_MODES, scale=0.7)  # log Z = 0
+    sampler = build_sampler(potential, torch.zeros(3, dtype=D64), OSDSConfig(num_iterations=40),
+                            generator=torch.Generator().manual_seed(0), disable_progbar=True)
+    assert isinstance(sampler, MixtureSampler) and len(sampler.components) == 3
+    sampler.fit()
+    assert sampler.trained == [False, False, False]  # Gaussian pieces: the preconditioners alone fit them
+    draws = sampler.draw(4000)
+    est = draws.evidence()
+    assert within(est.log_z, 0.0, est.se, bias=0.5 * est.se**2) and est.ess_per_draw > 0.9, est
+    w = torch.softmax(draws.log_weight, 0)
+    nearest = torch.cdist(draws.x, torch.tensor(THREE_MODES[0], dtype=D64)).argmin(-1)
+    shares = torch.zeros(3, dtype=D64).index_add_(0, nearest, w)
+    assert bool(((shares - torch.tensor(THREE_MODES[1], dtype=D64)).abs() <= Z * (0.25 / est.ess) ** 0.5).all())
+    # draws of component k come from mode k; each component's mixture weight tracks its mode's mass
+    assert sorted(sampler.weights.tolist()) == pytest.approx([0.1, 0.3, 0.6], abs=0.05)
+    restored = restore_sampler(potential, torch.zeros(3, dtype=D64), sampler.config, sampler.state_dict())
+    assert isinstance(restored, MixtureSampler) and torch.equal(restored.weights, sampler.weights)
+    torch.testing.assert_close(restored.draw(50).log_weight, sampler.draw(50).log_weight, rtol=0, atol=0)
+
+
+def test_one_mode_or_a_single_flow_asked_for_give_a_flow_sampler():
+    unimodal = build_sampler(batched, torch.zeros(3, dtype=D64), OSDSConfig(), disable_progbar=True,
+                             generator=torch.Generator().manual_seed(0))
+    assert isinstance(unimodal, FlowSampler) and unimodal.search.saturated and len(unimodal.search.modes) == 1
+    single = build_sampler(gaussian_mixture_potential(*THREE_MODES), torch.zeros(3, dtype=D64),
+                           OSDSConfig(components="single"), generator=torch.Generator().manual_seed(0))
+    assert isinstance(single, FlowSampler) and len(single.search.modes) == 3
+    with pytest.warns(UserWarning, match="at least 3 separated modes"):
+        single.fit_preconditioner()  # one flow over a Gaussian covering the three

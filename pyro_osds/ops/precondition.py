@@ -36,12 +36,13 @@ from typing import NamedTuple
 
 import torch
 
-from ..util import PotentialFn, check_choice, check_positive_int, warn
+from ..util import PotentialFn, check_choice, check_number, check_positive_int, warn
 from .jacobian import batched_jacobian, potential_and_score
 
-__all__ = ["PRECONDITIONERS", "AffineMap", "PreconditionConfig", "choose_preconditioner", "covering_gaussian",
-           "find_modes", "fit_gaussian", "fit_laplace", "gaussian_elbo", "lost_modes", "mode_shares",
-           "whiten_potential"]
+__all__ = ["PRECONDITIONERS", "AffineMap", "LaplacePartition", "ModeSearch", "PreconditionConfig",
+           "choose_preconditioner",
+           "covering_gaussian", "find_modes", "fit_gaussian", "fit_laplace", "gaussian_elbo", "lost_modes",
+           "mode_shares", "search_modes", "whiten_potential"]
 
 PRECONDITIONERS = ("gaussian", "laplace", "diagonal_laplace", "none")
 
@@ -320,19 +321,42 @@ class PreconditionConfig:
         Laplace fits and the identity; default), ``"laplace"`` (the heaviest converged Laplace fit),
         ``"diagonal_laplace"`` (its marginal standard deviations) or ``"none"``.
     :param int num_iterations: iterations of the Gaussian fit (400).
-    :param int mode_search_starts: extra random starts of a mode search (4; 0 turns it off) that, when
-        it finds several separated modes, replaces the mode-seeking fit by a broad Gaussian covering
-        all of them.
+    :param int mode_search_starts: starts per round of the mode search (:func:`search_modes`; 64; 0 turns
+        the search off).
+    :param float mode_search_scale: the spread of the first round's starts around the initial point (2);
+        it doubles while rounds find new modes.
+    :param str components: ``"auto"`` (default): when the search finds several separated modes (and stops
+        because it found them all, at most ``max_components``), a chain is a mixture with one component per
+        mode (:class:`~pyro_osds.sampler.MixtureSampler`); ``"single"``: one flow preconditioned by a broad
+        Gaussian covering the modes.
+    :param int max_components: the most modes that get a component each (64).
     """
 
     kind: str = "gaussian"
     num_iterations: int = 400
-    mode_search_starts: int = 4
+    mode_search_starts: int = 64
+    mode_search_scale: float = 2.0
+    components: str = "auto"
+    max_components: int = 64
 
     def __post_init__(self):
         check_choice("precondition", self.kind, PRECONDITIONERS)
         check_positive_int("precondition_iterations", self.num_iterations, minimum=0)
         check_positive_int("mode_search_starts", self.mode_search_starts, minimum=0)
+        check_number("mode_search_scale", self.mode_search_scale, low=0, low_open=True)
+        check_choice("components", self.components, ("auto", "single"))
+        check_positive_int("max_components", self.max_components, minimum=2)
+
+    def search(self, potential_fn: PotentialFn, init: torch.Tensor, *,
+               generator: torch.Generator | None = None) -> ModeSearch:
+        """The mode search these settings ask for (:func:`search_modes`)."""
+        return search_modes(potential_fn, init, starts_per_round=self.mode_search_starts,
+                            initial_scale=self.mode_search_scale, generator=generator)
+
+    def wants_components(self, search: ModeSearch) -> bool:
+        """Whether ``search`` calls for one mixture component per mode (class docstring)."""
+        return (self.components == "auto" and self.kind != "none" and search.saturated
+                and 2 <= len(search.modes) <= self.max_components)
 
 
 def _diagonal(affine: AffineMap) -> AffineMap:
@@ -346,21 +370,23 @@ def choose_preconditioner(
     init: torch.Tensor,
     config: PreconditionConfig,
     *,
+    search: ModeSearch | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[AffineMap, dict]:
     r"""
-    The affine preconditioner :class:`PreconditionConfig` asks for, fitted on ``potential_fn`` from
-    ``init`` (in their dtype):
+    The affine preconditioner of one flow that :class:`PreconditionConfig` asks for, fitted on
+    ``potential_fn`` from ``init`` (in their dtype):
 
-    1. with ``mode_search_starts > 0``, :func:`find_modes`; several separated modes give their
-       :func:`covering_gaussian` at once;
-    2. else the converged Laplace fits (heaviest first; diagonalised for ``"diagonal_laplace"``) and
-       the identity at ``init`` are the candidates: ``"laplace"`` takes the first,
-       ``"gaussian"`` runs :func:`fit_gaussian` from the best of them.
+    1. the mode search (``search``, else :meth:`PreconditionConfig.search` when ``mode_search_starts > 0``);
+       several separated modes give their :func:`covering_gaussian` at once (one flow must cover them);
+    2. else the converged Laplace fit of the mode found (or from ``init``; diagonalised for
+       ``"diagonal_laplace"``) and the identity at ``init`` are the candidates: ``"laplace"`` takes the
+       first, ``"gaussian"`` runs :func:`fit_gaussian` from the best of them.
 
     :returns: ``(AffineMap, info)``; ``info`` may hold ``"num_modes"`` (separated modes found by the
-        search), ``"modes"`` (``[(centre, Laplace mass), ...]`` when several were found), ``"light_modes"`` (optima dropped as light by the mode search),
-        ``"laplace"`` (``{"converged_fits": n}``) and ``"gaussian"`` (the fit's pilot ELBOs).
+        search), ``"modes"`` (``[(centre, Laplace mass), ...]`` when several were found), ``"light_modes"``
+        (optima dropped as light by the mode search), ``"laplace"`` (``{"converged_fits": n}``) and
+        ``"gaussian"`` (the fit's pilot ELBOs).
     :raises ValueError: ``"laplace"``/``"diagonal_laplace"`` when no Laplace fit converged.
     """
     info: dict = {}
@@ -368,17 +394,17 @@ def choose_preconditioner(
     identity = AffineMap.identity(dim, shift=init, dtype=init.dtype, device=init.device)
     if config.kind == "none":
         return identity, info
-    if config.mode_search_starts > 0:
-        search: dict = {}
-        modes = find_modes(potential_fn, init, num_starts=config.mode_search_starts, generator=generator,
-                           info=search)
-        info["num_modes"], info["light_modes"] = len(modes), search["num_light_modes"]
-        if len(modes) > 1:
-            info["modes"] = [(a.shift, w) for a, w in modes]
-            return covering_gaussian(modes), info
-        laplace_fits = [affine for affine, _ in modes]  # converged fits only (heaviest first)
-    else:
-        laplace_fits = []
+    if search is None and config.mode_search_starts > 0:
+        search = config.search(potential_fn, init, generator=generator)
+    laplace_fits = []
+    if search is not None:
+        info["num_modes"], info["light_modes"] = len(search.modes), search.num_light
+        info["saturated"], info["search_starts"] = search.saturated, search.num_starts
+        if len(search.modes) > 1:
+            info["modes"] = [(a.shift, w) for a, w in search.modes]
+            return covering_gaussian(search.modes), info
+        laplace_fits = [affine for affine, _ in search.modes]
+    if not laplace_fits:
         try:
             affine, fit = fit_laplace(potential_fn, init)
             if fit["converged"]:
@@ -401,3 +427,204 @@ def choose_preconditioner(
     affine, fit = fit_gaussian(potential_fn, candidates, num_iterations=config.num_iterations, generator=generator)
     info["gaussian"] = fit
     return affine, info
+
+
+def refine_component(potential_fn: PotentialFn, laplace: AffineMap, config: PreconditionConfig, *,
+                     generator: torch.Generator | None = None) -> tuple[AffineMap, dict]:
+    """The preconditioner of a mixture component at one mode, from that mode's Laplace fit: the fit
+    itself (``"laplace"``), its marginal scales (``"diagonal_laplace"``) or a Gaussian variational fit
+    started there (``"gaussian"``; it stays at the mode it starts at, and is kept only if it improves)."""
+    if config.kind == "laplace":
+        return laplace, {}
+    if config.kind == "diagonal_laplace":
+        return _diagonal(laplace), {}
+    affine, fit = fit_gaussian(potential_fn, [laplace], num_iterations=config.num_iterations, generator=generator)
+    return affine, {"gaussian": fit}
+
+
+class ModeSearch(NamedTuple):
+    r"""
+    Result of :func:`search_modes`: the separated ``modes`` as Laplace fits with their relative Laplace
+    masses (``[(AffineMap, mass), ...]``, heaviest first, masses of the kept modes summing to one),
+    ``num_light`` distinct optima dropped as lighter than ``min_mass``, ``saturated`` (whether the
+    search stopped because new starts found no new mode, rather than by its budget) and ``num_starts``.
+    """
+
+    modes: list
+    num_light: int
+    saturated: bool
+    num_starts: int
+
+
+def _descend(potential_fn: PotentialFn, x: torch.Tensor, *, scale: float, iterations: int = 300,
+             newton_iterations: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""
+    Local minima of ``potential_fn`` from every row of ``x`` at once (rows do not interact): Adam with a
+    step of ``scale / 20`` decaying to a hundredth, then damped Newton steps with the batched Hessian and a
+    per-row backtracking line search. Returns ``(points, potentials, hessians)``; rows whose potential
+    is not finite come back as NaN.
+    """
+    x = x.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=scale / 20)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=scale / 2000)
+    for _ in range(iterations):
+        with torch.enable_grad():
+            u = potential_fn(x)
+            ok = torch.isfinite(u)
+            if not bool(ok.any()):
+                break
+            opt.zero_grad()
+            u[ok].sum().backward()
+        with torch.no_grad():
+            x.grad[~torch.isfinite(x.grad)] = 0.0
+        opt.step()
+        schedule.step()
+    x = x.detach()
+    for _ in range(newton_iterations):
+        with torch.enable_grad():
+            z = x.clone().requires_grad_(True)
+            u, score = potential_and_score(potential_fn, z, create_graph=True)
+            hessian = -batched_jacobian(score, z)
+        u, score, hessian = u.detach(), score.detach(), hessian.detach()
+        # a positive definite step: |eigenvalues|, floored, so that saddles and maxima are left too
+        eigval, eigvec = torch.linalg.eigh(0.5 * (hessian + hessian.transpose(-1, -2)))
+        floor = 1e-8 * eigval.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        inverse = (eigvec / eigval.abs().clamp_min(floor).unsqueeze(-2)) @ eigvec.transpose(-1, -2)
+        step = (inverse @ score.unsqueeze(-1)).squeeze(-1)  # -H^-1 grad U = H^-1 score
+        step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
+        alpha = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+        with torch.no_grad():
+            for _ in range(10):  # per-row backtracking: accept steps that do not raise the potential
+                candidate = potential_fn(x + alpha * step)
+                worse = ~(candidate <= u + 1e-12 * u.abs().clamp_min(1.0))
+                if not bool(worse.any()):
+                    break
+                alpha = torch.where(worse.unsqueeze(-1), 0.5 * alpha, alpha)
+            moved = ~worse
+        x = torch.where(moved.unsqueeze(-1), x + alpha * step, x)
+        if float(step.abs().amax()) < 1e-10 * (1.0 + float(x.abs().amax())):
+            break
+    with torch.enable_grad():
+        z = x.clone().requires_grad_(True)
+        u, score = potential_and_score(potential_fn, z, create_graph=True)
+        hessian = -batched_jacobian(score, z)
+    u, score, hessian = u.detach(), score.detach(), hessian.detach()
+    # converged: a finite stationary point whose gradient is small relative to the potential's scale
+    tol = 1e-3 * (u.abs() / x.shape[-1]).clamp_min(1.0)
+    good = torch.isfinite(u) & (score.abs().amax(-1) < tol) & torch.isfinite(hessian).all(-1).all(-1)
+    nan = torch.full_like(x, math.nan)
+    return torch.where(good.unsqueeze(-1), x, nan), torch.where(good, u, torch.full_like(u, math.nan)), hessian
+
+
+def search_modes(
+    potential_fn: PotentialFn,
+    init: torch.Tensor,
+    *,
+    starts_per_round: int = 64,
+    initial_scale: float = 2.0,
+    max_scale: float | None = None,
+    max_starts: int = 2048,
+    min_mass: float = 1e-3,
+    same: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> ModeSearch:
+    r"""
+    A multi-start search for the separated modes of :math:`\rho = e^{-U}` around ``init``.
+
+    Rounds of ``starts_per_round`` starts ``init + s N(0, I)`` descend at once (Adam, then damped Newton
+    with the batched Hessian) to local minima of :math:`U`; each converged minimum gets its Laplace fit
+    :math:`N(m, H^{-1})` and its Laplace mass :math:`\propto e^{-U(m)}|\det L|`; a minimum within ``same``
+    standard deviations (Mahalanobis, under its Laplace covariance) of one found before is that one again,
+    and every other is a mode of its own, however close.
+    The scale :math:`s` starts at ``initial_scale``; rounds at one scale repeat while they find new modes,
+    and the scale doubles until a whole scale finds none (up to ``max_scale``, default
+    ``2^10 initial_scale``), so modes far apart are found without knowing their spread. The search is
+    *saturated* when it stops because new starts stopped finding new modes; it stops unsaturated after
+    ``max_starts`` starts (e.g. a product of many bimodal factors, whose modes cannot be enumerated).
+
+    :returns: :class:`ModeSearch`; modes lighter than ``min_mass`` (relative) are dropped and counted.
+    """
+    max_scale = initial_scale * 2**10 if max_scale is None else max_scale
+    init = init.detach()
+    centres, trils, log_masses = [], [], []  # the distinct minima found so far
+    num_starts, scale, saturated = 0, float(initial_scale), False
+    while scale <= max_scale and num_starts < max_starts:
+        new_at_scale = 0
+        while num_starts < max_starts:
+            noise = torch.randn((starts_per_round,) + tuple(init.shape), dtype=init.dtype, device=init.device,
+                                generator=generator)
+            num_starts += starts_per_round
+            points, potentials, hessians = _descend(potential_fn, init + scale * noise, scale=scale)
+            new = 0
+            for k in torch.argsort(torch.nan_to_num(potentials, nan=math.inf)).tolist():
+                if not math.isfinite(float(potentials[k])):
+                    continue
+                try:
+                    tril = _scale_from_hessian(hessians[k], diagonal=False)
+                except RuntimeError:
+                    continue
+                if centres:  # the same minimum again: within `same` standard deviations of one found before
+                    diff = torch.linalg.solve_triangular(tril, (torch.stack(centres) - points[k]).T, upper=False)
+                    if float((diff**2).sum(0).min()) <= same**2:
+                        continue
+                centres.append(points[k])
+                trils.append(tril)
+                log_masses.append(-float(potentials[k]) + float(tril.diagonal().abs().log().sum()))
+                new += 1
+            new_at_scale += new
+            if new == 0:
+                break
+        if new_at_scale == 0 and scale > initial_scale:
+            saturated = True
+            break
+        scale *= 2
+    found = list(zip(centres, trils, log_masses, strict=True))
+    if not found:
+        return ModeSearch([], 0, saturated, num_starts)
+    masses = torch.softmax(torch.tensor(log_masses, dtype=torch.float64), 0)
+    kept = [(AffineMap(c, tril), float(w)) for (c, tril, _), w in zip(found, masses, strict=True) if float(w) >= min_mass]
+    total = sum(w for _, w in kept)
+    modes = sorted(((a, w / total) for a, w in kept), key=lambda t: -t[1])
+    return ModeSearch(modes, len(found) - len(kept), saturated, num_starts)
+
+
+class LaplacePartition:
+    r"""
+    A partition of unity from Laplace fits of separated modes: with fits :math:`N(m_k, L_kL_k^\top)`
+    and masses :math:`w_k`,
+
+    .. math:: s_k(x) = \frac{w_k N(x; m_k, L_kL_k^\top)}{\sum_j w_j N(x; m_j, L_jL_j^\top)},
+        \qquad \sum_k s_k(x) = 1,
+
+    i.e. each mode's responsibility under the Laplace mixture. :math:`Z = \sum_k \int \pi s_k`, and each
+    piece :math:`\pi s_k` is unimodal around :math:`m_k` (a flow started there can fit it), so weighting
+    the draws of component :math:`k` by :math:`\pi s_k / q_k` gives exact importance weights that need no
+    other component's density (Veach's multiple importance sampling with weighting functions
+    :math:`s_k`). Calling it on ``x`` ``(N, D)`` returns :math:`\log s_k(x)`, ``(M, N)``.
+    """
+
+    def __init__(self, modes: list[tuple[AffineMap, float]]):
+        self.shifts = torch.stack([a.shift for a, _ in modes])
+        self.trils = torch.stack([a.scale_tril for a, _ in modes])
+        self.log_norms = torch.stack([a.log_abs_det for a, _ in modes])
+        self.log_masses = torch.tensor([math.log(w) for _, w in modes], dtype=self.shifts.dtype,
+                                       device=self.shifts.device)
+
+    def __len__(self) -> int:
+        return self.shifts.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.shifts.dtype)
+        diff = (x.unsqueeze(0) - self.shifts.unsqueeze(1)).transpose(-1, -2)  # (M, D, N)
+        z = torch.linalg.solve_triangular(self.trils, diff, upper=False)
+        log_density = -0.5 * (z**2).sum(-2) - self.log_norms.unsqueeze(-1)  # up to the shared constant
+        terms = self.log_masses.unsqueeze(-1) + log_density
+        return terms - torch.logsumexp(terms, 0, keepdim=True)
+
+    def restricted(self, potential_fn: PotentialFn, k: int) -> PotentialFn:
+        r"""The potential of the piece :math:`\pi s_k`: :math:`U(x) - \log s_k(x)`."""
+
+        def potential(x: torch.Tensor) -> torch.Tensor:
+            return potential_fn(x) - self(x)[k].to(x.dtype)
+
+        return potential

@@ -9,6 +9,7 @@ import torch
 
 from pyro_osds.ops.precondition import (
     AffineMap,
+    LaplacePartition,
     covering_gaussian,
     find_modes,
     fit_gaussian,
@@ -16,9 +17,10 @@ from pyro_osds.ops.precondition import (
     gaussian_elbo,
     lost_modes,
     mode_shares,
+    search_modes,
     whiten_potential,
 )
-from tests.common import D64, two_mode_potential
+from tests.common import D64, gaussian_mixture_potential, two_mode_potential
 
 
 def gaussian_target(dim=3, seed=0):
@@ -155,3 +157,50 @@ def test_mode_shares_and_lost_modes():
     assert lost_modes([0.6, 0.3, 0.1], [0.9, 0.1, 0.0]) == [2]
     assert lost_modes([0.6, 0.3, 0.1], [0.95, 0.02, 0.03]) == [1]
     assert lost_modes([0.98, 0.02], [1.0, 0.0]) == []  # too light to call
+
+
+def test_the_mode_search_finds_every_mode_of_a_grid_mixture_and_their_masses():
+    grid = torch.tensor([-5.0, 0.0, 5.0], dtype=D64)
+    locs = torch.cartesian_prod(grid, grid)
+    potential = gaussian_mixture_potential(locs, torch.full((9,), 1 / 9, dtype=D64), math.sqrt(0.3))
+    search = search_modes(potential, torch.zeros(2, dtype=D64), generator=torch.Generator().manual_seed(0))
+    assert search.saturated and len(search.modes) == 9 and search.num_light == 0
+    centres = torch.stack([a.shift for a, _ in search.modes])
+    assert float(torch.cdist(locs, centres).min(1).values.max()) < 1e-6  # every mode, at its centre
+    assert [w for _, w in search.modes] == pytest.approx([1 / 9] * 9, abs=1e-6)  # exact Laplace masses here
+    for affine, _ in search.modes:  # and their Laplace fits: the component covariances 0.3 I
+        torch.testing.assert_close(affine.scale_tril, math.sqrt(0.3) * torch.eye(2, dtype=D64), atol=1e-5, rtol=0)
+
+
+def test_far_apart_modes_are_found_by_doubling_the_spread():
+    # three modes 40 sd from the starting point and from each other
+    locs = torch.tensor([[40.0, 0.0], [-20.0, 35.0], [-20.0, -35.0]], dtype=D64)
+    potential = gaussian_mixture_potential(locs, [0.2, 0.3, 0.5])
+    search = search_modes(potential, torch.zeros(2, dtype=D64), generator=torch.Generator().manual_seed(1))
+    assert search.saturated and len(search.modes) == 3
+    assert sorted(w for _, w in search.modes) == pytest.approx([0.2, 0.3, 0.5], abs=1e-6)
+
+
+def test_a_product_of_bimodal_factors_exhausts_the_search():
+    # 8 independent double wells: 256 modes, more than the budget can enumerate
+    def potential(x):
+        return ((x**2 - 4.0) ** 2).sum(-1)
+
+    search = search_modes(potential, torch.zeros(8, dtype=D64), starts_per_round=16, max_starts=96,
+                          generator=torch.Generator().manual_seed(0))
+    assert not search.saturated and search.num_starts == 96 and len(search.modes) > 20
+
+
+def test_the_laplace_partition_is_a_partition_of_unity():
+    modes = [(AffineMap(torch.tensor([-2.0, 0.0], dtype=D64), torch.eye(2, dtype=D64)), 0.3),
+             (AffineMap(torch.tensor([2.0, 1.0], dtype=D64), torch.tensor([[0.5, 0.0], [0.2, 0.8]], dtype=D64)), 0.7)]
+    partition = LaplacePartition(modes)
+    x = 3 * torch.randn(50, 2, dtype=D64)
+    log_s = partition(x)
+    torch.testing.assert_close(torch.logsumexp(log_s, 0), torch.zeros(50, dtype=D64), atol=1e-12, rtol=0)
+    # each piece is the mode's responsibility under the Laplace mixture
+    dens = torch.stack([math.log(w) + torch.distributions.MultivariateNormal(a.shift, scale_tril=a.scale_tril).log_prob(x)
+                        for a, w in modes])
+    torch.testing.assert_close(log_s, dens - torch.logsumexp(dens, 0), atol=1e-12, rtol=0)
+    restricted = partition.restricted(lambda z: (z**2).sum(-1), 1)
+    torch.testing.assert_close(restricted(x), (x**2).sum(-1) - log_s[1], atol=1e-12, rtol=0)
