@@ -284,7 +284,16 @@ class MixtureTransport:
 
     def sample(self, num_samples: int, *, log_det: str = "exact",
                generator: torch.Generator | None = None) -> TransportOutput:
-        """``num_samples`` draws, grouped by the component that drew them (class docstring)."""
+        """``num_samples`` draws in random order, each from a component drawn with probability
+        :math:`\alpha_k` (class docstring)."""
+        out = self._sample_grouped(num_samples, log_det=log_det, generator=generator)
+        order = torch.randperm(num_samples, generator=generator).to(out.x.device)
+        return TransportOutput(out.x[order], out.log_q[order.to(out.log_q.device)],
+                               None if out.orientation is None else out.orientation[order], out.log_det,
+                               out.component[order.cpu()])
+
+    def _sample_grouped(self, num_samples: int, *, log_det: str,
+                        generator: torch.Generator | None) -> TransportOutput:
         which = torch.multinomial(self.weights, num_samples, replacement=True, generator=generator)
         counts = torch.bincount(which, minlength=len(self.components)).tolist()
         outs = [(k, c.sample(n, log_det=log_det, generator=generator))
