@@ -456,18 +456,30 @@ class ModeSearch(NamedTuple):
     num_starts: int
 
 
+def _representatives(x: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """One row per cluster of rows within ``tolerance`` (max-norm) of each other, greedily in row order
+    (non-finite rows dropped): the descents that ended in the same basin need one Newton polish."""
+    kept: list[torch.Tensor] = []
+    for row in x[torch.isfinite(x).all(-1)]:
+        if not kept or float((torch.stack(kept) - row).abs().amax(-1).min()) > tolerance:
+            kept.append(row)
+    return torch.stack(kept) if kept else x[:0]
+
+
 def _descend(potential_fn: PotentialFn, x: torch.Tensor, *, scale: float, iterations: int = 300,
              newton_iterations: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""
     Local minima of ``potential_fn`` from every row of ``x`` at once (rows do not interact): Adam with a
-    step of ``scale / 20`` decaying to a hundredth, then damped Newton steps with the batched Hessian and a
-    per-row backtracking line search. Returns ``(points, potentials, hessians)``; rows whose potential
-    is not finite come back as NaN.
+    step of ``scale / 20`` decaying to a hundredth; the end points that landed together are merged
+    (:func:`_representatives`) and polished by damped Newton steps with the batched Hessian and a per-row
+    backtracking line search. Returns ``(points, potentials, hessians)``, one row per distinct end point;
+    rows that did not converge to a finite minimum come back as NaN.
     """
     x = x.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=scale / 20)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=scale / 2000)
-    for _ in range(iterations):
+    previous = None
+    for it in range(iterations):
         with torch.enable_grad():
             u = potential_fn(x)
             ok = torch.isfinite(u)
@@ -475,11 +487,16 @@ def _descend(potential_fn: PotentialFn, x: torch.Tensor, *, scale: float, iterat
                 break
             opt.zero_grad()
             u[ok].sum().backward()
+        if it % 25 == 0:  # every row has stopped improving: Newton takes it from here
+            current = u.detach()
+            if previous is not None and bool((((previous - current).abs() <= 1e-6 * (1 + current.abs())) | ~ok).all()):
+                break
+            previous = current
         with torch.no_grad():
             x.grad[~torch.isfinite(x.grad)] = 0.0
         opt.step()
         schedule.step()
-    x = x.detach()
+    x = _representatives(x.detach(), tolerance=scale / 200)
     for _ in range(newton_iterations):
         with torch.enable_grad():
             z = x.clone().requires_grad_(True)
