@@ -36,8 +36,8 @@ def warn_about_mode_search(info: dict, objective: ObjectiveConfig) -> None:
         warn(f"The mode search kept finding new modes until its budget ran out ({len(modes)} kept and "
              f"{light} lighter ones after {info.get('search_starts')} starts): the posterior has too many modes to "
              "give each a mixture component (e.g. a product of independent multimodal factors). OSDS fits one flow "
-             "over a broad Gaussian covering the modes it found, and reverse-KL training tends to keep only the "
-             "heaviest: expect log Z to be low by the mass of the modes it drops, which the weights cannot show. "
+             "at the heaviest mode found, and reverse-KL training keeps few modes besides it: expect log Z to be "
+             "low by the mass of the modes it drops, which the weights cannot show. "
              "Check the evidence with an independent method (tempered SMC, nested sampling).")
         return
     if len(modes) > 1:
