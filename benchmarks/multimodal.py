@@ -14,7 +14,8 @@ For every (target, variant, seed) the sampler is built and trained on the target
 component per mode), then evaluated on ``--repeats`` independent sets of ``--draws`` fresh draws (any target
 of :mod:`benchmarks.targets`; the Bayesian ones against ``benchmarks/references.json``):
 log Z error, its standard error and z-score, ESS/N, k-hat, whether the estimate counts as reliable
-(:attr:`~pyro_osds.ops.estimators.Estimates.reliable`), and the largest error of a mode's weight (the
+(the runner's verdict, :attr:`~pyro_osds.results.LogEvidence.reliable`: the weights' diagnostics, no found
+mode lost, a mode search that enumerated the modes), and the largest error of a mode's weight (the
 self-normalised weight of the draws nearest to each true mode, against its exact mass). Writes
 ``<out>/multimodal.json`` (every record, machine, versions, commit) and ``<out>/multimodal.md``.
 """
@@ -33,6 +34,8 @@ from pathlib import Path
 import torch
 
 from pyro_osds.config import OSDSConfig
+from pyro_osds.ops.precondition import lost_modes
+from pyro_osds.results import LogEvidence
 from pyro_osds.sampler import MixtureSampler, build_sampler
 
 from .methods import load_references
@@ -87,9 +90,13 @@ def run_one(name: str, variant: str, seed: int, *, draws: int, repeats: int) -> 
             xs.append(d.x)
             lws.append(d.log_weight)
             est = d.evidence()
+            coverage = sampler.mode_coverage(d)
+            lost = len(lost_modes([m for _, m, _ in coverage], [sh for _, _, sh in coverage])) if coverage else 0
+            verdict = LogEvidence.from_draws([d], 1, num_lost_modes=lost, too_many_modes=sampler.too_many_modes)
             records.append({
                 "log_z": est.log_z, "se": est.se, "elbo": est.elbo, "ess_per_draw": est.ess_per_draw,
-                "k_hat": est.k_hat, "reliable": est.reliable, "num_folded": est.num_folded,
+                "k_hat": est.k_hat, "reliable": verdict.reliable, "num_folded": est.num_folded,
+                "lost_modes": lost, "too_many_modes": sampler.too_many_modes,
                 "error": est.log_z - log_z, "z": (est.log_z - log_z) / est.se if est.se > 0 else math.nan,
                 "mode_weight_error": _mode_weight_error(target, d.x, d.log_weight),
             })
@@ -114,8 +121,8 @@ def _mean(values):
     return sum(values) / len(values) if values else math.nan
 
 
-def _markdown(results: list[dict], env: dict, command: str) -> str:
-    lines = ["# Multimodal benchmark", "",
+def _markdown(results: list[dict], env: dict, command: str, title: str = "Multimodal benchmark") -> str:
+    lines = [f"# {title}", "",
              f"`{command}` on {env['machine']['cpu_model']} ({env['machine']['cpu_count']} cores, "
              f"{env['machine']['torch_threads']} torch thread), torch {env['versions']['torch']}, "
              f"commit {env['versions'].get('git_commit')}. Each cell: mean over seeds of the mean over repeats; "
@@ -152,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/multimodal")
+    parser.add_argument("--title", default="Multimodal benchmark")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -173,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{record['search_s'] + record['train_s']:.1f} s", flush=True)
                 path.write_text(json.dumps({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                             "environment": env, "command": command, "results": results}, indent=1))
-    (out / "multimodal.md").write_text(_markdown(results, env, command))
+    (out / "multimodal.md").write_text(_markdown(results, env, command, args.title))
     return 0
 
 

@@ -344,7 +344,8 @@ class OSDS(LogWeightsMixin):
                     else None for s in self.samplers]
         lost = sum(len(lost_modes([m for _, m, _ in cov], [sh for _, _, sh in cov]))
                    for cov in (s.mode_coverage(d) for s, d in zip(self.samplers, self.draws, strict=True)) if cov)
-        return LogEvidence.from_draws(self.draws, self.num_steps, mixtures=mixtures, num_lost_modes=lost)
+        return LogEvidence.from_draws(self.draws, self.num_steps, mixtures=mixtures, num_lost_modes=lost,
+                                      too_many_modes=any(s.too_many_modes for s in self.samplers))
 
     def diagnostics(self) -> dict:
         """

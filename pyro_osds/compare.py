@@ -44,13 +44,13 @@ def compare(models: dict, *, k_hat_threshold: float = 0.7, min_ess: float = 100.
     :param float min_ess: Kish ESS below which an estimate is flagged unreliable.
     :returns: a :class:`pandas.DataFrame` indexed by model name, sorted best first, with columns
         ``log_z``, ``se``, ``log_bf`` (against the best model), ``log_bf_se``, ``prob`` (posterior
-        model probability under equal prior odds), ``elbo``, ``ess``, ``k_hat``, ``folded``, ``lost_modes`` and
-        ``reliable``.
+        model probability under equal prior odds), ``elbo``, ``ess``, ``k_hat``, ``folded``, ``lost_modes``,
+        ``too_many_modes`` and ``reliable``.
 
     A ``UserWarning`` names every model whose estimate is unreliable (:math:`\hat k` above the
     threshold, ESS below ``min_ess``, a non-finite standard error, draws where the flow folds, whose
     weights are not exact, or a mode the mode search found that the draws carry almost no weight near,
-    whose mass the estimate misses).
+    whose mass the estimate misses, or more separated modes than the mode search could enumerate).
 
     **Example**::
 
@@ -64,7 +64,8 @@ def compare(models: dict, *, k_hat_threshold: float = 0.7, min_ess: float = 100.
         ev = _evidence_of(name, fitted)
         rows.append({"model": str(name), "log_z": ev.log_z, "se": ev.se, "elbo": ev.elbo, "ess": ev.ess,
                      "ess_per_draw": ev.ess_per_draw, "k_hat": ev.k_hat, "folded": int(ev.num_folded),
-                     "lost_modes": int(getattr(ev, "num_lost_modes", 0))})
+                     "lost_modes": int(getattr(ev, "num_lost_modes", 0)),
+                     "too_many_modes": bool(getattr(ev, "too_many_modes", False))})
     table = pd.DataFrame(rows).set_index("model")
     best = table["log_z"].idxmax()
     table["log_bf"] = table["log_z"] - table.loc[best, "log_z"]
@@ -76,16 +77,19 @@ def compare(models: dict, *, k_hat_threshold: float = 0.7, min_ess: float = 100.
     k_hat = table["k_hat"].fillna(-math.inf)
     tail_ok = (k_hat <= k_hat_threshold) | (table["ess_per_draw"] >= NEAR_CONSTANT_ESS)
     table["reliable"] = (tail_ok & (table["ess"] >= min_ess) & table["se"].map(math.isfinite)
-                         & (table["folded"] == 0) & (table["lost_modes"] == 0))
+                         & (table["folded"] == 0) & (table["lost_modes"] == 0) & ~table["too_many_modes"])
     table = table.sort_values("log_z", ascending=False)[
-        ["log_z", "se", "log_bf", "log_bf_se", "prob", "elbo", "ess", "k_hat", "folded", "lost_modes", "reliable"]
+        ["log_z", "se", "log_bf", "log_bf_se", "prob", "elbo", "ess", "k_hat", "folded", "lost_modes", "too_many_modes",
+         "reliable"]
     ]
     bad = [name for name, ok in table["reliable"].items() if not ok]
     if bad:
         details = "; ".join(
             f"{n}: k_hat={table.loc[n, 'k_hat']:.2f}, ESS={table.loc[n, 'ess']:.0f}"
             + (f", {table.loc[n, 'folded']} folded draws" if table.loc[n, "folded"] else "")
-            + (f", {table.loc[n, 'lost_modes']} lost mode(s)" if table.loc[n, "lost_modes"] else "") for n in bad
+            + (f", {table.loc[n, 'lost_modes']} lost mode(s)" if table.loc[n, "lost_modes"] else "")
+            + (", more modes than the mode search could enumerate" if table.loc[n, "too_many_modes"] else "")
+            for n in bad
         )
         warnings.warn(
             f"Unreliable log-evidence estimate(s) ({details}): Bayes factors involving them may be wrong. Train "

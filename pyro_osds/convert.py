@@ -23,8 +23,9 @@ Groups:
     the observed values (models only).
 
 Root attributes: ``log_marginal_likelihood`` and ``log_marginal_likelihood_se`` (pooled over
-chains), ``elbo``, ``ess``, ``pareto_k``, the method, the number of flow steps, the log-det method
-and the settings.
+chains), ``elbo``, ``ess``, ``pareto_k``, ``num_folded``, ``num_lost_modes``, ``too_many_modes``,
+``log_marginal_likelihood_reliable`` (1 when :attr:`~pyro_osds.results.LogEvidence.reliable`, 0 when the
+evidence must not be trusted), the method, the number of flow steps, the log-det method and the settings.
 
 The draws are **weighted**: ArviZ's ``ess``/``rhat``/``summary`` treat them as unweighted draws of
 the sampler (diagnosing the sampler itself); use ``sample_stats.log_weight`` (PSIS, ``extract``
@@ -144,6 +145,10 @@ def to_datatree(osds, *, resample: bool = False, log_likelihood: bool = True, co
             "num_flow_steps": int(evidence.num_steps),
             "log_det": str(evidence.log_det),
             "num_folded": int(evidence.num_folded),
+            "num_lost_modes": int(evidence.num_lost_modes),
+            "too_many_modes": int(evidence.too_many_modes),
+            # the verdict of LogEvidence.reliable (netCDF attributes hold no booleans)
+            "log_marginal_likelihood_reliable": int(evidence.reliable),
             "resampled": int(bool(resample)),
             "settings": json.dumps(osds.config.as_dict()),
         }

@@ -26,20 +26,20 @@ def warn_about_mode_search(info: dict, objective: ObjectiveConfig) -> None:
     found several separated modes, or one mode and further light local optima; the advice follows
     the training ``objective``."""
     light, modes = info.get("light_modes", 0), info.get("modes", ())
+    if not info.get("saturated", True):
+        warn(f"The mode search kept finding new modes until its budget ran out ({max(len(modes), 1)} kept and "
+             f"{light} lighter ones after {info.get('search_starts')} starts): the posterior has too many modes to "
+             "give each a mixture component (e.g. a product of independent multimodal factors). OSDS fits one flow "
+             "at the heaviest mode found, and reverse-KL training keeps few modes besides it: expect log Z to be "
+             "low by the mass of the modes it drops, which the weights cannot show, so the evidence is marked "
+             "unreliable. Check it with an independent method (tempered SMC, nested sampling).")
+        return
     if info.get("num_modes") == 1 and light:
         warn(f"The mode search found {light} further local optima of the potential, each with less than 1e-3 "
              "of the main mode's Laplace mass. OSDS ignores them and is likely to miss them, which the "
              "importance weights cannot show. Alone each is negligible, but many light modes (e.g. a product "
              "of independent multimodal factors) can together hold much mass: check against another method "
              "if the model can be multimodal.")
-    if len(modes) > 1 and not info.get("saturated", True):
-        warn(f"The mode search kept finding new modes until its budget ran out ({len(modes)} kept and "
-             f"{light} lighter ones after {info.get('search_starts')} starts): the posterior has too many modes to "
-             "give each a mixture component (e.g. a product of independent multimodal factors). OSDS fits one flow "
-             "at the heaviest mode found, and reverse-KL training keeps few modes besides it: expect log Z to be "
-             "low by the mass of the modes it drops, which the weights cannot show. "
-             "Check the evidence with an independent method (tempered SMC, nested sampling).")
-        return
     if len(modes) > 1:
         remedy = multimodal_remedy(objective)
         if remedy is not None:

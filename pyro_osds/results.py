@@ -80,10 +80,13 @@ class LogEvidence(NamedTuple):
     The log evidence of a run: the ``pooled`` :class:`~pyro_osds.ops.estimators.Estimates` of all draws
     (read its fields directly: ``ev.log_z``, ``ev.se``, ``ev.elbo``, ``ev.ess``, ``ev.k_hat``, ...),
     each chain's estimates in ``chains``, the flow's ``num_steps`` :math:`K`, the mixture ``components``
-    of chains that are mixtures (:class:`ComponentEstimate`), and ``num_lost_modes``: modes the mode search
-    found that the draws carry almost no weight near (the evidence then misses their mass). The pooled
-    ``k_hat`` is the largest over chains; :attr:`reliable` is the verdict (the weights' own diagnostics,
-    :attr:`~pyro_osds.ops.estimators.Estimates.reliable`, and no lost mode).
+    of chains that are mixtures (:class:`ComponentEstimate`), ``num_lost_modes``: modes the mode search
+    found that the draws carry almost no weight near (the evidence then misses their mass), and
+    ``too_many_modes``: whether the mode search of some chain kept finding separated modes until its
+    budget ran out (too many to give each a component: the flow covers a few, and the evidence misses
+    the others' mass). The pooled ``k_hat`` is the largest over chains; :attr:`reliable` is the verdict
+    (the weights' own diagnostics, :attr:`~pyro_osds.ops.estimators.Estimates.reliable`, no lost mode
+    and no unenumerated modes).
     """
 
     pooled: Estimates
@@ -91,12 +94,15 @@ class LogEvidence(NamedTuple):
     num_steps: int
     components: tuple[ComponentEstimate, ...] = ()
     num_lost_modes: int = 0
+    too_many_modes: bool = False
 
     @classmethod
-    def from_draws(cls, draws, num_steps: int, *, mixtures=None, num_lost_modes: int = 0) -> LogEvidence:
+    def from_draws(cls, draws, num_steps: int, *, mixtures=None, num_lost_modes: int = 0,
+                   too_many_modes: bool = False) -> LogEvidence:
         """
         Per-chain and pooled estimates of a sequence of :class:`Draws` (one per chain); ``mixtures`` gives,
-        per chain, ``(locations, weights)`` of its mixture components (or ``None`` for a single flow).
+        per chain, ``(locations, weights)`` of its mixture components (or ``None`` for a single flow);
+        ``num_lost_modes`` and ``too_many_modes`` are the mode checks' findings (class docstring).
         """
         chains = tuple(d.evidence() for d in draws)
         pooled = pool_estimates([d.log_weight for d in draws], num_folded=sum(c.num_folded for c in chains),
@@ -114,12 +120,13 @@ class LogEvidence(NamedTuple):
                 components.append(ComponentEstimate(
                     chain, k, locations[k], float(weights[k]), float(share[mine].sum()),
                     float(kish_ess(lw)) if ok else 0.0, pareto_k_hat(lw) if ok else float("nan"), int(mine.sum())))
-        return cls(pooled, chains, num_steps, tuple(components), int(num_lost_modes))
+        return cls(pooled, chains, num_steps, tuple(components), int(num_lost_modes), bool(too_many_modes))
 
     @property
     def reliable(self) -> bool:
-        """The pooled estimate's own diagnostics are fine and no found mode was lost."""
-        return self.pooled.reliable and self.num_lost_modes == 0
+        """The pooled estimate's own diagnostics are fine, no found mode was lost and the mode search
+        enumerated the modes."""
+        return self.pooled.reliable and self.num_lost_modes == 0 and not self.too_many_modes
 
     def __getattr__(self, name: str):
         if name in Estimates._fields:
@@ -140,6 +147,9 @@ class LogEvidence(NamedTuple):
         if self.num_lost_modes:
             lines.append(f"  warning: {self.num_lost_modes} mode(s) the mode search found carry almost no weight; "
                          "log Z misses their mass")
+        if self.too_many_modes:
+            lines.append("  warning: the mode search found more separated modes than it could enumerate; log Z "
+                         "misses the mass of those the flow drops (check it with an independent method)")
         for i, c in enumerate(self.chains):
             lines.append(f"  chain {i}: log Z = {c.log_z:.4f} +- {c.se:.4f}, ELBO {c.elbo:.4f}, "
                          f"ESS {c.ess:.0f}/{c.num_draws}, k_hat {c.k_hat:.2f}")

@@ -82,6 +82,12 @@ class _Chain:
         """Each found mode's centre, Laplace mass and weighted share of ``draws`` (:func:`pyro_osds.modes.mode_coverage`)."""
         return mode_coverage(self.modes, draws)
 
+    @property
+    def too_many_modes(self) -> bool:
+        """Whether the mode search kept finding separated modes until its budget ran out: the flow covers
+        some of them, and the evidence misses the mass of the others, which its weights cannot show."""
+        return self.precondition_info.get("saturated", True) is False
+
     def warn_lost_modes(self, draws: Draws, label: str = "") -> list[int]:
         """Warns about the found modes ``draws`` have lost (:func:`pyro_osds.modes.warn_lost_modes`)."""
         return warn_lost_modes(self.modes, draws, self.config.objective, label)
@@ -355,6 +361,7 @@ class FlowSampler(_Chain):
             "dim": self.dim,
             # the separated modes the mode search found (for the lost-mode check after loading)
             "modes": [(c.detach().clone(), float(m)) for c, m in self.precondition_info.get("modes", [])],
+            "saturated": bool(self.precondition_info.get("saturated", True)),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -364,6 +371,7 @@ class FlowSampler(_Chain):
         self.preconditioner = AffineMap(pre["shift"].to(self.dtype), pre["scale_tril"].to(self.dtype))
         if state.get("modes"):
             self.precondition_info["modes"] = [(c, float(m)) for c, m in state["modes"]]
+        self.precondition_info["saturated"] = bool(state.get("saturated", True))
         self.trainers = []
         for phase, trainer_state in enumerate(state["trainers"]):
             self.trainer_for(phase).load_state_dict(trainer_state)

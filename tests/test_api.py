@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyro_osds import OSDS, EvidenceError, TrainingDivergedError, UnsupportedModelError
+from pyro_osds import OSDS, EvidenceError, TrainingDivergedError, UnsupportedModelError, compare
 from pyro_osds.sampler import MixtureSampler
 from tests.common import (
     D64,
@@ -295,3 +295,27 @@ def test_a_multimodal_target_gets_one_component_per_mode_and_the_right_evidence(
     osds.save(tmp_path / "mixture.pt")  # the components come back without a new search
     loaded = OSDS.load(tmp_path / "mixture.pt", potential_fn=potential)
     assert loaded.log_evidence().log_z == ev.log_z and isinstance(loaded.samplers[0], MixtureSampler)
+
+
+def test_a_product_of_bimodal_factors_is_flagged_unreliable(tmp_path):
+    # 12 independent double wells: 4096 modes of equal mass, more than the mode search can enumerate. One
+    # flow covers a few of them, so log Z is low by about log(4096 / modes kept) and the weights cannot
+    # show it: the evidence must say it is unreliable rather than return a confident wrong answer.
+    def potential(p):
+        return ((p["x"] ** 2 - 4.0) ** 2).sum(-1)
+
+    grid = torch.linspace(-5.0, 5.0, 20001, dtype=D64)
+    true_log_z = 12 * math.log(float(torch.trapezoid(torch.exp(-((grid**2 - 4.0) ** 2)), grid)))
+    pyro.set_rng_seed(0)
+    osds = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(12, dtype=D64)}, batched_potential=True,
+                num_chains=1, num_samples=1000, num_iterations=100, disable_progbar=True)
+    with pytest.warns(UserWarning, match="kept finding new modes until its budget ran out"):
+        osds.run()
+    ev = osds.log_evidence()
+    assert ev.too_many_modes and not ev.reliable and "could enumerate" in str(ev)
+    assert ev.log_z < true_log_z - 3.0  # the flag is not a formality: the estimate misses most modes
+    with pytest.warns(UserWarning, match="more modes than the mode search could enumerate"):
+        table = compare({"wells": osds})
+    assert bool(table.loc["wells", "too_many_modes"]) and not table.loc["wells", "reliable"]
+    osds.save(tmp_path / "wells.pt")  # the finding survives saving and loading
+    assert OSDS.load(tmp_path / "wells.pt", potential_fn=potential).log_evidence().too_many_modes

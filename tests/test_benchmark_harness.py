@@ -136,3 +136,14 @@ def test_dis_config_and_presets():
     assert reduced.repeats(8, "exact") == 5 and reduced.repeats(16, "exact") == 2 and reduced.repeats(16, "em") == 5
     target = get_target("funnel10")
     assert potential_on_device(target.potential, "cpu") is target.potential
+
+
+def test_multimodal_benchmark_smoke(tmp_path):
+    from benchmarks import multimodal
+
+    assert multimodal.main(["--targets", "two_modes_w30_s6_2d", "--variants", "OSDS", "--seeds", "0", "--repeats",
+                            "2", "--draws", "300", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "multimodal.json").read_text())["results"][0]
+    assert record["components"] == 2 and len(record["records"]) == 2
+    assert abs(record["records"][0]["error"]) < 0.1 and record["pooled_mode_weight_error"] < 0.1
+    assert "| two_modes_w30_s6_2d | 2 | OSDS | 1 |" in (tmp_path / "multimodal.md").read_text()

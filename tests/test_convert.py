@@ -49,6 +49,7 @@ def test_datatree_layout(osds):
     assert dt.attrs["log_marginal_likelihood"] == pytest.approx(ev.log_z)
     assert dt.attrs["log_marginal_likelihood_se"] == pytest.approx(ev.se)
     assert dt.attrs["inference_library"] == "pyro_osds" and dt.attrs["num_flow_steps"] == 1
+    assert dt.attrs["log_marginal_likelihood_reliable"] == int(ev.reliable) and dt.attrs["too_many_modes"] == 0
 
 
 def test_pointwise_log_likelihood_sums_to_the_likelihood(osds):

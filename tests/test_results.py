@@ -52,3 +52,6 @@ def test_mixture_components_are_listed_with_their_shares_and_lost_modes_make_it_
     assert torch.equal(ev.components[1].location, locations[1]) and "component 1 at (1, 0)" in str(ev)
     lost = LogEvidence.from_draws([draws], 1, num_lost_modes=2)
     assert lost.pooled.reliable and not lost.reliable and "2 mode(s)" in str(lost)
+    unenumerated = LogEvidence.from_draws([draws], 1, too_many_modes=True)
+    assert unenumerated.pooled.reliable and not unenumerated.reliable
+    assert "more separated modes than it could enumerate" in str(unenumerated)

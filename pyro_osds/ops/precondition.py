@@ -565,7 +565,7 @@ def search_modes(
     *saturated* when it stops because new starts stopped finding new modes; it stops unsaturated after
     ``max_starts`` starts (e.g. a product of many bimodal factors, whose modes cannot be enumerated).
 
-    :returns: :class:`ModeSearch`; modes lighter than ``min_mass`` (relative) are dropped and counted.
+    :returns: :class:`ModeSearch`; modes lighter than ``min_mass`` times the heaviest are dropped and counted.
     """
     max_scale = initial_scale * 2**10 if max_scale is None else max_scale
     init = init.detach()
@@ -608,7 +608,9 @@ def search_modes(
     if not found:
         return ModeSearch([], 0, saturated, num_starts)
     masses = torch.softmax(torch.tensor(log_masses, dtype=torch.float64), 0)
-    kept = [(AffineMap(c, tril), float(w)) for (c, tril, _), w in zip(found, masses, strict=True) if float(w) >= min_mass]
+    heaviest = float(masses.max())  # light is relative to the heaviest mode: 4096 equal modes are all kept
+    kept = [(AffineMap(c, tril), float(w)) for (c, tril, _), w in zip(found, masses, strict=True)
+            if float(w) >= min_mass * heaviest]
     total = sum(w for _, w in kept)
     modes = sorted(((a, w / total) for a, w in kept), key=lambda t: -t[1])
     return ModeSearch(modes, len(found) - len(kept), saturated, num_starts)
