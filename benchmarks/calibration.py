@@ -8,7 +8,9 @@ with a known log Z, at many seeds, each evaluated on ``--repeats`` fresh sets of
 
     OMP_NUM_THREADS=1 python -m benchmarks.calibration --seeds 0 1 2 3 4 5 6 7 8 9 --out benchmarks/results/calibration
 
-For every repeat it records the pooled estimate's error, SE and z-score :math:`(\log\hat Z - \log Z)/\mathrm{SE}`,
+For every repeat it records the pooled estimate's error, SE and z-score :math:`(\log\hat Z - \log Z)/\mathrm{SE}`
+(the table divides by :math:`\sqrt{\mathrm{SE}^2 + \mathrm{SE}_{\rm ref}^2}` where the truth is a reference
+estimate with its own standard error, ``benchmarks/references.json``),
 the weights' diagnostics (ESS/N, k-hat, :attr:`~pyro_osds.results.LogEvidence.reliable`) and the agreement of
 the two independently trained chains, :math:`z_{12} = (\log\hat Z_1 - \log\hat Z_2) / \sqrt{\mathrm{SE}_1^2 +
 \mathrm{SE}_2^2}`, and the Markdown table says which diagnostics separate the estimates that are off by more
@@ -31,6 +33,7 @@ import torch
 
 from pyro_osds import OSDS
 
+from .methods import load_references
 from .multimodal import _true_log_z
 from .run import environment_info
 from .targets import get_target
@@ -65,6 +68,17 @@ def run_one(name: str, seed: int, *, draws: int, repeats: int) -> dict:
             "records": records, "warnings": sorted({f"{w.category.__name__}: {str(w.message)[:160]}" for w in caught})}
 
 
+def _reference_se(name: str) -> float:
+    """The standard error of the target's reference log Z (0 for an exact one)."""
+    return 0.0 if get_target(name).log_z is not None else float(load_references()[name].get("se", 0.0))
+
+
+def _with_reference_z(record: dict, reference_se: float) -> dict:
+    """The repeat ``record`` with ``z`` divided by the error's whole standard error (estimate and reference)."""
+    total = math.sqrt(record["se"] ** 2 + reference_se**2)
+    return {**record, "z": record["error"] / total if total > 0 else math.nan}
+
+
 def _rate(records: list[dict], flag) -> str:
     flagged = [r for r in records if flag(r)]
     off = [r for r in flagged if abs(r["z"]) > 3]
@@ -89,7 +103,8 @@ def _markdown(results: list[dict], env: dict, command: str) -> str:
             names.append(r["target"])
     for name in names:
         rs = [r for r in results if r["target"] == name]
-        recs = [x for r in rs for x in r["records"]]
+        reference_se = _reference_se(name)
+        recs = [_with_reference_z(x, reference_se) for r in rs for x in r["records"]]
         zs = [x["z"] for x in recs if math.isfinite(x["z"])]
         mean_z = sum(zs) / len(zs)
         sd_z = math.sqrt(sum((z - mean_z) ** 2 for z in zs) / max(len(zs) - 1, 1))
@@ -111,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/calibration")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite the table from the JSON and stop")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -119,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = json.loads(path.read_text())["results"] if path.exists() else []
     env = environment_info()
     command = "python -m benchmarks.calibration " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    if args.markdown_only:
+        saved = json.loads(path.read_text())
+        (out / "calibration.md").write_text(_markdown(saved["results"], saved["environment"], saved["command"]))
+        return 0
     for name in args.targets:
         for seed in args.seeds:
             record = run_one(name, seed, draws=args.draws, repeats=args.repeats)

@@ -42,6 +42,7 @@ def compare(models: dict, *, k_hat_threshold: float = 0.7, min_ess: float = 100.
     :param float k_hat_threshold: Pareto :math:`\hat k` above which an estimate is flagged unreliable, unless
         its weights are nearly constant (ESS/N >= 0.99; see :attr:`~pyro_osds.ops.estimators.Estimates.reliable`).
     :param float min_ess: Kish ESS below which an estimate is flagged unreliable.
+    :raises ValueError: when an estimate's weights are not exact (an approximate log-det such as Hutchinson's).
     :returns: a :class:`pandas.DataFrame` indexed by model name, sorted best first, with columns
         ``log_z``, ``se``, ``log_bf`` (against the best model), ``log_bf_se``, ``prob`` (posterior
         model probability under equal prior odds), ``elbo``, ``ess``, ``k_hat``, ``folded``, ``lost_modes``,
@@ -62,6 +63,11 @@ def compare(models: dict, *, k_hat_threshold: float = 0.7, min_ess: float = 100.
     rows = []
     for name, fitted in models.items():
         ev = _evidence_of(name, fitted)
+        if not ev.exact:
+            raise ValueError(
+                f"compare: the evidence of {name!r} comes from the approximate {ev.log_det!r} log-det, which gives no "
+                "bound and no consistent log Z, so its Bayes factors would mean nothing. Draw it again with the exact "
+                "volume: `osds.sample(log_det='exact')` (and leave `exact_log_det_max_dim` unset).")
         rows.append({"model": str(name), "log_z": ev.log_z, "se": ev.se, "elbo": ev.elbo, "ess": ev.ess,
                      "ess_per_draw": ev.ess_per_draw, "k_hat": ev.k_hat, "folded": int(ev.num_folded),
                      "lost_modes": int(getattr(ev, "num_lost_modes", 0)),

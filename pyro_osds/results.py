@@ -123,6 +123,11 @@ class LogEvidence(NamedTuple):
         return cls(pooled, chains, num_steps, tuple(components), int(num_lost_modes), bool(too_many_modes))
 
     @property
+    def exact(self) -> bool:
+        """Whether the weights are exact importance weights (:attr:`~pyro_osds.ops.estimators.Estimates.exact`)."""
+        return self.pooled.exact
+
+    @property
     def reliable(self) -> bool:
         """The pooled estimate's own diagnostics are fine, no found mode was lost and the mode search
         enumerated the modes."""
@@ -142,6 +147,9 @@ class LogEvidence(NamedTuple):
             f"log Z = {p.log_z:.4f} +- {p.se:.4f} (ELBO {p.elbo:.4f}, ESS {p.ess:.0f}/{p.num_draws}, "
             f"k_hat {p.k_hat:.2f}; {self.num_steps}-step flow, {p.log_det} log-det)"
         ]
+        if not p.exact:
+            lines.append(f"  warning: the {p.log_det!r} log-det is an approximation: the weights are not exact, the ELBO "
+                         "is no bound and log Z is not consistent (draw with log_det='exact')")
         if p.num_folded:
             lines.append(f"  warning: the flow folds at {p.num_folded} draws; their weights are not exact")
         if self.num_lost_modes:

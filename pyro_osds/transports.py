@@ -50,26 +50,30 @@ class EvaluationConfig:
     :param str log_det: ``"exact"`` (default; exact log-det of the discrete map through the Langevin
         term) or an approximate method for comparison (``eval_log_det``, see
         :data:`~pyro_osds.ops.integrate.LOG_DET_METHODS`).
-    :param int exact_log_det_max_dim: above this dimension the default switches to Hutchinson and the
-        estimate says so (128).
+    :param exact_log_det_max_dim: ``None`` (default): the exact log-det at every dimension (its cost is
+        linear in the dimension for the one-step map, :mod:`~pyro_osds.ops.lowrank`). A number: above that
+        dimension the default switches to Hutchinson, an approximation whose estimates are labelled as such
+        (not a bound, never :attr:`~pyro_osds.results.LogEvidence.reliable`; :func:`~pyro_osds.compare`
+        refuses them).
     :param int num_probes: Hutchinson probes per step (``eval_num_probes``, 16).
     :param int chunk_size: draws per batch when drawing and weighting (2048).
     """
 
     log_det: str = "exact"
-    exact_log_det_max_dim: int = 128
+    exact_log_det_max_dim: int | None = None
     num_probes: int = 16
     chunk_size: int = 2048
 
     def __post_init__(self):
         check_choice("eval_log_det", self.log_det, LOG_DET_METHODS)
-        for name, value in (("exact_log_det_max_dim", self.exact_log_det_max_dim),
-                            ("eval_num_probes", self.num_probes), ("chunk_size", self.chunk_size)):
+        if self.exact_log_det_max_dim is not None:
+            check_positive_int("exact_log_det_max_dim", self.exact_log_det_max_dim)
+        for name, value in (("eval_num_probes", self.num_probes), ("chunk_size", self.chunk_size)):
             check_positive_int(name, value)
 
     def default_log_det(self, dim: int) -> str:
         """The volume method for a ``dim``-dimensional target when none is asked for."""
-        if self.log_det == "exact" and dim > self.exact_log_det_max_dim:
+        if self.log_det == "exact" and self.exact_log_det_max_dim is not None and dim > self.exact_log_det_max_dim:
             return "hutchinson"
         return self.log_det
 

@@ -66,6 +66,16 @@ def test_folded_draws_make_an_estimate_unreliable():
     assert table.loc["folded", "folded"] == 12 and not table.loc["folded", "reliable"]
 
 
+def test_compare_refuses_an_approximate_volume():
+    good = Estimates(-10.0, 0.01, -10.1, 0.01, 900.0, 0.9, 0.2, 1000)
+    hutchinson = Estimates(154.4, 0.03, 150.0, 0.03, 400.0, 0.4, 0.48, 1000, log_det="hutchinson")
+    assert not hutchinson.exact and not hutchinson.reliable and good.exact
+    with pytest.raises(ValueError, match="'approx' comes from the approximate 'hutchinson' log-det.*log_det='exact'"):
+        compare({"good": good, "approx": hutchinson})
+    em_path = Estimates(-10.2, 0.02, -10.4, 0.02, 500.0, 0.5, 0.3, 1000, log_det="em_path")  # exact path weights
+    assert bool(compare({"good": good, "em": em_path})["reliable"].all())
+
+
 def test_compare_input_validation():
     with pytest.raises(ValueError, match="non-empty dict"):
         compare({})

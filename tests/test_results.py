@@ -33,6 +33,15 @@ def test_log_evidence_pools_chains_and_reads_like_its_pooled_estimates():
         ev.no_such_field  # noqa: B018
 
 
+def test_an_approximate_volume_is_never_reliable():
+    lw = torch.randn(400, dtype=D64, generator=torch.Generator().manual_seed(0)) * 0.01
+    exact = LogEvidence.from_draws([_draws(lw)], 1)
+    approximate = LogEvidence.from_draws([_draws(lw, log_det="hutchinson")], 1)
+    assert exact.exact and exact.reliable and "approximation" not in str(exact)
+    assert not approximate.exact and not approximate.reliable and approximate.log_z == exact.log_z
+    assert "'hutchinson' log-det is an approximation" in str(approximate)
+
+
 def test_draws_without_a_volume_carry_no_evidence():
     draws = _draws(torch.full((30,), math.nan, dtype=D64), log_det="none")
     assert draws.folded is None and draws.num_folded == 0

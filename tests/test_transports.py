@@ -102,6 +102,7 @@ def test_draw_weights_every_draw_exactly_and_in_chunks():
 
 
 def test_evaluation_config_default_volume():
+    assert EvaluationConfig().default_log_det(100_000) == "exact"  # exact at every dimension unless asked
     evaluation = EvaluationConfig(exact_log_det_max_dim=10)
     assert evaluation.default_log_det(10) == "exact" and evaluation.default_log_det(11) == "hutchinson"
     assert EvaluationConfig(log_det="euler_trace").default_log_det(1000) == "euler_trace"

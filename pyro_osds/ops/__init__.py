@@ -10,6 +10,7 @@ module                          what it holds
 :mod:`.reference`               the reference process: schedule, step grid, prior
 :mod:`.nets`                    the step-conditioned control network and its closed-form Jacobian
 :mod:`.jacobian`                per-sample Jacobians, traces, Hutchinson probes, target scores
+:mod:`.lowrank`                 diagonal-plus-low-rank matrices: determinant lemma, Woodbury solves
 :mod:`.integrate`               PF-ODE steps and flows with exact log-dets, their Newton inverse, EM paths
 :mod:`.consistency`             CDDS's consistency function, its loss and inverse
 :mod:`.losses`                  the training losses (diffusion, self-distillation, flow reverse KL)

@@ -46,6 +46,7 @@ from typing import NamedTuple
 import torch
 
 from ..util import PotentialFn, check_choice
+from . import lowrank
 from .jacobian import batched_jacobian, exact_trace, hutchinson_trace, potential_and_score, rademacher
 from .reference import ReferenceProcess
 
@@ -67,6 +68,7 @@ __all__ = [
     "default_tolerance",
     "newton_invert",
     "ode_step",
+    "prefers_low_rank",
     "step_jacobian",
     "target_weight",
 ]
@@ -79,7 +81,7 @@ EXACT_LOG_DET_METHODS = ("exact", "exact_frozen_langevin")
 class StepOutput(NamedTuple):
     r"""One PF-ODE step: new state, log-det increment, its sign (exact modes), control, start, and
     the step's Jacobian :math:`\partial x_{\rm next}/\partial x` (``(batch, dim, dim)``, rows are
-    outputs; exact modes, only if asked for)."""
+    outputs, or its :class:`~pyro_osds.ops.lowrank.DiagPlusLowRank` form; exact modes, only if asked for)."""
 
     x: torch.Tensor
     log_det: torch.Tensor
@@ -197,8 +199,15 @@ def step_jacobian(
     return x_next.detach(), jac.detach()
 
 
+def prefers_low_rank(net, dim: int) -> bool:
+    """Whether ``net``'s Jacobian is cheaper as a diagonal plus its low-rank part (:mod:`~pyro_osds.ops.lowrank`)
+    than as a dense ``dim x dim`` matrix: when it has one and ``dim`` exceeds its rank."""
+    rank = getattr(net, "jacobian_rank", None)
+    return rank is not None and dim > rank
+
+
 def control_and_jacobian(net, potential_fn: PotentialFn, process: ReferenceProcess, x_in: torch.Tensor, code, step,
-                         *, through_g: bool, differentiable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         *, through_g: bool, differentiable: bool, low_rank: bool = False):
     r"""
     The control :math:`u = u_\theta(x, \tfrac cT, \tfrac dT, g(x, c))` of a step of ``step`` codes
     from ``code`` and its exact transposed Jacobian, from the network's closed form
@@ -215,6 +224,9 @@ def control_and_jacobian(net, potential_fn: PotentialFn, process: ReferenceProce
     With ``through_g=False`` the Langevin input is held constant (:math:`\partial g/\partial x = 0`).
     ``x_in`` must require grad. Every step map of the package (PF-ODE steps, the consistency function)
     is :math:`a\,x + b\,u` for per-sample scalars :math:`a, b`, so its Jacobian follows from this one.
+    With ``low_rank`` and a diagonal :math:`\partial g/\partial x` (no Hessian term) the Jacobian comes as
+    a :class:`~pyro_osds.ops.lowrank.DiagPlusLowRank` from
+    :meth:`~pyro_osds.ops.nets.ControlNetwork.control_and_jacobian_factors`, in :math:`O(D r^2)`.
     Returns ``(u, (du/dx)^T)``.
     """
     T = process.grid_size
@@ -244,6 +256,9 @@ def control_and_jacobian(net, potential_fn: PotentialFn, process: ReferenceProce
         g_jac = prior_diag
     else:
         g_jac = (sigma * (1.0 - tau))[:, None, None] * hessian + torch.diag_embed(prior_diag)
+    if low_rank and g_jac.dim() == 2:
+        u, u_jac = net.control_and_jacobian_factors(x_in, code / T, step / T, g, g_jac)
+        return u, lowrank.transposed(u_jac)
     return net.control_and_jacobian(x_in, code / T, step / T, g, g_jac, transposed=True)
 
 
@@ -256,7 +271,9 @@ def _structured_step(net, potential_fn, process, x_in, code, step, *, through_g,
         \frac{\partial F_c}{\partial x} = (1 + \tfrac12\Delta\beta) I + \tfrac12\Delta\sigma\,
         \frac{\partial u}{\partial x}.
 
-    Returns ``(u, x_next, jacobian^T)`` (the transpose: what the determinant and trace need).
+    Returns ``(u, x_next, jacobian^T)`` (the transpose: what the determinant and trace need), dense or, where
+    :func:`prefers_low_rank` and the step has no Hessian term, a well-conditioned
+    :class:`~pyro_osds.ops.lowrank.DiagPlusLowRank`.
     """
     T = process.grid_size
     batch = x_in.shape[0]
@@ -266,8 +283,14 @@ def _structured_step(net, potential_fn, process, x_in, code, step, *, through_g,
 
     sigma, beta, dt = per_sample(process.sigma(code)), per_sample(process.beta(code)), per_sample(step / T)
     u, u_jac_t = control_and_jacobian(net, potential_fn, process, x_in, code, step, through_g=through_g,
-                                      differentiable=differentiable)
+                                      differentiable=differentiable, low_rank=prefers_low_rank(net, x_in.shape[-1]))
     x_next = x_in + dt[:, None] * (0.5 * sigma[:, None] * u + 0.5 * beta[:, None] * x_in)
+    if isinstance(u_jac_t, lowrank.DiagPlusLowRank):
+        scale = 0.5 * dt * sigma
+        jac_t = lowrank.DiagPlusLowRank((1.0 + 0.5 * dt * beta)[:, None] + scale[:, None] * u_jac_t.diag,
+                                        scale[:, None, None] * u_jac_t.left, u_jac_t.right)
+        # a (nearly) vanishing diagonal entry cannot be inverted: such matrices are formed densely
+        return u, x_next, jac_t if bool(lowrank.well_conditioned(jac_t).all()) else lowrank.as_dense(jac_t)
     # the transposed step Jacobian (same determinant and trace): scale, then add the diagonal in place
     jac_t = (0.5 * dt * sigma)[:, None, None] * u_jac_t
     jac_t.diagonal(dim1=-2, dim2=-1).add_((1.0 + 0.5 * dt * beta)[:, None])
@@ -322,10 +345,10 @@ def ode_step(
                                               through_g=through_g, differentiable=differentiable)
             if log_det == "euler_trace":
                 # Euler rule: dt * div(drift) = trace(J - I) of the step's Jacobian with g held constant
-                increment = jac.diagonal(dim1=-2, dim2=-1).sum(-1) - x.shape[-1]
+                increment = lowrank.trace(jac) - x.shape[-1]
             else:
-                sign, increment = torch.linalg.slogdet(jac)
-                jacobian = jac.transpose(-1, -2) if return_jacobian else None
+                sign, increment = lowrank.slogdet(jac)
+                jacobian = lowrank.transposed(jac) if return_jacobian else None
         else:
             u, x_next = _step_graph(net, potential_fn, process, x_in, code, step, through_g=through_g)
             if log_det in EXACT_LOG_DET_METHODS:
@@ -348,7 +371,7 @@ def ode_step(
     if sign is not None:
         sign = sign.detach()
     if jacobian is not None and not differentiable:
-        jacobian = jacobian.detach()
+        jacobian = lowrank.detach(jacobian)
     return StepOutput(x_next, increment, sign, u, x_in, jacobian)
 
 
@@ -362,12 +385,14 @@ def fold_penalty(jacobian: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     so a positive determinant; a folded draw (:math:`\det J < 0`) has
     :math:`\lambda_{\min} < 0`, and raising it to zero restores the orientation. Draws that are not
     folded get zero, so the penalty constrains nothing where the map is injective. ``jacobian`` is
-    ``(batch, dim, dim)`` (or its transpose), ``sign`` the determinant's sign, ``(batch,)``.
+    ``(batch, dim, dim)`` (or its transpose) or a :class:`~pyro_osds.ops.lowrank.DiagPlusLowRank` (formed
+    densely for the folded draws only), ``sign`` the determinant's sign, ``(batch,)``.
     """
-    penalty = torch.zeros(sign.shape, dtype=jacobian.dtype, device=jacobian.device)
+    penalty = torch.zeros(sign.shape, dtype=jacobian.diag.dtype if isinstance(jacobian, lowrank.DiagPlusLowRank)
+                          else jacobian.dtype, device=sign.device)
     folded = sign <= 0
     if bool(folded.any()):
-        jac = jacobian[folded]
+        jac = lowrank.as_dense(lowrank.select(jacobian, folded))
         smallest = torch.linalg.eigvalsh(0.5 * (jac + jac.transpose(-1, -2)))[..., 0]
         penalty = penalty.masked_scatter(folded, torch.relu(-smallest))
     return penalty

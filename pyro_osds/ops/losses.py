@@ -88,12 +88,12 @@ Paths or pairs with non-finite values are excluded from the mean and counted.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from ..util import PotentialFn, check_choice
+from . import lowrank
 from .integrate import em_rollout, flow, ode_step
 from .jacobian import rademacher
 from .reference import ReferenceProcess
@@ -178,18 +178,17 @@ def path_gradient_direction(log_w: torch.Tensor, x0: torch.Tensor, jacobians: li
     (module docstring), detached, ``(batch, dim)``.
 
     ``log_w`` (``(batch,)``) must be computed from ``x0`` (which requires grad) by the flow whose
-    per-step Jacobians :math:`\partial x_{k+1}/\partial x_k` (each ``(batch, dim, dim)``, first step
-    first) are ``jacobians``; :math:`J^{-\top} = J_K^{-\top}\cdots J_1^{-\top}` applies the first
+    per-step Jacobians :math:`\partial x_{k+1}/\partial x_k` (each ``(batch, dim, dim)`` or a
+    :class:`~pyro_osds.ops.lowrank.DiagPlusLowRank`, solved by Woodbury; first step first) are ``jacobians``; :math:`J^{-\top} = J_K^{-\top}\cdots J_1^{-\top}` applies the first
     step's inverse first. ``rows`` (a boolean mask) restricts the result to those draws; a singular
     Jacobian gives non-finite rows rather than an error.
     """
     rows = torch.ones(log_w.shape, dtype=torch.bool, device=log_w.device) if rows is None else rows
     (grad,) = torch.autograd.grad(log_w[rows].sum(), x0, retain_graph=True)
-    delta = grad.detach()[rows].unsqueeze(-1)
+    delta = grad.detach()[rows]
     for jac in jacobians:
-        delta, info = torch.linalg.solve_ex(jac.detach()[rows].transpose(-1, -2), delta)
-        delta = torch.where((info == 0)[:, None, None], delta, torch.full_like(delta, math.nan))
-    return delta.squeeze(-1)
+        delta, _ = lowrank.solve(lowrank.select(lowrank.detach(jac), rows), delta, transpose=True)
+    return delta
 
 
 def flow_kl_loss(

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..util import check_choice, check_number, check_positive_int, derive_seed
+from .lowrank import DiagPlusLowRank
 
 __all__ = ["ACTIVATIONS", "ControlNetwork", "FourierFeatures", "NetConfig", "StepConditionedControl"]
 
@@ -48,11 +49,16 @@ class ControlNetwork(nn.Module):
     * :meth:`step_features`: parameter-dependent codes of ``(t, d)`` pairs that ``forward`` accepts
       as ``features`` (a rollout precomputes them for all its steps); ``None`` when there are none;
     * :meth:`control_and_jacobian`, when :attr:`closed_form_jacobian` is true: the control and its
-      exact Jacobian without ``dim`` backward passes; otherwise the integrators use autograd.
+      exact Jacobian without ``dim`` backward passes; otherwise the integrators use autograd;
+    * :meth:`control_and_jacobian_factors`, when :attr:`jacobian_rank` is set: the same Jacobian, for a
+      diagonal Jacobian of the Langevin input, as a diagonal plus a product of that rank
+      (:class:`~pyro_osds.ops.lowrank.DiagPlusLowRank`).
     """
 
     #: whether :meth:`control_and_jacobian` is implemented
     closed_form_jacobian: bool = False
+    #: the rank of a low-rank part of the Jacobian (:meth:`control_and_jacobian_factors`), ``None`` if none
+    jacobian_rank: int | None = None
 
     def step_features(self, t: torch.Tensor, d: torch.Tensor):
         """Precomputable codes of ``n`` (time, step) pairs, or ``None`` (default: none)."""
@@ -60,6 +66,9 @@ class ControlNetwork(nn.Module):
 
     def control_and_jacobian(self, x, t, d, g, g_jacobian, *, transposed: bool = False):
         raise NotImplementedError(f"{type(self).__name__} has no closed-form Jacobian.")
+
+    def control_and_jacobian_factors(self, x, t, d, g, g_jacobian):
+        raise NotImplementedError(f"{type(self).__name__} has no diagonal-plus-low-rank Jacobian.")
 
 
 class FourierFeatures(nn.Module):
@@ -216,6 +225,58 @@ class StepConditionedControl(ControlNetwork):
         h = self.state_net(torch.cat([x, code.expand(batch, -1)], dim=-1)).clamp(-self.outer_clip, self.outer_clip)
         return h + gain * g.clamp(-self.inner_clip, self.inner_clip)
 
+    def _features_for(self, x: torch.Tensor, t, d) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`step_features` of ``(t, d)`` for the batch ``x`` (one row when both are shared)."""
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        d = torch.as_tensor(d, dtype=x.dtype, device=x.device)
+        if t.dim() == 0 and d.dim() == 0:
+            return self.step_features(t.reshape(1), d.reshape(1))
+        return self.step_features(t.expand(x.shape[0]), d.expand(x.shape[0]))
+
+    @property
+    def jacobian_rank(self) -> int:
+        r"""The largest rank of the state network's Jacobian :math:`\partial h/\partial x`: its width."""
+        return self.state_net[-1].in_features
+
+    def control_and_jacobian_factors(
+        self, x: torch.Tensor, t, d, g: torch.Tensor, g_jacobian: torch.Tensor
+    ) -> tuple[torch.Tensor, DiagPlusLowRank]:
+        r"""
+        The control and its exact Jacobian as a diagonal plus a product of rank :attr:`jacobian_rank`,
+        for a Langevin input whose Jacobian ``g_jacobian`` is diagonal (``(batch, dim)``):
+
+        .. math::
+
+            \frac{\partial u}{\partial x} = \operatorname{diag}\big(b \odot 1[|g| < c_{\rm in}] \odot g'\big)
+              + \underbrace{\big(1[|h| < c_{\rm out}] \odot W_L\big)}_{L\ (D \times r)}
+                \underbrace{D_{L-1} W_{L-1} \cdots D_1 W_1^{(x)}}_{R\ (r \times D)}
+
+        (:class:`~pyro_osds.ops.lowrank.DiagPlusLowRank`): :math:`O(D r^2)` per draw where
+        :meth:`control_and_jacobian` forms the :math:`D \times D` matrix. Differentiable.
+        """
+        batch = x.shape[0]
+        code, gain = self._features_for(x, t, d)
+        derivative = ACTIVATION_DERIVATIVES[self.activation]
+        z = torch.cat([x, code.expand(batch, -1)], dim=-1)
+        linears = [m for m in self.state_net if isinstance(m, nn.Linear)]
+        right = None  # (batch, width, dim): D_l W_l ... D_1 W_1x
+        for layer in self.state_net[:-1]:
+            if isinstance(layer, nn.Linear):
+                w = layer.weight if layer is not linears[0] else layer.weight[:, : self.dim]
+                right = w if right is None else torch.matmul(w, right)
+                z = layer(z)
+            else:
+                right = derivative(z).unsqueeze(-1) * right
+                z = layer(z)
+        z = self.state_net[-1](z)
+        inside = (z.abs() < self.outer_clip).to(z.dtype)
+        h = z.clamp(-self.outer_clip, self.outer_clip)
+        left = inside.unsqueeze(-1) * self.state_net[-1].weight  # (batch, dim, width)
+        g_inside = (g.abs() < self.inner_clip).to(g.dtype)
+        u = h + gain * g.clamp(-self.inner_clip, self.inner_clip)
+        diag = (gain * g_inside * g_jacobian).expand(batch, self.dim)
+        return u, DiagPlusLowRank(diag, left, right)
+
     def control_and_jacobian(
         self, x: torch.Tensor, t, d, g: torch.Tensor, g_jacobian: torch.Tensor, *, transposed: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,12 +301,7 @@ class StepConditionedControl(ControlNetwork):
         :returns: ``(u, du_dx)`` of shapes ``(batch, dim)`` and ``(batch, dim, dim)``.
         """
         batch = x.shape[0]
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        d = torch.as_tensor(d, dtype=x.dtype, device=x.device)
-        if t.dim() == 0 and d.dim() == 0:
-            code, gain = self.step_features(t.reshape(1), d.reshape(1))
-        else:
-            code, gain = self.step_features(t.expand(batch), d.expand(batch))
+        code, gain = self._features_for(x, t, d)
         derivative = ACTIVATION_DERIVATIVES[self.activation]
         z = torch.cat([x, code.expand(batch, -1)], dim=-1)
         # the transposed Jacobian dz/dx^T, kept as (batch, dim, width) so that every layer is one GEMM
