@@ -257,6 +257,8 @@ def control_and_jacobian(net, potential_fn: PotentialFn, process: ReferenceProce
     else:
         g_jac = (sigma * (1.0 - tau))[:, None, None] * hessian + torch.diag_embed(prior_diag)
     if low_rank and g_jac.dim() == 2:
+        if torch.as_tensor(code).dim() == 0 and torch.as_tensor(step).dim() == 0:
+            g_jac = g_jac[:1]  # the same for every draw: the factors keep it shared
         u, u_jac = net.control_and_jacobian_factors(x_in, code / T, step / T, g, g_jac)
         return u, lowrank.transposed(u_jac)
     return net.control_and_jacobian(x_in, code / T, step / T, g, g_jac, transposed=True)
@@ -286,9 +288,13 @@ def _structured_step(net, potential_fn, process, x_in, code, step, *, through_g,
                                       differentiable=differentiable, low_rank=prefers_low_rank(net, x_in.shape[-1]))
     x_next = x_in + dt[:, None] * (0.5 * sigma[:, None] * u + 0.5 * beta[:, None] * x_in)
     if isinstance(u_jac_t, lowrank.DiagPlusLowRank):
-        scale = 0.5 * dt * sigma
-        jac_t = lowrank.DiagPlusLowRank((1.0 + 0.5 * dt * beta)[:, None] + scale[:, None] * u_jac_t.diag,
-                                        scale[:, None, None] * u_jac_t.left, u_jac_t.right)
+        scale, shift = 0.5 * dt * sigma, 1.0 + 0.5 * dt * beta
+        if u_jac_t.diag.shape[0] == 1 and bool((shift == shift[0]).all() & (scale == scale[0]).all()):
+            shift, scale_diag = shift[:1], scale[:1]  # shared by the batch: the diagonal stays one row
+        else:
+            scale_diag = scale
+        jac_t = lowrank.DiagPlusLowRank(shift[:, None] + scale_diag[:, None] * u_jac_t.diag, u_jac_t.left,
+                                        scale[:, None, None] * u_jac_t.core, u_jac_t.right)
         # a (nearly) vanishing diagonal entry cannot be inverted: such matrices are formed densely
         return u, x_next, jac_t if bool(lowrank.well_conditioned(jac_t).all()) else lowrank.as_dense(jac_t)
     # the transposed step Jacobian (same determinant and trace): scale, then add the diagonal in place

@@ -12,7 +12,10 @@ input (the maps act independently on particles), so that the per-sample Jacobian
 * Hutchinson: :math:`\operatorname{tr} J \approx \frac1M\sum_m v_m^\top J v_m` with Rademacher
   probes, computed with vector--Jacobian products (cheaper than forward mode on CPU);
 * the target score :math:`\nabla\log\rho = -\nabla U` of a batched potential, optionally with a graph
-  for Hessian terms (:func:`potential_and_score`).
+  for Hessian terms (:func:`potential_and_score`);
+* the Hessian of a batched potential at a few points (:func:`potential_score_hessian`): each point is
+  repeated :math:`D` times and copy :math:`k` contributes row :math:`k`, so one batched double-backward pass
+  replaces :math:`D` small ones.
 
 Log-determinants are ``torch.linalg.slogdet`` of the Jacobians.
 
@@ -26,7 +29,8 @@ import torch
 
 from ..util import PotentialFn
 
-__all__ = ["batched_jacobian", "exact_trace", "hutchinson_trace", "potential_and_score", "rademacher"]
+__all__ = ["batched_jacobian", "exact_trace", "hutchinson_trace", "potential_and_score", "potential_score_hessian",
+           "rademacher"]
 
 
 def batched_jacobian(y: torch.Tensor, x: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
@@ -99,3 +103,34 @@ def potential_and_score(
     if not create_graph:
         potential, grad = potential.detach(), grad.detach()
     return potential, -grad
+
+
+def potential_score_hessian(
+    potential_fn: PotentialFn, x: torch.Tensor, *, max_rows: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""
+    :math:`U(x)`, the score :math:`\nabla\log\rho(x)` and the Hessian :math:`\nabla^2 U(x)` at every row of ``x``
+    (``(batch, dim)``; detached results of shapes ``(batch,)``, ``(batch, dim)``, ``(batch, dim, dim)``).
+
+    The potential acts row by row, so with :math:`D` copies :math:`z_1 = \dots = z_D = x` of a point,
+    :math:`\nabla_{z_k} \sum_j \partial_j U(z_j) = \nabla\,\partial_k U(x)` is row :math:`k` of its Hessian: one
+    double-backward pass over the copies (at most ``max_rows`` rows per pass, whole points at a time) does
+    the work of :math:`D` passes over the points, as large matrix products.
+    """
+    batch, dim = x.shape
+    per_pass = max(1, max_rows // dim)
+    us, scores, hessians = [], [], []
+    eye = torch.eye(dim, dtype=torch.bool, device=x.device)
+    for start in range(0, batch, per_pass):
+        points = x[start : start + per_pass].detach()
+        n = points.shape[0]
+        with torch.enable_grad():
+            z = points.repeat_interleave(dim, 0).requires_grad_(True)  # copy k of point b at row b * dim + k
+            u = potential_fn(z)
+            (grad,) = torch.autograd.grad(u.sum(), z, create_graph=True)
+            diagonal = grad.reshape(n, dim, dim)[:, eye]  # d_k U at copy k
+            (rows,) = torch.autograd.grad(diagonal.sum(), z)
+        us.append(u.detach().reshape(n, dim)[:, 0])
+        scores.append(-grad.detach().reshape(n, dim, dim)[:, 0])
+        hessians.append(rows.reshape(n, dim, dim))
+    return torch.cat(us), torch.cat(scores), torch.cat(hessians)

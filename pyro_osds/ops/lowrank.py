@@ -1,26 +1,27 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
 r"""
-Batched matrices that are a diagonal plus a low-rank product,
+Batched matrices that are a diagonal plus a low-rank product with a small per-draw core,
 
-.. math:: J = \operatorname{diag}(d) + L R,\qquad d \in \mathbb R^D,\ L \in \mathbb R^{D\times r},\ R \in \mathbb R^{r\times D},
+.. math:: J = \operatorname{diag}(d) + L\,C\,R,\qquad d \in \mathbb R^D,\ L \in \mathbb R^{D\times r},\
+          C \in \mathbb R^{r\times r},\ R \in \mathbb R^{r\times D},
 
-and the exact linear algebra the flow needs of them in :math:`O(D r^2)` instead of :math:`O(D^3)`:
+and the exact linear algebra the flow needs of them. With the inner product :math:`K = R\,\operatorname{diag}(d)^{-1} L`
+(:math:`r \times r`) and :math:`M = I_r + K C`:
 
-* determinant (matrix determinant lemma), with :math:`C = I_r + R\,\operatorname{diag}(d)^{-1} L`,
+* determinant (matrix determinant lemma): :math:`\det J = \det M \prod_i d_i`;
+* solves (Woodbury):
 
-  .. math:: \det J = \det C \prod_i d_i ;
+  .. math:: J^{-1} v = D^{-1} v - D^{-1} L C\, M^{-1} R\, D^{-1} v ,
 
-* solves (Woodbury),
+  and :math:`J^\top` has the same form with :math:`(R^\top, C^\top, L^\top)`.
 
-  .. math:: J^{-1} v = D^{-1} v - D^{-1} L\, C^{-1} R\, D^{-1} v,\qquad
-            J^{-\top} v = D^{-1} v - D^{-1} R^\top C^{-\top} L^\top D^{-1} v .
-
-The one-step map's Jacobian has this form: its Langevin input is linear in :math:`x` at the prior end
-(a diagonal Jacobian) and the state network's Jacobian :math:`W_L D_{L-1}\cdots D_1 W_1^{(x)}` has rank at
-most its width (:meth:`~pyro_osds.ops.nets.StepConditionedControl.control_and_jacobian_factors`). Both
-formulas are exact identities; they need every :math:`d_i \ne 0`, which :func:`well_conditioned` checks
-(callers fall back to the dense matrix elsewhere).
+Any factor may be shared by the whole batch (no batch dimension). The one-step map's Jacobian has this
+form with :math:`d`, :math:`L` and :math:`R` shared and only the core per draw
+(:meth:`~pyro_osds.ops.nets.StepConditionedControl.control_and_jacobian_factors`): then :math:`K` is one
+:math:`r\times r` matrix and a draw costs :math:`O(r^3 + D r)` for its determinant and solves, where the dense
+matrix costs :math:`O(D^3)`. Both formulas are exact identities; they need every :math:`d_i \ne 0`, which
+:func:`well_conditioned` checks (callers form the dense matrix otherwise).
 
 **References**
 
@@ -43,77 +44,81 @@ MIN_DIAGONAL_RATIO = 1e-4
 
 class DiagPlusLowRank(NamedTuple):
     r"""
-    A batch of matrices :math:`\operatorname{diag}(d) + L R`: ``diag`` ``(batch, D)``, ``left`` ``(batch, D, r)``
-    (or ``(D, r)``, shared by the batch) and ``right`` ``(batch, r, D)`` (or ``(r, D)``).
+    A batch of ``batch`` matrices :math:`\operatorname{diag}(d) + L C R` (module docstring): ``diag``
+    ``(batch, D)`` or ``(1, D)``, ``left`` ``(batch, D, r)`` or ``(D, r)``, ``core`` ``(batch, r, r)`` and
+    ``right`` ``(batch, r, D)`` or ``(r, D)``; the factors without a batch dimension are shared.
     """
 
     diag: torch.Tensor
     left: torch.Tensor
+    core: torch.Tensor
     right: torch.Tensor
 
     @property
     def shape(self) -> torch.Size:
-        batch, dim = self.diag.shape
-        return torch.Size((batch, dim, dim))
+        return torch.Size((self.core.shape[0], self.diag.shape[-1], self.diag.shape[-1]))
 
     @property
     def rank(self) -> int:
-        return self.left.shape[-1]
+        return self.core.shape[-1]
 
 
 # every function below takes a DiagPlusLowRank or a dense (batch, D, D) tensor
 
 
 def transposed(jac):
-    r""":math:`J^\top` (:math:`\operatorname{diag}(d) + R^\top L^\top` for the structured form)."""
+    r""":math:`J^\top` (:math:`\operatorname{diag}(d) + R^\top C^\top L^\top` for the structured form)."""
     if isinstance(jac, torch.Tensor):
         return jac.transpose(-1, -2)
-    return DiagPlusLowRank(jac.diag, jac.right.transpose(-1, -2), jac.left.transpose(-1, -2))
+    return DiagPlusLowRank(jac.diag, jac.right.transpose(-1, -2), jac.core.transpose(-1, -2),
+                           jac.left.transpose(-1, -2))
 
 
 def select(jac, rows):
-    """The matrices of the draws ``rows`` (an index or a boolean mask) selects; a shared factor stays shared."""
+    """The matrices of the draws ``rows`` (an index or a boolean mask) selects; shared factors stay shared."""
     if isinstance(jac, torch.Tensor):
         return jac[rows]
-    return DiagPlusLowRank(jac.diag[rows], jac.left[rows] if jac.left.dim() == 3 else jac.left,
-                           jac.right[rows] if jac.right.dim() == 3 else jac.right)
+    diag = jac.diag[rows] if jac.diag.shape[0] > 1 else jac.diag
+    left = jac.left[rows] if jac.left.dim() == 3 else jac.left
+    right = jac.right[rows] if jac.right.dim() == 3 else jac.right
+    return DiagPlusLowRank(diag, left, jac.core[rows], right)
 
 
 def detach(jac):
     """The matrices without their autograd graph."""
     if isinstance(jac, torch.Tensor):
         return jac.detach()
-    return DiagPlusLowRank(jac.diag.detach(), jac.left.detach(), jac.right.detach())
+    return DiagPlusLowRank(*(t.detach() for t in jac))
 
 
 def as_dense(jac) -> torch.Tensor:
     """The ``(batch, D, D)`` matrices themselves."""
     if isinstance(jac, torch.Tensor):
         return jac
-    dense = torch.matmul(jac.left, jac.right).expand(jac.shape).clone()
+    dense = torch.matmul(torch.matmul(jac.left, jac.core), jac.right).expand(jac.shape).clone()
     dense.diagonal(dim1=-2, dim2=-1).add_(jac.diag)
     return dense
 
 
 def trace(jac) -> torch.Tensor:
-    r""":math:`\operatorname{tr} J = \sum_i d_i + \sum_{ij} L_{ij} R_{ji}` per matrix, ``(batch,)``."""
+    r""":math:`\operatorname{tr} J = \sum_i d_i + \operatorname{tr}(C\,R L)` per matrix, ``(batch,)``."""
     if isinstance(jac, torch.Tensor):
         return jac.diagonal(dim1=-2, dim2=-1).sum(-1)
-    low = (jac.left * jac.right.transpose(-1, -2)).sum((-1, -2))
-    return jac.diag.sum(-1) + low
+    right_left = torch.matmul(jac.right, jac.left)  # (r, r), per draw only if a factor is
+    return jac.diag.sum(-1) + (jac.core * right_left.transpose(-1, -2)).sum((-1, -2))
 
 
 def well_conditioned(jac: DiagPlusLowRank) -> torch.Tensor:
-    r"""Per matrix: whether the diagonal is safely invertible (:math:`\min|d_i| \ge 10^{-4}\max|d_i|`)."""
+    r"""Per matrix row of ``diag``: whether it is safely invertible (:math:`\min|d_i| \ge 10^{-4}\max|d_i|`)."""
     magnitude = jac.diag.abs()
     return magnitude.min(-1).values >= MIN_DIAGONAL_RATIO * magnitude.max(-1).values
 
 
-def _capacitance(jac: DiagPlusLowRank) -> torch.Tensor:
-    r""":math:`C = I_r + R\,\operatorname{diag}(d)^{-1} L`, ``(batch, r, r)``."""
-    scaled_left = jac.left / jac.diag.unsqueeze(-1)  # D^-1 L
-    cap = torch.matmul(jac.right, scaled_left)
-    return cap + torch.eye(jac.rank, dtype=cap.dtype, device=cap.device)
+def _woodbury_matrix(jac: DiagPlusLowRank) -> torch.Tensor:
+    """:math:`M = I_r + K C` with :math:`K = R\\,\\operatorname{diag}(d)^{-1} L` (one product when all three are
+    shared), ``(batch, r, r)``."""
+    inner = torch.matmul(jac.right / jac.diag.unsqueeze(-2), jac.left)
+    return torch.matmul(inner, jac.core) + torch.eye(jac.rank, dtype=jac.core.dtype, device=jac.core.device)
 
 
 def slogdet(jac) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,9 +128,9 @@ def slogdet(jac) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if isinstance(jac, torch.Tensor):
         return torch.linalg.slogdet(jac)
-    cap_sign, cap_log_abs = torch.linalg.slogdet(_capacitance(jac))
+    m_sign, m_log_abs = torch.linalg.slogdet(_woodbury_matrix(jac))
     diag_sign = torch.sign(jac.diag).prod(-1)
-    return cap_sign * diag_sign, cap_log_abs + jac.diag.abs().log().sum(-1)
+    return m_sign * diag_sign, m_log_abs + jac.diag.abs().log().sum(-1)
 
 
 def solve(jac, v: torch.Tensor, *, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,9 +147,8 @@ def solve(jac, v: torch.Tensor, *, transpose: bool = False) -> tuple[torch.Tenso
         if transpose:
             jac = transposed(jac)
         d_inv_v = v / jac.diag
-        # J^-1 v = D^-1 v - D^-1 L C^-1 R D^-1 v
-        rhs = torch.matmul(jac.right, d_inv_v.unsqueeze(-1))  # (batch, r, 1)
-        y, info = torch.linalg.solve_ex(_capacitance(jac), rhs)
-        x = d_inv_v - torch.matmul(jac.left, y).squeeze(-1) / jac.diag
+        rhs = torch.matmul(jac.right, d_inv_v.unsqueeze(-1))  # R D^-1 v, (batch, r, 1)
+        y, info = torch.linalg.solve_ex(_woodbury_matrix(jac).expand(v.shape[0], -1, -1), rhs)
+        x = d_inv_v - torch.matmul(jac.left, torch.matmul(jac.core, y)).squeeze(-1) / jac.diag
     ok = (info == 0) & torch.isfinite(x).all(-1)
     return torch.where(ok[:, None], x, torch.full_like(x, float("nan"))), ok

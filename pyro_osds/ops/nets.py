@@ -243,39 +243,50 @@ class StepConditionedControl(ControlNetwork):
     ) -> tuple[torch.Tensor, DiagPlusLowRank]:
         r"""
         The control and its exact Jacobian as a diagonal plus a product of rank :attr:`jacobian_rank`,
-        for a Langevin input whose Jacobian ``g_jacobian`` is diagonal (``(batch, dim)``):
+        for a Langevin input whose Jacobian ``g_jacobian`` is diagonal (``(batch, dim)``, or ``(1, dim)`` when
+        the same for every draw):
 
         .. math::
 
             \frac{\partial u}{\partial x} = \operatorname{diag}\big(b \odot 1[|g| < c_{\rm in}] \odot g'\big)
               + \underbrace{\big(1[|h| < c_{\rm out}] \odot W_L\big)}_{L\ (D \times r)}
-                \underbrace{D_{L-1} W_{L-1} \cdots D_1 W_1^{(x)}}_{R\ (r \times D)}
+                \underbrace{D_{L-1} W_{L-1} \cdots W_2 D_1}_{C\ (r \times r)}
+                \underbrace{W_1^{(x)}}_{R\ (r \times D)}
 
-        (:class:`~pyro_osds.ops.lowrank.DiagPlusLowRank`): :math:`O(D r^2)` per draw where
-        :meth:`control_and_jacobian` forms the :math:`D \times D` matrix. Differentiable.
+        (:class:`~pyro_osds.ops.lowrank.DiagPlusLowRank`): only the core :math:`C` depends on the draw, unless a
+        clip is active (then the diagonal or :math:`L` does too), so the determinant and solves cost
+        :math:`O(r^3 + D r)` per draw (:mod:`~pyro_osds.ops.lowrank`) where :meth:`control_and_jacobian` forms the
+        :math:`D \times D` matrix. Differentiable.
         """
         batch = x.shape[0]
         code, gain = self._features_for(x, t, d)
         derivative = ACTIVATION_DERIVATIVES[self.activation]
         z = torch.cat([x, code.expand(batch, -1)], dim=-1)
-        linears = [m for m in self.state_net if isinstance(m, nn.Linear)]
-        right = None  # (batch, width, dim): D_l W_l ... D_1 W_1x
-        for layer in self.state_net[:-1]:
+        layers = list(self.state_net)
+        right = layers[0].weight[:, : self.dim]  # W_1^(x), shared
+        core = None  # D_l W_l ... W_2 D_1, (batch, r, r); a vector while it is the diagonal D_1
+        for layer in layers[:-1]:
             if isinstance(layer, nn.Linear):
-                w = layer.weight if layer is not linears[0] else layer.weight[:, : self.dim]
-                right = w if right is None else torch.matmul(w, right)
-                z = layer(z)
+                if core is not None:
+                    core = layer.weight * core.unsqueeze(-2) if core.dim() == 2 else torch.matmul(layer.weight, core)
             else:
-                right = derivative(z).unsqueeze(-1) * right
-                z = layer(z)
-        z = self.state_net[-1](z)
-        inside = (z.abs() < self.outer_clip).to(z.dtype)
+                slope = derivative(z)
+                core = slope if core is None else slope.unsqueeze(-1) * core
+            z = layer(z)
+        if core.dim() == 2:  # a single hidden layer: the core is D_1
+            core = torch.diag_embed(core)
+        z = layers[-1](z)
+        inside = z.abs() < self.outer_clip
         h = z.clamp(-self.outer_clip, self.outer_clip)
-        left = inside.unsqueeze(-1) * self.state_net[-1].weight  # (batch, dim, width)
-        g_inside = (g.abs() < self.inner_clip).to(g.dtype)
+        left = layers[-1].weight  # (dim, r), shared unless a clipped output zeroes its row
+        if not bool(inside.all()):
+            left = inside.to(z.dtype).unsqueeze(-1) * left
+        g_inside = g.abs() < self.inner_clip
         u = h + gain * g.clamp(-self.inner_clip, self.inner_clip)
-        diag = (gain * g_inside * g_jacobian).expand(batch, self.dim)
-        return u, DiagPlusLowRank(diag, left, right)
+        diag = gain * g_jacobian
+        if not bool(g_inside.all()):
+            diag = diag * g_inside.to(g.dtype)
+        return u, DiagPlusLowRank(diag, left, core, right)
 
     def control_and_jacobian(
         self, x: torch.Tensor, t, d, g: torch.Tensor, g_jacobian: torch.Tensor, *, transposed: bool = False

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from ..util import PotentialFn, check_choice, check_number, check_positive_int, warn
-from .jacobian import batched_jacobian, potential_and_score
+from .jacobian import potential_and_score, potential_score_hessian
 
 __all__ = ["PRECONDITIONERS", "AffineMap", "LaplacePartition", "ModeSearch", "PreconditionConfig",
            "choose_preconditioner",
@@ -128,14 +128,11 @@ def fit_laplace(
     state = opt.state[opt._params[0]]
     iterations = int(state.get("n_iter", 0))
     x_map = x.detach()
-    potential, score = potential_and_score(potential_fn, x_map)
+    potential, score, hessian = potential_score_hessian(potential_fn, x_map)
+    hessian = hessian[0]
     # converged: a finite optimum whose gradient is small relative to the potential's scale per coordinate
     scale = max(1.0, abs(float(potential[0])) / x_map.numel())
     converged = bool(torch.isfinite(potential).all()) and float(score.abs().max()) < max(1e3 * tolerance, 1e-3) * scale
-    with torch.enable_grad():
-        z = x_map.clone().requires_grad_(True)
-        _, s = potential_and_score(potential_fn, z, create_graph=True)
-        hessian = -batched_jacobian(s, z)[0]
     if not bool(torch.isfinite(hessian).all()) or not bool(torch.isfinite(x_map).all()):
         raise ValueError(
             "The Laplace fit failed: the potential's MAP or Hessian is not finite. "
@@ -471,13 +468,46 @@ def _representatives(x: torch.Tensor, tolerance: float) -> torch.Tensor:
     return torch.stack(kept) if kept else x[:0]
 
 
+def _newton_direction(hessian: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    r"""
+    The Newton step :math:`H^{-1}\nabla\log\rho = -H^{-1}\nabla U` per row, by Cholesky where :math:`H` is positive
+    definite; elsewhere with :math:`|H|` (eigenvalues by magnitude, floored at :math:`10^{-8}\max|\lambda|`), a
+    descent direction that also leaves saddles and maxima. Non-finite entries become zero.
+    """
+    sym = 0.5 * (hessian + hessian.transpose(-1, -2))
+    chol, info = torch.linalg.cholesky_ex(sym)
+    step = torch.cholesky_solve(score.unsqueeze(-1), chol).squeeze(-1)
+    indefinite = (info != 0) | ~torch.isfinite(step).all(-1)
+    if bool(indefinite.any()):
+        eigval, eigvec = torch.linalg.eigh(sym[indefinite])
+        floor = 1e-8 * eigval.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        inverse = (eigvec / eigval.abs().clamp_min(floor).unsqueeze(-2)) @ eigvec.transpose(-1, -2)
+        step[indefinite] = (inverse @ score[indefinite].unsqueeze(-1)).squeeze(-1)
+    return torch.where(torch.isfinite(step), step, torch.zeros_like(step))
+
+
+def _damped_step(potential_fn: PotentialFn, x: torch.Tensor, u: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``x + alpha * step`` per row, ``alpha`` halved (up to ten times) until the potential does not rise above
+    ``u``; rows where no such ``alpha`` is found stay where they are."""
+    alpha = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        for _ in range(10):
+            candidate = potential_fn(x + alpha * step)
+            worse = ~(candidate <= u + 1e-12 * u.abs().clamp_min(1.0))
+            if not bool(worse.any()):
+                break
+            alpha = torch.where(worse.unsqueeze(-1), 0.5 * alpha, alpha)
+    return torch.where((~worse).unsqueeze(-1), x + alpha * step, x)
+
+
 def _descend(potential_fn: PotentialFn, x: torch.Tensor, *, scale: float, iterations: int = 300,
              newton_iterations: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""
     Local minima of ``potential_fn`` from every row of ``x`` at once (rows do not interact): Adam with a
     step of ``scale / 20`` decaying to a hundredth; the end points that landed together are merged
-    (:func:`_representatives`) and polished by damped Newton steps with the batched Hessian and a per-row
-    backtracking line search. Returns ``(points, potentials, hessians)``, one row per distinct end point;
+    (:func:`_representatives`), brought together by Newton steps with the Hessian at the lowest of them, merged
+    again and polished by damped Newton steps with the batched Hessian and a per-row backtracking line search
+    (:func:`_newton_direction`, :func:`_damped_step`), merging after every step. Returns ``(points, potentials, hessians)``, one row per distinct end point;
     rows that did not converge to a finite minimum come back as NaN.
     """
     x = x.detach().clone().requires_grad_(True)
@@ -501,36 +531,32 @@ def _descend(potential_fn: PotentialFn, x: torch.Tensor, *, scale: float, iterat
             x.grad[~torch.isfinite(x.grad)] = 0.0
         opt.step()
         schedule.step()
-    x = _representatives(x.detach(), tolerance=scale / 200)
+    tolerance = scale / 200
+    x = _representatives(x.detach(), tolerance=tolerance)
+    # the descents that stopped apart in one basin: a Newton step with the Hessian at the lowest of them brings
+    # them together (exactly, for a quadratic basin), so that one Hessian replaces one per descent
+    for _ in range(3):
+        if x.shape[0] <= 1:
+            break
+        u, score = potential_and_score(potential_fn, x)
+        lowest = int(torch.argmin(torch.nan_to_num(u, nan=math.inf)))
+        _, _, hessian = potential_score_hessian(potential_fn, x[lowest : lowest + 1])
+        chol, info = torch.linalg.cholesky_ex(0.5 * (hessian[0] + hessian[0].T))
+        if int(info) != 0:
+            break
+        step = torch.cholesky_solve(score.T, chol).T  # -H^-1 grad U = H^-1 score, every row
+        merged = _representatives(_damped_step(potential_fn, x, u, step), tolerance=tolerance)
+        if merged.shape[0] == x.shape[0]:
+            break
+        x = merged
     for _ in range(newton_iterations):
-        with torch.enable_grad():
-            z = x.clone().requires_grad_(True)
-            u, score = potential_and_score(potential_fn, z, create_graph=True)
-            hessian = -batched_jacobian(score, z)
-        u, score, hessian = u.detach(), score.detach(), hessian.detach()
-        # a positive definite step: |eigenvalues|, floored, so that saddles and maxima are left too
-        eigval, eigvec = torch.linalg.eigh(0.5 * (hessian + hessian.transpose(-1, -2)))
-        floor = 1e-8 * eigval.abs().amax(-1, keepdim=True).clamp_min(1e-12)
-        inverse = (eigvec / eigval.abs().clamp_min(floor).unsqueeze(-2)) @ eigvec.transpose(-1, -2)
-        step = (inverse @ score.unsqueeze(-1)).squeeze(-1)  # -H^-1 grad U = H^-1 score
-        step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
-        alpha = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        with torch.no_grad():
-            for _ in range(10):  # per-row backtracking: accept steps that do not raise the potential
-                candidate = potential_fn(x + alpha * step)
-                worse = ~(candidate <= u + 1e-12 * u.abs().clamp_min(1.0))
-                if not bool(worse.any()):
-                    break
-                alpha = torch.where(worse.unsqueeze(-1), 0.5 * alpha, alpha)
-            moved = ~worse
-        x = torch.where(moved.unsqueeze(-1), x + alpha * step, x)
+        u, score, hessian = potential_score_hessian(potential_fn, x)
+        step = _newton_direction(hessian, score)
+        x = _damped_step(potential_fn, x, u, step)
         if float(step.abs().amax()) < 1e-10 * (1.0 + float(x.abs().amax())):
             break
-    with torch.enable_grad():
-        z = x.clone().requires_grad_(True)
-        u, score = potential_and_score(potential_fn, z, create_graph=True)
-        hessian = -batched_jacobian(score, z)
-    u, score, hessian = u.detach(), score.detach(), hessian.detach()
+        x = _representatives(x, tolerance=tolerance)
+    u, score, hessian = potential_score_hessian(potential_fn, x)
     # converged: a finite stationary point whose gradient is small relative to the potential's scale
     tol = 1e-3 * (u.abs() / x.shape[-1]).clamp_min(1.0)
     good = torch.isfinite(u) & (score.abs().amax(-1) < tol) & torch.isfinite(hessian).all(-1).all(-1)

@@ -4,10 +4,18 @@
 
 import math
 
+import pytest
 import torch
 
 from pyro_osds.ops.integrate import ode_step
-from pyro_osds.ops.jacobian import batched_jacobian, exact_trace, hutchinson_trace, potential_and_score, rademacher
+from pyro_osds.ops.jacobian import (
+    batched_jacobian,
+    exact_trace,
+    hutchinson_trace,
+    potential_and_score,
+    potential_score_hessian,
+    rademacher,
+)
 from pyro_osds.ops.reference import ReferenceProcess
 from tests.common import D64, DIM, make_potential, random_net
 
@@ -46,3 +54,16 @@ def test_potential_and_score():
         ref = torch.autograd.functional.jacobian(lambda z: potential(z.unsqueeze(0))[0], x[i])
         torch.testing.assert_close(score[i], -ref, rtol=0, atol=1e-12)
     assert not u.requires_grad and not score.requires_grad
+
+
+@pytest.mark.parametrize("max_rows", [4096, 5])
+def test_potential_score_hessian_matches_autograd_at_every_point(max_rows):
+    potential = make_potential()
+    x = torch.randn(7, DIM, dtype=D64)
+    u, score, hessian = potential_score_hessian(potential, x, max_rows=max_rows)  # 5 rows: one point per pass
+    torch.testing.assert_close(u, potential(x), rtol=0, atol=1e-12)
+    for i in range(x.shape[0]):
+        expected = torch.autograd.functional.hessian(lambda v: potential(v.unsqueeze(0))[0], x[i])
+        torch.testing.assert_close(hessian[i], expected, rtol=1e-12, atol=1e-12)
+        grad = torch.autograd.functional.jacobian(lambda v: potential(v.unsqueeze(0))[0], x[i])
+        torch.testing.assert_close(score[i], -grad, rtol=1e-12, atol=1e-12)

@@ -15,22 +15,25 @@ from tests.common import D64
 DIM, RANK = 12, 3
 
 
-def random_factors(batch=6, shared_left=False, seed=0):
+def random_factors(batch=6, shared=False, seed=0):
+    """Random factors; ``shared``: the diagonal, L and R shared by the batch (only the core per draw)."""
     g = torch.Generator().manual_seed(seed)
-    diag = torch.randn(batch, DIM, dtype=D64, generator=g)
+    diag = torch.randn(1 if shared else batch, DIM, dtype=D64, generator=g)
     diag = diag + 0.5 * diag.sign()  # entries of both signs, away from zero
-    left = torch.randn(*(() if shared_left else (batch,)), DIM, RANK, dtype=D64, generator=g)
-    right = torch.randn(batch, RANK, DIM, dtype=D64, generator=g)
-    return lowrank.DiagPlusLowRank(diag, left, right)
+    lead = () if shared else (batch,)
+    left = torch.randn(*lead, DIM, RANK, dtype=D64, generator=g)
+    core = torch.randn(batch, RANK, RANK, dtype=D64, generator=g)
+    right = torch.randn(*lead, RANK, DIM, dtype=D64, generator=g)
+    return lowrank.DiagPlusLowRank(diag, left, core, right)
 
 
-@pytest.mark.parametrize("shared_left", [False, True])
-def test_determinant_solves_and_trace_match_the_dense_matrix(shared_left):
-    jac = random_factors(shared_left=shared_left)
+@pytest.mark.parametrize("shared", [False, True])
+def test_determinant_solves_and_trace_match_the_dense_matrix(shared):
+    jac = random_factors(shared=shared)
     dense = lowrank.as_dense(jac)
-    assert dense.shape == jac.shape == (6, DIM, DIM)
-    expected = torch.diag_embed(jac.diag) + jac.left @ jac.right
-    torch.testing.assert_close(dense, expected, rtol=0, atol=0)
+    assert dense.shape == jac.shape == (6, DIM, DIM) and jac.rank == RANK
+    expected = torch.diag_embed(jac.diag.expand(6, DIM)) + jac.left @ jac.core @ jac.right
+    torch.testing.assert_close(dense, expected, rtol=0, atol=1e-13)
     sign, log_abs = lowrank.slogdet(jac)
     dense_sign, dense_log_abs = torch.linalg.slogdet(dense)
     assert torch.equal(sign, dense_sign) and bool((sign < 0).any()) and bool((sign > 0).any())
@@ -43,9 +46,10 @@ def test_determinant_solves_and_trace_match_the_dense_matrix(shared_left):
         torch.testing.assert_close((a @ x.unsqueeze(-1)).squeeze(-1), v, rtol=0, atol=1e-10)
         torch.testing.assert_close(lowrank.solve(dense, v, transpose=transpose)[0], x, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(lowrank.trace(jac), dense.diagonal(dim1=-2, dim2=-1).sum(-1), rtol=0, atol=1e-12)
-    torch.testing.assert_close(lowrank.as_dense(lowrank.transposed(jac)), dense.transpose(-1, -2), rtol=0, atol=0)
+    torch.testing.assert_close(lowrank.as_dense(lowrank.transposed(jac)), dense.transpose(-1, -2), rtol=0, atol=1e-13)
     rows = torch.tensor([True, False, True, False, False, True])
     torch.testing.assert_close(lowrank.as_dense(lowrank.select(jac, rows)), dense[rows], rtol=0, atol=0)
+    assert (lowrank.select(jac, rows).left.dim() == 2) == shared  # shared factors stay shared
 
 
 def test_the_determinant_lemma_is_differentiable_like_slogdet():
@@ -60,15 +64,15 @@ def test_the_determinant_lemma_is_differentiable_like_slogdet():
 
 def test_a_singular_system_gives_nan_rows_not_an_error():
     jac = random_factors(batch=2)
-    # row 1: L R = -diag(d) on the span of one direction makes J singular
+    # row 1: L C R = -diag(d) on the span of e_0 makes J singular
     e = torch.zeros(DIM, dtype=D64)
     e[0] = 1.0
-    left, right = jac.left.clone(), jac.right.clone()
-    left[1] = 0.0
-    right[1] = 0.0
+    left, core, right = jac.left.clone(), jac.core.clone(), jac.right.clone()
+    left[1], core[1], right[1] = 0.0, 0.0, 0.0
     left[1, :, 0] = -jac.diag[1, 0] * e
+    core[1, 0, 0] = 1.0
     right[1, 0] = e
-    singular = lowrank.DiagPlusLowRank(jac.diag, left, right)
+    singular = lowrank.DiagPlusLowRank(jac.diag, left, core, right)
     assert float(lowrank.slogdet(singular)[1][1]) == -float("inf")
     x, ok = lowrank.solve(singular, torch.randn(2, DIM, dtype=D64))
     assert ok.tolist() == [True, False] and bool(torch.isnan(x[1]).all()) and bool(torch.isfinite(x[0]).all())
@@ -114,6 +118,8 @@ def test_the_one_step_map_uses_the_structured_jacobian_and_it_is_exact():
     x0 = torch.randn(5, DIM, dtype=D64)
     step = ode_step(net, potential, process, x0, 16, 16, return_jacobian=True)
     assert isinstance(step.jacobian, lowrank.DiagPlusLowRank)
+    # only the r x r core is per draw: the determinant and solves cost O(r^3 + D r) each
+    assert step.jacobian.diag.shape == (1, DIM) and step.jacobian.left.dim() == step.jacobian.right.dim() == 2
     out = flow(net, potential, process, x0, 1, log_det="exact")
     fn = one_step_map(net, potential, process)
     for i in range(x0.shape[0]):
