@@ -26,6 +26,7 @@ site and the fix.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
 
@@ -107,7 +108,10 @@ class ModelTarget(FlatTarget):
     :param tuple model_args: positional arguments of the model.
     :param dict model_kwargs: keyword arguments of the model.
     :param int max_plate_nesting: as in :class:`~pyro.infer.NUTS` (guessed if ``None``).
-    :param init_strategy: Pyro init strategy for the starting point (default ``init_to_median``).
+    :param init_strategy: Pyro init strategy for the starting point (default: the point of lowest potential
+        among ``init_to_median`` and :attr:`NUM_UNIFORM_INITS` draws of Pyro MCMC's default ``init_to_uniform``,
+        uniform on :math:`(-2, 2)` in the unconstrained space; the medians of a vague scale prior such as
+        ``Gamma(0.01, 0.01)`` put the random effects it scales at :math:`10^8`).
     :param dict transforms: optional site -> transform (constrained to unconstrained) overrides.
     :param str vectorize: force ``"vmap"``, ``"plate"`` or ``"loop"``; default tries them in order.
     :param dict initial_params: optional unconstrained starting values ``{site: tensor}`` (as for
@@ -115,6 +119,8 @@ class ModelTarget(FlatTarget):
     """
 
     METHODS = ("vmap", "plate", "loop")
+    #: uniform draws that compete with the prior medians for the default initial point
+    NUM_UNIFORM_INITS = 8
     site_kind = "latent site"
     _not_finite_message = ("The model's potential is not finite near its initial point; check the model's priors "
                            "and likelihood, or pass `initial_params` / `init_strategy`.")
@@ -141,7 +147,8 @@ class ModelTarget(FlatTarget):
                     for frame in site["cond_indep_stack"] if frame.vectorized]
             max_plate_nesting = -min(dims) if dims else 0
         self.max_plate_nesting = int(max_plate_nesting)
-        init_strategy = init_to_median(num_samples=15) if init_strategy is None else init_strategy
+        default_init = init_strategy is None
+        init_strategy = init_to_median(num_samples=15) if default_init else init_strategy
         try:
             with pyro.validation_enabled(False):
                 init_params, self._pyro_potential, self.transforms, self.prototype_trace = initialize_model(
@@ -181,6 +188,19 @@ class ModelTarget(FlatTarget):
             self.init = self._check_initial_params(initial_params)
         self._potentials = {"vmap": self._vmap_potential, "plate": self._plate_potential, "loop": self._loop_potential}
         self.vectorize = self._select(vectorize)
+        if default_init and initial_params is None:
+            self.init = self._lowest_initial_point(self.init)
+
+    def _lowest_initial_point(self, init: torch.Tensor) -> torch.Tensor:
+        """The point of lowest potential among ``init`` and :attr:`NUM_UNIFORM_INITS` uniform draws on (-2, 2)
+        (from a fixed generator: the choice depends on the model only and leaves the global seed alone)."""
+        generator = torch.Generator(device=init.device).manual_seed(0)
+        uniform = torch.rand(self.NUM_UNIFORM_INITS, init.numel(), dtype=init.dtype, device=init.device,
+                             generator=generator)
+        candidates = torch.cat([init.unsqueeze(0), 4.0 * uniform - 2.0])
+        with torch.no_grad():
+            potential = torch.nan_to_num(self.potential(candidates), nan=math.inf)
+        return candidates[int(torch.argmin(potential))].clone()
 
     def _check_initial_params(self, initial_params: dict) -> torch.Tensor:
         """Validates user ``initial_params`` (unconstrained values of the latent sites, as for MCMC)."""

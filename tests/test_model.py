@@ -190,6 +190,41 @@ def test_initial_params_for_models_set_the_starting_point(regression_data):
     torch.testing.assert_close(target.init, start["w"])
 
 
+def vague_random_effects(y):
+    # a vague Gamma(0.01, 0.01) precision: its prior medians are ~1e-30, so init_to_median puts b at ~1e8
+    tau = pyro.sample("tau", dist.Gamma(torch.tensor(0.01, dtype=y.dtype), 0.01))
+    with pyro.plate("groups", y.shape[0]):
+        b = pyro.sample("b", dist.Normal(torch.tensor(0.0, dtype=y.dtype), tau.rsqrt()))
+        pyro.sample("y", dist.Normal(b, 1.0), obs=y)
+
+
+VAGUE_Y = torch.tensor([1.2, -0.4, 2.1, 0.3, -1.5, 0.9, 1.8, -0.2], dtype=D64)
+
+
+def test_the_default_initial_point_survives_a_vague_scale_prior():
+    from pyro.infer.autoguide.initialization import init_to_median
+
+    pyro.set_rng_seed(0)
+    median = ModelTarget(vague_random_effects, (VAGUE_Y,), init_strategy=init_to_median(num_samples=15))
+    default = ModelTarget(vague_random_effects, (VAGUE_Y,))
+    assert float(median.potential(median.init[None])) > 1e6  # the medians are useless here
+    assert float(default.potential(default.init[None])) < 100 and bool((default.init.abs() <= 2).all())
+    # an explicit strategy or initial point is used as given
+    assert torch.equal(ModelTarget(vague_random_effects, (VAGUE_Y,), initial_params={
+        "tau": torch.tensor(0.5, dtype=D64), "b": torch.zeros(8, dtype=D64)}).init[-1], torch.tensor(0.5, dtype=D64))
+
+
+def test_a_vague_scale_prior_gets_exact_evidence():
+    # y_j | tau ~ N(0, 1 + 1/tau): log Z by quadrature over log tau (the Pyro model diverged before)
+    u = torch.linspace(-40.0, 25.0, 200001, dtype=D64)
+    log_prior = dist.Gamma(torch.tensor(0.01, dtype=D64), 0.01).log_prob(u.exp()) + u
+    log_lik = dist.Normal(0.0, (1 + (-u).exp()).sqrt().unsqueeze(-1)).log_prob(VAGUE_Y).sum(-1)
+    log_z = float(torch.logsumexp(log_prior + log_lik, 0) + math.log(float(u[1] - u[0])))
+    pyro.set_rng_seed(0)
+    ev = OSDS(vague_random_effects, num_chains=1, num_samples=4000, disable_progbar=True).run(VAGUE_Y).log_evidence()
+    assert close_to_truth(ev.log_z, log_z, ev.se), (ev, log_z)
+
+
 def test_pointwise_log_likelihood(regression_data):
     X, y = regression_data
     target = ModelTarget(linear_regression, (X, y))

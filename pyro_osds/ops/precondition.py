@@ -477,13 +477,17 @@ def _newton_direction(hessian: torch.Tensor, score: torch.Tensor) -> torch.Tenso
     sym = 0.5 * (hessian + hessian.transpose(-1, -2))
     chol, info = torch.linalg.cholesky_ex(sym)
     step = torch.cholesky_solve(score.unsqueeze(-1), chol).squeeze(-1)
-    indefinite = (info != 0) | ~torch.isfinite(step).all(-1)
-    if bool(indefinite.any()):
-        eigval, eigvec = torch.linalg.eigh(sym[indefinite])
-        floor = 1e-8 * eigval.abs().amax(-1, keepdim=True).clamp_min(1e-12)
-        inverse = (eigvec / eigval.abs().clamp_min(floor).unsqueeze(-2)) @ eigvec.transpose(-1, -2)
-        step[indefinite] = (inverse @ score[indefinite].unsqueeze(-1)).squeeze(-1)
-    return torch.where(torch.isfinite(step), step, torch.zeros_like(step))
+    finite = torch.isfinite(sym).all(-1).all(-1) & torch.isfinite(score).all(-1)
+    indefinite = ((info != 0) | ~torch.isfinite(step).all(-1)) & finite
+    for row in indefinite.nonzero().flatten().tolist():  # rare: saddles, maxima, flat directions
+        try:
+            eigval, eigvec = torch.linalg.eigh(sym[row])
+        except RuntimeError:  # eigh did not converge: no step for this row
+            step[row] = 0.0
+            continue
+        floor = 1e-8 * eigval.abs().max().clamp_min(1e-12)
+        step[row] = eigvec @ ((eigvec.T @ score[row]) / eigval.abs().clamp_min(floor))
+    return torch.where(torch.isfinite(step) & finite.unsqueeze(-1), step, torch.zeros_like(step))
 
 
 def _damped_step(potential_fn: PotentialFn, x: torch.Tensor, u: torch.Tensor, step: torch.Tensor) -> torch.Tensor:

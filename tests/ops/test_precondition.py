@@ -10,6 +10,7 @@ import torch
 from pyro_osds.ops.precondition import (
     AffineMap,
     LaplacePartition,
+    _newton_direction,
     covering_gaussian,
     find_modes,
     fit_gaussian,
@@ -204,3 +205,18 @@ def test_the_laplace_partition_is_a_partition_of_unity():
     torch.testing.assert_close(log_s, dens - torch.logsumexp(dens, 0), atol=1e-12, rtol=0)
     restricted = partition.restricted(lambda z: (z**2).sum(-1), 1)
     torch.testing.assert_close(restricted(x), (x**2).sum(-1) - log_s[1], atol=1e-12, rtol=0)
+
+
+def test_newton_directions_descend_and_skip_what_cannot_be_solved():
+    score = torch.tensor([[1.0, -2.0], [1.0, 1.0], [0.5, 0.5], [1.0, 0.0]], dtype=D64)
+    hessian = torch.stack([
+        torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=D64),  # positive definite: the Newton step itself
+        torch.tensor([[1.0, 0.0], [0.0, -4.0]], dtype=D64),  # a saddle: |H| gives a descent direction
+        torch.tensor([[math.nan, 0.0], [0.0, 1.0]], dtype=D64),  # not finite: no step
+        torch.zeros(2, 2, dtype=D64),  # flat: floored eigenvalues, a finite step
+    ])
+    step = _newton_direction(hessian, score)
+    torch.testing.assert_close(step[0], torch.linalg.solve(hessian[0], score[0]))
+    torch.testing.assert_close(step[1], torch.tensor([1.0, 0.25], dtype=D64))
+    assert step[2].tolist() == [0.0, 0.0] and bool(torch.isfinite(step[3]).all())
+    assert bool(((step * score).sum(-1)[[0, 1, 3]] > 0).all())  # uphill in log density: downhill in U
