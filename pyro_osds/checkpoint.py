@@ -26,7 +26,8 @@ __all__ = ["FORMAT", "RESUMABLE_CHANGES", "atomic_save", "check_compatible", "is
 FORMAT = "pyro_osds.OSDS/2"
 #: settings that may differ between a checkpoint and the run that resumes it
 RESUMABLE_CHANGES = frozenset({"num_iterations", "chunk_size", "eval_log_det", "exact_log_det_max_dim",
-                               "eval_num_probes", "max_consecutive_skips", "sample_with_ema"})
+                               "eval_num_probes", "max_consecutive_skips", "sample_with_ema", "early_stopping",
+                               "eval_dtype"})
 
 
 def is_plain(obj) -> bool:

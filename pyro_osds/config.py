@@ -90,6 +90,7 @@ FLAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "flow_kl_gradient": ("objective", "flow_kl", "gradient"),
     "path_gradient_cutoff": ("objective", "flow_kl", "path_cutoff"),
     "flow_kl_tempering": ("objective", "flow_kl", "tempering"),
+    "early_stopping": ("objective", "flow_kl", "early_stop"),
     # the paper's objective
     "diffusion_weight": ("objective", "diffusion", "weight"),
     "batch_size": ("objective", "diffusion", "batch_size"),
@@ -117,6 +118,7 @@ FLAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "exact_log_det_max_dim": ("evaluation", "exact_log_det_max_dim"),
     "eval_num_probes": ("evaluation", "num_probes"),
     "chunk_size": ("evaluation", "chunk_size"),
+    "eval_dtype": ("evaluation", "dtype"),
 }
 
 _PARTS = {"process": ReferenceProcess, "net": NetConfig, "optim": OptimConfig, "objective": ObjectiveConfig,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .ops.consistency import consistency_grid, consistency_loss
+from .ops.estimators import kish_ess
 from .ops.integrate import LOG_DET_METHODS
 from .ops.losses import (
     DIFFUSION_LOSSES,
@@ -53,6 +54,7 @@ __all__ = [
     "flow_kl_stage",
     "flow_kl_train_steps",
     "multimodal_remedy",
+    "plateau_stop",
     "resolve_flow_kl_gradient",
 ]
 
@@ -82,6 +84,10 @@ class FlowKLConfig:
         :math:`\pi^{\beta} p_0^{1-\beta}` with :math:`\beta = \min(1, i / (\text{tempering} \cdot
         \text{num\_iterations}))`, from the base :math:`p_0` (which the untrained map already is) to the
         target; a flow that covers separated modes while they emerge keeps them.
+    :param bool early_stop: train only as long as it pays (``early_stopping``, ``True``): no training when the
+        untrained map already fits (:meth:`~pyro_osds.sampler.FlowSampler.fits_untrained`), and a stop when the
+        training draws' ESS/N averages 0.99 over 100 iterations or the ELBO gains less than 0.01 nats per 100
+        iterations twice in a row (:func:`plateau_stop`); ``num_iterations`` stays the maximum.
     """
 
     weight: float = 1.0
@@ -91,6 +97,7 @@ class FlowKLConfig:
     gradient: str = "auto"
     path_cutoff: float | None = 5.0
     tempering: float = 0.0
+    early_stop: bool = True
 
     def __post_init__(self):
         check_number("flow_kl_weight", self.weight, low=0)
@@ -105,6 +112,8 @@ class FlowKLConfig:
         if self.path_cutoff is not None:
             check_number("path_gradient_cutoff", self.path_cutoff, low=0, low_open=True)
         check_number("flow_kl_tempering", self.tempering, low=0, high=1)
+        if not isinstance(self.early_stop, bool):
+            raise TypeError(f"`early_stopping` must be True or False, got {self.early_stop!r}.")
 
 
 @dataclass(frozen=True)
@@ -255,11 +264,44 @@ def flow_kl_stage(config: FlowKLConfig, potential_fn: PotentialFn, process: Refe
         out = flow_kl_loss(context.net, target, process, z0, num_steps, fold_weight=config.fold_weight,
                            gradient=gradient, path_cutoff=config.path_cutoff)
         value = float(out.loss.detach()) if out.loss is not None else math.nan
+        finite = out.log_weights[torch.isfinite(out.log_weights)]
+        ess = float(kish_ess(finite)) / out.log_weights.numel() if finite.numel() else math.nan
         info = {"loss": value, "elbo": _finite_mean(out.log_weights), "invalid_paths": out.num_invalid,
-                "flow_kl": value}
+                "flow_kl": value, "flow_kl_elbo": _finite_mean(out.log_weights), "flow_kl_ess": ess}
         return Term(out.loss, config.weight, info)
 
-    return Stage(term, keys=("flow_kl",))
+    stop = plateau_stop if config.early_stop and config.tempering == 0 else None
+    return Stage(term, keys=("flow_kl", "flow_kl_elbo", "flow_kl_ess"), stop=stop)
+
+
+def plateau_stop(history: dict, step: int, *, window: int = 100, min_gain: float = 0.01, patience: int = 2,
+                 perfect_ess: float = 0.99) -> str | None:
+    r"""
+    The one-step objective's early stop, checked every ``window`` iterations from ``(patience + 1) * window``
+    on, on the training draws (fresh draws of the current map, with exact weights): the reason to stop, or
+    ``None``. It stops when their Kish ESS/N averages ``perfect_ess`` over the last window (the map is as good
+    as its weights can show), or when the mean ELBO of each of the last ``patience`` windows is less than
+    ``min_gain`` nats above the window before: the ELBO gap :math:`\mathrm{KL}(q\|\pi)` then shrinks by less
+    than that per window, and the ESS/N, about :math:`e^{-2\,\mathrm{KL}}`, by less than 2%.
+    """
+    if step % window or step < (patience + 1) * window:
+        return None
+
+    def window_mean(key, k):  # mean of the finite values of window k counted back from the last (k = 0)
+        values = torch.tensor(history[key][len(history[key]) - (k + 1) * window:len(history[key]) - k * window],
+                              dtype=torch.float64)
+        values = values[torch.isfinite(values)]
+        return float(values.mean()) if values.numel() else math.nan
+
+    ess = window_mean("flow_kl_ess", 0)
+    if ess >= perfect_ess:
+        return f"the training draws' ESS/N averaged {ess:.3f} over the last {window} iterations"
+    means = [window_mean("flow_kl_elbo", k) for k in range(patience + 1)]
+    gains = [means[k] - means[k + 1] for k in range(patience)]
+    if all(math.isfinite(g) and g < min_gain for g in gains):
+        return (f"the ELBO gained less than {min_gain} nats per {window} iterations over the last "
+                f"{patience * window} iterations")
+    return None
 
 
 def diffusion_stage(config: DiffusionConfig, potential_fn: PotentialFn, process: ReferenceProcess, dim: int) -> Stage:

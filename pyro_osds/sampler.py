@@ -171,10 +171,11 @@ class FlowSampler(_Chain):
         return self.preconditioner
 
     def flow_potential(self, z: torch.Tensor) -> torch.Tensor:
-        """The potential on inputs of the flow's dtype (evaluated in the model's dtype)."""
-        if self.dtype == self.model_dtype:
+        """The potential on inputs of the flow's dtype, or any other, returned in it (evaluated in the model's
+        dtype)."""
+        if z.dtype == self.model_dtype:
             return self.potential_fn(z)
-        return self.potential_fn(z.to(self.model_dtype)).to(self.dtype)
+        return self.potential_fn(z.to(self.model_dtype)).to(z.dtype)
 
     @property
     def whitened_potential(self) -> PotentialFn:
@@ -223,11 +224,31 @@ class FlowSampler(_Chain):
         """The first phase's trainer (``None`` before training)."""
         return self.trainers[0] if self.trainers else None
 
+    #: pilot draws that decide whether the untrained map already fits
+    num_pilot = 1024
+
+    def fits_untrained(self) -> bool:
+        """
+        Whether the untrained one-step map (the preconditioner, with the network's Langevin-like
+        initial drift) already fits the target: :attr:`num_pilot` fresh draws with ESS/N >= 0.95 and
+        k-hat <= 0.5 (a conjugate model's exact Gaussian preconditioner, a mixture component whose piece is
+        Gaussian). Only for the one-step objective of one step count, whose untrained map this is; the
+        pilot draws come from their own stream and leave the chain's draws alone.
+        """
+        if (self.config.method != "osds" or self.train_steps != (1,)
+                or self.config.objective.trains_every_step_count):
+            return False
+        pilot = seeded_generator(self.device, (self.draw_generator.initial_seed() + 1) % 2**63)
+        est = self.draw(self.num_pilot, 1, generator=pilot).evidence()
+        return est.ess_per_draw >= 0.95 and est.k_hat <= 0.5
+
     def fit(self, num_iterations: int | None = None, *, until: int | None = None) -> dict[str, list]:
         """
         Fits the preconditioner (once) and trains every unfinished phase; returns the history of the
         last phase trained. ``num_iterations`` iterations of the first phase are run (default: up to its
-        total), and ``until`` first sets that total (the learning-rate schedule's horizon).
+        total, or less when early stopping is on: none when :meth:`fits_untrained`, and stopping on a
+        plateau, :func:`~pyro_osds.objectives.plateau_stop`), and ``until`` first sets that total (the
+        learning-rate schedule's horizon).
         """
         history: dict[str, list] = {}
         for phase in range(self.num_phases):
@@ -235,6 +256,9 @@ class FlowSampler(_Chain):
             if phase == 0 and until is not None:
                 check_positive_int("num_iterations", until, minimum=0)
                 trainer.num_iterations = until
+            if (phase == 0 and num_iterations is None and trainer.step == 0 and trainer.stop_reason is None
+                    and self.config.objective.flow_kl.early_stop and self.fits_untrained()):
+                trainer.stop_reason = "the untrained map already fits (pilot ESS/N >= 0.95, k-hat <= 0.5)"
             desc = None if self.disable_progbar else (self.desc if phase == 0 else f"{self.desc} (consistency)")
             history = trainer.train(num_iterations if phase == 0 else None, hook_fn=self.hook_fn, desc=desc)
             if trainer.interrupted:
@@ -275,12 +299,16 @@ class FlowSampler(_Chain):
     def transport(self, num_steps: int = 1, *, num_probes: int | None = None):
         """The chain's map from base draws to the potential's space with ``num_steps`` steps
         (:mod:`pyro_osds.transports`)."""
-        affine = self.fit_preconditioner()
-        kwargs = dict(dtype=self.dtype, model_dtype=self.model_dtype)
+        affine, net = self.fit_preconditioner(), self.sampling_net
+        dtype = self.config.evaluation.torch_dtype(self.dtype)
+        if dtype != self.dtype:  # the trained parameters, exactly, in the drawing arithmetic
+            affine, net = affine.to(dtype=dtype), copy.deepcopy(net).to(dtype)
+        potential_z = whiten_potential(self.flow_potential, affine)
+        kwargs = dict(dtype=dtype, model_dtype=self.model_dtype, base_dtype=self.dtype)
         if self.config.method == "cdds":
-            return ConsistencyTransport(self.sampling_net, self.whitened_potential, self.process, affine, num_steps,
+            return ConsistencyTransport(net, potential_z, self.process, affine, num_steps,
                                         sigma_data=self.config.objective.consistency.sigma_data, **kwargs)
-        return FlowTransport(self.sampling_net, self.whitened_potential, self.process, affine, num_steps,
+        return FlowTransport(net, potential_z, self.process, affine, num_steps,
                              num_probes=num_probes or self.config.evaluation.num_probes, **kwargs)
 
     def draw(
@@ -398,7 +426,7 @@ class MixtureSampler(_Chain):
     :math:`Z = \sum_k Z_k` with :math:`Z_k = \int \pi s_k`; component :math:`k` is a :class:`FlowSampler`
     preconditioned at mode :math:`k` (its Laplace fit, refined as ``config.preconditioner.kind`` asks) and
     trained on the piece :math:`\pi s_k`, which keeps it at that mode. A component whose untrained one-step
-    map already fits its piece (1024 pilot draws with ESS/N >= 0.95 and k-hat <= 0.5) is not trained. Draws
+    map already fits its piece (:meth:`FlowSampler.fits_untrained`, with early stopping on) is not trained. Draws
     come from the :class:`~pyro_osds.transports.MixtureTransport`, each weighted by :math:`\pi s_k / q_k`
     (multiple importance sampling with the partition as weighting functions), so the weights are exact and
     :math:`\hat Z` unbiased whatever :math:`\alpha` is, and no component's density is needed at another's
@@ -457,23 +485,16 @@ class MixtureSampler(_Chain):
                 component.preconditioner = affine.to(dtype=component.dtype)
                 component.precondition_info.update(info)
 
-    def _fits_untrained(self, component: FlowSampler) -> bool:
-        if component.train_steps != (1,) or self.config.objective.trains_every_step_count:
-            return False  # only the untrained one-step map is the identity
-        est = component.draw(self.num_pilot, 1, generator=self.draw_generator).evidence()
-        return est.ess_per_draw >= 0.95 and est.k_hat <= 0.5
-
     def fit(self, num_iterations: int | None = None, *, until: int | None = None) -> dict[str, list]:
         """Fits the components' preconditioners, trains the components that need it (module docstring)
         and sets the mixture weights; returns the training history, concatenated over components."""
         self.fit_preconditioner()
         history: dict[str, list] = {key: [] for key in COMMON_KEYS}
         for k, component in enumerate(self.components):
-            if self.trained[k] is None:
-                self.trained[k] = not self._fits_untrained(component)
-            if self.trained[k]:
+            if self.trained[k] is not False:
                 for key, values in component.fit(num_iterations, until=until).items():
                     history.setdefault(key, []).extend(values)
+                self.trained[k] = component.iteration > 0
                 if component.interrupted:
                     return history
         self._set_weights()

@@ -118,11 +118,13 @@ class TrainContext:
 
 
 class Stage(NamedTuple):
-    """One optimiser step of an objective: ``term(context) -> Term | None`` and the history ``keys``
-    its terms report."""
+    """One optimiser step of an objective: ``term(context) -> Term | None``, the history ``keys`` its
+    terms report and optionally ``stop(history, step) -> reason | None``, its early-stopping rule
+    (training that runs up to its budget stops early when every stage has a rule and each gives a reason)."""
 
     term: Callable[[TrainContext], Term | None]
     keys: tuple[str, ...] = ()
+    stop: Callable[[dict, int], str | None] | None = None
 
 
 class Trainer:
@@ -158,6 +160,8 @@ class Trainer:
         self.num_skipped = 0
         self.consecutive_skips = 0
         self.interrupted = False
+        #: why training that ran up to its budget stopped before it (``None``: it did not)
+        self.stop_reason: str | None = None
         keys = COMMON_KEYS + tuple(k for stage in self.objective for k in stage.keys if k not in COMMON_KEYS)
         self.history: dict[str, list] = {k: [] for k in dict.fromkeys(keys)}
 
@@ -225,15 +229,28 @@ class Trainer:
         record["seconds"] = time.perf_counter() - start
         return {k: record.get(k, math.nan) for k in self.history}
 
+    def early_stop_reason(self) -> str | None:
+        """The stages' agreed reason to stop now (:class:`Stage`), or ``None``."""
+        rules = [stage.stop for stage in self.objective]
+        if not rules or any(rule is None for rule in rules):
+            return None
+        reasons = [rule(self.history, self.step) for rule in rules]
+        return "; ".join(reasons) if all(reasons) else None
+
     def train(self, num_iterations: int | None = None, *, hook_fn: Callable | None = None,
               desc: str | None = None) -> dict[str, list]:
         """
-        Runs ``num_iterations`` iterations (default: up to :attr:`num_iterations` in total) and
-        returns the history (a dict of per-iteration lists). ``hook_fn(step, info)`` runs after every
-        iteration; ``desc`` labels a progress bar (none when ``None``, or when ``CI`` is set).
+        Runs ``num_iterations`` iterations, or by default up to :attr:`num_iterations` in total, stopping
+        earlier when the objective's early-stopping rules agree (:attr:`stop_reason` says why; a later
+        default call then trains no further), and returns the history (a dict of per-iteration lists).
+        ``hook_fn(step, info)`` runs after every iteration; ``desc`` labels a progress bar (none when
+        ``None``, or when ``CI`` is set).
         """
-        if num_iterations is None:
-            num_iterations = max(self.num_iterations - self.step, 0)
+        up_to_budget = num_iterations is None
+        if up_to_budget:
+            num_iterations = 0 if self.stop_reason else max(self.num_iterations - self.step, 0)
+        else:
+            self.stop_reason = None
         self.interrupted = False
         bar = None
         if desc is not None and not progress_bar_disabled() and num_iterations > 0:
@@ -271,6 +288,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{info['loss']:.4g}", elbo=f"{info['elbo']:.4g}", refresh=False)
                 if hook_fn is not None:
                     hook_fn(self.step, info)
+                if up_to_budget:
+                    self.stop_reason = self.early_stop_reason()
+                    if self.stop_reason:
+                        break
         except KeyboardInterrupt:
             self.interrupted = True
             warn(f"Training interrupted at iteration {self.step}; the sampler keeps the parameters of the last "
@@ -296,6 +317,7 @@ class Trainer:
             "consecutive_skips": self.consecutive_skips,
             "history": {k: list(v) for k, v in self.history.items()},
             "generator": self.generator.get_state(),
+            "stop_reason": self.stop_reason,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -307,6 +329,7 @@ class Trainer:
         self.consecutive_skips = int(state["consecutive_skips"])
         self.history = {k: list(state["history"].get(k, [])) for k in self.history}
         self.generator.set_state(state["generator"])
+        self.stop_reason = state.get("stop_reason")
 
     @property
     def sampling_net(self) -> torch.nn.Module:

@@ -66,8 +66,9 @@ def batched(x):
 
 
 def fitted(**kw):
+    # early stopping off: the Gaussian's preconditioner alone fits it, and these runs are about training
     options = dict(potential_fn=potential, initial_params={"x": torch.zeros(3, dtype=D64)}, num_samples=300,
-                   preset="smoke")
+                   preset="smoke", early_stopping=False)
     options.update(kw)
     return OSDS(**options).run()
 
@@ -104,7 +105,7 @@ def quartic_potential(params):
 
 def make(**kw):
     options = dict(potential_fn=quartic_potential, initial_params={"x": torch.zeros(3, dtype=D64)}, num_samples=100,
-                   preset="smoke")
+                   preset="smoke", early_stopping=False)
     options.update(kw)
     return OSDS(**options)
 

@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
     pyro.set_rng_seed(0)
     OSDS(potential_fn=potential, initial_params={{"x": torch.zeros(3, dtype=D64)}}, num_samples=100,
          preset="smoke", num_iterations={iters}, checkpoint={path!r}, checkpoint_every=5,
-         disable_progbar=True).run()
+         early_stopping=False, disable_progbar=True).run()
     """
 )
 

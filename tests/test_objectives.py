@@ -19,13 +19,14 @@ from pyro_osds.objectives import (
     flow_kl_stage,
     flow_kl_train_steps,
     multimodal_remedy,
+    plateau_stop,
     resolve_flow_kl_gradient,
     tempering_beta,
 )
 from pyro_osds.ops.nets import StepConditionedControl
 from pyro_osds.ops.reference import ReferenceProcess
 from pyro_osds.sampler import FlowSampler
-from pyro_osds.train import TrainContext, Trainer
+from pyro_osds.train import OptimConfig, Stage, Term, TrainContext, Trainer
 from tests.common import D64, quadratic
 
 
@@ -60,13 +61,16 @@ def _stages(config, dim=3):
 
 def test_each_method_builds_its_stages():
     base = OSDSConfig.preset("smoke")
-    assert [s.keys for s in _stages(base)] == [("flow_kl",)]
+    assert [s.keys for s in _stages(base)] == [("flow_kl", "flow_kl_elbo", "flow_kl_ess")]
+    assert _stages(base)[0].stop is plateau_stop  # early stopping on by default
+    assert _stages(base.replace(early_stopping=False))[0].stop is None
     paper = _stages(OSDSConfig.preset("paper-cpu", grid_size=8))
     assert [s.keys for s in paper] == [(), ("sd_loss", "state_loss", "volume_loss", "jacobian_loss")]
     assert len(_stages(OSDSConfig.for_method("dis", grid_size=8))) == 1
     assert len(_stages(OSDSConfig.for_method("scds", grid_size=8))) == 2
     both = OSDSConfig.preset("paper-cpu", grid_size=8, flow_kl_weight=1.0)
-    assert [s.keys for s in _stages(both)][-1] == ("flow_kl",)
+    assert [s.keys for s in _stages(both)][-1] == ("flow_kl", "flow_kl_elbo", "flow_kl_ess")
+    assert [s.stop for s in _stages(both)][0] is None  # the paper's stages have no rule: no early stop
 
 
 def test_history_follows_the_objective():
@@ -77,7 +81,7 @@ def test_history_follows_the_objective():
     trainer = Trainer(net, _stages(config), config.optim, generator=torch.Generator().manual_seed(0))
     history = trainer.train()
     assert list(history) == ["loss", "elbo", "grad_norm", "skipped", "invalid_paths", "seconds", "sd_loss",
-                             "state_loss", "volume_loss", "jacobian_loss", "flow_kl"]
+                             "state_loss", "volume_loss", "jacobian_loss", "flow_kl", "flow_kl_elbo", "flow_kl_ess"]
     # the first stage (the diffusion loss) gives the loss; the one-step objective reports on its own
     assert all(math.isfinite(v) for v in history["loss"] + history["flow_kl"])
     assert history["loss"] != history["flow_kl"]
@@ -130,3 +134,49 @@ def test_tempering_runs_from_the_base_to_the_target():
     assert later.info["elbo"] < -10  # the sharp target itself
     with pytest.raises(ValueError, match="flow_kl_tempering"):
         OSDSConfig(flow_kl_tempering=1.5)
+
+
+def _history(elbo_per_window, ess=0.5, window=100):
+    elbo = [e for e in elbo_per_window for _ in range(window)]
+    return {"flow_kl_elbo": elbo, "flow_kl_ess": [ess] * len(elbo)}
+
+
+def test_plateau_stop_waits_for_two_flat_windows_or_near_constant_weights():
+    rising = _history([-12.0, -11.5, -11.2, -11.0])
+    assert plateau_stop(rising, 400) is None
+    flat = _history([-12.0, -11.0, -10.995, -10.99])  # gains 1.0, 0.005, 0.005
+    assert plateau_stop(flat, 299) is None and plateau_stop(flat, 300 + 1) is None  # checked every 100 only
+    assert "less than 0.01 nats per 100 iterations" in plateau_stop(flat, 400)
+    once = _history([-12.0, -11.0, -10.995, -10.9])  # the last window gained again
+    assert plateau_stop(once, 400) is None
+    assert plateau_stop(_history([-12.0, -11.0, -11.0]), 200) is None  # too early: three windows needed
+    perfect = _history([-12.0, -11.0, -10.0], ess=0.995)
+    assert "ESS/N averaged 0.995" in plateau_stop(perfect, 300)
+    broken = _history([-12.0, float("nan"), -11.0])
+    assert plateau_stop(broken, 300) is None
+
+
+def test_the_trainer_stops_early_only_when_running_to_its_budget():
+    net = torch.nn.Linear(2, 1)
+
+    def term(context):
+        loss = (net(torch.ones(1, 2)) ** 2).sum()
+        return Term(loss, 1.0, {"loss": loss.item(), "elbo": 0.0})
+
+    def stop(history, step):
+        return "converged" if step >= 7 else None
+
+    trainer = Trainer(net, [Stage(term, (), stop)], OptimConfig(num_iterations=50))
+    trainer.train()
+    assert trainer.step == 7 and trainer.stop_reason == "converged"
+    trainer.train()  # a stopped run stays stopped
+    assert trainer.step == 7
+    state = trainer.state_dict()
+    trainer.train(3)  # iterations asked for are run
+    assert trainer.step == 10 and trainer.stop_reason is None
+    trainer.load_state_dict(state)
+    assert trainer.step == 7 and trainer.stop_reason == "converged"
+    # a stage without a rule keeps the whole objective running
+    both = Trainer(net, [Stage(term, (), stop), Stage(term)], OptimConfig(num_iterations=12))
+    both.train()
+    assert both.step == 12 and both.stop_reason is None

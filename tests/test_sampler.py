@@ -180,3 +180,21 @@ def test_one_mode_or_a_single_flow_asked_for_give_a_flow_sampler():
     assert isinstance(single, FlowSampler) and len(single.search.modes) == 3
     with pytest.warns(UserWarning, match="at least 3 separated modes"):
         single.fit_preconditioner()  # one flow over a Gaussian covering the three
+
+
+def test_a_map_that_already_fits_is_not_trained_and_its_draws_are_untouched():
+    # the 3-D Gaussian: its Laplace preconditioner is exact, so the untrained one-step map fits
+    def build(**options):
+        return FlowSampler(batched, torch.zeros(3, dtype=D64), OSDSConfig(**options), disable_progbar=True,
+                           generator=torch.Generator().manual_seed(0))
+
+    sampler = build()
+    sampler.fit()
+    assert sampler.iteration == 0 and "already fits" in sampler.trainer.stop_reason
+    untouched = build()  # no pilot: the same draws
+    torch.testing.assert_close(sampler.draw(50).x, untouched.draw(50).x, rtol=0, atol=0)
+    trained = build(early_stopping=False, num_iterations=5)
+    trained.fit()
+    assert trained.iteration == 5 and trained.trainer.stop_reason is None
+    two_steps = FlowSampler(batched, torch.zeros(3, dtype=D64), OSDSConfig(), num_steps=2, disable_progbar=True)
+    assert not two_steps.fits_untrained()  # trained on two-step maps too: not the untrained one-step map

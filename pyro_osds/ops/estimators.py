@@ -146,8 +146,10 @@ def _clean(log_w: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
 
 
 def kish_ess(log_w: torch.Tensor) -> torch.Tensor:
-    r"""Kish effective sample size :math:`(\sum w)^2/\sum w^2` from log-weights (last dim)."""
-    return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
+    r"""Kish effective sample size :math:`(\sum w)^2/\sum w^2 \le N` from log-weights (last dim; equal weights
+    give :math:`N` up to rounding, which the clamp removes)."""
+    ess = torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
+    return ess.clamp(max=log_w.shape[-1])
 
 
 def _tail_length(n: int) -> int:

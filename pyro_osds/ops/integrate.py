@@ -353,13 +353,14 @@ def ode_step(
                 # Euler rule: dt * div(drift) = trace(J - I) of the step's Jacobian with g held constant
                 increment = lowrank.trace(jac) - x.shape[-1]
             else:
-                sign, increment = lowrank.slogdet(jac)
+                # drawing (not differentiable): the determinant in float64, as the weights are (base_log_q)
+                sign, increment = lowrank.slogdet(jac if differentiable else lowrank.to_dtype(jac, torch.float64))
                 jacobian = lowrank.transposed(jac) if return_jacobian else None
         else:
             u, x_next = _step_graph(net, potential_fn, process, x_in, code, step, through_g=through_g)
             if log_det in EXACT_LOG_DET_METHODS:
                 jac = batched_jacobian(x_next, x_in, create_graph=differentiable)
-                sign, increment = torch.linalg.slogdet(jac)
+                sign, increment = torch.linalg.slogdet(jac if differentiable else jac.to(torch.float64))
                 jacobian = jac if return_jacobian else None
             elif log_det in ("euler_trace", "hutchinson"):
                 if log_det == "euler_trace":
@@ -431,7 +432,8 @@ def flow(
     d = process.step_codes(num_steps)
     penalty = None
     x = x0
-    total = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
+    # drawing accumulates the log-det in float64 (hundreds of nats in float32 are off by ~1e-5)
+    total = torch.zeros(x0.shape[0], dtype=x0.dtype if differentiable else torch.float64, device=x0.device)
     orientation = None
     trajectory = [x0] if return_trajectory else None
     jacobians = [] if return_jacobians else None

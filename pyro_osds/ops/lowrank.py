@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["DiagPlusLowRank", "as_dense", "detach", "select", "slogdet", "solve", "trace", "transposed",
+__all__ = ["DiagPlusLowRank", "as_dense", "detach", "select", "slogdet", "solve", "to_dtype", "trace", "transposed",
            "well_conditioned"]
 
 #: smallest :math:`\min_i |d_i| / \max_i |d_i|` for which the diagonal is inverted
@@ -89,6 +89,13 @@ def detach(jac):
     if isinstance(jac, torch.Tensor):
         return jac.detach()
     return DiagPlusLowRank(*(t.detach() for t in jac))
+
+
+def to_dtype(jac, dtype: torch.dtype):
+    """The matrices in ``dtype``."""
+    if isinstance(jac, torch.Tensor):
+        return jac.to(dtype)
+    return DiagPlusLowRank(*(t.to(dtype) for t in jac))
 
 
 def as_dense(jac) -> torch.Tensor:

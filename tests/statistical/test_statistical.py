@@ -86,7 +86,7 @@ def test_elbo_is_a_lower_bound(gaussian_sampler, num_steps):
     assert est.elbo <= LOG_Z + Z * est.elbo_se, est
     config = gaussian_sampler.config
     if config.objective.diffusion.weight > 0 or num_steps in config.objective.flow_kl.steps:  # a trained step count
-        assert est.k_hat < 0.7
+        assert est.reliable, est  # k-hat < 0.7, or weights so near constant that k-hat is noise
         assert within(est.log_z, LOG_Z, est.se, bias=0.5 * est.se**2), est
 
 
@@ -159,10 +159,11 @@ def test_skewed_target_one_step_evidence_and_honest_fold_reports():
     with pytest.warns(UserWarning, match="folded draws"):
         table = compare({"one_step": est, "two_steps": two})
     assert not table.loc["two_steps", "reliable"] and table.loc["two_steps", "folded"] > 0
-    # the one-step estimate has no folds; whether PSIS flags its far tail is k-hat's call (the path-gradient
-    # map has k-hat 0.72 from these 8000 draws, 0.68 from 64000, ESS/N 0.996, log Z error 5e-4 +- 7e-4)
+    # the one-step estimate has no folds; the table's verdict is the estimate's own (the path-gradient map has
+    # k-hat 0.72 from these 8000 draws, 0.68 from 64000, but ESS/N 0.996: weights this near constant make k-hat
+    # noise, and the log Z error is 5e-4 +- 7e-4)
     assert table.loc["one_step", "folded"] == 0
-    assert bool(table.loc["one_step", "reliable"]) == (est.k_hat <= 0.7)
+    assert bool(table.loc["one_step", "reliable"]) == est.reliable
 
 
 _GRID = torch.tensor([-5.0, 0.0, 5.0], dtype=D64)
