@@ -14,6 +14,7 @@ from pyro_osds.ops.precondition import (
     covering_gaussian,
     find_modes,
     fit_gaussian,
+    fit_gaussian_natural,
     fit_laplace,
     gaussian_elbo,
     lost_modes,
@@ -79,6 +80,60 @@ def test_gaussian_fit_reaches_the_exact_elbo_on_a_gaussian():
     elbo = float(gaussian_elbo(potential, affine, 4000))
     assert elbo > info["pilot_elbos"][0]
     assert elbo == pytest.approx(log_z, abs=0.05)  # ELBO = log Z - KL, KL -> 0
+
+
+def test_natural_gradient_fit_recovers_a_gaussian():
+    # on a Gaussian target the expected Hessian is the precision itself: the precision converges geometrically
+    # (exact to rounding after 40 steps); the mean's error is the last steps' Monte-Carlo noise (beta ~ 1/t)
+    potential, mean, cov, log_z = gaussian_target(dim=6, seed=1)
+    start = AffineMap.identity(6, shift=torch.full((6,), 3.0, dtype=D64), dtype=D64)
+    affine, info = fit_gaussian_natural(potential, start, generator=torch.Generator().manual_seed(0))
+    # P_t - A = (I - A) * prod(1 - beta_t) = (I - A) * 2^-10 * (6*7*8*9*10)/(36*37*38*39*40) ~ 4e-7 (I - A)
+    precision = torch.linalg.inv(cov)
+    fitted = torch.cholesky_inverse(affine.scale_tril)
+    bound = 4e-7 * float((torch.eye(6, dtype=D64) - precision).abs().max())
+    torch.testing.assert_close(fitted, precision, rtol=0, atol=1.01 * bound)
+    # the mean's error in whitened units follows e <- (1 - b) e - b * (mean of 16 standard normals): its variance
+    # per coordinate is v below, and its squared Mahalanobis length v * chi2(6) (0.999 quantile 22.46)
+    variance = 0.0
+    for step in range(40):
+        beta = 0.5 if step < 10 else 5 / (step + 1)
+        variance = (1 - beta) ** 2 * variance + beta**2 / 16
+    mahalanobis2 = float((affine.shift - mean) @ torch.linalg.solve(cov, affine.shift - mean))
+    assert mahalanobis2 < 22.46 * variance
+    # ELBO = log Z - KL, KL = mahalanobis2 / 2 with the covariance exact; 256 draws: SE sqrt(mahalanobis2 / 256)
+    assert info["elbo"] == pytest.approx(log_z - mahalanobis2 / 2, abs=4 * (mahalanobis2 / 256) ** 0.5 + 1e-9)
+    assert info["skipped_steps"] == 0
+
+
+def test_natural_gradient_fit_reaches_a_modeless_hierarchical_posterior():
+    # centred random effects: the density grows without bound as tau -> 0 (no Laplace fit), and Adam from the
+    # identity is slow; 40 natural-gradient steps get within a nat of log Z (quadrature over log tau)
+    groups = 30
+    g = torch.Generator().manual_seed(0)
+    sigma = 0.5 + torch.rand(groups, dtype=D64, generator=g)
+    y = 1.0 + torch.randn(groups, dtype=D64, generator=g) + sigma * torch.randn(groups, dtype=D64, generator=g)
+    normal = torch.distributions.Normal
+
+    def potential(x):  # x = (mu, log tau, theta); mu ~ N(0, 5), tau ~ HalfNormal(2)
+        mu, log_tau, theta = x[:, 0], x[:, 1], x[:, 2:]
+        tau = log_tau.exp()
+        log_p = (normal(0.0, 5.0).log_prob(mu) + math.log(2) + normal(0.0, 2.0).log_prob(tau) + log_tau
+                 + normal(mu[:, None], tau[:, None]).log_prob(theta).sum(-1) + normal(theta, sigma).log_prob(y).sum(-1))
+        return -log_p
+
+    log_tau = torch.linspace(-12, 4, 20001, dtype=D64)
+    var = log_tau.exp()[:, None] ** 2 + sigma**2
+    prec = 1 / 25 + (1 / var).sum(-1)
+    integrand = (-0.5 * math.log(25) - 0.5 * torch.log(2 * math.pi * var).sum(-1) - 0.5 * (y**2 / var).sum(-1)
+                 - 0.5 * prec.log() + 0.5 * (y / var).sum(-1) ** 2 / prec
+                 + math.log(2) + normal(0.0, 2.0).log_prob(log_tau.exp()) + log_tau)
+    log_z = float(torch.logsumexp(integrand, 0) + math.log(float(log_tau[1] - log_tau[0])))
+    start = AffineMap.identity(groups + 2, dtype=D64)
+    assert float(gaussian_elbo(potential, start, 1000)) < log_z - 50
+    affine, info = fit_gaussian_natural(potential, start, generator=torch.Generator().manual_seed(0))
+    elbo = float(gaussian_elbo(potential, affine, 4000, generator=torch.Generator().manual_seed(1)))
+    assert log_z - 1.0 < elbo < log_z
 
 
 def test_gaussian_fit_starts_from_the_better_candidate_and_avoids_the_funnel_spike():
