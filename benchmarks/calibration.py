@@ -94,9 +94,10 @@ def _markdown(results: list[dict], env: dict, command: str) -> str:
              "diagnostic flags and among those it passes, how many are off (off/count): a diagnostic separates "
              "good from bad estimates when the off ones are flagged and the passed ones are not off.", "",
              "| target | D | runs | mean error | sd of z | off | k-hat > 0.7: off/flagged | k-hat ≤ 0.7: off/passed | "
+             "k-hat > 0.5: off/flagged | k-hat ≤ 0.5: off/passed | "
              "chains disagree (\\|z12\\| > 3): off/flagged | chains agree: off/passed | `reliable` false: off/flagged "
              "| `reliable` true: off/passed | fit s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     names = []
     for r in results:
         if r["target"] not in names:
@@ -113,6 +114,7 @@ def _markdown(results: list[dict], env: dict, command: str) -> str:
             f"| {name} | {rs[0]['dim']} | {len(rs)} x {len(rs[0]['records'])} | "
             f"{sum(x['error'] for x in recs) / len(recs):+.4f} | {sd_z:.2f} | {off}/{len(recs)} | "
             f"{_rate(recs, lambda x: x['k_hat'] > 0.7)} | {_rate(recs, lambda x: not x['k_hat'] > 0.7)} | "
+            f"{_rate(recs, lambda x: x['k_hat'] > 0.5)} | {_rate(recs, lambda x: not x['k_hat'] > 0.5)} | "
             f"{_rate(recs, lambda x: abs(x['chain_z']) > 3)} | {_rate(recs, lambda x: not abs(x['chain_z']) > 3)} | "
             f"{_rate(recs, lambda x: not x['reliable'])} | {_rate(recs, lambda x: x['reliable'])} | "
             f"{sum(r['fit_s'] for r in rs) / len(rs):.1f} |")

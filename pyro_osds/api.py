@@ -10,8 +10,10 @@ ArviZ output in :mod:`pyro_osds.convert`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -79,7 +81,13 @@ class OSDS(LogWeightsMixin):
         (default :func:`~pyro.infer.autoguide.initialization.init_to_median`).
     :param device: train on this device (e.g. ``"cuda"``); default: where the data (or
         ``initial_params``) live.
-    :param callable hook_fn: ``hook_fn(chain, step, info)`` after every training iteration.
+    :param int chain_threads: chains trained at once, each in its own thread (default: as many as the chains
+        and the CPU cores allow; ``1``: one after the other). Each chain has its own random stream, so the result
+        is the same either way; the model's potential is evaluated by one chain at a time (Pyro's effect handlers
+        are global), the networks, gradients and solves in parallel. With ``checkpoint`` set, or on a GPU, the
+        chains train one after the other.
+    :param callable hook_fn: ``hook_fn(chain, step, info)`` after every training iteration (from the chain's
+        thread when chains train at once).
     :param bool disable_progbar: no progress bars (also off when ``CI`` is set).
     :param checkpoint: path of a checkpoint file written atomically (write, then rename) every
         ``checkpoint_every`` training iterations and after each chain. ``KeyboardInterrupt`` or a
@@ -108,7 +116,8 @@ class OSDS(LogWeightsMixin):
                  num_samples: int = 1000, num_chains: int = 2, num_steps: int | None = None, method: str | None = None,
                  preset: str | None = None, config: OSDSConfig | None = None, transforms: dict | None = None,
                  batched_potential: bool = False, max_plate_nesting: int | None = None, init_strategy=None,
-                 device: str | torch.device | None = None, hook_fn: Callable | None = None,
+                 device: str | torch.device | None = None, chain_threads: int | None = None,
+                 hook_fn: Callable | None = None,
                  disable_progbar: bool = False, checkpoint: str | os.PathLike | None = None,
                  checkpoint_every: int = 100, resume: bool = False, **options):
         if (model is None) == (potential_fn is None):
@@ -121,6 +130,8 @@ class OSDS(LogWeightsMixin):
         for name, value in (("num_samples", num_samples), ("num_chains", num_chains),
                             ("checkpoint_every", checkpoint_every)):
             check_positive_int(name, value)
+        if chain_threads is not None:
+            check_positive_int("chain_threads", chain_threads)
         if num_steps is not None:
             check_positive_int("num_steps", num_steps)
         if resume and checkpoint is None:
@@ -140,6 +151,10 @@ class OSDS(LogWeightsMixin):
             raise ValueError(f"`device={device!r}` was asked for but CUDA is not available here; use `device='cpu'` "
                              "(or leave `device` unset to follow the data).")
         self.hook_fn, self.disable_progbar = hook_fn, disable_progbar
+        self.chain_threads = chain_threads
+        # one chain at a time in the model's potential (Pyro's effect-handler stack is global); set to stop
+        # chains training in other threads
+        self._potential_lock, self._stop_training = threading.RLock(), threading.Event()
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.checkpoint_every, self.resume = checkpoint_every, resume
         self.chain_seeds: list[int] = []
@@ -174,15 +189,23 @@ class OSDS(LogWeightsMixin):
                 self.hook_fn(chain, step, info)
             if self.checkpoint is not None and step % self.checkpoint_every == 0:
                 ckpt.atomic_save(self.state_dict(), self.checkpoint)
+            if self._stop_training.is_set():  # Ctrl-C in the main thread while chains train in threads
+                raise KeyboardInterrupt
 
         options = dict(num_steps=self.train_num_steps, generator=seeded_generator(self.target.device,
                                                                                   self.chain_seeds[chain]),
                        hook_fn=hook, disable_progbar=self.disable_progbar,
                        desc=f"OSDS chain {chain}" if self.num_chains > 1 else "OSDS")
-        with poutine.block():
-            if state is not None:
-                return restore_sampler(self.target.potential, self.target.init, self.config, state, **options)
-            return build_sampler(self.target.potential, self.target.init, self.config, **options)
+        # no effect handler here: chains may build in threads, and Pyro's handler stack is global (the callers
+        # block the model's sites; the potential enters the model under its lock)
+        if state is not None:
+            return restore_sampler(self._potential, self.target.init, self.config, state, **options)
+        return build_sampler(self._potential, self.target.init, self.config, **options)
+
+    def _potential(self, z: torch.Tensor) -> torch.Tensor:
+        """The target's batched potential, one thread at a time (its gradient flows outside the lock)."""
+        with self._potential_lock:
+            return self.target.potential(z)
 
     def fit(self, *args, **kwargs) -> OSDS:
         r"""
@@ -221,8 +244,21 @@ class OSDS(LogWeightsMixin):
             self._train_chains()
         return self
 
+    def _num_chain_threads(self) -> int:
+        if self.checkpoint is not None or self.target.device.type != "cpu":
+            return 1
+        if self.chain_threads is not None:
+            return min(self.chain_threads, self.num_chains)
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        return max(1, min(self.num_chains, cores // max(1, torch.get_num_threads())))
+
     def _train_chains(self) -> None:
         self.interrupted = False
+        if self._num_chain_threads() > 1:
+            return self._train_chains_concurrently(self._num_chain_threads())
         for chain in range(self.num_chains):
             if chain < len(self.samplers):
                 sampler = self.samplers[chain]
@@ -239,6 +275,51 @@ class OSDS(LogWeightsMixin):
                      f"{len(self.samplers)} of {self.num_chains} chains are kept (the last one partially trained). "
                      "Call `continue_training()` to finish.", RuntimeWarning)
                 break
+
+    def _train_chains_concurrently(self, num_threads: int) -> None:
+        """Trains the chains in ``num_threads`` threads (:meth:`_train_chains` one after the other gives the same
+        result); Ctrl-C stops every chain after its current iteration."""
+        samplers: dict[int, FlowSampler | MixtureSampler] = dict(enumerate(self.samplers))
+        errors: dict[int, BaseException] = {}
+        lock = threading.Lock()
+        self._stop_training.clear()
+
+        def train(chain: int) -> None:
+            try:
+                if self._stop_training.is_set():
+                    return
+                if chain not in samplers:
+                    sampler = self._new_sampler(chain)
+                    with lock:
+                        samplers[chain] = sampler
+                with self._explain_out_of_memory("training"):
+                    samplers[chain].fit(until=self.config.optim.num_iterations)
+                if samplers[chain].interrupted:  # a KeyboardInterrupt in this chain stops them all
+                    self._stop_training.set()
+            except BaseException as error:  # re-raised in the main thread, in chain order
+                self._stop_training.set()
+                errors[chain] = error
+
+        with concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="osds-chain") as pool:
+            futures = [pool.submit(train, chain) for chain in range(self.num_chains)]
+            pending = set(futures)
+            while pending:
+                try:
+                    _, pending = concurrent.futures.wait(pending, timeout=0.2)
+                except KeyboardInterrupt:
+                    self._stop_training.set()
+        self._stop_training.clear()
+        started = sorted(samplers)
+        kept = [chain for i, chain in enumerate(started) if chain == i]  # chains 0..k-1 (a prefix: resume needs it)
+        self.samplers = [samplers[chain] for chain in kept]
+        if errors:
+            raise errors[min(errors)]
+        stopped = [chain for chain in kept if samplers[chain].interrupted]
+        if stopped or len(kept) < self.num_chains:
+            self.interrupted = True
+            warn(f"Training was interrupted (chains {stopped} at iterations "
+                 f"{[samplers[c].iteration for c in stopped]}); {len(kept)} of {self.num_chains} chains are kept. "
+                 "Call `continue_training()` to finish.", RuntimeWarning)
 
     def run(self, *args, **kwargs) -> OSDS:
         """Trains (:meth:`fit`) and draws ``num_samples`` per chain (:meth:`sample`). Returns ``self``."""
@@ -417,8 +498,9 @@ class OSDS(LogWeightsMixin):
         ckpt.check_compatible(state, self)
         self.chain_seeds = [int(s) for s in state["chain_seeds"]]
         self.samplers = []
-        for chain, sampler_state in enumerate(state["samplers"]):
-            self.samplers.append(self._new_sampler(chain, sampler_state))
+        with poutine.block():
+            for chain, sampler_state in enumerate(state["samplers"]):
+                self.samplers.append(self._new_sampler(chain, sampler_state))
         self.draws = ckpt.restore_draws(state, self.target.device)
 
     @classmethod

@@ -21,7 +21,7 @@ import warnings
 
 import pandas as pd
 
-from .ops.estimators import NEAR_CONSTANT_ESS, Estimates
+from .ops.estimators import K_HAT_THRESHOLD, NEAR_CONSTANT_ESS, Estimates
 from .results import LogEvidence
 
 __all__ = ["compare"]
@@ -34,12 +34,13 @@ def _evidence_of(name, fitted):
     raise TypeError(f"compare: {name!r} must be a fitted OSDS (or its log_evidence()), got {type(fitted).__name__}.")
 
 
-def compare(models: dict, *, k_hat_threshold: float = 0.7, min_ess: float = 100.0) -> pd.DataFrame:
+def compare(models: dict, *, k_hat_threshold: float = K_HAT_THRESHOLD, min_ess: float = 100.0) -> pd.DataFrame:
     r"""
     Compares models by their log evidence.
 
     :param dict models: ``{name: fitted OSDS or its log_evidence()}`` (at least one).
-    :param float k_hat_threshold: Pareto :math:`\hat k` above which an estimate is flagged unreliable, unless
+    :param float k_hat_threshold: Pareto :math:`\hat k` above which an estimate is flagged unreliable (0.5: above it
+        the weights' variance is infinite and the SE understates the error), unless
         its weights are nearly constant (ESS/N >= 0.99; see :attr:`~pyro_osds.ops.estimators.Estimates.reliable`).
     :param float min_ess: Kish ESS below which an estimate is flagged unreliable.
     :raises ValueError: when an estimate's weights are not exact (an approximate log-det such as Hutchinson's).

@@ -11,7 +11,16 @@ from typing import NamedTuple
 
 import torch
 
-from .ops.estimators import Estimates, EvidenceError, evidence, kish_ess, pareto_k_hat, pool_estimates
+from .ops.estimators import (
+    K_HAT_THRESHOLD,
+    NEAR_CONSTANT_ESS,
+    Estimates,
+    EvidenceError,
+    evidence,
+    kish_ess,
+    pareto_k_hat,
+    pool_estimates,
+)
 from .ops.integrate import count_folded
 
 __all__ = ["ComponentEstimate", "Draws", "LogEvidence"]
@@ -152,6 +161,10 @@ class LogEvidence(NamedTuple):
                          "is no bound and log Z is not consistent (draw with log_det='exact')")
         if p.num_folded:
             lines.append(f"  warning: the flow folds at {p.num_folded} draws; their weights are not exact")
+        if p.k_hat > K_HAT_THRESHOLD and p.ess_per_draw < NEAR_CONSTANT_ESS:
+            lines.append(f"  warning: k_hat {p.k_hat:.2f} > {K_HAT_THRESHOLD}: the weights' variance is infinite, so the "
+                         "SE understates the error (log Z tends to come out low); train longer or check it "
+                         "with an independent method")
         if self.num_lost_modes:
             lines.append(f"  warning: {self.num_lost_modes} mode(s) the mode search found carry almost no weight; "
                          "log Z misses their mass")

@@ -2,9 +2,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Tests of pyro_osds.api: the OSDS runner on bare potentials (construction, methods, results, interruption)."""
 
+import _thread
 import math
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -172,18 +174,23 @@ def test_cdds_multi_step_draws_have_no_weights():
 
 # ------------------------------------------------------------------------------------------------
 # interruption
-def test_keyboard_interrupt_keeps_a_usable_sampler(tmp_path):
+@pytest.mark.parametrize("chain_threads", [1, 2])
+def test_keyboard_interrupt_keeps_a_usable_sampler(tmp_path, chain_threads):
     def hook(chain, step, info):
         if chain == 0 and step == 4:
             raise KeyboardInterrupt
 
     pyro.set_rng_seed(0)
     with pytest.warns(RuntimeWarning) as record:
-        osds = make(num_iterations=10, hook_fn=hook).run()
+        osds = make(num_iterations=10, hook_fn=hook, chain_threads=chain_threads).run()
     messages = " ".join(str(w.message) for w in record)
     assert "interrupted at iteration 4" in messages and "continue_training" in messages
-    assert osds.interrupted and len(osds.samplers) == 1 and osds.samplers[0].trainer.step == 4
-    assert osds.get_samples()["x"].shape == (100, 3)
+    assert osds.interrupted and osds.samplers[0].trainer.step == 4
+    if chain_threads == 1:  # chain 1 never started
+        assert len(osds.samplers) == 1
+    else:  # chain 1 trained at the same time and stopped with chain 0 (unless it had finished already)
+        assert len(osds.samplers) == 2 and (osds.samplers[1].interrupted or osds.samplers[1].trainer.step == 10)
+    assert osds.get_samples()["x"].shape == (100 * len(osds.samplers), 3)
     assert math.isfinite(osds.log_evidence().log_z)
     osds.save(tmp_path / "partial.pt")
     osds.hook_fn = None
@@ -191,6 +198,47 @@ def test_keyboard_interrupt_keeps_a_usable_sampler(tmp_path):
     assert not osds.interrupted and [s.trainer.step for s in osds.samplers] == [10, 10]
     pyro.set_rng_seed(0)
     assert_same_training(osds, make(num_iterations=10).run())
+
+
+def _small_pyro_model(x, y):
+    coef = pyro.sample("coef", dist.Normal(torch.zeros(2, dtype=D64), 2.0).to_event(1))
+    scale = pyro.sample("scale", dist.HalfNormal(torch.tensor(1.0, dtype=D64)))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(coef[..., :1] + coef[..., 1:] * x, scale), obs=y)
+
+
+def test_chains_trained_in_threads_equal_chains_trained_in_turn():
+    # a Pyro model: its potential enters Pyro's global effect-handler stack, one chain at a time
+    x, y = torch.arange(5, dtype=D64), torch.tensor([0.3, -1.2, 0.8, 2.0, 0.1], dtype=D64)
+    runs = []
+    for threads in (1, 2):
+        pyro.set_rng_seed(0)
+        runs.append(OSDS(_small_pyro_model, num_iterations=40, batch_size=64, num_samples=200, chain_threads=threads,
+                         disable_progbar=True).run(x, y))
+    assert runs[1]._num_chain_threads() == 2 and runs[0]._num_chain_threads() == 1
+    assert_same_training(*runs)
+    for a, b in zip(runs[0].draws, runs[1].draws, strict=True):
+        assert torch.equal(a.x, b.x) and torch.equal(a.log_weight, b.log_weight)
+    # a checkpointed run trains one chain after the other (the checkpoint holds every chain at once)
+    assert OSDS(_small_pyro_model, checkpoint="unused.pt", chain_threads=2).setup(x, y)._num_chain_threads() == 1
+
+
+def test_ctrl_c_stops_every_chain_training_in_threads():
+    def hook(chain, step, info):
+        if chain == 1 and step == 3:
+            _thread.interrupt_main()  # Ctrl-C: KeyboardInterrupt in the main thread, which waits for the chains
+
+    pyro.set_rng_seed(0)
+    with pytest.warns(RuntimeWarning) as record:
+        osds = make(num_iterations=40, hook_fn=hook, chain_threads=2).run()
+    assert "continue_training" in " ".join(str(w.message) for w in record)
+    assert osds.interrupted and len(osds.samplers) == 2
+    assert all(s.interrupted and 3 <= s.trainer.step < 40 for s in osds.samplers)
+    osds.hook_fn = None
+    osds.continue_training()
+    assert not osds.interrupted and [s.trainer.step for s in osds.samplers] == [40, 40]
+    pyro.set_rng_seed(0)
+    assert_same_training(osds, make(num_iterations=40, chain_threads=2).run())
 
 
 # ------------------------------------------------------------------------------------------------

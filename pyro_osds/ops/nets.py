@@ -29,6 +29,7 @@ Jacobian (:attr:`ControlNetwork.closed_form_jacobian`).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,9 @@ from torch import nn
 
 from ..util import check_choice, check_number, check_positive_int, derive_seed
 from .lowrank import DiagPlusLowRank
+
+#: held while a network initialises from the global RNG under a fixed seed (chains may build in threads)
+_GLOBAL_RNG_LOCK = threading.Lock()
 
 __all__ = ["ACTIVATIONS", "ControlNetwork", "FourierFeatures", "NetConfig", "StepConditionedControl"]
 
@@ -395,6 +399,7 @@ class NetConfig:
         if generator is None:
             return build()
         seed = derive_seed(generator)
-        with torch.random.fork_rng(devices=[] if torch.device(device or "cpu").type == "cpu" else [device]):
-            torch.manual_seed(seed)
+        with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[] if torch.device(device or "cpu").type == "cpu"
+                                                     else [device]):
+            torch.manual_seed(seed)  # the layers initialise from the global RNG: one thread at a time
             return build()

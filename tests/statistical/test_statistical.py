@@ -86,7 +86,11 @@ def test_elbo_is_a_lower_bound(gaussian_sampler, num_steps):
     assert est.elbo <= LOG_Z + Z * est.elbo_se, est
     config = gaussian_sampler.config
     if config.objective.diffusion.weight > 0 or num_steps in config.objective.flow_kl.steps:  # a trained step count
-        assert est.reliable, est  # k-hat < 0.7, or weights so near constant that k-hat is noise
+        # usable (k-hat <= 0.7, or weights so near constant that k-hat is noise) and within its SE; `reliable` asks
+        # for k-hat <= 0.5 (finite variance), which the briefly trained paper-objective map at K = 1 (ESS/N 0.02,
+        # k-hat 0.66) does not meet, so it is flagged although this estimate happens to be within its SE
+        assert est.k_hat <= 0.7 or est.ess_per_draw >= 0.99, est
+        assert est.reliable == (est.k_hat <= 0.5 or est.ess_per_draw >= 0.99), est
         assert within(est.log_z, LOG_Z, est.se, bias=0.5 * est.se**2), est
 
 
