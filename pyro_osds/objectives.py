@@ -277,14 +277,15 @@ def flow_kl_stage(config: FlowKLConfig, potential_fn: PotentialFn, process: Refe
 def plateau_stop(history: dict, step: int, *, window: int = 100, min_gain: float = 0.01, patience: int = 2,
                  perfect_ess: float = 0.99) -> str | None:
     r"""
-    The one-step objective's early stop, checked every ``window`` iterations from ``(patience + 1) * window``
-    on, on the training draws (fresh draws of the current map, with exact weights): the reason to stop, or
-    ``None``. It stops when their Kish ESS/N averages ``perfect_ess`` over the last window (the map is as good
-    as its weights can show), or when the mean ELBO of each of the last ``patience`` windows is less than
-    ``min_gain`` nats above the window before: the ELBO gap :math:`\mathrm{KL}(q\|\pi)` then shrinks by less
-    than that per window, and the ESS/N, about :math:`e^{-2\,\mathrm{KL}}`, by less than 2%.
+    The one-step objective's early stop, checked every ``window`` iterations on the training draws (fresh
+    draws of the current map, with exact weights): the reason to stop, or ``None``. It stops when their Kish
+    ESS/N averages ``perfect_ess`` over the last window (the map is as good as its weights can show; checked
+    from the first window on), or, from ``(patience + 1) * window`` iterations on, when the mean ELBO of each of
+    the last ``patience`` windows is less than ``min_gain`` nats above the window before: the ELBO gap
+    :math:`\mathrm{KL}(q\|\pi)` then shrinks by less than that per window, and the ESS/N, about
+    :math:`e^{-2\,\mathrm{KL}}`, by less than 2%.
     """
-    if step % window or step < (patience + 1) * window:
+    if step % window or step < window:
         return None
 
     def window_mean(key, k):  # mean of the finite values of window k counted back from the last (k = 0)
@@ -296,6 +297,8 @@ def plateau_stop(history: dict, step: int, *, window: int = 100, min_gain: float
     ess = window_mean("flow_kl_ess", 0)
     if ess >= perfect_ess:
         return f"the training draws' ESS/N averaged {ess:.3f} over the last {window} iterations"
+    if step < (patience + 1) * window:
+        return None
     means = [window_mean("flow_kl_elbo", k) for k in range(patience + 1)]
     gains = [means[k] - means[k + 1] for k in range(patience)]
     if all(math.isfinite(g) and g < min_gain for g in gains):

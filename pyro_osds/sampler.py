@@ -230,9 +230,9 @@ class FlowSampler(_Chain):
     def fits_untrained(self) -> bool:
         """
         Whether the untrained one-step map (the preconditioner, with the network's Langevin-like
-        initial drift) already fits the target: :attr:`num_pilot` fresh draws with ESS/N >= 0.95 and
-        k-hat <= 0.5 (a conjugate model's exact Gaussian preconditioner, a mixture component whose piece is
-        Gaussian). Only for the one-step objective of one step count, whose untrained map this is; the
+        initial drift) already fits the target: :attr:`num_pilot` fresh draws with ESS/N >= 0.95 whose estimate is
+        :attr:`~pyro_osds.ops.estimators.Estimates.reliable` (k-hat <= 0.5, or weights so near constant that k-hat
+        is noise: a conjugate model's exact Gaussian preconditioner, a mixture component whose piece is Gaussian). Only for the one-step objective of one step count, whose untrained map this is; the
         pilot draws come from their own stream and leave the chain's draws alone.
         """
         if (self.config.method != "osds" or self.train_steps != (1,)
@@ -240,7 +240,7 @@ class FlowSampler(_Chain):
             return False
         pilot = seeded_generator(self.device, (self.draw_generator.initial_seed() + 1) % 2**63)
         est = self.draw(self.num_pilot, 1, generator=pilot).evidence()
-        return est.ess_per_draw >= 0.95 and est.k_hat <= 0.5
+        return est.ess_per_draw >= 0.95 and est.reliable
 
     def fit(self, num_iterations: int | None = None, *, until: int | None = None) -> dict[str, list]:
         """
@@ -258,7 +258,7 @@ class FlowSampler(_Chain):
                 trainer.num_iterations = until
             if (phase == 0 and num_iterations is None and trainer.step == 0 and trainer.stop_reason is None
                     and self.config.objective.flow_kl.early_stop and self.fits_untrained()):
-                trainer.stop_reason = "the untrained map already fits (pilot ESS/N >= 0.95, k-hat <= 0.5)"
+                trainer.stop_reason = "the untrained map already fits (pilot ESS/N >= 0.95, reliable weights)"
             desc = None if self.disable_progbar else (self.desc if phase == 0 else f"{self.desc} (consistency)")
             history = trainer.train(num_iterations if phase == 0 else None, hook_fn=self.hook_fn, desc=desc)
             if trainer.interrupted:

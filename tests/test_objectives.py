@@ -152,6 +152,9 @@ def test_plateau_stop_waits_for_two_flat_windows_or_near_constant_weights():
     assert plateau_stop(_history([-12.0, -11.0, -11.0]), 200) is None  # too early: three windows needed
     perfect = _history([-12.0, -11.0, -10.0], ess=0.995)
     assert "ESS/N averaged 0.995" in plateau_stop(perfect, 300)
+    # near-constant weights need no plateau: checked from the first window on
+    assert "ESS/N averaged 0.995" in plateau_stop(_history([-12.0], ess=0.995), 100)
+    assert plateau_stop(_history([-12.0], ess=0.98), 100) is None
     broken = _history([-12.0, float("nan"), -11.0])
     assert plateau_stop(broken, 300) is None
 
