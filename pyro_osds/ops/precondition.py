@@ -564,18 +564,25 @@ def _representatives(x: torch.Tensor, tolerance: float) -> torch.Tensor:
     return torch.stack(kept) if kept else x[:0]
 
 
-def _newton_direction(hessian: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+def _newton_direction(hessian: torch.Tensor, score: torch.Tensor, *, eigen_max_dim: int = 256
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
     The Newton step :math:`H^{-1}\nabla\log\rho = -H^{-1}\nabla U` per row, by Cholesky where :math:`H` is positive
-    definite; elsewhere with :math:`|H|` (eigenvalues by magnitude, floored at :math:`10^{-8}\max|\lambda|`), a
-    descent direction that also leaves saddles and maxima. Non-finite entries become zero.
+    definite; elsewhere (saddles, maxima, flat directions) a descent direction: with :math:`|H|` (eigenvalues by
+    magnitude, floored at :math:`10^{-8}\max|\lambda|`) up to ``eigen_max_dim`` dimensions, above it the score over
+    :math:`|\operatorname{diag} H|` (an eigendecomposition per row costs :math:`O(D^3)`). Non-finite entries become
+    zero. Returns ``(step, indefinite)``, the second marking the rows whose Hessian was not positive definite.
     """
     sym = 0.5 * (hessian + hessian.transpose(-1, -2))
     chol, info = torch.linalg.cholesky_ex(sym)
     step = torch.cholesky_solve(score.unsqueeze(-1), chol).squeeze(-1)
     finite = torch.isfinite(sym).all(-1).all(-1) & torch.isfinite(score).all(-1)
     indefinite = ((info != 0) | ~torch.isfinite(step).all(-1)) & finite
-    for row in indefinite.nonzero().flatten().tolist():  # rare: saddles, maxima, flat directions
+    for row in indefinite.nonzero().flatten().tolist():
+        if sym.shape[-1] > eigen_max_dim:
+            diagonal = sym[row].diagonal().abs()
+            step[row] = score[row] / diagonal.clamp_min(1e-8 * float(diagonal.max().clamp_min(1e-12)))
+            continue
         try:
             eigval, eigvec = torch.linalg.eigh(sym[row])
         except RuntimeError:  # eigh did not converge: no step for this row
@@ -583,7 +590,7 @@ def _newton_direction(hessian: torch.Tensor, score: torch.Tensor) -> torch.Tenso
             continue
         floor = 1e-8 * eigval.abs().max().clamp_min(1e-12)
         step[row] = eigvec @ ((eigvec.T @ score[row]) / eigval.abs().clamp_min(floor))
-    return torch.where(torch.isfinite(step) & finite.unsqueeze(-1), step, torch.zeros_like(step))
+    return torch.where(torch.isfinite(step) & finite.unsqueeze(-1), step, torch.zeros_like(step)), indefinite
 
 
 def _damped_step(potential_fn: PotentialFn, x: torch.Tensor, u: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -649,13 +656,20 @@ def _descend(potential_fn: PotentialFn, x: torch.Tensor, *, scale: float, iterat
         if merged.shape[0] == x.shape[0]:
             break
         x = merged
-    for _ in range(newton_iterations):
+    for it in range(newton_iterations):
         u, score, hessian = potential_score_hessian(potential_fn, x)
-        step = _newton_direction(hessian, score)
+        step, indefinite = _newton_direction(hessian, score)
+        if it >= 5 and bool(indefinite.any()):  # still not in a basin after five steps: no minimum to polish
+            keep = ~indefinite
+            x, u, step = x[keep], u[keep], step[keep]
+            if x.shape[0] == 0:
+                break
         x = _damped_step(potential_fn, x, u, step)
         if float(step.abs().amax()) < 1e-10 * (1.0 + float(x.abs().amax())):
             break
         x = _representatives(x, tolerance=tolerance)
+    if x.shape[0] == 0:  # every descent left for a region without a minimum (e.g. a scale going to zero)
+        return x, x.new_zeros(0), x.new_zeros(0, x.shape[-1], x.shape[-1])
     u, score, hessian = potential_score_hessian(potential_fn, x)
     # converged: a finite stationary point whose gradient is small relative to the potential's scale
     tol = 1e-3 * (u.abs() / x.shape[-1]).clamp_min(1.0)

@@ -270,8 +270,13 @@ def test_newton_directions_descend_and_skip_what_cannot_be_solved():
         torch.tensor([[math.nan, 0.0], [0.0, 1.0]], dtype=D64),  # not finite: no step
         torch.zeros(2, 2, dtype=D64),  # flat: floored eigenvalues, a finite step
     ])
-    step = _newton_direction(hessian, score)
+    step, indefinite = _newton_direction(hessian, score)
     torch.testing.assert_close(step[0], torch.linalg.solve(hessian[0], score[0]))
     torch.testing.assert_close(step[1], torch.tensor([1.0, 0.25], dtype=D64))
     assert step[2].tolist() == [0.0, 0.0] and bool(torch.isfinite(step[3]).all())
     assert bool(((step * score).sum(-1)[[0, 1, 3]] > 0).all())  # uphill in log density: downhill in U
+    assert indefinite.tolist() == [False, True, False, True]
+    # above eigen_max_dim: the score over |diag H| (no eigendecomposition), still downhill at the saddle
+    cheap, _ = _newton_direction(hessian, score, eigen_max_dim=1)
+    torch.testing.assert_close(cheap[1], torch.tensor([1.0, 0.25], dtype=D64))
+    assert float((cheap[1] * score[1]).sum()) > 0
