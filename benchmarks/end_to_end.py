@@ -7,7 +7,7 @@ Faster than NUTS end to end? Everyday Pyro models, both samplers with their defa
 
     OMP_NUM_THREADS=1 python -m benchmarks.end_to_end --out benchmarks/results/end_to_end
 
-*OSDS* (two chains, the defaults): the time to fit, plus the draw-and-weight time of the draws that give a
+*OSDS* (two chains, the defaults, so trained at once in two threads): the time to fit, plus the draw-and-weight time of the draws that give a
 Kish ESS of 1000. *NUTS* (Pyro, one chain, ``--nuts-warmup`` + ``--nuts-samples``, ``jit_compile=False``):
 the wall clock, warm-up included, times 1000 over the smallest bulk ESS over coordinates. Both are measured
 in the same run, one after the other, one torch thread each; the ratio is what to read (these machines
@@ -154,7 +154,7 @@ def write_report(results: dict, out: Path) -> None:
         "# End to end against NUTS (issue #14)", "",
         f"{results['date']}, {env['machine']['cpu_model']}, torch threads {env['machine']['torch_threads']}, torch "
         f"{env['versions']['torch']}, pyro {env['versions']['pyro']}, commit {env['versions']['git_commit']}, seed "
-        f"{results['seed']}. OSDS: defaults, {results['settings']['chains']} chains (trained one after the other), "
+        f"{results['seed']}. OSDS: defaults, {results['settings']['chains']} chains (trained at once, a thread each: `chain_threads`), "
         "time to fit + draw and weight until a Kish ESS of 1000. NUTS: one chain, "
         f"{results['settings']['nuts_warmup']} + {results['settings']['nuts_samples']}, wall clock x 1000 / min bulk ESS. "
         "`python -m benchmarks.end_to_end` (module docstring).", "",
