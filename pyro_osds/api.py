@@ -300,15 +300,20 @@ class OSDS(LogWeightsMixin):
                 self._stop_training.set()
                 errors[chain] = error
 
-        with concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="osds-chain") as pool:
-            futures = [pool.submit(train, chain) for chain in range(self.num_chains)]
-            pending = set(futures)
-            while pending:
-                try:
-                    _, pending = concurrent.futures.wait(pending, timeout=0.2)
-                except KeyboardInterrupt:
-                    self._stop_training.set()
+        # the chains' warnings are recorded (from every thread) and raised again here, from the user's call
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="osds-chain") as pool:
+                futures = [pool.submit(train, chain) for chain in range(self.num_chains)]
+                pending = set(futures)
+                while pending:
+                    try:
+                        _, pending = concurrent.futures.wait(pending, timeout=0.2)
+                    except KeyboardInterrupt:
+                        self._stop_training.set()
         self._stop_training.clear()
+        for record in caught:
+            warn(str(record.message), record.category)
         started = sorted(samplers)
         kept = [chain for i, chain in enumerate(started) if chain == i]  # chains 0..k-1 (a prefix: resume needs it)
         self.samplers = [samplers[chain] for chain in kept]

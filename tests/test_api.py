@@ -223,6 +223,17 @@ def test_chains_trained_in_threads_equal_chains_trained_in_turn():
     assert OSDS(_small_pyro_model, checkpoint="unused.pt", chain_threads=2).setup(x, y)._num_chain_threads() == 1
 
 
+def test_warnings_of_chains_training_in_threads_point_at_the_users_line():
+    def modeless(x, y):  # y regressed on itself: a perfect fit, so the density grows without bound as scale -> 0
+        _small_pyro_model(y, y)
+
+    x = torch.tensor([0.3, -1.2, 0.8, 2.0, 0.1], dtype=D64)
+    with pytest.warns(RuntimeWarning, match="No Laplace fit converged") as record:
+        OSDS(modeless, preset="smoke", num_samples=50, chain_threads=2, disable_progbar=True).run(x, x)
+    ours = [w for w in record if "No Laplace fit converged" in str(w.message)]
+    assert len(ours) == 2 and all(w.filename == __file__ for w in ours)
+
+
 def test_ctrl_c_stops_every_chain_training_in_threads():
     def hook(chain, step, info):
         if chain == 1 and step == 3:
