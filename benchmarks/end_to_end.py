@@ -32,10 +32,8 @@ Writes ``<out>/end_to_end.json`` and ``<out>/end_to_end.md``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,8 +42,15 @@ import pyro.distributions as dist
 import torch
 
 from .methods import load_references
-from .run import environment_info
-from .scaling import ScalingTarget, hierarchical_log_z, laplace_smc_reference, run_nuts, run_osds
+from .scaling import (
+    ScalingTarget,
+    hierarchical_log_z,
+    laplace_smc_reference,
+    run_nuts,
+    run_osds,
+    start_results,
+    timed_reference,
+)
 from .targets import get_target
 
 D64 = torch.float64
@@ -190,27 +195,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/end_to_end")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the report from the JSON and stop")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "end_to_end.json"
-    if args.markdown_only:
-        write_report(json.loads(path.read_text()), out)
+    started = start_results(args, "end_to_end", args.models, write_report)
+    if started is None:
         return 0
-    torch.set_num_threads(1)
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    rows = {r["name"]: r for r in previous.get("rows", []) if r["name"] not in args.models}
-    results = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "seed": args.seed,
-               "environment": environment_info(), "settings": vars(args), "rows": []}
+    path, results = started
+    out = path.parent
+    rows = {r["name"]: r for r in results["rows"]}
     for name in args.models:
         case = get_model(name, args.seed)
-        start = time.perf_counter()
-        log_z, se, method = case.reference(args.seed)
-        row = {"name": name, "dim": case.dim, "rows": case.num_rows,
-               "reference": {"log_z": log_z, "se": se, "method": method, "seconds": time.perf_counter() - start}}
+        row = {"name": name, "dim": case.dim, "rows": case.num_rows, "reference": timed_reference(case, args.seed)}
         row["osds"] = run_osds(case, seed=args.seed, draws=args.draws, num_chains=args.chains)
         row["nuts"] = run_nuts(case, seed=args.seed, warmup=args.nuts_warmup, samples=args.nuts_samples)
         o, n = row["osds"], row["nuts"]
-        print(f"[{name}] ref {log_z:.3f}; OSDS {o['log_z']:.3f} +- {o['se']:.3f} (ESS/N {o['ess_per_draw']:.3f}, "
+        print(f"[{name}] ref {row['reference']['log_z']:.3f}; OSDS {o['log_z']:.3f} +- {o['se']:.3f} (ESS/N {o['ess_per_draw']:.3f}, "
               f"fit {o['fit_s']:.1f} s, to 1000 ESS {o['time_to_1000_ess_s']:.1f} s); NUTS to 1000 ESS "
               f"{n['time_to_1000_ess_s']:.1f} s", flush=True)
         rows[name] = row

@@ -110,6 +110,8 @@ def laplace_smc_reference(potential: Callable[[torch.Tensor], torch.Tensor], dim
             if float(u_trial) <= float(u):
                 break
             size /= 2
+        else:  # no step lowers the potential: the mode to rounding
+            break
         mode, u, score, hess = trial, u_trial, score_trial, hess_trial
         if float((size * step).abs().max()) < 1e-10:
             break
@@ -326,6 +328,30 @@ def write_report(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def start_results(args: argparse.Namespace, stem: str, names: Sequence[str],
+                  write_report: Callable[[dict, Path], None]) -> tuple[Path, dict] | None:
+    """The results file ``<args.out>/<stem>.json`` and its record for this run, keeping the rows of earlier runs
+    that ``names`` do not replace; with ``--markdown-only``, rewrites the report from the file and returns ``None``."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.json"
+    if args.markdown_only:
+        write_report(json.loads(path.read_text()), out)
+        return None
+    torch.set_num_threads(1)
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    kept = [r for r in previous.get("rows", []) if r["name"] not in names]
+    return path, {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "seed": args.seed,
+                  "environment": environment_info(), "settings": vars(args), "rows": kept}
+
+
+def timed_reference(target: ScalingTarget, seed: int) -> dict:
+    """The target's reference log Z, its SE, method and the seconds it took."""
+    start = time.perf_counter()
+    log_z, se, method = target.reference(seed)
+    return {"log_z": log_z, "se": se, "method": method, "seconds": time.perf_counter() - start}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
     parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS))
@@ -337,23 +363,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/scaling")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the report from the JSON and stop")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "scaling.json"
-    if args.markdown_only:
-        write_report(json.loads(path.read_text()), out)
+    started = start_results(args, "scaling", args.targets, write_report)
+    if started is None:
         return 0
-    torch.set_num_threads(1)
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    kept = {r["name"]: r for r in previous.get("rows", []) if r["name"] not in args.targets}
-    results = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "seed": args.seed,
-               "environment": environment_info(), "settings": vars(args), "rows": list(kept.values())}
+    path, results = started
+    out = path.parent
     for name in args.targets:
         target = get_scaling_target(name, args.seed)
-        start = time.perf_counter()
-        log_z, se, method = target.reference(args.seed)
-        reference = {"log_z": log_z, "se": se, "method": method, "seconds": time.perf_counter() - start}
-        print(f"[{name}] reference {log_z:.4f} +- {se:.4f} ({method}, {reference['seconds']:.0f} s)", flush=True)
+        reference = timed_reference(target, args.seed)
+        print(f"[{name}] reference {reference['log_z']:.4f} +- {reference['se']:.4f} ({reference['method']}, "
+              f"{reference['seconds']:.0f} s)", flush=True)
         row = {"name": name, "dim": target.dim, "rows": target.num_rows, "reference": reference}
         row["osds"] = run_osds(target, seed=args.seed, draws=args.draws)
         o = row["osds"]
