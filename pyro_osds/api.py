@@ -257,8 +257,9 @@ class OSDS(LogWeightsMixin):
 
     def _train_chains(self) -> None:
         self.interrupted = False
-        if self._num_chain_threads() > 1:
-            return self._train_chains_concurrently(self._num_chain_threads())
+        num_threads = self._num_chain_threads()
+        if num_threads > 1:
+            return self._train_chains_concurrently(num_threads)
         for chain in range(self.num_chains):
             if chain < len(self.samplers):
                 sampler = self.samplers[chain]
@@ -281,7 +282,6 @@ class OSDS(LogWeightsMixin):
         result); Ctrl-C stops every chain after its current iteration."""
         samplers: dict[int, FlowSampler | MixtureSampler] = dict(enumerate(self.samplers))
         errors: dict[int, BaseException] = {}
-        lock = threading.Lock()
         self._stop_training.clear()
 
         def train(chain: int) -> None:
@@ -289,9 +289,7 @@ class OSDS(LogWeightsMixin):
                 if self._stop_training.is_set():
                     return
                 if chain not in samplers:
-                    sampler = self._new_sampler(chain)
-                    with lock:
-                        samplers[chain] = sampler
+                    samplers[chain] = self._new_sampler(chain)  # one key per thread: no lock needed
                 with self._explain_out_of_memory("training"):
                     samplers[chain].fit(until=self.config.optim.num_iterations)
                 if samplers[chain].interrupted:  # a KeyboardInterrupt in this chain stops them all

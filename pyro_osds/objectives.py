@@ -266,8 +266,9 @@ def flow_kl_stage(config: FlowKLConfig, potential_fn: PotentialFn, process: Refe
         value = float(out.loss.detach()) if out.loss is not None else math.nan
         finite = out.log_weights[torch.isfinite(out.log_weights)]
         ess = float(kish_ess(finite)) / out.log_weights.numel() if finite.numel() else math.nan
-        info = {"loss": value, "elbo": _finite_mean(out.log_weights), "invalid_paths": out.num_invalid,
-                "flow_kl": value, "flow_kl_elbo": _finite_mean(out.log_weights), "flow_kl_ess": ess}
+        elbo = _finite_mean(out.log_weights)
+        info = {"loss": value, "elbo": elbo, "invalid_paths": out.num_invalid,
+                "flow_kl": value, "flow_kl_elbo": elbo, "flow_kl_ess": ess}
         return Term(out.loss, config.weight, info)
 
     stop = plateau_stop if config.early_stop and config.tempering == 0 else None

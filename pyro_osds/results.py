@@ -13,7 +13,6 @@ import torch
 
 from .ops.estimators import (
     K_HAT_THRESHOLD,
-    NEAR_CONSTANT_ESS,
     Estimates,
     EvidenceError,
     evidence,
@@ -161,7 +160,7 @@ class LogEvidence(NamedTuple):
                          "is no bound and log Z is not consistent (draw with log_det='exact')")
         if p.num_folded:
             lines.append(f"  warning: the flow folds at {p.num_folded} draws; their weights are not exact")
-        if p.k_hat > K_HAT_THRESHOLD and p.ess_per_draw < NEAR_CONSTANT_ESS:
+        if not p.tail_ok:
             lines.append(f"  warning: k_hat {p.k_hat:.2f} > {K_HAT_THRESHOLD}: the weights' variance is infinite, so the "
                          "SE understates the error (log Z tends to come out low); train longer or check it "
                          "with an independent method")

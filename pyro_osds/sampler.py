@@ -53,6 +53,10 @@ __all__ = ["ConsistencySampler", "Draws", "FlowSampler", "MixtureSampler", "buil
 class _Chain:
     """What every chain offers on top of its ``draw`` and ``log_q``: evidence estimates and mode reports."""
 
+    #: pilot draws that decide whether an untrained map already fits (a mixture's components draw a quarter
+    #: of it each to set the mixture weights)
+    num_pilot = 1024
+
     def evidence(self, num_samples: int = 2000, num_steps: int = 1, *, log_det: str | None = None) -> Estimates:
         """Evidence estimates from fresh draws (never the training batch)."""
         self._require_density(num_steps)
@@ -224,16 +228,14 @@ class FlowSampler(_Chain):
         """The first phase's trainer (``None`` before training)."""
         return self.trainers[0] if self.trainers else None
 
-    #: pilot draws that decide whether the untrained map already fits
-    num_pilot = 1024
-
     def fits_untrained(self) -> bool:
         """
         Whether the untrained one-step map (the preconditioner, with the network's Langevin-like
-        initial drift) already fits the target: :attr:`num_pilot` fresh draws with ESS/N >= 0.95 whose estimate is
-        :attr:`~pyro_osds.ops.estimators.Estimates.reliable` (k-hat <= 0.5, or weights so near constant that k-hat
-        is noise: a conjugate model's exact Gaussian preconditioner, a mixture component whose piece is Gaussian). Only for the one-step objective of one step count, whose untrained map this is; the
-        pilot draws come from their own stream and leave the chain's draws alone.
+        initial drift) already fits the target: :attr:`num_pilot` fresh draws with ESS/N >= 0.95 whose
+        estimate is :attr:`~pyro_osds.ops.estimators.Estimates.reliable` (k-hat <= 0.5, or weights so near
+        constant that k-hat is noise: a conjugate model's exact Gaussian preconditioner, a mixture component
+        whose piece is Gaussian). Only for the one-step objective of one step count, whose untrained map this
+        is; the pilot draws come from their own stream and leave the chain's draws alone.
         """
         if (self.config.method != "osds" or self.train_steps != (1,)
                 or self.config.objective.trains_every_step_count):
@@ -435,9 +437,6 @@ class MixtureSampler(_Chain):
 
     The constructor's arguments are :class:`FlowSampler`'s, with the ``search`` that found the modes.
     """
-
-    #: pilot draws per component, to decide on training and to set the mixture weights
-    num_pilot = 1024
 
     def __init__(self, potential_fn: PotentialFn, init: torch.Tensor, config: OSDSConfig, search: ModeSearch, *,
                  num_steps: int | None = None, generator: torch.Generator | None = None,

@@ -108,10 +108,15 @@ class Estimates(NamedTuple):
         return self.log_det in EXACT_WEIGHT_METHODS
 
     @property
+    def tail_ok(self) -> bool:
+        """Whether the weights' tail leaves the SE meaningful: k-hat at most :data:`K_HAT_THRESHOLD`, or weights
+        so near constant (ESS/N >= :data:`NEAR_CONSTANT_ESS`) that k-hat is noise."""
+        return not self.k_hat > K_HAT_THRESHOLD or self.ess_per_draw >= NEAR_CONSTANT_ESS
+
+    @property
     def reliable(self) -> bool:
         """Whether the estimate can be trusted to its SE by the weights' own diagnostics (class docstring)."""
-        tail_ok = not self.k_hat > K_HAT_THRESHOLD or self.ess_per_draw >= NEAR_CONSTANT_ESS
-        return self.exact and tail_ok and self.num_folded == 0 and math.isfinite(self.se)
+        return self.exact and self.tail_ok and self.num_folded == 0 and math.isfinite(self.se)
 
 
 class ForwardEstimates(NamedTuple):
