@@ -238,10 +238,13 @@ def test_ctrl_c_stops_every_chain_training_in_threads():
     def hook(chain, step, info):
         if chain == 1 and step == 3:
             _thread.interrupt_main()  # Ctrl-C: KeyboardInterrupt in the main thread, which waits for the chains
+        if step == 3:  # neither chain may finish before the main thread has handled it (else the test races)
+            assert runner._stop_training.wait(timeout=60)
 
     pyro.set_rng_seed(0)
+    runner = make(num_iterations=40, hook_fn=hook, chain_threads=2)
     with pytest.warns(RuntimeWarning) as record:
-        osds = make(num_iterations=40, hook_fn=hook, chain_threads=2).run()
+        osds = runner.run()
     assert "continue_training" in " ".join(str(w.message) for w in record)
     assert osds.interrupted and len(osds.samplers) == 2
     assert all(s.interrupted and 3 <= s.trainer.step < 40 for s in osds.samplers)
