@@ -18,7 +18,7 @@ from .config import OSDSConfig
 from .convert import to_datatree, to_inference_data
 from .model import UnsupportedModelError
 from .ops.estimators import EvidenceError
-from .results import LogEvidence
+from .results import LogEvidence, UnreliableEvidenceWarning
 from .train import TrainingDivergedError
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "OSDS",
     "OSDSConfig",
     "TrainingDivergedError",
+    "UnreliableEvidenceWarning",
     "UnsupportedModelError",
     "__version__",
     "compare",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import os
 import threading
 import warnings
@@ -20,19 +21,35 @@ from collections.abc import Callable
 
 import torch
 from pyro import poutine
+from pyro.infer import Predictive
 from pyro.infer.importance import LogWeightsMixin
+from pyro.poutine.uncondition_messenger import UnconditionMessenger
 
 from . import checkpoint as ckpt
 from .config import OSDSConfig
-from .diagnostics import diagnostics, print_summary, select_draws, weighted_summary
+from .diagnostics import diagnostics, print_summary, select_indices, weighted_summary
 from .model import ModelTarget, build_target
+from .ops.estimators import K_HAT_THRESHOLD
 from .ops.precondition import lost_modes
-from .results import Draws, LogEvidence
+from .results import Draws, LogEvidence, UnreliableEvidenceWarning
 from .sampler import FlowSampler, MixtureSampler, build_sampler, restore_sampler
 from .target import FlatTarget
 from .util import check_positive_int, derive_seed, seeded_generator, warn
 
 __all__ = ["OSDS", "LogEvidence"]
+
+
+class _UnconditionSites(UnconditionMessenger):
+    """:class:`~pyro.poutine.uncondition_messenger.UnconditionMessenger` for the named sites only (not for the
+    ``pyro.deterministic`` sites, which Pyro also records as observed)."""
+
+    def __init__(self, sites):
+        super().__init__()
+        self.sites = frozenset(sites)
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.sites:
+            super()._pyro_sample(msg)
 
 
 class OSDS(LogWeightsMixin):
@@ -378,6 +395,17 @@ class OSDS(LogWeightsMixin):
                 warn(f"Chain {i}: the {num_steps}-step flow folds (its Jacobian changes orientation) at "
                      f"{d.num_folded} of {num_samples} draws, so their importance weights are not exact. "
                      "Train longer or use more steps.", RuntimeWarning)
+        if not self._weighted:
+            return self
+        evidence = self.log_evidence()
+        pooled = evidence.pooled
+        if not pooled.tail_ok:
+            chains = ", ".join(f"chain {i} {c.k_hat:.2f}" for i, c in enumerate(evidence.chains))
+            warn(f"The importance weights have a heavy tail: Pareto k-hat {pooled.k_hat:.2f} > {K_HAT_THRESHOLD} "
+                 f"({chains}; ESS/N {pooled.ess_per_draw:.2f}), so the variance of the weights is infinite and log Z's "
+                 "standard error understates its error (log Z tends to come out low). Train longer "
+                 "(`num_iterations`, or `continue_training()`), or check log Z with more draws or an independent "
+                 "method before comparing models.", UnreliableEvidenceWarning)
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -393,33 +421,97 @@ class OSDS(LogWeightsMixin):
         self._require_draws()
         return torch.cat([d.log_weight for d in self.draws])
 
-    def get_samples(self, num_samples: int | None = None, group_by_chain: bool = False, *, resample: bool = False,
+    @property
+    def _weighted(self) -> bool:
+        """Whether the current draws carry importance weights (not multi-step CDDS draws, or ``log_det='none'``)."""
+        return all(d.log_det != "none" for d in self.draws)
+
+    def resample_generator(self) -> torch.Generator:
+        """The random stream of the default resampling: seeded from the current draws' log-weights, so the
+        same draws always resample the same way (:meth:`get_samples`, :meth:`to_inference_data` and a reloaded
+        sampler agree) and new draws (:meth:`sample`) resample afresh."""
+        self._require_draws()
+        digest = hashlib.sha256(self.log_weights.detach().cpu().numpy().tobytes()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+
+    def draw_indices(self, num_samples: int | None = None, group_by_chain: bool = False, *,
+                     resample: bool = True) -> torch.Tensor:
+        """Indices into the pooled draws (chain-major) that :meth:`get_samples` returns, ``(chains, M)`` with
+        ``group_by_chain`` else ``(1, M)`` (:func:`~pyro_osds.diagnostics.select_indices`)."""
+        self._require_draws()
+        resample = resample and self._weighted
+        log_w = self.log_weights.reshape(len(self.draws), -1)
+        return select_indices(log_w, num_samples=num_samples, group_by_chain=group_by_chain, resample=resample,
+                              generator=self.resample_generator() if resample else None)
+
+    def get_samples(self, num_samples: int | None = None, group_by_chain: bool = False, *, resample: bool = True,
                     unconstrained: bool = False) -> dict[str, torch.Tensor]:
         r"""
-        Draws in constrained space (sites in sorted order), shaped ``(chains * draws, *site_shape)``
-        or ``(chains, draws, *site_shape)`` with ``group_by_chain``.
+        Posterior draws in constrained space (sites in sorted order), shaped ``(chains * draws, *site_shape)``
+        or ``(chains, draws, *site_shape)`` with ``group_by_chain``, as :meth:`pyro.infer.MCMC.get_samples`.
 
-        The draws come from the sampler :math:`q` and carry importance weights
-        (:meth:`get_normalized_weights`). With ``resample=True`` they are resampled
-        (multinomially, per chain when grouped) in proportion to their weights, giving equally
-        weighted draws of the posterior whose effective size is the weights' ESS, not the count
-        (a warning says so when it is small). ``num_samples`` picks that many *distinct* draws (per
-        chain when grouped) at random; :meth:`pyro.infer.MCMC.get_samples` draws with replacement.
+        By default the draws are **equally weighted**: the sampler's draws resampled in proportion to their
+        importance weights (systematic resampling, :func:`~pyro_osds.diagnostics.resample_indices`; per chain
+        when grouped, over the pooled draws otherwise), so that plain averages, quantiles and plots of them
+        are posterior estimates. Their effective size is the weights' Kish ESS (:meth:`get_ESS`), not the
+        count; a warning says when it is below a tenth of the draws. The same draws always resample the same
+        way (:meth:`resample_generator`). Draws without importance weights (multi-step CDDS draws, or
+        ``sample(log_det='none')``) are returned as they are.
+
+        With ``resample=False`` the raw draws of the sampler :math:`q` come back, in the order of
+        :attr:`log_weights` (:meth:`get_normalized_weights`): weight them yourself.
+
+        :param int num_samples: that many *distinct* positions of the draws, picked at random (per chain
+            when grouped); :meth:`pyro.infer.MCMC.get_samples` draws with replacement.
+        :param bool group_by_chain: keep the chain dimension.
+        :param bool resample: equally weighted draws (default) or the raw weighted ones.
+        :param bool unconstrained: values in the unconstrained space the sampler works in.
         """
         self._require_draws()
-        z = torch.stack([d.x for d in self.draws])  # (C, N, D)
-        C, N, D = z.shape
-        z = select_draws(z, self.log_weights.reshape(C, N), num_samples=num_samples, group_by_chain=group_by_chain,
-                         resample=resample)
-        lead = z.shape[:2] if group_by_chain else (z.shape[0] * z.shape[1],)
-        values = self.target.unpack(z.reshape(-1, D)) if unconstrained else self.target.constrain(z.reshape(-1, D))
+        idx = self.draw_indices(num_samples, group_by_chain, resample=resample)
+        z = torch.cat([d.x for d in self.draws])[idx.to(self.draws[0].x.device)]  # (C or 1, M, D)
+        lead = tuple(idx.shape) if group_by_chain else (idx.numel(),)
+        flat = z.reshape(-1, z.shape[-1])
+        values = self.target.unpack(flat) if unconstrained else self.target.constrain(flat)
         out = OrderedDict((name, values[name].reshape(lead + tuple(values[name].shape[1:])).detach())
                           for name in sorted(values))
-        if self.draws[0].discrete and not resample and num_samples is None:
-            for name in self.draws[0].discrete:
-                v = torch.cat([d.discrete[name] for d in self.draws])
-                out[name] = v.reshape(lead + tuple(v.shape[1:]))
+        for name in self.draws[0].discrete or {}:
+            v = torch.cat([d.discrete[name] for d in self.draws])[idx.to(self.draws[0].discrete[name].device)]
+            out[name] = v.reshape(lead + tuple(v.shape[2:]))
         return out
+
+    def predictive(self, *args, return_sites: list[str] | None = None, parallel: bool = False, **kwargs
+                   ) -> dict[str, torch.Tensor]:
+        r"""
+        Posterior predictive draws: the model run once at each posterior draw with
+        :class:`pyro.infer.Predictive`, its observed sites sampled (as :func:`pyro.poutine.uncondition` does), so
+        they are replicated data :math:`\tilde y \sim p(\tilde y \mid y)`. The posterior draws are those of
+        :meth:`get_samples` ``(group_by_chain=True)`` (equally weighted, resampled per chain), flattened
+        chain-major: pass the result to :meth:`to_inference_data` (``posterior_predictive=``) and its draws line
+        up with the ``posterior`` group's.
+
+        :param args: the model's arguments (default: those of :meth:`run`; give new covariates to predict
+            at them).
+        :param list return_sites: the sites to return (default: the observed sites).
+        :param bool parallel: run the model once, vectorised over the draws (needs a model written with
+            plates), instead of once per draw.
+        :param kwargs: the model's keyword arguments (default: those of :meth:`run`).
+        :returns: ``{site: (chains * draws, *shape)}``.
+        """
+        self._require_draws()
+        if self.model is None:
+            raise ValueError("`predictive()` needs a Pyro model; this OSDS samples a potential.")
+        if not args and not kwargs:
+            args, kwargs = self.model_args, self.model_kwargs
+        samples = self.get_samples(group_by_chain=True)
+        samples = {name: v.reshape((-1,) + tuple(v.shape[2:])) for name, v in samples.items()}
+        sites = list(self.target.observed_sites) if return_sites is None else list(return_sites)
+        if not sites:
+            raise ValueError("The model has no observed sites to predict; name the sites with `return_sites`.")
+        model = _UnconditionSites(self.target.observed_sites)(self.model)
+        predictive = Predictive(model, posterior_samples=samples, return_sites=sites, parallel=parallel)
+        with poutine.block(), self._potential_lock:
+            return {name: v.detach() for name, v in predictive(*args, **kwargs).items()}
 
     def log_evidence(self) -> LogEvidence:
         r"""Log evidence :math:`\log\hat Z` with standard error, ELBO, ESS and k-hat, pooled and per chain."""
@@ -436,13 +528,13 @@ class OSDS(LogWeightsMixin):
         Per-site ``n_eff`` (Kish ESS of the weights) and ``r_hat`` (split-R-hat between independently
         trained chains), plus per-chain evidence diagnostics (:func:`pyro_osds.diagnostics.diagnostics`).
         """
-        return diagnostics(self.get_samples(group_by_chain=True), float(self.get_ESS()), self.log_evidence(),
+        return diagnostics(self.get_samples(group_by_chain=True, resample=False), float(self.get_ESS()), self.log_evidence(),
                            [s.num_skipped for s in self.samplers])
 
     def summary_dict(self, prob: float = 0.9) -> dict:
         """Importance-weighted posterior summary per site (the numbers :meth:`summary` prints)."""
         self._require_draws()
-        return weighted_summary(self.get_samples(group_by_chain=True), self.log_weights, prob)
+        return weighted_summary(self.get_samples(group_by_chain=True, resample=False), self.log_weights, prob)
 
     def summary(self, prob: float = 0.9) -> None:
         """
@@ -450,6 +542,20 @@ class OSDS(LogWeightsMixin):
         weights, ``r_hat`` between chains), followed by the evidence lines.
         """
         print_summary(self.summary_dict(prob), self.log_evidence())
+
+    def plot_training(self, **kwargs):
+        """Loss, ELBO and ESS/N of the training draws over the iterations, per chain
+        (:func:`pyro_osds.plots.plot_training`; keywords ``panels``, ``smooth``, ``axes``). Returns the axes."""
+        from .plots import plot_training
+
+        return plot_training(self, **kwargs)
+
+    def plot_weights(self, **kwargs):
+        """Histogram of the draws' log importance weights per chain, titled with k-hat and ESS/N
+        (:func:`pyro_osds.plots.plot_weights`; keywords ``bins``, ``axes``). Returns the axes."""
+        from .plots import plot_weights
+
+        return plot_weights(self, **kwargs)
 
     def to_datatree(self, **kwargs):
         """The results as an :class:`xarray.DataTree` (ArviZ >= 1 data model); see :func:`pyro_osds.convert.to_datatree`."""

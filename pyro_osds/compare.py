@@ -9,7 +9,7 @@ For fitted models :math:`M_1, \dots, M_m` with estimates :math:`\log\hat Z_j \pm
 
     \log \mathrm{BF}_{j,\rm best} = \log\hat Z_j - \log\hat Z_{\rm best}, \qquad
     \operatorname{SE} = \sqrt{s_j^2 + s_{\rm best}^2}, \qquad
-    P(M_j \mid y) = \frac{\hat Z_j}{\sum_k \hat Z_k}\ \text{(equal prior odds)}.
+    P(M_j \mid y) = \frac{\hat Z_j P(M_j)}{\sum_k \hat Z_k P(M_k)}\ \text{(default: equal prior odds)}.
 
 The estimates of different models are independent, hence the sum of variances.
 """
@@ -34,20 +34,24 @@ def _evidence_of(name, fitted):
     raise TypeError(f"compare: {name!r} must be a fitted OSDS (or its log_evidence()), got {type(fitted).__name__}.")
 
 
-def compare(models: dict, *, k_hat_threshold: float = K_HAT_THRESHOLD, min_ess: float = 100.0) -> pd.DataFrame:
+def compare(models: dict, *, prior_probs: dict | None = None, k_hat_threshold: float = K_HAT_THRESHOLD,
+            min_ess: float = 100.0) -> pd.DataFrame:
     r"""
     Compares models by their log evidence.
 
     :param dict models: ``{name: fitted OSDS or its log_evidence()}`` (at least one).
+    :param dict prior_probs: prior model probabilities ``{name: P(M)}`` (default: equal), normalised here; the
+        ``weight`` column is then :math:`P(M_j \mid y) \propto \hat Z_j P(M_j)`.
     :param float k_hat_threshold: Pareto :math:`\hat k` above which an estimate is flagged unreliable (0.5: above it
         the weights' variance is infinite and the SE understates the error), unless
         its weights are nearly constant (ESS/N >= 0.99; see :attr:`~pyro_osds.ops.estimators.Estimates.reliable`).
     :param float min_ess: Kish ESS below which an estimate is flagged unreliable.
     :raises ValueError: when an estimate's weights are not exact (an approximate log-det such as Hutchinson's).
-    :returns: a :class:`pandas.DataFrame` indexed by model name, sorted best first, with columns
-        ``log_z``, ``se``, ``log_bf`` (against the best model), ``log_bf_se``, ``prob`` (posterior
-        model probability under equal prior odds), ``elbo``, ``ess``, ``k_hat``, ``folded``, ``lost_modes``,
-        ``too_many_modes`` and ``reliable``.
+    :returns: a :class:`pandas.DataFrame` laid out as :func:`arviz.compare`'s, indexed by model name, sorted
+        best first (highest log evidence), with columns ``rank`` (0 = best), ``log_z``, ``se``, ``log_bf``
+        (against the best model; ArviZ's ``elpd_diff``), ``log_bf_se`` (ArviZ's ``dse``), ``weight`` (the
+        posterior model probability), ``elbo``, ``ess``, ``k_hat``, ``folded``, ``lost_modes``,
+        ``too_many_modes``, ``reliable`` and ``warning`` (``not reliable``, as ArviZ flags its estimates).
 
     A ``UserWarning`` names every model whose estimate is unreliable (:math:`\hat k` above the
     threshold, ESS below ``min_ess``, a non-finite standard error, draws where the flow folds, whose
@@ -78,17 +82,24 @@ def compare(models: dict, *, k_hat_threshold: float = K_HAT_THRESHOLD, min_ess: 
     table["log_bf"] = table["log_z"] - table.loc[best, "log_z"]
     table["log_bf_se"] = [0.0 if name == best else math.sqrt(se**2 + table.loc[best, "se"] ** 2)
                           for name, se in table["se"].items()]
-    shifted = table["log_z"] - table["log_z"].max()
-    weights = shifted.map(math.exp)
-    table["prob"] = weights / weights.sum()
+    log_prior = pd.Series(0.0, index=table.index)
+    if prior_probs is not None:
+        if set(prior_probs) != set(table.index) or any(not (p > 0 and math.isfinite(p)) for p in prior_probs.values()):
+            raise ValueError(f"`prior_probs` must give a positive probability to each model {sorted(table.index)}, "
+                             f"got {prior_probs!r}.")
+        log_prior = pd.Series({str(k): math.log(v) for k, v in prior_probs.items()})
+    log_post = table["log_z"] + log_prior
+    weights = (log_post - log_post.max()).map(math.exp)
+    table["weight"] = weights / weights.sum()
     k_hat = table["k_hat"].fillna(-math.inf)
     tail_ok = (k_hat <= k_hat_threshold) | (table["ess_per_draw"] >= NEAR_CONSTANT_ESS)
     table["reliable"] = (tail_ok & (table["ess"] >= min_ess) & table["se"].map(math.isfinite)
                          & (table["folded"] == 0) & (table["lost_modes"] == 0) & ~table["too_many_modes"])
-    table = table.sort_values("log_z", ascending=False)[
-        ["log_z", "se", "log_bf", "log_bf_se", "prob", "elbo", "ess", "k_hat", "folded", "lost_modes", "too_many_modes",
-         "reliable"]
-    ]
+    table["warning"] = ~table["reliable"]
+    table = table.sort_values("log_z", ascending=False)
+    table.insert(0, "rank", range(len(table)))
+    table = table[["rank", "log_z", "se", "log_bf", "log_bf_se", "weight", "elbo", "ess", "k_hat", "folded",
+                   "lost_modes", "too_many_modes", "reliable", "warning"]]
     bad = [name for name, ok in table["reliable"].items() if not ok]
     if bad:
         details = "; ".join(

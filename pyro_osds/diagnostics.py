@@ -25,7 +25,7 @@ from pyro.ops.stats import split_gelman_rubin, weighed_quantile
 from .ops.estimators import kish_ess
 from .util import check_positive_int, warn
 
-__all__ = ["between_chain_r_hat", "diagnostics", "print_summary", "resample_indices", "select_draws",
+__all__ = ["between_chain_r_hat", "diagnostics", "print_summary", "resample_indices", "select_draws", "select_indices",
            "subsample_indices", "weighted_summary"]
 
 
@@ -109,15 +109,36 @@ def diagnostics(samples: dict[str, torch.Tensor], ess: float, evidence, skipped_
     return out
 
 
-def resample_indices(log_weights: torch.Tensor, num_draws: int | None = None) -> torch.Tensor:
+def resample_indices(log_weights: torch.Tensor, num_draws: int | None = None, *,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     r"""
-    Multinomial resampling indices (with replacement, global RNG) along the last dim of ``log_weights``
-    in proportion to the weights: ``(..., num_draws)`` (default: as many as there are draws). The
-    resampled draws are equally weighted draws of the posterior whose effective size is the weights'
-    ESS, not their count.
+    Systematic resampling indices along the last dim of ``log_weights``, ``(..., num_draws)`` (default: as
+    many as there are draws), in proportion to the weights: one uniform :math:`u` per row and the indices
+    :math:`i_m = F^{-1}((u + m) / M)` of the weights' cumulative sum :math:`F`, so that draw :math:`i` is
+    kept :math:`\lfloor M\bar w_i\rfloor` or :math:`\lceil M\bar w_i\rceil` times (the least variance of
+    the unbiased schemes; multinomial resampling adds a binomial count per draw). The indices are in
+    increasing order, so the copies of a draw are adjacent and an autocorrelation ESS (ArviZ's ``ess``) of
+    the resampled draws estimates the weights' effective size rather than the draw count.
+
+    The resampled draws are equally weighted draws of the posterior whose effective size is the weights' ESS,
+    not their count.
+
+    :param torch.Tensor log_weights: ``(..., N)`` log-weights (any normalisation).
+    :param int num_draws: how many indices per row.
+    :param torch.Generator generator: the uniforms' random stream (default: the global one).
+
+    **Reference**: Douc, Cappé and Moulines, `Comparison of resampling schemes for particle filtering`,
+    ISPA 2005.
     """
     n = log_weights.shape[-1] if num_draws is None else num_draws
-    return torch.multinomial(torch.softmax(log_weights, -1).to(torch.float64), n, replacement=True)
+    check_positive_int("num_draws", n)
+    w = torch.softmax(log_weights.detach().to(torch.float64).cpu(), -1)
+    cdf = torch.cumsum(w, -1)
+    cdf = cdf / cdf[..., -1:]
+    u = torch.rand(w.shape[:-1] + (1,), dtype=torch.float64, generator=generator)
+    positions = (u + torch.arange(n, dtype=torch.float64)) / n
+    idx = torch.searchsorted(cdf, positions.expand(w.shape[:-1] + (n,)).contiguous(), right=True)
+    return idx.clamp_max(w.shape[-1] - 1)
 
 
 def subsample_indices(num_draws: int, num_samples: int) -> torch.Tensor:
@@ -127,28 +148,36 @@ def subsample_indices(num_draws: int, num_samples: int) -> torch.Tensor:
     return torch.randperm(num_draws)[: min(num_samples, num_draws)]
 
 
-def select_draws(z: torch.Tensor, log_weights: torch.Tensor, *, num_samples: int | None = None,
-                 group_by_chain: bool = False, resample: bool = False) -> torch.Tensor:
+def select_indices(log_weights: torch.Tensor, *, num_samples: int | None = None, group_by_chain: bool = False,
+                   resample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
     """
-    Draws ``z`` ``(chains, draws, D)`` with log-weights ``(chains, draws)``: resampled by their weights
-    (:func:`resample_indices`; per chain with ``group_by_chain``, else over the pooled draws; a warning
-    says when the weights' ESS is below a tenth of the draws), then ``num_samples`` distinct ones picked
-    at random (per chain with ``group_by_chain``; else the result is ``(1, num_samples, D)``).
+    Indices into the pooled draws (``chains * draws``, chain-major) of draws with log-weights
+    ``(chains, draws)``, shaped ``(chains, M)`` with ``group_by_chain``, else ``(1, M)``: the draws resampled by
+    their weights (:func:`resample_indices` with ``generator``; per chain with ``group_by_chain``, else over the
+    pooled draws; a warning says when the weights' ESS is below a tenth of the draws), then ``num_samples``
+    distinct positions picked at random (global RNG; per chain with ``group_by_chain``).
     """
-    C, N, D = z.shape
+    C, N = log_weights.shape
+    idx = torch.arange(C * N).reshape(C, N)
+    if not group_by_chain:
+        idx = idx.reshape(1, C * N)
     if resample:
-        if group_by_chain:
-            z = torch.gather(z, 1, resample_indices(log_weights).to(z.device).unsqueeze(-1).expand(C, N, D))
-        else:
-            z = z.reshape(C * N, D)[resample_indices(log_weights.reshape(-1)).to(z.device)].reshape(C, N, D)
+        lw = log_weights if group_by_chain else log_weights.reshape(1, C * N)
+        idx = torch.gather(idx, 1, resample_indices(lw, generator=generator))
         ess = float(kish_ess(log_weights.reshape(-1)))
         if ess < 0.1 * C * N:
             warn(f"Resampled draws carry only about {ess:.0f} effective samples (Kish ESS of the weights) out of "
                  f"{C * N}.", RuntimeWarning)
     if num_samples is not None:
-        if group_by_chain:
-            idx = torch.stack([subsample_indices(N, num_samples) for _ in range(C)]).to(z.device)
-            z = torch.gather(z, 1, idx.unsqueeze(-1).expand(C, idx.shape[1], D))
-        else:
-            z = z.reshape(C * N, D)[subsample_indices(C * N, num_samples).to(z.device)].unsqueeze(0)
-    return z
+        picks = torch.stack([subsample_indices(idx.shape[1], num_samples) for _ in range(idx.shape[0])])
+        idx = torch.gather(idx, 1, picks)
+    return idx
+
+
+def select_draws(z: torch.Tensor, log_weights: torch.Tensor, *, num_samples: int | None = None,
+                 group_by_chain: bool = False, resample: bool = False,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """The draws ``z`` ``(chains, draws, D)`` at :func:`select_indices` (same keywords), ``(chains or 1, M, D)``."""
+    idx = select_indices(log_weights, num_samples=num_samples, group_by_chain=group_by_chain, resample=resample,
+                         generator=generator)
+    return z.reshape(-1, z.shape[-1])[idx.to(z.device)]

@@ -170,9 +170,16 @@ class ModelTarget(FlatTarget):
             name for name, site in self.trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"] and site["fn"].has_enumerate_support
         ]
+        #: ``pyro.deterministic`` sites: Pyro records them as observed sample sites; they are functions of the
+        #: latent sites, reported with the posterior, never as data or likelihood
+        self.deterministic_sites = [
+            name for name, site in self.trace.nodes.items()
+            if site["type"] == "sample" and site["infer"].get("_deterministic", False)
+        ]
         self.observed_sites = [
             name for name, site in self.trace.nodes.items()
             if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
+            and name not in self.deterministic_sites
         ]
         sites, start = [], 0
         for name in sorted(init_params):
@@ -237,13 +244,14 @@ class ModelTarget(FlatTarget):
             total = total + (ladj.sum() if batch is None else ladj.reshape(batch, -1).sum(-1))
         return total
 
-    def _conditioned_trace(self, flat: torch.Tensor):
-        """The model's trace conditioned on one flat unconstrained vector ``(D,)``; returns
-        ``(trace, params, values)`` (unconstrained and constrained site values)."""
+    def _conditioned_trace(self, flat: torch.Tensor, discrete: dict | None = None):
+        """The model's trace conditioned on one flat unconstrained vector ``(D,)`` (and on the values of
+        ``discrete`` sites); returns ``(trace, params, values)`` (unconstrained and constrained site values)."""
         params = {s.name: flat[s.start : s.stop].reshape(s.shape) for s in self.sites}
         values = {name: self.transforms[name].inv(u) for name, u in params.items()}
         with poutine.block():
-            trace = poutine.trace(poutine.condition(self.model, values)).get_trace(*self.args, **self.kwargs)
+            trace = poutine.trace(poutine.condition(self.model, {**values, **(discrete or {})})).get_trace(
+                *self.args, **self.kwargs)
         return trace, params, values
 
     def _single_potential(self, flat: torch.Tensor) -> torch.Tensor:
@@ -347,6 +355,28 @@ class ModelTarget(FlatTarget):
         lp = fn.log_prob(value)
         return lp
 
+    def _per_draw(self, z: torch.Tensor, values_of, chunk_size: int, discrete: dict | None = None
+                  ) -> dict[str, torch.Tensor]:
+        """``values_of(trace) -> {name: tensor}`` of the model's trace conditioned on every draw of ``z``
+        ``(N, D)`` (and on the ``discrete`` site values ``{site: (N, ...)}``, if given), stacked to
+        ``{name: (N, ...)}``; batched with :func:`torch.func.vmap` when the model's potential is."""
+        out: dict[str, list] = {}
+        for start in range(0, z.shape[0], chunk_size):
+            chunk = z[start : start + chunk_size]
+            with torch.no_grad(), pyro.validation_enabled(False):
+                if self.vectorize == "vmap" and not discrete:
+                    rows = [torch.func.vmap(lambda flat: values_of(self._conditioned_trace(flat)[0]))(chunk)]
+                else:
+                    rows = []
+                    for i, row in enumerate(chunk):
+                        trace = self._conditioned_trace(
+                            row, {k: v[start + i] for k, v in (discrete or {}).items()})[0]
+                        rows.append({k: v.unsqueeze(0) for k, v in values_of(trace).items()})
+            for res in rows:
+                for name, value in res.items():
+                    out.setdefault(name, []).append(value)
+        return {name: torch.cat(v).detach() for name, v in out.items()}
+
     def log_likelihood(self, z: torch.Tensor, chunk_size: int = 1024) -> dict[str, torch.Tensor]:
         r"""
         Pointwise log-likelihood of each observed site at draws ``z`` ``(N, D)``:
@@ -357,26 +387,19 @@ class ModelTarget(FlatTarget):
             warnings.warn("Pointwise log-likelihoods are not computed for models with enumerated discrete sites.",
                           UserWarning, stacklevel=2)
             return {}
-        out: dict[str, list] = {name: [] for name in self.observed_sites}
-        for start in range(0, z.shape[0], chunk_size):
-            chunk = z[start : start + chunk_size]
-            with torch.no_grad():
-                if self.vectorize == "vmap":
-                    def single(flat):
-                        tr = self._conditioned_trace(flat)[0]
-                        return {name: self._pointwise(tr.nodes[name]) for name in self.observed_sites}
+        return self._per_draw(
+            z, lambda trace: {name: self._pointwise(trace.nodes[name]) for name in self.observed_sites}, chunk_size)
 
-                    with pyro.validation_enabled(False):
-                        res = torch.func.vmap(single)(chunk)
-                    for name in self.observed_sites:
-                        out[name].append(res[name])
-                else:
-                    for row in chunk:
-                        with pyro.validation_enabled(False):
-                            tr = self._conditioned_trace(row)[0]
-                        for name in self.observed_sites:
-                            out[name].append(self._pointwise(tr.nodes[name]).unsqueeze(0))
-        return {name: torch.cat(v).detach() for name, v in out.items() if v}
+    def deterministic(self, z: torch.Tensor, discrete: dict | None = None, chunk_size: int = 1024
+                      ) -> dict[str, torch.Tensor]:
+        r"""
+        The ``pyro.deterministic`` sites at draws ``z`` ``(N, D)`` (given the enumerated sites' draws
+        ``discrete``, ``{site: (N, ...)}``, for models that have them): ``{site: (N, *shape)}``.
+        """
+        if not self.deterministic_sites:
+            return {}
+        return self._per_draw(z, lambda trace: {name: trace.nodes[name]["value"] for name in self.deterministic_sites},
+                              chunk_size, discrete)
 
     def sample_discrete(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         r"""

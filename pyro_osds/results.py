@@ -22,7 +22,13 @@ from .ops.estimators import (
 )
 from .ops.integrate import count_folded
 
-__all__ = ["ComponentEstimate", "Draws", "LogEvidence"]
+__all__ = ["ComponentEstimate", "Draws", "LogEvidence", "UnreliableEvidenceWarning"]
+
+
+class UnreliableEvidenceWarning(RuntimeWarning):
+    """New draws whose log-evidence estimate is not :attr:`~LogEvidence.reliable` because of its weights' tail
+    (Pareto k-hat above :data:`~pyro_osds.ops.estimators.K_HAT_THRESHOLD`): its standard error understates the
+    error. Filter it like any warning (``warnings.filterwarnings("ignore", category=UnreliableEvidenceWarning)``)."""
 
 
 class Draws(NamedTuple):
@@ -134,6 +140,12 @@ class LogEvidence(NamedTuple):
     def exact(self) -> bool:
         """Whether the weights are exact importance weights (:attr:`~pyro_osds.ops.estimators.Estimates.exact`)."""
         return self.pooled.exact
+
+    @property
+    def tail_ok(self) -> bool:
+        """The pooled weights' tail is light enough for the SE to mean what it says
+        (:attr:`~pyro_osds.ops.estimators.Estimates.tail_ok`)."""
+        return self.pooled.tail_ok
 
     @property
     def reliable(self) -> bool:

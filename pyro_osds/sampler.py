@@ -43,7 +43,7 @@ from .ops.precondition import (
     whiten_potential,
 )
 from .results import Draws
-from .train import COMMON_KEYS, Trainer
+from .train import COMMON_KEYS, Trainer, stage_report
 from .transports import ConsistencyTransport, FlowTransport, MixtureTransport, draw
 from .util import PotentialFn, check_positive_int, derive_seed, seeded_generator, warn
 
@@ -167,8 +167,10 @@ class FlowSampler(_Chain):
     def fit_preconditioner(self) -> AffineMap:
         """Fits the affine preconditioner chosen by ``config.precondition`` (once)."""
         if self.preconditioner is None:
-            affine, info = choose_preconditioner(self.potential_fn, self.init, self.config.preconditioner,
-                                                 search=self.search, generator=self.generator)
+            with stage_report(self.desc, f"fitting the {self.config.preconditioner.kind!r} preconditioner",
+                              self.disable_progbar):
+                affine, info = choose_preconditioner(self.potential_fn, self.init, self.config.preconditioner,
+                                                     search=self.search, generator=self.generator)
             self.precondition_info.update(info)
             warn_about_mode_search(info, self.config.objective)
             self.preconditioner = affine.to(dtype=self.dtype)
@@ -588,7 +590,9 @@ def build_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSCon
     pre = config.preconditioner
     if pre.kind == "none" or pre.mode_search_starts == 0:
         return FlowSampler(potential_fn, init, config, generator=generator, **kwargs)
-    search = pre.search(potential_fn, init.detach(), generator=generator)
+    with stage_report(kwargs.get("desc", "OSDS"), f"mode search ({pre.mode_search_starts} starts per round)",
+                      kwargs.get("disable_progbar", False)):
+        search = pre.search(potential_fn, init.detach(), generator=generator)
     if pre.wants_components(search):
         return MixtureSampler(potential_fn, init, config, search, generator=generator, **kwargs)
     return FlowSampler(potential_fn, init, config, search=search, generator=generator, **kwargs)

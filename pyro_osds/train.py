@@ -22,9 +22,11 @@ is set).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +36,8 @@ import torch
 
 from .util import check_choice, check_number, check_positive_int, seeded_generator, warn
 
-__all__ = ["OptimConfig", "Stage", "Term", "TrainContext", "Trainer", "TrainingDivergedError",
-           "progress_bar_disabled"]
+__all__ = ["OptimConfig", "Stage", "Term", "TrainContext", "Trainer", "TrainingDivergedError", "progress_bar",
+           "progress_bar_disabled", "stage_report"]
 
 #: history entries of every objective (stages add their own named values)
 COMMON_KEYS = ("loss", "elbo", "grad_norm", "skipped", "invalid_paths", "seconds")
@@ -48,6 +50,30 @@ class TrainingDivergedError(RuntimeError):
 def progress_bar_disabled(disable: bool = False) -> bool:
     """Progress bars are off when asked, or when ``CI`` or ``PYTEST_XDIST_WORKER`` is set (as in Pyro)."""
     return disable or "CI" in os.environ or "PYTEST_XDIST_WORKER" in os.environ
+
+
+@contextlib.contextmanager
+def stage_report(desc: str | None, what: str, disable: bool = False):
+    """Says on stderr that the stage ``what`` of ``desc`` (a chain's progress-bar label) starts, and how long it
+    took, so that the silent stages before training (the mode search, the preconditioner's fit) are visible;
+    nothing when progress bars are off or ``desc`` is ``None``."""
+    if desc is None or progress_bar_disabled(disable):
+        yield
+        return
+    start = time.perf_counter()
+    print(f"{desc}: {what} ...", file=sys.stderr, flush=True)
+    yield
+    print(f"{desc}: {what} done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def progress_bar(total: int, desc: str):
+    """A tqdm progress bar; on a terminal it refreshes often, into a file or pipe (no terminal) every 30 s on a
+    line of at most 100 characters, so that logs stay readable."""
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, dynamic_ncols=interactive, leave=True, ncols=None if interactive else 100,
+                mininterval=0.1 if interactive else 30.0)
 
 
 @dataclass(frozen=True)
@@ -254,9 +280,7 @@ class Trainer:
         self.interrupted = False
         bar = None
         if desc is not None and not progress_bar_disabled() and num_iterations > 0:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=num_iterations, desc=desc, dynamic_ncols=True, leave=True)
+            bar = progress_bar(num_iterations, desc)
         try:
             for _ in range(num_iterations):
                 snap = self._snapshot()

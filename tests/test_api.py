@@ -4,6 +4,7 @@
 
 import _thread
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -12,7 +13,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyro_osds import OSDS, EvidenceError, TrainingDivergedError, UnsupportedModelError, compare
+from pyro_osds import (
+    OSDS,
+    EvidenceError,
+    TrainingDivergedError,
+    UnreliableEvidenceWarning,
+    UnsupportedModelError,
+    compare,
+)
 from pyro_osds.sampler import MixtureSampler
 from tests.common import (
     D64,
@@ -85,8 +93,30 @@ def test_sample_shapes(osds):
     assert osds.get_samples(group_by_chain=True)["x"].shape == (2, 300, 3)
     assert osds.get_samples(num_samples=50)["x"].shape == (50, 3)
     assert osds.get_samples(num_samples=50, group_by_chain=True)["x"].shape == (2, 50, 3)
-    assert osds.get_samples(resample=True)["x"].shape == (600, 3)
-    assert osds.get_samples(resample=True, group_by_chain=True)["x"].shape == (2, 300, 3)
+    assert osds.get_samples(resample=False)["x"].shape == (600, 3)
+    assert osds.get_samples(resample=False, group_by_chain=True)["x"].shape == (2, 300, 3)
+
+
+def test_get_samples_are_resampled_by_default_and_the_same_on_every_call(osds):
+    raw = osds.get_samples(resample=False)["x"]
+    torch.testing.assert_close(raw, torch.cat([d.x for d in osds.draws]), rtol=0, atol=0)  # the weights' order
+    grouped = osds.get_samples(group_by_chain=True)["x"]
+    torch.testing.assert_close(grouped, osds.get_samples(group_by_chain=True)["x"], rtol=0, atol=0)
+    torch.testing.assert_close(osds.get_samples()["x"], osds.get_samples()["x"], rtol=0, atol=0)
+    # per chain: each resampled draw is one of that chain's draws, kept floor(N w) or ceil(N w) times
+    for c in range(2):
+        chain_raw, log_w = osds.draws[c].x, osds.draws[c].log_weight
+        match = (grouped[c][:, None, :] == chain_raw[None, :, :]).all(-1)
+        assert bool((match.sum(1) >= 1).all())
+        counts = match.double().sum(0)
+        expected = 300 * torch.softmax(log_w, 0)
+        assert bool(((counts >= expected.floor()) & (counts <= expected.ceil())).all())
+    # new draws resample afresh
+    before = osds.get_samples()["x"]
+    state = [d for d in osds.draws]
+    osds.sample()
+    assert not torch.equal(before, osds.get_samples()["x"])
+    osds.draws = tuple(state)
 
 
 def test_weights_and_evidence_accessors(osds):
@@ -352,7 +382,7 @@ def test_a_multimodal_target_gets_one_component_per_mode_and_the_right_evidence(
     ev = osds.log_evidence()
     assert abs(ev.log_z) <= Z * ev.se + 0.5 * ev.se**2 and ev.ess_per_draw > 0.9, ev
     w = osds.get_normalized_weights()
-    right = float(w[osds.get_samples()["x"][:, 0] > 0].sum())
+    right = float(w[osds.get_samples(resample=False)["x"][:, 0] > 0].sum())
     assert abs(right - 0.7) <= Z * math.sqrt(0.21 / ev.ess), right
     osds.save(tmp_path / "mixture.pt")  # the components come back without a new search
     loaded = OSDS.load(tmp_path / "mixture.pt", potential_fn=potential)
@@ -381,3 +411,17 @@ def test_a_product_of_bimodal_factors_is_flagged_unreliable(tmp_path):
     assert bool(table.loc["wells", "too_many_modes"]) and not table.loc["wells", "reliable"]
     osds.save(tmp_path / "wells.pt")  # the finding survives saving and loading
     assert OSDS.load(tmp_path / "wells.pt", potential_fn=potential).log_evidence().too_many_modes
+
+
+def test_heavy_tailed_weights_warn_at_draw_time():
+    # an untrained sampler with the identity preconditioner on a narrow, shifted Gaussian: heavy-tailed weights
+    with pytest.warns(UnreliableEvidenceWarning, match=r"k-hat \d\.\d\d > 0.5 \(chain 0 .*check log Z"):
+        osds = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3, dtype=D64)}, num_samples=500,
+                    preset="smoke", num_iterations=0, precondition="none", num_chains=1, disable_progbar=True).run()
+    assert not osds.log_evidence().tail_ok
+    # a well-fitted one does not warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnreliableEvidenceWarning)
+        osds = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3, dtype=D64)}, num_samples=500,
+                    preset="smoke", num_chains=1, disable_progbar=True).run()
+    assert osds.log_evidence().tail_ok

@@ -41,7 +41,7 @@ def test_compare_ranks_models_with_known_bayes_factors():
         expected_bf = truth[name] - truth[best]
         se = table.loc[name, "log_bf_se"]
         assert abs(table.loc[name, "log_bf"] - expected_bf) <= Z * se + se**2 + 1e-9
-    assert table["prob"].sum() == pytest.approx(1.0)
+    assert table["weight"].sum() == pytest.approx(1.0) and list(table["rank"]) == [0, 1, 2]
     assert table.loc[best, "log_bf"] == 0.0 and table.loc[best, "log_bf_se"] == 0.0
     assert bool(table["reliable"].all())
 
@@ -55,7 +55,22 @@ def test_compare_warns_about_unreliable_estimates():
     assert not table.loc["bad", "reliable"] and table.loc["good", "reliable"]
     assert table.loc["good", "log_bf"] == pytest.approx(-1.0)
     assert table.loc["good", "log_bf_se"] == pytest.approx(math.sqrt(0.01**2 + 0.5**2))
-    assert table.loc["bad", "prob"] == pytest.approx(math.e / (1 + math.e))
+    assert table.loc["bad", "weight"] == pytest.approx(math.e / (1 + math.e))
+    assert table.loc["bad", "warning"] and not table.loc["good", "warning"]
+    assert list(table.columns[:6]) == ["rank", "log_z", "se", "log_bf", "log_bf_se", "weight"]
+
+
+def test_prior_model_probabilities_weight_the_bayes_factors():
+    a = Estimates(-10.0, 0.01, -10.1, 0.01, 900.0, 0.9, 0.2, 1000)
+    b = Estimates(-11.0, 0.01, -11.1, 0.01, 900.0, 0.9, 0.2, 1000)
+    table = compare({"a": a, "b": b}, prior_probs={"a": 1.0, "b": 3.0})  # normalised: 1/4 and 3/4
+    # P(a | y) = Z_a / 4 / (Z_a / 4 + 3 Z_b / 4) = e / (e + 3)
+    assert table.loc["a", "weight"] == pytest.approx(math.e / (math.e + 3))
+    assert table.loc["a", "log_bf"] == 0.0  # the Bayes factor itself does not depend on the prior odds
+    with pytest.raises(ValueError, match="positive probability to each model"):
+        compare({"a": a, "b": b}, prior_probs={"a": 1.0})
+    with pytest.raises(ValueError, match="positive probability"):
+        compare({"a": a, "b": b}, prior_probs={"a": 1.0, "b": 0.0})
 
 
 def test_folded_draws_make_an_estimate_unreliable():

@@ -55,7 +55,8 @@ def test_top_level_names_moved_to_their_modules_warn(name):
 
 def test_public_names():
     assert sorted(pyro_osds.__all__) == sorted([
-        "EvidenceError", "LogEvidence", "OSDS", "OSDSConfig", "TrainingDivergedError", "UnsupportedModelError",
+        "EvidenceError", "LogEvidence", "OSDS", "OSDSConfig", "TrainingDivergedError", "UnreliableEvidenceWarning",
+        "UnsupportedModelError",
         "__version__", "compare", "to_datatree", "to_inference_data"])
     for name in pyro_osds.__all__:
         getattr(pyro_osds, name)

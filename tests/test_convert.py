@@ -12,8 +12,8 @@ import pytest
 import torch
 import xarray as xr
 
-from pyro_osds import OSDS, to_datatree
-from tests.common import D64
+from pyro_osds import OSDS
+from tests.common import D64, Z
 
 
 def model(X, y=None):
@@ -34,30 +34,65 @@ def osds():
 def test_datatree_layout(osds):
     dt = osds.to_datatree()
     assert isinstance(dt, xr.DataTree)
-    assert set(dt.children) == {"posterior", "sample_stats", "log_likelihood", "observed_data"}
-    post = dt["posterior"]
-    assert post["w"].dims == ("chain", "draw", "w_dim_0") and post["w"].shape == (2, 200, 2)
-    assert post["scale"].dims == ("chain", "draw") and bool((post["scale"] > 0).all())
-    stats = dt["sample_stats"]
+    assert set(dt.children) == {"posterior", "sample_stats", "weighted_posterior", "weighted_sample_stats",
+                                "log_likelihood", "observed_data"}
+    for group in ("posterior", "weighted_posterior"):
+        post = dt[group]
+        assert post["w"].dims == ("chain", "draw", "w_dim_0") and post["w"].shape == (2, 200, 2)
+        assert post["scale"].dims == ("chain", "draw") and bool((post["scale"] > 0).all())
+    weighted = dt["weighted_sample_stats"]
     for name in ("lp", "log_q", "log_weight"):
-        assert stats[name].dims == ("chain", "draw")
-    np.testing.assert_allclose(stats["log_weight"].values, (stats["lp"] - stats["log_q"]).values, atol=1e-10)
-    assert stats["log_marginal_likelihood"].dims == ("chain",)
+        assert weighted[name].dims == ("chain", "draw")
+    np.testing.assert_allclose(weighted["log_weight"].values, (weighted["lp"] - weighted["log_q"]).values, atol=1e-10)
+    np.testing.assert_allclose(weighted["log_weight"].values.reshape(-1), osds.log_weights.numpy())
+    ev = osds.log_evidence()
+    stats = dt["sample_stats"]
+    assert set(stats.data_vars) == {"lp", "log_marginal_likelihood", "log_marginal_likelihood_se", "ess_kish",
+                                    "pareto_k"}
+    assert stats["lp"].dims == ("chain", "draw") and stats["ess_kish"].dims == ("chain",)
+    np.testing.assert_allclose(stats["ess_kish"].values, [c.ess for c in ev.chains])
+    np.testing.assert_allclose(stats["pareto_k"].values, [c.k_hat for c in ev.chains])
+    assert stats.attrs["ess_kish"] == pytest.approx(ev.ess) and stats.attrs["pareto_k"] == pytest.approx(ev.k_hat)
     assert dt["log_likelihood"]["obs"].shape == (2, 200, 30)
     assert dt["observed_data"]["obs"].shape == (30,)
-    ev = osds.log_evidence()
     assert dt.attrs["log_marginal_likelihood"] == pytest.approx(ev.log_z)
     assert dt.attrs["log_marginal_likelihood_se"] == pytest.approx(ev.se)
     assert dt.attrs["inference_library"] == "pyro_osds" and dt.attrs["num_flow_steps"] == 1
     assert dt.attrs["log_marginal_likelihood_reliable"] == int(ev.reliable) and dt.attrs["too_many_modes"] == 0
+    assert dt.attrs["resampled"] == 1
+
+
+def test_posterior_holds_the_resampled_draws_of_each_chain(osds):
+    dt = osds.to_datatree()
+    grouped = osds.get_samples(group_by_chain=True)
+    np.testing.assert_array_equal(dt["posterior"]["w"].values, grouped["w"].numpy())  # the same resampling
+    raw = dt["weighted_posterior"]["w"].values
+    np.testing.assert_array_equal(raw, osds.get_samples(group_by_chain=True, resample=False)["w"].numpy())
+    post, lp = dt["posterior"]["w"].values, dt["sample_stats"]["lp"].values
+    raw_lp = dt["weighted_sample_stats"]["lp"].values
+    for c in range(2):
+        # each posterior draw is a draw of its own chain, with that draw's lp
+        match = (post[c][:, None, :] == raw[c][None, :, :]).all(-1)
+        first = match.argmax(1)
+        assert bool(match.any(1).all())
+        np.testing.assert_array_equal(lp[c], raw_lp[c][first])
+
+
+def test_raw_weighted_layout(osds):
+    dt = osds.to_datatree(resample=False)
+    assert set(dt.children) == {"posterior", "sample_stats", "log_likelihood", "observed_data"}
+    assert dt.attrs["resampled"] == 0
+    stats = dt["sample_stats"]
+    np.testing.assert_allclose(stats["log_weight"].values, (stats["lp"] - stats["log_q"]).values, atol=1e-10)
+    np.testing.assert_array_equal(dt["posterior"]["w"].values,
+                                  osds.get_samples(group_by_chain=True, resample=False)["w"].numpy())
 
 
 def test_pointwise_log_likelihood_sums_to_the_likelihood(osds):
     dt = osds.to_datatree()
-    samples = osds.get_samples(group_by_chain=True)
+    w, scale = (torch.as_tensor(dt["posterior"][k].values) for k in ("w", "scale"))
     X, y = osds._args
-    logits = samples["scale"][..., None] * (samples["w"] @ X.T)
-    expected = torch.distributions.Bernoulli(logits=logits).log_prob(y)
+    expected = torch.distributions.Bernoulli(logits=scale[..., None] * (w @ X.T)).log_prob(y)
     np.testing.assert_allclose(dt["log_likelihood"]["obs"].values, expected.numpy(), atol=1e-10)
 
 
@@ -77,13 +112,15 @@ def test_arviz_0x_functions(osds, tmp_path):
     assert math.isfinite(float(loo.elpd_loo))
     ev = osds.log_evidence()
     for chain in range(2):
-        _, k = az.psislw(idata.sample_stats["log_weight"].values[chain].copy(), reff=1.0)
+        _, k = az.psislw(idata.weighted_sample_stats["log_weight"].values[chain].copy(), reff=1.0)
         assert float(k) == pytest.approx(ev.chains[chain].k_hat, abs=1e-8)
     assert ev.k_hat == max(c.k_hat for c in ev.chains)
     path = tmp_path / "osds.nc"
     idata.to_netcdf(str(path))
     back = az.from_netcdf(str(path))
     np.testing.assert_allclose(back.posterior["w"].values, idata.posterior["w"].values)
+    np.testing.assert_allclose(back.weighted_sample_stats["log_weight"].values,
+                               idata.weighted_sample_stats["log_weight"].values)
     assert back.attrs["log_marginal_likelihood"] == pytest.approx(idata.attrs["log_marginal_likelihood"])
     import matplotlib
 
@@ -119,7 +156,7 @@ def test_arviz_1x_api_on_the_datatree(osds):
     assert math.isfinite(float(loo.elpd))
     # arviz-stats' psislw takes log-likelihoods (LOO convention: weights = 1 / likelihood), so the
     # importance log-weights go in negated; its revised tail fit agrees with ours (= ArviZ 0.23) closely
-    _, k = (-dt["sample_stats"]["log_weight"]).azstats.psislw(dim=["draw"])
+    _, k = (-dt["weighted_sample_stats"]["log_weight"]).azstats.psislw(dim=["draw"])
     ours = [c.k_hat for c in osds.log_evidence().chains]
     assert list(k.values) == pytest.approx(ours, abs=0.1)
 
@@ -129,20 +166,9 @@ def test_datatree_netcdf_round_trip(osds, tmp_path):
     path = tmp_path / "tree.nc"
     dt.to_netcdf(path, engine="h5netcdf")
     back = xr.open_datatree(path, engine="h5netcdf")
-    xr.testing.assert_allclose(back["posterior"].to_dataset(), dt["posterior"].to_dataset())
+    for group in dt.children:
+        xr.testing.assert_allclose(back[group].to_dataset(), dt[group].to_dataset())
     assert back.attrs["log_marginal_likelihood"] == pytest.approx(dt.attrs["log_marginal_likelihood"])
-
-
-def test_resampled_output(osds):
-    dt = to_datatree(osds, resample=True)
-    assert dt.attrs["resampled"] == 1
-    assert dt["posterior"]["w"].shape == (2, 200, 2)
-    # every resampled draw is one of the raw draws
-    raw = osds.get_samples(group_by_chain=True)["w"].numpy()
-    res = dt["posterior"]["w"].values
-    for c in range(2):
-        rows = {tuple(r) for r in raw[c].round(12)}
-        assert all(tuple(r) in rows for r in res[c].round(12))
 
 
 def test_custom_dims_and_coords(osds):
@@ -158,4 +184,144 @@ def test_potential_results_have_no_model_groups():
     osds = OSDS(potential_fn=lambda p: 0.5 * (p["x"] ** 2).sum(), initial_params={"x": torch.zeros(2, dtype=D64)},
                 num_samples=50, preset="smoke", num_chains=1).run()
     dt = osds.to_datatree()
-    assert set(dt.children) == {"posterior", "sample_stats"}
+    assert set(dt.children) == {"posterior", "sample_stats", "weighted_posterior", "weighted_sample_stats"}
+
+
+# ------------------------------------------------------------------------------------------------
+# the ArviZ workflow on weighted draws, against exact answers
+def beta_bernoulli(y):
+    p = pyro.sample("p", dist.Beta(torch.tensor(1.0, dtype=D64), torch.tensor(1.0, dtype=D64)))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Bernoulli(p), obs=y)
+
+
+def beta_hdi(a, b, prob):
+    """The exact highest-density interval of Beta(a, b) (unimodal): the shortest interval of mass ``prob``."""
+    from scipy import optimize, stats
+
+    width = lambda lo: stats.beta.ppf(lo + prob, a, b) - stats.beta.ppf(lo, a, b)  # noqa: E731
+    lo = optimize.minimize_scalar(width, bounds=(0, 1 - prob), method="bounded", options={"xatol": 1e-10}).x
+    return stats.beta.ppf(lo, a, b), stats.beta.ppf(lo + prob, a, b)
+
+
+def test_arviz_workflow_agrees_with_the_weighted_truth(tmp_path):
+    az = pytest.importorskip("arviz")
+    if int(az.__version__.split(".")[0]) >= 1:
+        pytest.skip("ArviZ 0.x API")
+    from scipy import stats
+
+    # an untrained sampler (the Laplace fit in logit space) of a skewed Beta(4, 18) posterior: the draws are
+    # far from equally weighted, so unweighted statistics of them are wrong by many Monte Carlo errors
+    y = torch.zeros(20, dtype=D64)
+    y[:3] = 1
+    a, b = 4.0, 18.0
+    pyro.set_rng_seed(0)
+    osds = OSDS(beta_bernoulli, num_samples=2000, preset="smoke", num_iterations=0, precondition="laplace",
+                early_stopping=False, disable_progbar=True).run(y)
+    ess = osds.log_evidence().ess
+    mean, sd = stats.beta.mean(a, b), stats.beta.std(a, b)
+    lo, hi = beta_hdi(a, b, 0.9)
+    quantile_se = math.sqrt(0.05 * 0.95 / ess) / min(stats.beta.pdf(lo, a, b), stats.beta.pdf(hi, a, b))
+    idata = osds.to_inference_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ArviZ's own warnings (few observations for LOO)
+        summary = az.summary(idata, var_names=["p"], hdi_prob=0.9)
+        raw = az.summary(idata.weighted_posterior, var_names=["p"], hdi_prob=0.9)
+        hdi = az.hdi(idata, var_names=["p"], hdi_prob=0.9)["p"].values
+        loo = az.loo(idata)
+    ours = osds.summary_dict()["p"]
+    assert abs(summary.loc["p", "mean"] - mean) <= Z * sd / math.sqrt(ess) + 1e-3  # + the table's rounding
+    assert abs(summary.loc["p", "mean"] - float(ours["mean"])) <= Z * sd / math.sqrt(ess) + 1e-3
+    assert abs(summary.loc["p", "sd"] - sd) <= Z * sd / math.sqrt(2 * ess) + 1e-3
+    assert abs(hdi[0] - lo) <= Z * quantile_se and abs(hdi[1] - hi) <= Z * quantile_se, (hdi, lo, hi)
+    # the raw draws (what ArviZ summarised before) are off by many standard errors
+    assert abs(raw.loc["p", "mean"] - mean) > 2 * Z * sd / math.sqrt(ess)
+    # ArviZ's autocorrelation ESS of the resampled draws sees the copies: not above the weights' Kish ESS
+    assert summary.loc["p", "ess_bulk"] <= 1.05 * ess
+    # PSIS-LOO of the pointwise log-likelihood at the posterior draws, against exact leave-one-out:
+    # p(y_i | y_-i) = E[p | y_-i] or 1 - E[p | y_-i] for Beta-Bernoulli
+    exact_elpd = sum(math.log((a - yi) / (a + b - 1) if yi else (b - 1 + yi) / (a + b - 1)) for yi in y.tolist())
+    assert abs(float(loo.elpd_loo) - exact_elpd) <= 0.1, (float(loo.elpd_loo), exact_elpd)
+    path = tmp_path / "beta.nc"
+    idata.to_netcdf(str(path))
+    back = az.from_netcdf(str(path))
+    np.testing.assert_array_equal(back.posterior["p"].values, idata.posterior["p"].values)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", matplotlib.MatplotlibDeprecationWarning)
+        az.plot_trace(idata, var_names=["p"])
+        az.plot_posterior(idata, var_names=["p"], hdi_prob=0.9)
+    plt.close("all")
+
+
+# ------------------------------------------------------------------------------------------------
+# deterministic sites and posterior predictive draws
+def eight_schools(sigma, y=None, pooled=False):
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=D64), 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(torch.tensor(5.0, dtype=D64)))
+    with pyro.plate("school", len(sigma)):
+        eta = pyro.sample("eta", dist.Normal(torch.tensor(0.0, dtype=D64), 1.0))
+        theta = pyro.deterministic("theta", mu + (0.0 if pooled else tau) * eta)
+        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+
+SCHOOLS_Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=D64)
+SCHOOLS_SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], dtype=D64)
+
+
+@pytest.fixture(scope="module")
+def schools():
+    pyro.set_rng_seed(0)
+    return OSDS(eight_schools, num_samples=300, preset="smoke", disable_progbar=True).run(SCHOOLS_SIGMA, SCHOOLS_Y)
+
+
+def test_deterministic_sites_are_posterior_quantities(schools):
+    dt = schools.to_datatree()
+    assert "theta" not in dt["observed_data"] and "theta" not in dt["log_likelihood"]
+    assert set(dt["log_likelihood"].data_vars) == {"obs"} and set(dt["observed_data"].data_vars) == {"obs"}
+    for group in ("posterior", "weighted_posterior"):
+        post = dt[group]
+        assert post["theta"].dims == ("chain", "draw", "theta_dim_0")
+        np.testing.assert_allclose(post["theta"].values,
+                                   post["mu"].values[..., None] + post["tau"].values[..., None] * post["eta"].values,
+                                   atol=1e-12)
+    assert schools.target.deterministic_sites == ["theta"] and schools.target.observed_sites == ["obs"]
+
+
+def test_loo_waic_and_compare_work_with_deterministic_sites(schools):
+    az = pytest.importorskip("arviz")
+    if int(az.__version__.split(".")[0]) >= 1:
+        pytest.skip("ArviZ 0.x API")
+    pyro.set_rng_seed(1)
+    pooled = OSDS(eight_schools, num_samples=300, preset="smoke", disable_progbar=True).run(
+        SCHOOLS_SIGMA, SCHOOLS_Y, pooled=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ArviZ: high Pareto k / WAIC variance warnings on 8 points
+        warnings.filterwarnings("ignore", message=".*inplace keyword.*")  # ArviZ 0.23's az.compare on pandas 3
+        loo, waic = az.loo(schools.to_inference_data()), az.waic(schools.to_inference_data())
+        table = az.compare({"hierarchical": schools.to_inference_data(), "pooled": pooled.to_inference_data()})
+    assert math.isfinite(float(loo.elpd_loo)) and math.isfinite(float(waic.elpd_waic))
+    assert set(table.index) == {"hierarchical", "pooled"} and sorted(table["rank"]) == [0, 1]
+    assert np.isfinite(table["elpd_loo"].values).all() and table["weight"].sum() == pytest.approx(1.0)
+
+
+def test_posterior_predictive_draws_line_up_with_the_posterior(schools):
+    pp = schools.predictive()
+    assert set(pp) == {"obs"} and pp["obs"].shape == (600, 8)
+    dt = schools.to_datatree(posterior_predictive=pp)
+    assert dt["posterior_predictive"]["obs"].dims == ("chain", "draw", "obs_dim_0")
+    # y_rep ~ N(theta, sigma) at the same draw: standardised residuals are N(0, 1), not those of a shuffle
+    theta = torch.as_tensor(dt["posterior"]["theta"].values)
+    resid = (torch.as_tensor(dt["posterior_predictive"]["obs"].values) - theta) / SCHOOLS_SIGMA
+    assert abs(float(resid.mean())) <= Z / math.sqrt(resid.numel()) * 3 and abs(float(resid.std()) - 1) < 0.05
+    # new covariates: predict at them (the observed site is sampled, not the data)
+    more = schools.predictive(torch.full((8,), 1e-3, dtype=D64), return_sites=["obs", "theta"])
+    assert more["obs"].shape == (600, 8) and not torch.equal(more["obs"], SCHOOLS_Y.expand(600, 8))
+    np.testing.assert_allclose(more["theta"].numpy(), theta.reshape(600, 8).numpy(), atol=1e-12)
+    assert float((more["obs"] - more["theta"]).abs().max()) < 0.01  # tiny noise: y_rep at its own draw's theta
+    with pytest.raises(ValueError, match="posterior_predictive"):
+        schools.to_datatree(posterior_predictive={"obs": pp["obs"][:10]})

@@ -93,5 +93,5 @@ print(f"exact log Bayes factor, pooling vs hierarchical: {exact_pooled - exact_h
 
 # %% The scale's posterior, on its support
 fits["non_centered"].summary()
-tau_draws = fits["non_centered"].get_samples(resample=True)["tau"]
+tau_draws = fits["non_centered"].get_samples()["tau"]
 print(f"tau > 0 for all draws: {bool((tau_draws > 0).all())}; posterior median of tau: {float(tau_draws.median()):.2f}")

@@ -77,7 +77,7 @@ print(ev)  # each chain: one component per labelling, with its share of the mass
 print(f"error {ev.log_z - exact['two components']:+.4f} = {(ev.log_z - exact['two components']) / ev.se:+.1f} SE")
 
 # %% Both labellings carry half the mass
-locs = fits["two components"].get_samples()["locs"]
+locs = fits["two components"].get_samples(resample=False)["locs"]  # the raw draws, in the weights' order
 weights = fits["two components"].get_normalized_weights()
 print(f"P(locs[0] < locs[1]) = {float(weights[locs[:, 0] < locs[:, 1]].sum()):.3f} (exactly 0.5 by symmetry)")
 

@@ -212,7 +212,7 @@ def test_label_switching_mixture_model_evidence_against_enumeration(num_componen
     assert len(ev.components) == 2 * math.factorial(num_components) and ev.reliable, ev
     assert within(ev.log_z, target.log_z, ev.se, bias=0.5 * ev.se**2), ev
     # the modes' weights: 1/K! each, up to Monte Carlo error
-    locs = osds.get_samples()["locs"]
+    locs = osds.get_samples(resample=False)["locs"]
     w = osds.get_normalized_weights()
     nearest = torch.cdist(locs, target.modes).argmin(-1)
     shares = torch.zeros(len(target.modes), dtype=D64).index_add_(0, nearest, w)
