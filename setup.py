@@ -14,6 +14,7 @@ test_requires = [
     "ruff>=0.5",
     "h5netcdf>=1.0",
     "matplotlib>=3.7",
+    "jupytext>=1.16",  # the tutorial notebooks are jupytext conversions of the scripts (tests/test_docs.py)
     # the ArviZ >= 1 API (DataTree) on Python 3.11: arviz-base/stats 0.8.x, which install beside arviz 0.x
     "arviz-base>=0.8,<0.9; python_version < '3.12'",
     "arviz-stats[xarray]>=0.8,<0.9; python_version < '3.12'",
@@ -43,6 +44,7 @@ setup(
         "test": test_requires,
         "dev": test_requires,
         "tutorials": ["matplotlib>=3.7"],
+        "docs": ["sphinx>=8", "sphinx-gallery>=0.17", "matplotlib>=3.7"],
         "benchmarks": ["pot>=0.9"],
     },
     classifiers=[

@@ -5,16 +5,16 @@ All hyper-parameters of :class:`~pyro_osds.OSDS`, nested by owner, with named pr
 
 :class:`OSDSConfig` holds one validated part per owner, each defined next to the code that uses it:
 
-==================  =================================================  ========================================
-part                class                                              used by
-==================  =================================================  ========================================
-``process``         :class:`~pyro_osds.ops.reference.ReferenceProcess`  the integrators, the prior
-``net``             :class:`~pyro_osds.ops.nets.NetConfig`             the control network
-``optim``           :class:`~pyro_osds.train.OptimConfig`              the trainer
-``objective``       :class:`~pyro_osds.objectives.ObjectiveConfig`     the training objective
+==================  =======================================================  ==========================
+part                class                                                    used by
+==================  =======================================================  ==========================
+``process``         :class:`~pyro_osds.ops.reference.ReferenceProcess`       the integrators, the prior
+``net``             :class:`~pyro_osds.ops.nets.NetConfig`                   the control network
+``optim``           :class:`~pyro_osds.train.OptimConfig`                    the trainer
+``objective``       :class:`~pyro_osds.objectives.ObjectiveConfig`           the training objective
 ``preconditioner``  :class:`~pyro_osds.ops.precondition.PreconditionConfig`  the affine preconditioner
-``evaluation``      :class:`~pyro_osds.transports.EvaluationConfig`    drawing and weighting
-==================  =================================================  ========================================
+``evaluation``      :class:`~pyro_osds.transports.EvaluationConfig`          drawing and weighting
+==================  =======================================================  ==========================
 
 The flat keyword front door stays: ``OSDSConfig(num_iterations=3000, grid_size=64)``,
 ``config.replace(learning_rate=1e-3)`` and ``OSDS(model, num_iterations=3000)`` route every option to

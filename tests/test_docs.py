@@ -5,6 +5,8 @@
 import pathlib
 import re
 
+import pytest
+
 import pyro_osds
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,3 +48,16 @@ def test_the_readme_names_every_module():
         if path.name.startswith("_") or relative.startswith("datasets/"):
             continue
         assert f"`{relative}`" in table, relative
+
+
+def test_the_tutorial_notebooks_are_the_scripts():
+    # tutorials/notebooks/*.ipynb are jupytext conversions of the scripts; after editing a script, run
+    # `jupytext --to ipynb --output tutorials/notebooks/<name>.ipynb tutorials/<name>.py`
+    jupytext = pytest.importorskip("jupytext")
+    scripts = sorted((ROOT / "tutorials").glob("[0-9]*.py"))
+    notebooks = sorted((ROOT / "tutorials" / "notebooks").glob("*.ipynb"))
+    assert [p.stem for p in scripts] == [p.stem for p in notebooks]
+    for script, notebook in zip(scripts, notebooks, strict=True):
+        expected = [(c.cell_type, c.source) for c in jupytext.read(script).cells]
+        actual = [(c.cell_type, c.source) for c in jupytext.read(notebook).cells]
+        assert actual == expected, f"{notebook.name} is out of date with {script.name}"

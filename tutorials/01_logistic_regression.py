@@ -1,7 +1,8 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
 """
-Tutorial 1: Bayesian logistic regression on the UCI Ionosphere data, OSDS next to NUTS.
+Tutorial 1: Bayesian logistic regression on the UCI Ionosphere data, OSDS next to NUTS
+======================================================================================
 
 Run it with ``python tutorials/01_logistic_regression.py`` (a few minutes on a 2-core CPU);
 ``OSDS_SMOKE_TEST=1`` (or ``CI=1``) runs a seconds-long version. Figures go to
@@ -30,7 +31,7 @@ from pyro_osds import OSDS
 from pyro_osds.datasets import load_ionosphere
 
 SMOKE = bool(os.environ.get("OSDS_SMOKE_TEST")) or "CI" in os.environ
-OUT = Path(__file__).parent / "_outputs"
+OUT = Path(__file__).parent / "_outputs" if "__file__" in globals() else Path("_outputs")  # script / notebook
 OUT.mkdir(exist_ok=True)
 torch.set_num_threads(1)  # on a shared 2-core machine one thread is fastest and never stalls
 pyro.set_rng_seed(0)

@@ -1,7 +1,8 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
 """
-Tutorial 2: comparing competing Pyro models by Bayes factors.
+Tutorial 2: comparing competing Pyro models by Bayes factors
+============================================================
 
 Run it with ``python tutorials/02_model_comparison.py``; ``OSDS_SMOKE_TEST=1`` runs a quick version.
 

@@ -1,7 +1,8 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
 """
-Tutorial 3: a hierarchical model with a constrained scale, the eight schools (Rubin 1981).
+Tutorial 3: a hierarchical model with a constrained scale, the eight schools (Rubin 1981)
+=========================================================================================
 
 Run it with ``python tutorials/03_eight_schools.py``; ``OSDS_SMOKE_TEST=1`` runs a quick version.
 

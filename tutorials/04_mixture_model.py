@@ -1,7 +1,8 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
 """
-Tutorial 4: a Gaussian mixture model, whose posterior has one mode per labelling of its components.
+Tutorial 4: a Gaussian mixture model, whose posterior has one mode per labelling of its components
+==================================================================================================
 
 Run it with ``python tutorials/04_mixture_model.py``; ``OSDS_SMOKE_TEST=1`` runs a quick version.
 

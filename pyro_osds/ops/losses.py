@@ -82,8 +82,8 @@ Paths or pairs with non-finite values are excluded from the mean and counted.
 [3] `Sticking the Landing: Simple, Lower-Variance Gradient Estimators for Variational Inference`, G. Roeder,
     Y. Wu, D. Duvenaud (2017), NeurIPS.
 
-[4] `Gradients should stay on path: better estimators of the reverse- and forward KL divergence for normalizing
-    flows`, L. Vaitl, K. A. Nicoli, S. Nakajima, P. Kessel (2022), Machine Learning: Science and Technology 3(4).
+[4] `Gradients should stay on path: better estimators of the reverse- and forward KL divergence for normalizing flows`,
+    L. Vaitl, K. A. Nicoli, S. Nakajima, P. Kessel (2022), Machine Learning: Science and Technology 3(4).
 """
 
 from __future__ import annotations

@@ -234,8 +234,10 @@ def fit_gaussian_natural(
     estimates both expectations from ``num_samples`` draws of the current :math:`q` (the Hessians by one batched
     double-backward pass, :func:`~pyro_osds.ops.jacobian.potential_score_hessian`) and moves towards them,
 
-    .. math:: P \leftarrow (1-\beta_t) P + \beta_t\,\overline{\nabla^2 U}, \qquad
-              m \leftarrow m - \beta_t P^{-1}\,\overline{\nabla U},
+    .. math::
+
+        P \leftarrow (1-\beta_t) P + \beta_t\,\overline{\nabla^2 U}, \qquad
+        m \leftarrow m - \beta_t P^{-1}\,\overline{\nabla U},
 
     the natural-gradient (variational online Newton) update [2], with :math:`\beta_t` = ``step_size`` for the
     first ``decay_after`` steps and :math:`\beta_t \propto 1/t` after, so the Monte-Carlo noise averages out.
@@ -251,6 +253,7 @@ def fit_gaussian_natural(
     **References**
 
     [1] `The variational Gaussian approximation revisited`, M. Opper, C. Archambeau (2009), Neural Computation 21(3).
+
     [2] `Fast and scalable Bayesian deep learning by weight-perturbation in Adam`, M. E. Khan, D. Nielsen,
         V. Tangkaratt, W. Lin, Y. Gal, A. Srivastava (2018), ICML.
     """
