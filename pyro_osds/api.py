@@ -26,8 +26,10 @@ from pyro.infer.importance import LogWeightsMixin
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import OSDSConfig
 from .diagnostics import diagnostics, print_summary, select_indices, weighted_summary
+from .distributed import DistributedContext, broadcast_object
 from .model import ModelTarget, build_target
 from .ops.estimators import K_HAT_THRESHOLD
 from .ops.precondition import lost_modes
@@ -175,6 +177,8 @@ class OSDS(LogWeightsMixin):
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.checkpoint_every, self.resume = checkpoint_every, resume
         self.chain_seeds: list[int] = []
+        #: the process group training and drawing are shared over (set by :meth:`fit`; ``None``: one process)
+        self.distributed: DistributedContext | None = None
         self.target: FlatTarget | None = None
         self.samplers: list[FlowSampler | MixtureSampler] = []
         #: the current draws, one :class:`~pyro_osds.results.Draws` per chain (empty before :meth:`sample`)
@@ -204,15 +208,15 @@ class OSDS(LogWeightsMixin):
         def hook(step, info, chain=chain):
             if self.hook_fn is not None:
                 self.hook_fn(chain, step, info)
-            if self.checkpoint is not None and step % self.checkpoint_every == 0:
+            if self.checkpoint is not None and step % self.checkpoint_every == 0 and self._is_main:
                 ckpt.atomic_save(self.state_dict(), self.checkpoint)
             if self._stop_training.is_set():  # Ctrl-C in the main thread while chains train in threads
                 raise KeyboardInterrupt
 
         options = dict(num_steps=self.train_num_steps, generator=seeded_generator(self.target.device,
                                                                                   self.chain_seeds[chain]),
-                       hook_fn=hook, disable_progbar=self.disable_progbar,
-                       desc=f"OSDS chain {chain}" if self.num_chains > 1 else "OSDS")
+                       hook_fn=hook, disable_progbar=self.disable_progbar or not self._is_main,
+                       desc=f"OSDS chain {chain}" if self.num_chains > 1 else "OSDS", distributed=self.distributed)
         # no effect handler here: chains may build in threads, and Pyro's handler stack is global (the callers
         # block the model's sites; the potential enters the model under its lock)
         if state is not None:
@@ -235,6 +239,7 @@ class OSDS(LogWeightsMixin):
         to go on.
         """
         self.setup(*args, **kwargs)
+        self.distributed = self._process_group()
         with poutine.block():
             self.samplers, self.draws = [], ()
             if self.resume and os.path.exists(self.checkpoint):
@@ -243,8 +248,30 @@ class OSDS(LogWeightsMixin):
                 # one seed per chain, drawn up front from the global RNG (pyro.set_rng_seed):
                 # independent streams, and a resumed run can recreate the chains it had not started
                 self.chain_seeds = [derive_seed() for _ in range(self.num_chains)]
+                if self.distributed is not None:  # rank 0's seeds: every rank trains the same chains
+                    self.chain_seeds = broadcast_object(self.chain_seeds, self.distributed)
             self._train_chains()
         return self
+
+    def _process_group(self) -> DistributedContext | None:
+        """The initialised process group to train and draw across (:mod:`pyro_osds.distributed`), checked against
+        the configuration; ``None`` in one process."""
+        ctx = distributed.current()
+        if ctx is None:
+            return None
+        config = self.config
+        if config.method != "osds" or config.objective.diffusion.weight > 0 or config.objective.flow_kl.weight <= 0:
+            raise ValueError(
+                f"Training across a process group ({ctx.world_size} ranks) supports the one-step objective (the "
+                f"default, method='osds' with `diffusion_weight=0`); got method={config.method!r} with "
+                f"`diffusion_weight`={config.objective.diffusion.weight}. Use the default objective, or run one "
+                "process per model.")
+        return ctx
+
+    @property
+    def _is_main(self) -> bool:
+        """Whether this process prints and writes checkpoints (rank 0, or the only process)."""
+        return self.distributed is None or self.distributed.is_main
 
     def continue_training(self, num_iterations: int | None = None) -> OSDS:
         r"""
@@ -262,7 +289,7 @@ class OSDS(LogWeightsMixin):
         return self
 
     def _num_chain_threads(self) -> int:
-        if self.checkpoint is not None or self.target.device.type != "cpu":
+        if self.checkpoint is not None or self.target.device.type != "cpu" or self.distributed is not None:
             return 1
         if self.chain_threads is not None:
             return min(self.chain_threads, self.num_chains)
@@ -285,7 +312,7 @@ class OSDS(LogWeightsMixin):
                 self.samplers.append(sampler)
             with self._explain_out_of_memory("training"):
                 sampler.fit(until=self.config.optim.num_iterations)
-            if self.checkpoint is not None:
+            if self.checkpoint is not None and self._is_main:
                 ckpt.atomic_save(self.state_dict(), self.checkpoint)
             if sampler.interrupted:
                 self.interrupted = True
@@ -383,9 +410,11 @@ class OSDS(LogWeightsMixin):
                  f"`OSDS(..., num_steps={num_steps})` or `flow_kl_steps=(..., {num_steps})`, or use the paper's "
                  "objective (`preset='paper-cpu'`), which trains every step size.")
         with poutine.block(), self._explain_out_of_memory("drawing"):
-            draws = [s.draw(num_samples, num_steps, log_det=log_det) for s in self.samplers]
+            draws = [s.draw_sharded(num_samples, num_steps, log_det=log_det) for s in self.samplers]
             if isinstance(self.target, ModelTarget) and self.target.enumerated_sites:
-                discrete = self.target.sample_discrete(torch.cat([d.x for d in draws]))
+                discrete = self.target.sample_discrete(torch.cat([d.x for d in draws])) if self._is_main else None
+                if self.distributed is not None:
+                    discrete = broadcast_object(discrete, self.distributed)
                 draws = [d._replace(discrete={k: v[i * num_samples:(i + 1) * num_samples] for k, v in discrete.items()})
                          for i, d in enumerate(draws)]
         self.draws, self.num_samples, self.num_steps = tuple(draws), num_samples, num_steps

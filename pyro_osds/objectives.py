@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .distributed import all_gather_rows, all_reduce_sum, shard
 from .ops.consistency import consistency_grid, consistency_loss
 from .ops.estimators import kish_ess
 from .ops.integrate import LOG_DET_METHODS
@@ -254,22 +255,36 @@ def flow_kl_stage(config: FlowKLConfig, potential_fn: PotentialFn, process: Refe
 
     def term(context: TrainContext) -> Term:
         num_steps = steps[context.step % len(steps)]
+        # the whole batch's noise on every rank (the same stream), then this rank's shard: the union over the
+        # ranks is the batch one process would draw
         z0 = process.sample_prior(config.batch_size, dim, dtype=context.dtype, device=context.device,
                                   generator=context.generator)
+        ctx = context.distributed
+        share = 1.0
+        if ctx is not None:
+            rows = shard(config.batch_size, ctx)
+            z0, share = z0[rows], (rows.stop - rows.start) / config.batch_size
         target = potential_fn
         beta = tempering_beta(config.tempering, context.step, context.num_iterations)
         if beta < 1:
             def target(z, beta=beta):  # pi^beta p0^(1 - beta), p0 = N(0, prior_scale^2 I)
                 return beta * potential_fn(z) + (1 - beta) * 0.5 * (z**2).sum(-1) / process.prior_scale**2
+        # the path estimator's cutoff from the whole batch's median score norm
+        path_scale = None if ctx is None else (lambda norms: all_gather_rows(norms, ctx).median())
         out = flow_kl_loss(context.net, target, process, z0, num_steps, fold_weight=config.fold_weight,
-                           gradient=gradient, path_cutoff=config.path_cutoff)
+                           gradient=gradient, path_cutoff=config.path_cutoff, path_scale=path_scale)
         value = float(out.loss.detach()) if out.loss is not None else math.nan
-        finite = out.log_weights[torch.isfinite(out.log_weights)]
-        ess = float(kish_ess(finite)) / out.log_weights.numel() if finite.numel() else math.nan
-        elbo = _finite_mean(out.log_weights)
-        info = {"loss": value, "elbo": elbo, "invalid_paths": out.num_invalid,
+        log_weights, num_invalid = out.log_weights.detach(), out.num_invalid
+        if ctx is not None:  # the whole batch's values on every rank, so that every rank stops at the same step
+            value = float(all_reduce_sum(torch.tensor([value * share], dtype=torch.float64), ctx))
+            num_invalid = int(all_reduce_sum(torch.tensor([float(num_invalid)], dtype=torch.float64), ctx))
+            log_weights = all_gather_rows(log_weights, ctx)
+        finite = log_weights[torch.isfinite(log_weights)]
+        ess = float(kish_ess(finite)) / log_weights.numel() if finite.numel() else math.nan
+        elbo = _finite_mean(log_weights)
+        info = {"loss": value, "elbo": elbo, "invalid_paths": num_invalid,
                 "flow_kl": value, "flow_kl_elbo": elbo, "flow_kl_ess": ess}
-        return Term(out.loss, config.weight, info)
+        return Term(out.loss, config.weight, info, share)
 
     stop = plateau_stop if config.early_stop and config.tempering == 0 else None
     return Stage(term, keys=("flow_kl", "flow_kl_elbo", "flow_kl_ess"), stop=stop)

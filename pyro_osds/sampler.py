@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from .config import OSDSConfig
+from .distributed import DistributedContext, all_gather_rows, broadcast_object, shard
 from .modes import mode_coverage, warn_about_mode_search, warn_lost_modes
 from .objectives import build_objective, consistency_stage, flow_kl_train_steps, resolve_flow_kl_gradient
 from .ops.estimators import Estimates, ForwardEstimates, evidence, forward_evidence
@@ -61,6 +62,24 @@ class _Chain:
         """Evidence estimates from fresh draws (never the training batch)."""
         self._require_density(num_steps)
         return self.draw(num_samples, num_steps, log_det=log_det).evidence()
+
+    def draw_sharded(self, num_samples: int, num_steps: int = 1, *, log_det: str | None = None) -> Draws:
+        """
+        ``num_samples`` draws shared out over the process group (:mod:`pyro_osds.distributed`): each rank draws
+        its share from its own stream (seeded from the chain's drawing stream and the rank) and every rank gets
+        the union, in rank order, so that every estimate is computed on all the draws. One process: :meth:`draw`.
+        """
+        ctx = self.distributed
+        if ctx is None:
+            return self.draw(num_samples, num_steps, log_det=log_det)
+        if num_samples < ctx.world_size:
+            raise ValueError(f"`num_samples`={num_samples} is fewer than the {ctx.world_size} ranks drawing them.")
+        rows = shard(num_samples, ctx)
+        stream = seeded_generator(self.device, (derive_seed(self.draw_generator) + ctx.rank) % 2**63)
+        mine = self.draw(rows.stop - rows.start, num_steps, log_det=log_det, generator=stream)
+        gather = lambda t: None if t is None else all_gather_rows(t, ctx)  # noqa: E731
+        return Draws(gather(mine.x), gather(mine.potential), gather(mine.log_q), gather(mine.log_weight),
+                     gather(mine.orientation), mine.log_det, component=gather(mine.component))
 
     def forward_evidence(self, target_samples: torch.Tensor, num_steps: int = 1) -> ForwardEstimates:
         r"""EUBO and forward :math:`\log\hat Z` from exact target draws, via the exact inverse map."""
@@ -117,6 +136,8 @@ class FlowSampler(_Chain):
     :param callable hook_fn: ``hook_fn(step, info)`` after every training iteration.
     :param bool disable_progbar: no progress bar.
     :param str desc: the progress bar's label.
+    :param DistributedContext distributed: train and draw across this process group
+        (:mod:`pyro_osds.distributed`; the one-step objective only).
     """
 
     def __init__(
@@ -132,8 +153,11 @@ class FlowSampler(_Chain):
         hook_fn: Callable | None = None,
         disable_progbar: bool = False,
         desc: str = "OSDS",
+        distributed: DistributedContext | None = None,
     ):
         self.config = config = OSDSConfig() if config is None else config
+        #: the process group this chain trains and draws across (:mod:`pyro_osds.distributed`; ``None``: one process)
+        self.distributed = distributed
         init = torch.as_tensor(init)
         if init.dim() != 1 or not init.is_floating_point():
             raise ValueError(f"`init` must be a 1-D floating point tensor, got shape {tuple(init.shape)} "
@@ -171,10 +195,19 @@ class FlowSampler(_Chain):
                               self.disable_progbar):
                 affine, info = choose_preconditioner(self.potential_fn, self.init, self.config.preconditioner,
                                                      search=self.search, generator=self.generator)
+            if self.distributed is not None:  # every rank takes rank 0's fit and random stream
+                affine, info = self._take_from_rank_zero(affine, info)
             self.precondition_info.update(info)
             warn_about_mode_search(info, self.config.objective)
             self.preconditioner = affine.to(dtype=self.dtype)
         return self.preconditioner
+
+    def _take_from_rank_zero(self, affine: AffineMap, info: dict) -> tuple[AffineMap, dict]:
+        """Rank 0's preconditioner, its fit's report and its training stream's state, on every rank."""
+        shift, tril, info, state = broadcast_object(
+            (affine.shift.cpu(), affine.scale_tril.cpu(), info, self.generator.get_state()), self.distributed)
+        self.generator.set_state(state)
+        return AffineMap(shift.to(self.device), tril.to(self.device)), info
 
     def flow_potential(self, z: torch.Tensor) -> torch.Tensor:
         """The potential on inputs of the flow's dtype, or any other, returned in it (evaluated in the model's
@@ -209,7 +242,7 @@ class FlowSampler(_Chain):
         if phase == 0:
             stages = build_objective(config.objective, potential_z, self.process, self.dim,
                                      flow_kl_steps=self.train_steps, flow_kl_gradient=self.flow_kl_gradient)
-            return Trainer(self.net, stages, config.optim, generator=self.generator)
+            return Trainer(self.net, stages, config.optim, generator=self.generator, distributed=self.distributed)
         # CDDS: a student initialised from the trained teacher, distilled from its probability-flow ODE
         teacher = self.trainers[0].sampling_net.requires_grad_(False)
         student = copy.deepcopy(teacher).requires_grad_(True)
@@ -244,7 +277,8 @@ class FlowSampler(_Chain):
             return False
         pilot = seeded_generator(self.device, (self.draw_generator.initial_seed() + 1) % 2**63)
         est = self.draw(self.num_pilot, 1, generator=pilot).evidence()
-        return est.ess_per_draw >= 0.95 and est.reliable
+        fits = est.ess_per_draw >= 0.95 and est.reliable
+        return fits if self.distributed is None else broadcast_object(fits, self.distributed)
 
     def fit(self, num_iterations: int | None = None, *, until: int | None = None) -> dict[str, list]:
         """
@@ -442,8 +476,10 @@ class MixtureSampler(_Chain):
 
     def __init__(self, potential_fn: PotentialFn, init: torch.Tensor, config: OSDSConfig, search: ModeSearch, *,
                  num_steps: int | None = None, generator: torch.Generator | None = None,
-                 hook_fn: Callable | None = None, disable_progbar: bool = False, desc: str = "OSDS"):
+                 hook_fn: Callable | None = None, disable_progbar: bool = False, desc: str = "OSDS",
+                 distributed: DistributedContext | None = None):
         self.config, self.potential_fn, self.search = config, potential_fn, search
+        self.distributed = distributed
         init = torch.as_tensor(init)
         self.init, self.dim = init.detach().clone(), init.numel()
         self.model_dtype, self.device = init.dtype, init.device
@@ -454,7 +490,7 @@ class MixtureSampler(_Chain):
         self.components = [
             FlowSampler(self.partition.restricted(potential_fn, k), affine.shift, config, num_steps=num_steps,
                         generator=seeded_generator(self.device, derive_seed(self.generator)), hook_fn=hook_fn,
-                        disable_progbar=disable_progbar, desc=f"{desc} component {k}")
+                        disable_progbar=disable_progbar, desc=f"{desc} component {k}", distributed=distributed)
             for k, (affine, _) in enumerate(search.modes)
         ]
         #: the mixture weights :math:`\alpha` (the Laplace masses until :meth:`fit` estimates them)
@@ -483,6 +519,8 @@ class MixtureSampler(_Chain):
             if component.preconditioner is None:
                 affine, info = refine_component(component.potential_fn, laplace, self.config.preconditioner,
                                                 generator=component.generator)
+                if self.distributed is not None:
+                    affine, info = component._take_from_rank_zero(affine, info)
                 component.preconditioner = affine.to(dtype=component.dtype)
                 component.precondition_info.update(info)
 
@@ -507,7 +545,8 @@ class MixtureSampler(_Chain):
                               for c in self.components], dtype=torch.float64)
         laplace = torch.tensor([w for _, w in self.search.modes], dtype=torch.float64)
         share = torch.softmax(log_z, 0) if bool(torch.isfinite(log_z).all()) else laplace
-        self.weights = 0.9 * share + 0.1 / len(self.components)
+        weights = 0.9 * share + 0.1 / len(self.components)
+        self.weights = weights if self.distributed is None else broadcast_object(weights, self.distributed)
 
     @property
     def interrupted(self) -> bool:
@@ -590,9 +629,17 @@ def build_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSCon
     pre = config.preconditioner
     if pre.kind == "none" or pre.mode_search_starts == 0:
         return FlowSampler(potential_fn, init, config, generator=generator, **kwargs)
+    ctx = kwargs.get("distributed")
     with stage_report(kwargs.get("desc", "OSDS"), f"mode search ({pre.mode_search_starts} starts per round)",
                       kwargs.get("disable_progbar", False)):
-        search = pre.search(potential_fn, init.detach(), generator=generator)
+        search = None
+        if ctx is None or ctx.is_main:
+            search = pre.search(potential_fn, init.detach(), generator=generator)
+    if ctx is not None:  # rank 0 searches; every rank takes its modes and its random stream
+        search, state = broadcast_object((search, generator.get_state()), ctx)
+        generator.set_state(state)
+        search = search._replace(modes=[(AffineMap(a.shift.to(init.device), a.scale_tril.to(init.device)), w)
+                                        for a, w in search.modes])
     if pre.wants_components(search):
         return MixtureSampler(potential_fn, init, config, search, generator=generator, **kwargs)
     return FlowSampler(potential_fn, init, config, search=search, generator=generator, **kwargs)

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 
+from .distributed import DistributedContext, all_reduce_gradients, all_reduce_sum
 from .util import check_choice, check_number, check_positive_int, seeded_generator, warn
 
 __all__ = ["OptimConfig", "Stage", "Term", "TrainContext", "Trainer", "TrainingDivergedError", "progress_bar",
@@ -114,11 +115,13 @@ class OptimConfig:
 
 class Term(NamedTuple):
     """What a stage gives for one optimiser step: ``loss`` (``None``: nothing usable, counted as a
-    skipped step), its ``weight`` and named floats for the history."""
+    skipped step), its ``weight``, named floats for the history and, in data-parallel training, ``share``:
+    this rank's fraction of the batch its loss averages over (:mod:`pyro_osds.distributed`)."""
 
     loss: torch.Tensor | None
     weight: float
     info: dict
+    share: float = 1.0
 
 
 @dataclass
@@ -133,6 +136,9 @@ class TrainContext:
     generator: torch.Generator
     scratch: dict = field(default_factory=dict)
     num_iterations: int = 0
+    #: the process group of data-parallel training (``None``: one process); stages that support it draw the
+    #: whole batch's noise and keep this rank's shard (:mod:`pyro_osds.distributed`)
+    distributed: DistributedContext | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -171,8 +177,10 @@ class Trainer:
         optim: OptimConfig | None = None,
         *,
         generator: torch.Generator | None = None,
+        distributed: DistributedContext | None = None,
     ):
         self.net = net
+        self.distributed = distributed
         self.objective = tuple(objective)
         self.optim = OptimConfig() if optim is None else optim
         #: the total iterations (the learning-rate schedule's horizon); :meth:`train` runs up to it
@@ -205,12 +213,22 @@ class Trainer:
             for p_ema, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
                 p_ema.lerp_(p, 1.0 - self.optim.ema_decay)
 
-    def _optimizer_step(self, loss: torch.Tensor | None, scale: float = 1.0) -> tuple[bool, float]:
-        """Backward + clipped AdamW step; returns (taken, grad_norm). Skips non-finite losses/gradients."""
+    def _optimizer_step(self, loss: torch.Tensor | None, scale: float = 1.0, share: float = 1.0
+                        ) -> tuple[bool, float]:
+        """Backward + clipped AdamW step; returns (taken, grad_norm). Skips non-finite losses/gradients. In
+        data-parallel training every rank skips when any rank's loss is unusable, and the gradients are summed
+        over the ranks with weights ``share`` (the ranks' fractions of the batch) before clipping, so every rank
+        takes the same step."""
         self.optimizer.zero_grad(set_to_none=True)
-        if loss is None or not bool(torch.isfinite(loss)):
+        usable = loss is not None and bool(torch.isfinite(loss))
+        if self.distributed is not None:
+            unusable = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64), self.distributed)
+            usable = float(unusable) == 0.0
+        if not usable:
             return False, math.nan
         (scale * loss).backward()
+        if self.distributed is not None:
+            all_reduce_gradients(self.net.parameters(), share, self.distributed)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.optim.grad_clip)
         if not bool(torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -241,13 +259,14 @@ class Trainer:
         start = time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
-        context = TrainContext(self.net, self.ema, self.step, self.generator, num_iterations=self.num_iterations)
+        context = TrainContext(self.net, self.ema, self.step, self.generator, num_iterations=self.num_iterations,
+                               distributed=self.distributed)
         record: dict = {"skipped": 0}
         for stage in self.objective:
             term = stage.term(context)
             if term is None:
                 continue
-            taken, grad_norm = self._optimizer_step(term.loss, term.weight)
+            taken, grad_norm = self._optimizer_step(term.loss, term.weight, term.share)
             record["skipped"] += int(not taken)
             record.setdefault("grad_norm", grad_norm)
             for key, value in term.info.items():

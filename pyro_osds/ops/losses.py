@@ -88,6 +88,7 @@ Paths or pairs with non-finite values are excluded from the mean and counted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -201,6 +202,7 @@ def flow_kl_loss(
     fold_weight: float = 1.0,
     gradient: str = "total",
     path_cutoff: float | None = 5.0,
+    path_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FlowKLLoss:
     r"""
     Reverse KL of the ``num_steps``-step deterministic flow with its exact log-det, folded draws
@@ -208,7 +210,9 @@ def flow_kl_loss(
     them in the mean, unpenalised). ``gradient`` picks the estimator (``"total"`` or ``"path"``,
     module docstring; with ``"path"``, draws whose :math:`\|\delta\|` exceeds ``path_cutoff`` times
     the batch median of :math:`\|\nabla\log\pi(x_K)\|` keep the total gradient, ``None``: none
-    does). The loss's value is the reverse-KL estimate either way.
+    does; ``path_scale`` maps the batch's finite score norms to that reference, default their median, and
+    data-parallel training passes the median of the whole batch's). The loss's value is the reverse-KL estimate
+    either way.
     """
     check_choice("gradient", gradient, FLOW_KL_GRADIENTS)
     path = gradient == "path"
@@ -244,7 +248,8 @@ def flow_kl_loss(
                     # the target's score at the draws, from the potential already evaluated there
                     (grad_u,) = torch.autograd.grad(potential[valid].sum(), out.x, retain_graph=True)
                     score_norms = grad_u.detach()[valid].norm(dim=-1)
-                    scale = score_norms[torch.isfinite(score_norms)].median()
+                    finite_norms = score_norms[torch.isfinite(score_norms)]
+                    scale = finite_norms.median() if path_scale is None else path_scale(finite_norms)
                     fallback = fallback | (norms > path_cutoff * scale)
                 delta = torch.where(fallback[:, None], torch.zeros_like(delta), delta)
                 fallback_log_w = torch.zeros((), dtype=log_w.dtype, device=log_w.device)
