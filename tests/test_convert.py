@@ -150,6 +150,10 @@ def test_arviz_1x_api_on_the_datatree(osds):
     dt = osds.to_datatree()
     summary = azs.summary(dt)
     assert {"scale", "w[0]", "w[1]"} <= set(summary.index)
+    # the DataTree's posterior is equally weighted: arviz-stats' mean is the importance-weighted one, to Monte
+    # Carlo error (the weights' Kish ESS)
+    ours, ess = osds.summary_dict()["scale"], osds.log_evidence().ess
+    assert abs(float(summary.loc["scale", "mean"]) - float(ours["mean"])) <= Z * float(ours["std"]) / math.sqrt(ess) + 0.01
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         loo = azs.loo(dt)

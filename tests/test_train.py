@@ -10,7 +10,7 @@ import torch
 from pyro_osds.config import OSDSConfig
 from pyro_osds.objectives import build_objective
 from pyro_osds.ops.nets import StepConditionedControl
-from pyro_osds.train import Trainer, TrainingDivergedError, progress_bar_disabled
+from pyro_osds.train import Trainer, TrainingDivergedError, progress_bar, progress_bar_disabled, stage_report
 from tests.common import D64, quadratic
 
 # the paper's objective (EM paths + self-distillation); the one-step objective is tested below
@@ -116,3 +116,35 @@ def test_progress_bar_switch(monkeypatch):
     assert progress_bar_disabled(True)
     monkeypatch.setenv("CI", "true")
     assert progress_bar_disabled()
+
+
+def test_progress_into_a_file_refreshes_rarely_on_short_lines(monkeypatch):
+    # pytest's captured stderr is not a terminal, as a log file or a pipe is not
+    bar = progress_bar(10, "OSDS")
+    try:
+        assert bar.mininterval == 30.0 and bar.ncols == 100 and not bar.dynamic_ncols
+    finally:
+        bar.close()
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    bar = progress_bar(10, "OSDS")
+    try:
+        assert bar.mininterval == 0.1
+    finally:
+        bar.close()
+
+
+def test_stage_reports_say_when_a_silent_stage_starts_and_how_long_it_took(monkeypatch, capsys):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    with stage_report("OSDS chain 0", "mode search (64 starts per round)"):
+        pass
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "OSDS chain 0: mode search (64 starts per round) ..."
+    assert err[1].startswith("OSDS chain 0: mode search (64 starts per round) done in ") and err[1].endswith(" s")
+    for disabled in ({"desc": None, "what": "x"}, {"desc": "OSDS", "what": "x", "disable": True}):
+        with stage_report(**disabled):
+            pass
+    monkeypatch.setenv("CI", "1")
+    with stage_report("OSDS", "x"):
+        pass
+    assert capsys.readouterr().err == ""
