@@ -189,8 +189,60 @@ def hierarchical_log_z(y: torch.Tensor, sigma: torch.Tensor, num_points: int = 4
     return float(torch.logsumexp(integrand + log_weights, 0))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Log-Gaussian Cox process on the Finnish pines (the papers' 1600-D target)
+
+
+PINES = Path(__file__).resolve().parents[2] / "shared" / "data" / "finpines_unit_square.csv"
+
+
+def lgcp_data(grid: int = 40, path: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""
+    The LGCP target of the diffusion-sampler papers (DeepMind's annealed_flow_transport ``lgcp.py``): the 126
+    Finnish pines (spatstat.data ``finpines`` rescaled to the unit square; GPL, not copied here: read from
+    ``shared/data`` or ``path``) binned on a ``grid`` x ``grid`` lattice (points on the upper edge in the last
+    bin), the prior mean :math:`\mu_0 = \log 126 - 1.91/2` and the exponential covariance
+    :math:`K_{mn} = 1.91\,e^{-\|m - n\| / (	ext{grid} / 33)}` over integer cell indices. Returns
+    ``(counts, mean, scale_tril)``.
+    """
+    path = Path(path) if path is not None else PINES
+    if not path.exists():
+        raise FileNotFoundError(f"The pines data ({path}) is not here: it lives in the shared data folder "
+                                "(spatstat.data `finpines`, GPL); pass its path.")
+    rows = [line.split(",") for line in path.read_text().splitlines()[1:] if line.strip()]
+    points = torch.tensor([[float(a), float(b)] for a, b in rows], dtype=D64)
+    cells = (points * grid).floor().clamp(max=grid - 1).long()
+    counts = torch.zeros(grid, grid, dtype=D64)
+    counts.index_put_((cells[:, 0], cells[:, 1]), torch.ones(len(points), dtype=D64), accumulate=True)
+    index = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1).reshape(-1, 2)
+    distance = torch.cdist(index.to(D64), index.to(D64))
+    variance, length = 1.91, grid / 33.0
+    cov = variance * torch.exp(-distance / length)
+    mean = torch.full((grid * grid,), math.log(len(points)) - variance / 2, dtype=D64)
+    return counts.reshape(-1), mean, torch.linalg.cholesky(cov)
+
+
+def lgcp_model(counts: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor):
+    """The LGCP as a Pyro model: a Gaussian-process log intensity, Poisson counts with cell area 1 / cells."""
+    f = pyro.sample("f", dist.MultivariateNormal(mean, scale_tril=scale_tril))
+    pyro.sample("counts", dist.Poisson(f.exp() / counts.numel()).to_event(1), obs=counts)
+
+
+def lgcp_potential(counts: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`lgcp_model`'s potential on ``(batch, D)`` log intensities, normalising constants included."""
+    prior = dist.MultivariateNormal(mean, scale_tril=scale_tril)
+    log_cells = math.log(counts.numel())
+
+    def potential(f):
+        rate = f - log_cells
+        return -(prior.log_prob(f) + (counts * rate - rate.exp() - torch.lgamma(counts + 1)).sum(-1))
+
+    return potential
+
+
 def get_scaling_target(name: str, seed: int = 0) -> ScalingTarget:
-    """``logreg<D>`` or ``hier<J>`` (module docstring)."""
+    """``logreg<D>``, ``hier<J>`` or ``lgcp<cells>`` (a square grid) (module docstring)."""
     if name.startswith("logreg"):
         dim = int(name.removeprefix("logreg"))
         x, y = _logistic_data(dim, seed)
@@ -201,7 +253,15 @@ def get_scaling_target(name: str, seed: int = 0) -> ScalingTarget:
         y, sigma = _hierarchical_data(groups, seed)
         return ScalingTarget(name, groups + 2, groups, hierarchical_model, (sigma, y),
                              lambda s, y=y, sigma=sigma: (hierarchical_log_z(y, sigma), 0.0, "exact (quadrature)"))
-    raise ValueError(f"unknown scaling target {name!r}: use logreg<D> or hier<J>")
+    if name.startswith("lgcp"):
+        cells = int(name.removeprefix("lgcp"))
+        grid = math.isqrt(cells)
+        if grid * grid != cells:
+            raise ValueError(f"lgcp<cells> needs a square number of cells, got {cells}")
+        data = lgcp_data(grid)
+        return ScalingTarget(name, cells, cells, lgcp_model, data,
+                             lambda s, data=data: laplace_smc_reference(lgcp_potential(*data), cells, seed=s))
+    raise ValueError(f"unknown scaling target {name!r}: use logreg<D>, hier<J> or lgcp<cells>")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ warning.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -150,24 +152,51 @@ class FlatTarget:
             return f"disagrees with the unbatched potential (relative error {float(err.max()):.2e})"
         return None
 
+    #: a later candidate replaces the first that works only if it is this many times faster
+    FASTER_BY = 2.0
+
+    #: rows the candidates are timed on (the probe points repeated): per-particle costs show at a batch's scale
+    TIMING_ROWS = 16
+
+    def _seconds(self, name: str, probe: torch.Tensor, repeats: int = 3) -> float:
+        """The best of ``repeats`` timings of the batched potential ``name`` with its gradient, on
+        :attr:`TIMING_ROWS` rows (the ``probe`` points repeated)."""
+        rows = probe.detach().repeat(-(-self.TIMING_ROWS // probe.shape[0]), 1)[: self.TIMING_ROWS]
+        best = math.inf
+        for _ in range(repeats):
+            z = rows.clone().requires_grad_(True)
+            start = time.perf_counter()
+            (grad,) = torch.autograd.grad(self._potentials[name](z).sum(), z)
+            best = min(best, time.perf_counter() - start)
+        return best
+
     def select_vectorization(self, candidates, probe: torch.Tensor, reference: torch.Tensor, *,
                              forced: str | None = None, fallback: str = "loop") -> str:
         """
         The first of ``candidates`` (names in ``_potentials``) that passes :meth:`_verify` against the
-        unbatched ``reference`` values at ``probe``; ``fallback`` with a warning
-        (:meth:`_fallback_warning`) when none does, or an error when ``forced`` fails.
+        unbatched ``reference`` values at ``probe``, unless a later one that passes is :attr:`FASTER_BY` times
+        faster there (timed with the gradient, on the probe points: e.g. ``torch.func.vmap`` over a
+        ``MultivariateNormal`` copies its Cholesky factor for every particle, where a plate broadcasts one);
+        ``fallback`` with a warning (:meth:`_fallback_warning`) when none does, or an error when ``forced`` fails.
         """
         if not bool(torch.isfinite(reference).all()):
             raise ValueError(self._not_finite_message)
         if forced == fallback:
             return fallback
         candidates = [forced] if forced else list(candidates)
-        reasons = {}
+        reasons, working = {}, []
         for name in candidates:
             reason = self._verify(name, probe, reference)
             if reason is None:
-                return name
-            reasons[name] = reason
+                working.append(name)
+            else:
+                reasons[name] = reason
+        if working:
+            if len(working) == 1:
+                return working[0]
+            seconds = {name: self._seconds(name, probe) for name in working}
+            fastest = min(working, key=seconds.get)
+            return fastest if seconds[working[0]] > self.FASTER_BY * seconds[fastest] else working[0]
         if forced:
             raise ValueError(f"`vectorize={forced!r}` does not work for this model: {reasons[forced]}.")
         warn(self._fallback_warning(reasons))
