@@ -176,10 +176,13 @@ class ModelTarget(FlatTarget):
             name for name, site in self.trace.nodes.items()
             if site["type"] == "sample" and site["infer"].get("_deterministic", False)
         ]
+        #: the observed sites, the data and pointwise likelihoods of ``az.loo``: not the ``pyro.deterministic``
+        #: sites, nor the ``pyro.factor`` sites (auxiliary, with no data: a factor adds to the density, which may be
+        #: a prior's or a likelihood's term)
         self.observed_sites = [
             name for name, site in self.trace.nodes.items()
             if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
-            and name not in self.deterministic_sites
+            and name not in self.deterministic_sites and not site["infer"].get("is_auxiliary", False)
         ]
         sites, start = [], 0
         for name in sorted(init_params):

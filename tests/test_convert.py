@@ -11,6 +11,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 import xarray as xr
+from pyro.ops.indexing import Vindex
 
 from pyro_osds import OSDS
 from tests.common import D64, Z
@@ -329,3 +330,42 @@ def test_posterior_predictive_draws_line_up_with_the_posterior(schools):
     assert float((more["obs"] - more["theta"]).abs().max()) < 0.01  # tiny noise: y_rep at its own draw's theta
     with pytest.raises(ValueError, match="posterior_predictive"):
         schools.to_datatree(posterior_predictive={"obs": pp["obs"][:10]})
+
+
+def test_factor_sites_are_neither_data_nor_likelihood():
+    def model(y):
+        loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=D64), 1.0))
+        pyro.factor("soft_constraint", -0.5 * loc**2)  # a term of the density, not data
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(loc, 1.0), obs=y)
+
+    y = torch.tensor([0.3, -0.2, 1.1], dtype=D64)
+    pyro.set_rng_seed(0)
+    osds = OSDS(model, num_samples=100, preset="smoke", num_chains=1, disable_progbar=True).run(y)
+    dt = osds.to_datatree()
+    assert set(dt["observed_data"].data_vars) == {"y"} and set(dt["log_likelihood"].data_vars) == {"y"}
+    # the factor still counts in the density: the posterior is N(sum y / 5, 1 / 5) (precision 1 + 1 + 3)
+    assert abs(float(osds.summary_dict()["loc"]["mean"]) - float(y.sum()) / 5) < 0.05
+
+
+def test_deterministic_sites_of_a_model_with_enumerated_sites_use_the_discrete_draws():
+    def mixture(data):
+        weights = pyro.sample("weights", dist.Dirichlet(torch.ones(2, dtype=data.dtype)))
+        locs = pyro.sample("locs", dist.Normal(torch.zeros(2, dtype=data.dtype), 5.0).to_event(1))
+        with pyro.plate("data", data.shape[0]):
+            z = pyro.sample("z", dist.Categorical(weights))
+            pyro.deterministic("assigned_loc", Vindex(locs)[..., z])
+            pyro.sample("obs", dist.Normal(Vindex(locs)[..., z], 1.0), obs=data)
+
+    g = torch.Generator().manual_seed(3)
+    data = torch.cat([torch.randn(6, dtype=D64, generator=g) - 3, torch.randn(4, dtype=D64, generator=g) + 3])
+    pyro.set_rng_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # no pointwise log-likelihood with enumerated sites (said)
+        osds = OSDS(mixture, num_samples=40, preset="smoke", num_chains=1, max_plate_nesting=1,
+                    disable_progbar=True).run(data)
+        dt = osds.to_datatree()
+    post = dt["posterior"]
+    z, locs = post["z"].values, post["locs"].values
+    expected = np.take_along_axis(locs, z.reshape(1, 40, 10).astype(int), axis=-1)
+    np.testing.assert_allclose(post["assigned_loc"].values, expected)
