@@ -49,7 +49,8 @@ def non_centered(y, sigma):
     tau = pyro.sample("tau", dist.HalfCauchy(torch.tensor(5.0, dtype=D64)))
     with pyro.plate("schools", y.shape[0]):
         eta = pyro.sample("eta", dist.Normal(torch.tensor(0.0, dtype=D64), 1.0))
-        pyro.sample("obs", dist.Normal(mu + tau * eta, sigma), obs=y)
+        theta = pyro.deterministic("theta", mu + tau * eta)  # reported with the posterior
+        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
 
 
 def complete_pooling(y, sigma):
@@ -96,3 +97,19 @@ print(f"exact log Bayes factor, pooling vs hierarchical: {exact_pooled - exact_h
 fits["non_centered"].summary()
 tau_draws = fits["non_centered"].get_samples()["tau"]
 print(f"tau > 0 for all draws: {bool((tau_draws > 0).all())}; posterior median of tau: {float(tau_draws.median()):.2f}")
+
+# %% Posterior predictive check: replicated data at every posterior draw. The observed spread of the schools'
+# effects (max - min = 31) is no surprise to the hierarchical model: the share of replications at least as
+# spread out is a posterior predictive p-value, far from 0 and 1.
+fit = fits["non_centered"]
+replicated = fit.predictive()["obs"]  # (chains * draws, 8), lined up with the posterior draws
+spread = replicated.max(-1).values - replicated.min(-1).values
+print(f"P(spread of replicated effects >= observed {float(y.max() - y.min()):.0f}) = "
+      f"{float((spread >= y.max() - y.min()).double().mean()):.2f}")
+try:
+    import arviz as az
+
+    idata = fit.to_inference_data(posterior_predictive={"obs": replicated})
+    print(idata.posterior["theta"].mean(("chain", "draw")).values.round(2))  # the deterministic school effects
+except ImportError:  # ArviZ is optional at run time
+    pass
