@@ -110,6 +110,6 @@ try:
     import arviz as az
 
     idata = fit.to_inference_data(posterior_predictive={"obs": replicated})
-    print(idata.posterior["theta"].mean(("chain", "draw")).values.round(2))  # the deterministic school effects
+    print(az.summary(idata, var_names=["theta"], kind="stats"))  # the deterministic school effects
 except ImportError:  # ArviZ is optional at run time
     pass
