@@ -284,9 +284,21 @@ class OSDS(LogWeightsMixin):
         if num_iterations is not None:
             check_positive_int("num_iterations", num_iterations)
             self.config = self.config.replace(num_iterations=num_iterations)
+        self._attach_process_group(self._process_group())
         with poutine.block():
             self._train_chains()
         return self
+
+    def _attach_process_group(self, ctx: DistributedContext | None) -> None:
+        """Trains and draws across ``ctx`` from now on, also with chains built before it was known (a sampler from
+        :meth:`load` in a script launched by ``torchrun``)."""
+        self.distributed = ctx
+        for sampler in self.samplers:
+            sampler.distributed = ctx
+            for flow in getattr(sampler, "components", ()) or (sampler,):
+                flow.distributed = ctx
+                for trainer in flow.trainers:
+                    trainer.distributed = ctx
 
     def _num_chain_threads(self) -> int:
         if self.checkpoint is not None or self.target.device.type != "cpu" or self.distributed is not None:
@@ -399,6 +411,8 @@ class OSDS(LogWeightsMixin):
         :meth:`get_samples`, :meth:`log_evidence` and :meth:`to_inference_data` use. Returns ``self``.
         """
         self._require_fitted()
+        if self.distributed is None and distributed.current() is not None:  # e.g. a loaded sampler under torchrun
+            self._attach_process_group(distributed.current())
         num_samples = self.num_samples if num_samples is None else num_samples
         num_steps = self.num_steps if num_steps is None else num_steps
         check_positive_int("num_samples", num_samples)

@@ -81,11 +81,26 @@ def worker(rank, world_size, init_file, out_dir, name, options, die_at):
             dist.destroy_process_group()
 
 
-def launch(tmp_path, name, options=None, die_at=None, world_size=2):
+def continue_worker(rank, world_size, init_file, out_dir, path, num_iterations):
+    """Loads a sampler one process saved, trains it further and draws, across the process group."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        osds = OSDS.load(path, potential_fn=banana, batched_potential=True, disable_progbar=True)
+        osds.continue_training(num_iterations).sample()
+        torch.save({**result(osds), "world_size": osds.distributed.world_size},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(tmp_path, name, options=None, die_at=None, world_size=2, target=worker, args=None):
     out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
     out.mkdir()
     init_file = out / "init"
-    context = mp.start_processes(worker, args=(world_size, str(init_file), str(out), name, options or {}, die_at),
+    args = (name, options or {}, die_at) if args is None else args
+    context = mp.start_processes(target, args=(world_size, str(init_file), str(out), *args),
                                  nprocs=world_size, join=False, start_method="spawn")
     for process in context.processes:  # each on its own: a killed rank must not take the others down
         process.join(timeout=180)
@@ -140,6 +155,18 @@ def test_a_killed_rank_fails_the_run_clearly_and_resume_continues(tmp_path):
     # chain 0 goes on from its checkpoint at iteration 4, chain 1 starts: the same sampler as without the crash
     assert_same_training(uninterrupted[0], resumed, atol=0)
     assert resumed[0]["log_z"] == uninterrupted[0]["log_z"]
+
+
+def test_a_sampler_one_process_saved_continues_training_across_ranks(tmp_path):
+    half = fit("banana", num_iterations=6)
+    half.save(tmp_path / "half.pt")
+    single = OSDS.load(tmp_path / "half.pt", potential_fn=banana, batched_potential=True, disable_progbar=True)
+    single = result(single.continue_training(12).sample())
+    ranks = launch(tmp_path, None, target=continue_worker, args=(str(tmp_path / "half.pt"), 12))
+    assert len(ranks) == 2 and all(r["world_size"] == 2 for r in ranks)
+    assert_same_training(single, ranks)  # the last 6 iterations sharded: the same steps as one process's
+    torch.testing.assert_close(ranks[0]["x"][0], ranks[1]["x"][0], rtol=0, atol=0)  # both hold the union
+    assert ranks[0]["x"][0].shape[0] == OPTIONS["num_samples"]
 
 
 def test_one_process_is_not_distributed():
