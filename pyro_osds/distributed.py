@@ -85,9 +85,16 @@ def shard(num: int, ctx: DistributedContext) -> slice:
     return slice(start, stop)
 
 
+def _wire_device(ctx: DistributedContext, device: torch.device) -> torch.device:
+    """Where tensors travel: the GPU for ``nccl`` (which takes no CPU tensors), the CPU for ``gloo``."""
+    if torch.distributed.get_backend(ctx.group) == "nccl":
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
-    """The sum over ranks of ``values`` (a float64 CPU copy is reduced; returned in ``values``' dtype/device)."""
-    buffer = values.detach().to(torch.float64).cpu().clone()
+    """The sum over ranks of ``values`` (a float64 copy is reduced; returned in ``values``' dtype and device)."""
+    buffer = values.detach().to(dtype=torch.float64, device=_wire_device(ctx, values.device)).clone()
     _collective(torch.distributed.all_reduce, buffer, group=ctx.group)
     return buffer.to(dtype=values.dtype, device=values.device)
 
@@ -98,7 +105,9 @@ def all_reduce_gradients(parameters, share: float, ctx: DistributedContext) -> N
     batch (missing gradients count as zeros); one flat all-reduce in the gradients' dtype."""
     params = [p for p in parameters if p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) * share for p in params])
-    _collective(torch.distributed.all_reduce, flat, group=ctx.group)
+    wire = flat.to(_wire_device(ctx, flat.device))
+    _collective(torch.distributed.all_reduce, wire, group=ctx.group)
+    flat = wire.to(flat.device)
     offset = 0
     for p in params:
         n = p.numel()
@@ -109,8 +118,7 @@ def all_reduce_gradients(parameters, share: float, ctx: DistributedContext) -> N
 def all_gather_rows(values: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
     """The rows of ``values`` ``(n_r, ...)`` of every rank, concatenated in rank order ``(sum_r n_r, ...)``
     (uneven counts allowed; gathered on the CPU for ``gloo``, on the device for ``nccl``)."""
-    backend = torch.distributed.get_backend(ctx.group)
-    device = values.device if backend == "nccl" else torch.device("cpu")
+    device = _wire_device(ctx, values.device)
     dtype = values.dtype
     data = values.detach().to(device)
     if dtype == torch.bool:
