@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 from pyro_osds import OSDS
 from pyro_osds.datasets import load_ionosphere
 
-from .scaling import _logistic_data, logistic_model, start_results
+from .scaling import _logistic_data, add_results_arguments, logistic_model, run_header, start_results
 
 OUT = Path(__file__).parent / "results" / "distributed"
 
@@ -95,13 +95,10 @@ def run_one(dim: int, world_size: int, settings: dict) -> dict:
 
 
 def write_report(results: dict, out: Path) -> None:
-    env = results["environment"]
     lines = [
         "# Data-parallel training and sharded drawing (torch.distributed)",
         "",
-        f"{results['date']}, seed {results['seed']}; {env['machine']['cpu_model']} ({env['machine']['cpu_count']} "
-        f"cores), torch {env['versions']['torch']}, pyro {env['versions']['pyro']}, commit "
-        f"{env['versions']['git_commit'][:10]}; backend {results['settings']['backend']}, one torch thread per rank; "
+        f"{run_header(results)}; backend {results['settings']['backend']}, one torch thread per rank; "
         f"{results['settings']['num_iterations']} iterations of a global batch of "
         f"{results['settings']['batch_size']}, {results['settings']['num_samples']} draws, one chain.",
         "",
@@ -131,9 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-iterations", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-samples", type=int, default=4000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(OUT))
-    parser.add_argument("--markdown-only", action="store_true")
+    add_results_arguments(parser, OUT)
     args = parser.parse_args(argv)
     names = [target_data(d, args.seed)[0] for d in args.dims]
     started = start_results(args, "distributed", names, write_report)

@@ -44,6 +44,7 @@ import torch
 from .methods import load_references
 from .scaling import (
     ScalingTarget,
+    add_results_arguments,
     hierarchical_log_z,
     laplace_smc_reference,
     run_nuts,
@@ -187,13 +188,11 @@ def write_report(results: dict, out: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chains", type=int, default=2)
     parser.add_argument("--draws", type=int, default=2000, help="OSDS draws per chain")
     parser.add_argument("--nuts-warmup", type=int, default=500)
     parser.add_argument("--nuts-samples", type=int, default=1000)
-    parser.add_argument("--out", default="benchmarks/results/end_to_end")
-    parser.add_argument("--markdown-only", action="store_true", help="rewrite the report from the JSON and stop")
+    add_results_arguments(parser, "benchmarks/results/end_to_end")
     args = parser.parse_args(argv)
     started = start_results(args, "end_to_end", args.models, write_report)
     if started is None:

@@ -31,7 +31,7 @@ from pyro.ops.indexing import Vindex
 
 from pyro_osds import OSDS
 
-from .scaling import start_results
+from .scaling import add_results_arguments, run_header, start_results
 
 D64 = torch.float64
 OUT = Path(__file__).parent / "results" / "enumeration"
@@ -71,13 +71,10 @@ def fit(model, y: torch.Tensor, args: argparse.Namespace) -> dict:
 
 
 def write_report(results: dict, out: Path) -> None:
-    env = results["environment"]
     lines = [
         "# Enumerated discrete sites against the model marginalised by hand",
         "",
-        f"{results['date']}, seed {results['seed']}; {env['machine']['cpu_model']}, torch {env['versions']['torch']}, "
-        f"pyro {env['versions']['pyro']}, commit {env['versions']['git_commit'][:10]}; two chains one after the "
-        f"other, {results['settings']['num_iterations']} iterations each, {results['settings']['num_samples']} "
+        f"{run_header(results)}; two chains one after the other, {results['settings']['num_iterations']} iterations each, {results['settings']['num_samples']} "
         "draws per chain, one torch thread.",
         "",
         "| data points | enumerated (s) | marginalised (s) | ratio | log Z enumerated | log Z marginalised | "
@@ -98,9 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[12, 200])
     parser.add_argument("--num-iterations", type=int, default=200)
     parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(OUT))
-    parser.add_argument("--markdown-only", action="store_true")
+    add_results_arguments(parser, OUT)
     args = parser.parse_args(argv)
     started = start_results(args, "enumeration", [f"n{s}" for s in args.sizes], write_report)
     if started is None:

@@ -388,6 +388,21 @@ def write_report(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def add_results_arguments(parser: argparse.ArgumentParser, out: str | Path) -> None:
+    """The options :func:`start_results` and :func:`run_header` read: ``--seed``, ``--out`` (default ``out``) and
+    ``--markdown-only``."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(out))
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite the report from the JSON and stop")
+
+
+def run_header(results: dict) -> str:
+    """The date, seed, machine and versions of a :func:`start_results` record, as a report's first line."""
+    machine, versions = results["environment"]["machine"], results["environment"]["versions"]
+    return (f"{results['date']}, seed {results['seed']}; {machine['cpu_model']} ({machine['cpu_count']} cores), torch "
+            f"{versions['torch']}, pyro {versions['pyro']}, commit {(versions.get('git_commit') or '')[:10]}")
+
+
 def start_results(args: argparse.Namespace, stem: str, names: Sequence[str],
                   write_report: Callable[[dict, Path], None]) -> tuple[Path, dict] | None:
     """The results file ``<args.out>/<stem>.json`` and its record for this run, keeping the rows of earlier runs
@@ -415,13 +430,11 @@ def timed_reference(target: ScalingTarget, seed: int) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
     parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS))
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--draws", type=int, default=4000, help="OSDS draws (one chain)")
     parser.add_argument("--nuts-warmup", type=int, default=500)
     parser.add_argument("--nuts-samples", type=int, default=1000)
     parser.add_argument("--no-nuts", action="store_true", help="skip NUTS (the table then has no ratio)")
-    parser.add_argument("--out", default="benchmarks/results/scaling")
-    parser.add_argument("--markdown-only", action="store_true", help="rewrite the report from the JSON and stop")
+    add_results_arguments(parser, "benchmarks/results/scaling")
     args = parser.parse_args(argv)
     started = start_results(args, "scaling", args.targets, write_report)
     if started is None:

@@ -294,11 +294,7 @@ class OSDS(LogWeightsMixin):
         :meth:`load` in a script launched by ``torchrun``)."""
         self.distributed = ctx
         for sampler in self.samplers:
-            sampler.distributed = ctx
-            for flow in getattr(sampler, "components", ()) or (sampler,):
-                flow.distributed = ctx
-                for trainer in flow.trainers:
-                    trainer.distributed = ctx
+            sampler.distributed = ctx  # and its components' and trainers'
 
     def _num_chain_threads(self) -> int:
         if self.checkpoint is not None or self.target.device.type != "cpu" or self.distributed is not None:
@@ -411,8 +407,9 @@ class OSDS(LogWeightsMixin):
         :meth:`get_samples`, :meth:`log_evidence` and :meth:`to_inference_data` use. Returns ``self``.
         """
         self._require_fitted()
-        if self.distributed is None and distributed.current() is not None:  # e.g. a loaded sampler under torchrun
-            self._attach_process_group(distributed.current())
+        ctx = distributed.current()
+        if self.distributed is None and ctx is not None:  # e.g. a loaded sampler under torchrun
+            self._attach_process_group(ctx)
         num_samples = self.num_samples if num_samples is None else num_samples
         num_steps = self.num_steps if num_steps is None else num_steps
         check_positive_int("num_samples", num_samples)

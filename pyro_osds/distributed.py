@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["DistributedContext", "DistributedError", "all_gather_rows", "all_reduce_gradients", "all_reduce_sum",
-           "broadcast_object", "current", "shard"]
+           "broadcast_object", "current", "from_rank_zero", "shard"]
 
 
 class DistributedError(RuntimeError):
@@ -140,3 +140,12 @@ def broadcast_object(obj, ctx: DistributedContext, src: int = 0):
     box = [obj if ctx.rank == src else None]
     _collective(torch.distributed.broadcast_object_list, box, src=src, group=ctx.group)
     return box[0]
+
+
+def from_rank_zero(obj, generator: torch.Generator, ctx: DistributedContext):
+    """Rank 0's ``obj`` on every rank, and the state of rank 0's ``generator`` set on every rank's, so that what
+    rank 0 computed with its random stream (a mode search, a fit) is every rank's, and their streams go on in
+    step. Tensors in ``obj`` arrive on the device they left from: move them where they belong."""
+    obj, state = broadcast_object((obj, generator.get_state()), ctx)
+    generator.set_state(state)
+    return obj

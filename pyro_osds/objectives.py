@@ -276,8 +276,8 @@ def flow_kl_stage(config: FlowKLConfig, potential_fn: PotentialFn, process: Refe
         value = float(out.loss.detach()) if out.loss is not None else math.nan
         log_weights, num_invalid = out.log_weights.detach(), out.num_invalid
         if ctx is not None:  # the whole batch's values on every rank, so that every rank stops at the same step
-            value = float(all_reduce_sum(torch.tensor([value * share], dtype=torch.float64), ctx))
-            num_invalid = int(all_reduce_sum(torch.tensor([float(num_invalid)], dtype=torch.float64), ctx))
+            total = all_reduce_sum(torch.tensor([value * share, float(num_invalid)], dtype=torch.float64), ctx)
+            value, num_invalid = float(total[0]), int(total[1])
             log_weights = all_gather_rows(log_weights, ctx)
         finite = log_weights[torch.isfinite(log_weights)]
         ess = float(kish_ess(finite)) / log_weights.numel() if finite.numel() else math.nan

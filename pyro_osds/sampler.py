@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 from .config import OSDSConfig
-from .distributed import DistributedContext, all_gather_rows, broadcast_object, shard
+from .distributed import DistributedContext, all_gather_rows, broadcast_object, from_rank_zero, shard
 from .modes import mode_coverage, warn_about_mode_search, warn_lost_modes
 from .objectives import build_objective, consistency_stage, flow_kl_train_steps, resolve_flow_kl_gradient
 from .ops.estimators import Estimates, ForwardEstimates, evidence, forward_evidence
@@ -156,7 +156,8 @@ class FlowSampler(_Chain):
         distributed: DistributedContext | None = None,
     ):
         self.config = config = OSDSConfig() if config is None else config
-        #: the process group this chain trains and draws across (:mod:`pyro_osds.distributed`; ``None``: one process)
+        #: one trainer per training phase started so far
+        self.trainers: list[Trainer] = []
         self.distributed = distributed
         init = torch.as_tensor(init)
         if init.dim() != 1 or not init.is_floating_point():
@@ -182,8 +183,6 @@ class FlowSampler(_Chain):
         self.search = search
         self.precondition_info: dict = {}
         self.net = config.net.build(self.dim, dtype=self.dtype, device=self.device, generator=self.generator)
-        #: one trainer per training phase started so far
-        self.trainers: list[Trainer] = []
         self.hook_fn, self.disable_progbar, self.desc = hook_fn, disable_progbar, desc
 
     # ------------------------------------------------------------------------------------------
@@ -204,10 +203,20 @@ class FlowSampler(_Chain):
 
     def _take_from_rank_zero(self, affine: AffineMap, info: dict) -> tuple[AffineMap, dict]:
         """Rank 0's preconditioner, its fit's report and its training stream's state, on every rank."""
-        shift, tril, info, state = broadcast_object(
-            (affine.shift.cpu(), affine.scale_tril.cpu(), info, self.generator.get_state()), self.distributed)
-        self.generator.set_state(state)
-        return AffineMap(shift.to(self.device), tril.to(self.device)), info
+        affine, info = from_rank_zero((affine, info), self.generator, self.distributed)
+        return affine.to(device=self.device), info
+
+    @property
+    def distributed(self) -> DistributedContext | None:
+        """The process group this chain trains and draws across (:mod:`pyro_osds.distributed`; ``None``: one
+        process); setting it also sets its trainers'."""
+        return self._distributed
+
+    @distributed.setter
+    def distributed(self, ctx: DistributedContext | None) -> None:
+        self._distributed = ctx
+        for trainer in self.trainers:
+            trainer.distributed = ctx
 
     def flow_potential(self, z: torch.Tensor) -> torch.Tensor:
         """The potential on inputs of the flow's dtype, or any other, returned in it (evaluated in the model's
@@ -479,7 +488,7 @@ class MixtureSampler(_Chain):
                  hook_fn: Callable | None = None, disable_progbar: bool = False, desc: str = "OSDS",
                  distributed: DistributedContext | None = None):
         self.config, self.potential_fn, self.search = config, potential_fn, search
-        self.distributed = distributed
+        self._distributed = distributed
         init = torch.as_tensor(init)
         self.init, self.dim = init.detach().clone(), init.numel()
         self.model_dtype, self.device = init.dtype, init.device
@@ -504,6 +513,17 @@ class MixtureSampler(_Chain):
     def modes(self) -> list:
         """The modes the components sit at, ``[(centre, Laplace mass), ...]``."""
         return [(a.shift, w) for a, w in self.search.modes]
+
+    @property
+    def distributed(self) -> DistributedContext | None:
+        """The process group the components train and draw across; setting it sets theirs."""
+        return self._distributed
+
+    @distributed.setter
+    def distributed(self, ctx: DistributedContext | None) -> None:
+        self._distributed = ctx
+        for component in self.components:
+            component.distributed = ctx
 
     @property
     def train_steps(self) -> tuple[int, ...]:
@@ -636,10 +656,8 @@ def build_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSCon
         if ctx is None or ctx.is_main:
             search = pre.search(potential_fn, init.detach(), generator=generator)
     if ctx is not None:  # rank 0 searches; every rank takes its modes and its random stream
-        search, state = broadcast_object((search, generator.get_state()), ctx)
-        generator.set_state(state)
-        search = search._replace(modes=[(AffineMap(a.shift.to(init.device), a.scale_tril.to(init.device)), w)
-                                        for a, w in search.modes])
+        search = from_rank_zero(search, generator, ctx)
+        search = search._replace(modes=[(a.to(device=init.device), w) for a, w in search.modes])
     if pre.wants_components(search):
         return MixtureSampler(potential_fn, init, config, search, generator=generator, **kwargs)
     return FlowSampler(potential_fn, init, config, search=search, generator=generator, **kwargs)
