@@ -32,7 +32,6 @@ from .diagnostics import diagnostics, print_summary, select_indices, weighted_su
 from .distributed import DistributedContext, broadcast_object
 from .model import ModelTarget, build_target
 from .ops.estimators import K_HAT_THRESHOLD
-from .ops.precondition import lost_modes
 from .results import Draws, LogEvidence, UnreliableEvidenceWarning
 from .sampler import FlowSampler, MixtureSampler, build_sampler, restore_sampler
 from .target import FlatTarget
@@ -430,7 +429,7 @@ class OSDS(LogWeightsMixin):
                          for i, d in enumerate(draws)]
         self.draws, self.num_samples, self.num_steps = tuple(draws), num_samples, num_steps
         for i, (sampler, d) in enumerate(zip(self.samplers, self.draws, strict=True)):
-            sampler.warn_lost_modes(d, label=f"Chain {i}: ")
+            sampler.warn_lost_modes(d, label=f"Chain {i}: ", num_steps=num_steps)
             if d.num_folded:
                 warn(f"Chain {i}: the {num_steps}-step flow folds (its Jacobian changes orientation) at "
                      f"{d.num_folded} of {num_samples} draws, so their importance weights are not exact. "
@@ -558,8 +557,7 @@ class OSDS(LogWeightsMixin):
         self._require_draws()
         mixtures = [(torch.stack([c for c, _ in s.modes]), s.weights.tolist()) if isinstance(s, MixtureSampler)
                     else None for s in self.samplers]
-        lost = sum(len(lost_modes([m for _, m, _ in cov], [sh for _, _, sh in cov]))
-                   for cov in (s.mode_coverage(d) for s, d in zip(self.samplers, self.draws, strict=True)) if cov)
+        lost = sum(len(s.lost_modes(d, self.num_steps)) for s, d in zip(self.samplers, self.draws, strict=True))
         return LogEvidence.from_draws(self.draws, self.num_steps, mixtures=mixtures, num_lost_modes=lost,
                                       too_many_modes=any(s.too_many_modes for s in self.samplers))
 

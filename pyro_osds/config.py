@@ -113,6 +113,7 @@ FLAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "mode_search_scale": ("preconditioner", "mode_search_scale"),
     "components": ("preconditioner", "components"),
     "max_components": ("preconditioner", "max_components"),
+    "marginal_components": ("preconditioner", "marginal_components"),
     # evaluation
     "eval_log_det": ("evaluation", "log_det"),
     "exact_log_det_max_dim": ("evaluation", "exact_log_det_max_dim"),

@@ -31,15 +31,18 @@ import torch
 
 from .config import OSDSConfig
 from .distributed import DistributedContext, all_gather_rows, broadcast_object, from_rank_zero, shard
-from .modes import mode_coverage, warn_about_mode_search, warn_lost_modes
+from .modes import mode_coverage, uncovered_modes, warn_about_mode_search, warn_lost_modes, warn_uncovered_modes
 from .objectives import build_objective, consistency_stage, flow_kl_train_steps, resolve_flow_kl_gradient
 from .ops.estimators import Estimates, ForwardEstimates, evidence, forward_evidence
 from .ops.integrate import em_log_weights
+from .ops.marginal import MarginalMixtureMap
 from .ops.precondition import (
     AffineMap,
     LaplacePartition,
     ModeSearch,
     choose_preconditioner,
+    lost_modes,
+    preconditioner_from_state,
     refine_component,
     whiten_potential,
 )
@@ -107,13 +110,41 @@ class _Chain:
 
     @property
     def too_many_modes(self) -> bool:
-        """Whether the mode search kept finding separated modes until its budget ran out: the flow covers
-        some of them, and the evidence misses the mass of the others, which its weights cannot show."""
-        return self.precondition_info.get("saturated", True) is False
+        """Whether the mode search kept finding separated modes until its budget ran out and the chain has
+        no preconditioner that spreads over them: the flow then covers some of them, and the evidence misses
+        the mass of the others, which its weights cannot show. A marginal-mixture preconditioner
+        (:mod:`pyro_osds.ops.marginal`) spreads over them; :meth:`lost_modes` then checks each found mode."""
+        unsaturated = self.precondition_info.get("saturated", True) is False
+        return unsaturated and not isinstance(getattr(self, "preconditioner", None), MarginalMixtureMap)
 
-    def warn_lost_modes(self, draws: Draws, label: str = "") -> list[int]:
-        """Warns about the found modes ``draws`` have lost (:func:`pyro_osds.modes.warn_lost_modes`)."""
-        return warn_lost_modes(self.modes, draws, self.config.objective, label)
+    def lost_modes(self, draws: Draws, num_steps: int = 1, *, warn_label: str | None = None) -> list[int]:
+        """
+        The found modes ``draws`` (of the ``num_steps``-step map) have lost (indices into :attr:`modes`), warning about them with ``warn_label``
+        (``None``: silently). With every mode found (a saturated search) a mode is lost when its weighted share
+        of the draws is far below its Laplace mass (:func:`pyro_osds.modes.warn_lost_modes`); when the search
+        found only a sample of the modes, when the sampler's density at its centre is far below the target's
+        (:func:`pyro_osds.modes.uncovered_modes`).
+        """
+        if self.precondition_info.get("saturated", True) or len(self.modes) < 2 or self.too_many_modes:
+            if warn_label is not None:
+                return warn_lost_modes(self.modes, draws, self.config.objective, warn_label)
+            coverage = self.mode_coverage(draws)
+            return lost_modes([m for _, m, _ in coverage], [sh for _, _, sh in coverage]) if coverage else []
+        centres = torch.stack([c for c, _ in self.modes]).to(device=self.device, dtype=self.model_dtype)
+        if self.config.method == "cdds" and num_steps != 1:
+            return []  # no density to check with
+        log_q, ok = self.log_q(centres, num_steps)
+        with torch.no_grad():
+            log_w = -self.potential_fn(centres).to(torch.float64) - log_q.to(torch.float64)
+        log_w = torch.where(ok, log_w, torch.full_like(log_w, math.nan))
+        uncovered = uncovered_modes(log_w, draws.evidence().log_z)
+        if warn_label is not None:
+            warn_uncovered_modes(uncovered, len(self.modes), warn_label)
+        return uncovered
+
+    def warn_lost_modes(self, draws: Draws, label: str = "", num_steps: int = 1) -> list[int]:
+        """Warns about the found modes ``draws`` have lost (:meth:`lost_modes`)."""
+        return self.lost_modes(draws, num_steps, warn_label=label)
 
 
 class FlowSampler(_Chain):
@@ -182,6 +213,9 @@ class FlowSampler(_Chain):
         self.preconditioner = None if preconditioner is None else preconditioner.to(dtype=self.dtype)
         self.search = search
         self.precondition_info: dict = {}
+        #: the untrained map's pilot (stream seed, ELBO) and network state, kept from the start of a training
+        #: until it ends (and in checkpoints), to give the network back if training lowered the pilot ELBO
+        self.untrained: tuple[int, float, tuple] | None = None
         self.net = config.net.build(self.dim, dtype=self.dtype, device=self.device, generator=self.generator)
         self.hook_fn, self.disable_progbar, self.desc = hook_fn, disable_progbar, desc
 
@@ -272,20 +306,35 @@ class FlowSampler(_Chain):
         """The first phase's trainer (``None`` before training)."""
         return self.trainers[0] if self.trainers else None
 
-    def fits_untrained(self) -> bool:
+    def _pilot_applies(self) -> bool:
+        """Whether the untrained map is the one-step map training starts from (the one-step objective of one
+        step count), so that pilot draws of it mean something."""
+        return (self.config.method == "osds" and self.train_steps == (1,)
+                and not self.config.objective.trains_every_step_count)
+
+    def _pilot_seed(self) -> int:
+        return (self.draw_generator.initial_seed() + 1) % 2**63
+
+    def _pilot_estimate(self, seed: int | None = None) -> Estimates:
+        """Estimates from :attr:`num_pilot` draws of the current one-step map, always the same base draws (their
+        own stream, seeded by ``seed``, default :meth:`_pilot_seed`: the chain's draws are left alone, and two
+        maps are compared on the same noise)."""
+        pilot = seeded_generator(self.device, self._pilot_seed() if seed is None else seed)
+        return self.draw(self.num_pilot, 1, generator=pilot).evidence()
+
+    def fits_untrained(self, pilot: Estimates | None = None) -> bool:
         """
         Whether the untrained one-step map (the preconditioner, with the network's Langevin-like
         initial drift) already fits the target: :attr:`num_pilot` fresh draws with ESS/N >= 0.95 whose
         estimate is :attr:`~pyro_osds.ops.estimators.Estimates.reliable` (k-hat <= 0.5, or weights so near
         constant that k-hat is noise: a conjugate model's exact Gaussian preconditioner, a mixture component
         whose piece is Gaussian). Only for the one-step objective of one step count, whose untrained map this
-        is; the pilot draws come from their own stream and leave the chain's draws alone.
+        is; the pilot draws come from their own stream and leave the chain's draws alone (``pilot``: their
+        estimates, if already made).
         """
-        if (self.config.method != "osds" or self.train_steps != (1,)
-                or self.config.objective.trains_every_step_count):
+        if not self._pilot_applies():
             return False
-        pilot = seeded_generator(self.device, (self.draw_generator.initial_seed() + 1) % 2**63)
-        est = self.draw(self.num_pilot, 1, generator=pilot).evidence()
+        est = self._pilot_estimate() if pilot is None else pilot
         fits = est.ess_per_draw >= 0.95 and est.reliable
         return fits if self.distributed is None else broadcast_object(fits, self.distributed)
 
@@ -295,7 +344,10 @@ class FlowSampler(_Chain):
         last phase trained. ``num_iterations`` iterations of the first phase are run (default: up to its
         total, or less when early stopping is on: none when :meth:`fits_untrained`, and stopping on a
         plateau, :func:`~pyro_osds.objectives.plateau_stop`), and ``until`` first sets that total (the
-        learning-rate schedule's horizon).
+        learning-rate schedule's horizon). With early stopping, a training from scratch that ends with a
+        lower pilot ELBO than the untrained map's (the same base draws) gives the untrained network back:
+        training never leaves the sampler worse than its preconditioner (measured on many-well 32-D, whose
+        marginal-mixture preconditioner reverse-KL training of the flow degrades).
         """
         history: dict[str, list] = {}
         for phase in range(self.num_phases):
@@ -304,13 +356,34 @@ class FlowSampler(_Chain):
                 check_positive_int("num_iterations", until, minimum=0)
                 trainer.num_iterations = until
             if (phase == 0 and num_iterations is None and trainer.step == 0 and trainer.stop_reason is None
-                    and self.config.objective.flow_kl.early_stop and self.fits_untrained()):
-                trainer.stop_reason = "the untrained map already fits (pilot ESS/N >= 0.95, reliable weights)"
+                    and self.config.objective.flow_kl.early_stop and self._pilot_applies()):
+                seed = self._pilot_seed()
+                pilot = self._pilot_estimate(seed)
+                if self.fits_untrained(pilot):
+                    trainer.stop_reason = "the untrained map already fits (pilot ESS/N >= 0.95, reliable weights)"
+                else:
+                    self.untrained = (seed, pilot.elbo, trainer.network_state())
             desc = None if self.disable_progbar else (self.desc if phase == 0 else f"{self.desc} (consistency)")
             history = trainer.train(num_iterations if phase == 0 else None, hook_fn=self.hook_fn, desc=desc)
             if trainer.interrupted:
                 break
+            finished = trainer.stop_reason is not None or trainer.step >= trainer.num_iterations
+            if phase == 0 and finished and self.untrained is not None:
+                self._keep_better_than_untrained(trainer, *self.untrained)
+                self.untrained = None
         return history
+
+    def _keep_better_than_untrained(self, trainer: Trainer, seed: int, pilot_elbo: float, untrained: tuple) -> None:
+        """Gives the untrained network back if the trained map's pilot ELBO (the same base draws) is below the
+        untrained map's."""
+        trained = self._pilot_estimate(seed)
+        worse = not trained.elbo >= pilot_elbo
+        if self.distributed is not None:
+            worse = broadcast_object(worse, self.distributed)
+        if worse:
+            trainer.load_network_state(untrained)
+            trainer.stop_reason = (f"{trainer.stop_reason or 'done'}; training lowered the pilot ELBO "
+                                   f"({pilot_elbo:.3f} -> {trained.elbo:.3f}), so the untrained network is kept")
 
     @property
     def interrupted(self) -> bool:
@@ -429,7 +502,7 @@ class FlowSampler(_Chain):
         self.trainer_for(0)
         return {
             "kind": "flow",
-            "preconditioner": {"shift": affine.shift.detach().clone(), "scale_tril": affine.scale_tril.detach().clone()},
+            "preconditioner": affine.state(),
             "trainers": [t.state_dict() for t in self.trainers],
             "generator": self.generator.get_state(),
             "draw_generator": self.draw_generator.get_state(),
@@ -437,16 +510,18 @@ class FlowSampler(_Chain):
             # the separated modes the mode search found (for the lost-mode check after loading)
             "modes": [(c.detach().clone(), float(m)) for c, m in self.precondition_info.get("modes", [])],
             "saturated": bool(self.precondition_info.get("saturated", True)),
+            "untrained": self.untrained,
         }
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["dim"]) != self.dim:
             raise ValueError(f"State is for dimension {state['dim']}, this sampler has dimension {self.dim}.")
         pre = state["preconditioner"]
-        self.preconditioner = AffineMap(pre["shift"].to(self.dtype), pre["scale_tril"].to(self.dtype))
+        self.preconditioner = preconditioner_from_state(pre, dtype=self.dtype)
         if state.get("modes"):
             self.precondition_info["modes"] = [(c, float(m)) for c, m in state["modes"]]
         self.precondition_info["saturated"] = bool(state.get("saturated", True))
+        self.untrained = state.get("untrained")
         self.trainers = []
         for phase, trainer_state in enumerate(state["trainers"]):
             self.trainer_for(phase).load_state_dict(trainer_state)

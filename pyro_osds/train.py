@@ -237,6 +237,15 @@ class Trainer:
         self._update_ema()
         return True, float(grad_norm)
 
+    def network_state(self):
+        """The network's, the EMA network's and the optimiser's state, for :meth:`load_network_state` (the
+        iteration count and history stay as they are)."""
+        return self._snapshot()
+
+    def load_network_state(self, state) -> None:
+        """Puts back a :meth:`network_state`."""
+        self._restore(state)
+
     def _snapshot(self):
         return ([p.detach().clone() for p in self.net.parameters()],
                 [p.detach().clone() for p in self.ema.parameters()],

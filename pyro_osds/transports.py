@@ -181,15 +181,24 @@ class _PreconditionedTransport:
         return torch.full((n,), math.nan, dtype=self.dtype, device=self.device)
 
 
-def base_log_q(process: ReferenceProcess, z0: torch.Tensor, log_det: torch.Tensor, affine: AffineMap) -> torch.Tensor:
+def base_log_q(process: ReferenceProcess, z0: torch.Tensor, log_det: torch.Tensor,
+               precondition_log_det: torch.Tensor) -> torch.Tensor:
     r"""
-    :math:`\log q(x) = \log p_0(z_0) - \log|\det \partial F/\partial z_0| - \log|\det L|` in float64 for the map
-    actually applied (its float32 base draws, flow and preconditioner): a float32 sum of a few hundred nats
-    would be off by ~1e-5 nats for every draw alike, a bias the weights' standard error cannot show.
+    :math:`\log q(x) = \log p_0(z_0) - \log|\det \partial F/\partial z_0| - \log|\det \partial T/\partial y|` in
+    float64 for the map actually applied (its float32 base draws, flow :math:`F` and preconditioner :math:`T` at
+    the flow's output :math:`y`, whose log-determinant per draw is ``precondition_log_det``): a float32 sum of a
+    few hundred nats would be off by ~1e-5 nats for every draw alike, a bias the weights' standard error cannot
+    show.
     """
     z0 = z0.to(torch.float64)
-    affine_log_det = affine.scale_tril.diagonal().to(torch.float64).abs().log().sum()
-    return process.prior_log_prob(z0) - log_det.to(torch.float64) - affine_log_det
+    return process.prior_log_prob(z0) - log_det.to(torch.float64) - precondition_log_det.to(torch.float64)
+
+
+def _precondition(affine, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The preconditioner at the flow's outputs ``y``: ``(x, log|det|)`` in float64, detached (the points and the
+    volume of one map, whatever the flow's arithmetic)."""
+    with torch.no_grad():
+        return affine.to(torch.float64).forward_and_log_det(y.detach().to(torch.float64))
 
 
 class FlowTransport(_PreconditionedTransport):
@@ -208,19 +217,20 @@ class FlowTransport(_PreconditionedTransport):
                  generator: torch.Generator | None = None) -> TransportOutput:
         out = flow(self.net, self.potential_z, self.process, z0, self.num_steps, log_det=log_det,
                    num_probes=self.num_probes, generator=generator)
-        x = self.affine(out.x).to(self.model_dtype)
+        x, precondition_log_det = _precondition(self.affine, out.x)
         if log_det == "none":
             log_q = self._nan(z0.shape[0])
         else:
-            log_q = base_log_q(self.process, z0, out.log_det, self.affine)
-        return TransportOutput(x.detach(), log_q.detach(), out.orientation, log_det)
+            log_q = base_log_q(self.process, z0, out.log_det, precondition_log_det)
+        return TransportOutput(x.to(self.model_dtype), log_q.detach(), out.orientation, log_det)
 
     def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Log density at points ``x`` by the exact inverse flow
         (:func:`~pyro_osds.ops.integrate.inverse_flow`); ``ok`` marks points whose inversion converged
         with the majority orientation."""
-        inv = inverse_flow(self.net, self.potential_z, self.process, self._to_flow_space(x), self.num_steps)
-        log_q = base_log_q(self.process, inv.x0, inv.log_det, self.affine)
+        y = self._to_flow_space(x)
+        inv = inverse_flow(self.net, self.potential_z, self.process, y, self.num_steps)
+        log_q = base_log_q(self.process, inv.x0, inv.log_det, _precondition(self.affine, y)[1])
         return log_q.detach(), inv.converged & ~count_folded(inv.orientation)
 
 
@@ -245,7 +255,7 @@ class ConsistencyTransport(_PreconditionedTransport):
             out = consistency_function(self.net, self.potential_z, self.process, z0, float(T),
                                        sigma_data=self.sigma_data, log_det=True)
             z, sign = out.f, out.sign
-            log_q = base_log_q(self.process, z0, out.log_det, self.affine)
+            log_q = base_log_q(self.process, z0, out.log_det, _precondition(self.affine, z)[1])
         else:
             z = z0
             codes = [T * (self.num_steps - k) / self.num_steps for k in range(self.num_steps)]
@@ -255,7 +265,7 @@ class ConsistencyTransport(_PreconditionedTransport):
                 z = consistency_function(self.net, self.potential_z, self.process, z, code,
                                          sigma_data=self.sigma_data).f
             log_q = self._nan(z0.shape[0])
-        x = self.affine(z.detach()).to(self.model_dtype)
+        x = _precondition(self.affine, z)[0].to(self.model_dtype)
         return TransportOutput(x, log_q.detach(), sign, "exact" if with_volume else "none")
 
     def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,11 +277,12 @@ class ConsistencyTransport(_PreconditionedTransport):
                 "use the one-step map (num_steps=1), whose density is exact."
             )
         T = float(self.process.grid_size)
-        z0, converged = invert_consistency(self.net, self.potential_z, self.process, self._to_flow_space(x), T,
+        y = self._to_flow_space(x)
+        z0, converged = invert_consistency(self.net, self.potential_z, self.process, y, T,
                                            sigma_data=self.sigma_data)
         out = consistency_function(self.net, self.potential_z, self.process, z0, T, sigma_data=self.sigma_data,
                                    log_det=True)
-        log_q = base_log_q(self.process, z0, out.log_det, self.affine)
+        log_q = base_log_q(self.process, z0, out.log_det, _precondition(self.affine, y)[1])
         return log_q.detach(), converged & ~count_folded(out.sign)
 
 

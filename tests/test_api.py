@@ -34,6 +34,7 @@ from tests.common import (
     make,
     mixture_potential,
     potential,
+    within,
 )
 
 
@@ -389,28 +390,44 @@ def test_a_multimodal_target_gets_one_component_per_mode_and_the_right_evidence(
     assert loaded.log_evidence().log_z == ev.log_z and isinstance(loaded.samplers[0], MixtureSampler)
 
 
-def test_a_product_of_bimodal_factors_is_flagged_unreliable(tmp_path):
-    # 12 independent double wells: 4096 modes of equal mass, more than the mode search can enumerate. One
-    # flow covers a few of them, so log Z is low by about log(4096 / modes kept) and the weights cannot
-    # show it: the evidence must say it is unreliable rather than return a confident wrong answer.
+def test_a_product_of_bimodal_factors_gets_every_well_or_is_flagged(tmp_path):
+    # 12 independent double wells: 4096 modes of equal mass, more than the mode search can enumerate. The
+    # marginal-mixture preconditioner splits every coordinate across its wells: log Z right, every well half
+    # the mass. Without it one flow covers a few modes, log Z is low by about log(4096 / modes kept) and the
+    # weights cannot show it: the evidence must then say it is unreliable rather than return a confident
+    # wrong answer.
     def potential(p):
         return ((p["x"] ** 2 - 4.0) ** 2).sum(-1)
 
     grid = torch.linspace(-5.0, 5.0, 20001, dtype=D64)
     true_log_z = 12 * math.log(float(torch.trapezoid(torch.exp(-((grid**2 - 4.0) ** 2)), grid)))
-    pyro.set_rng_seed(0)
-    osds = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(12, dtype=D64)}, batched_potential=True,
-                num_chains=1, num_samples=1000, num_iterations=100, disable_progbar=True)
-    with pytest.warns(UserWarning, match="kept finding new modes until its budget ran out"):
-        osds.run()
+
+    def run(**options):
+        pyro.set_rng_seed(0)
+        return OSDS(potential_fn=potential, initial_params={"x": torch.zeros(12, dtype=D64)},
+                    batched_potential=True, num_chains=1, num_samples=2000, num_iterations=100,
+                    disable_progbar=True, **options)
+
+    with pytest.warns(UserWarning, match="marginal mixture fitted to the weights"):
+        osds = run().run()
     ev = osds.log_evidence()
+    assert within(ev.log_z, true_log_z, ev.se) and ev.ess_per_draw > 0.5, ev
+    assert not ev.too_many_modes and ev.num_lost_modes == 0
+    x, w = osds.get_samples(resample=False)["x"], osds.get_normalized_weights()
+    assert torch.allclose((x > 0).to(D64).T @ w.to(D64), torch.full((12,), 0.5, dtype=D64), atol=0.05)
+    osds.save(tmp_path / "wells.pt")  # the marginal mixture survives saving and loading
+    assert OSDS.load(tmp_path / "wells.pt", potential_fn=potential).log_evidence().log_z == ev.log_z
+
+    with pytest.warns(UserWarning, match="kept finding new modes until its budget ran out"):
+        gaussian = run(marginal_components=0).run()
+    ev = gaussian.log_evidence()
     assert ev.too_many_modes and not ev.reliable and "could enumerate" in str(ev)
     assert ev.log_z < true_log_z - 3.0  # the flag is not a formality: the estimate misses most modes
     with pytest.warns(UserWarning, match="more modes than the mode search could enumerate"):
-        table = compare({"wells": osds})
+        table = compare({"wells": gaussian})
     assert bool(table.loc["wells", "too_many_modes"]) and not table.loc["wells", "reliable"]
-    osds.save(tmp_path / "wells.pt")  # the finding survives saving and loading
-    assert OSDS.load(tmp_path / "wells.pt", potential_fn=potential).log_evidence().too_many_modes
+    gaussian.save(tmp_path / "gaussian.pt")  # the finding survives saving and loading
+    assert OSDS.load(tmp_path / "gaussian.pt", potential_fn=potential).log_evidence().too_many_modes
 
 
 def test_heavy_tailed_weights_warn_at_draw_time():

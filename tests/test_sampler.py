@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from pyro_osds.config import OSDSConfig
+from pyro_osds.modes import uncovered_modes
 from pyro_osds.ops.consistency import consistency_function
 from pyro_osds.ops.estimators import evidence
 from pyro_osds.ops.integrate import flow
+from pyro_osds.ops.marginal import MarginalMixtureMap
 from pyro_osds.sampler import FlowSampler, MixtureSampler, build_sampler, restore_sampler
 from tests.common import (
     D64,
@@ -198,3 +200,76 @@ def test_a_map_that_already_fits_is_not_trained_and_its_draws_are_untouched():
     assert trained.iteration == 5 and trained.trainer.stop_reason is None
     two_steps = FlowSampler(batched, torch.zeros(3, dtype=D64), OSDSConfig(), num_steps=2, disable_progbar=True)
     assert not two_steps.fits_untrained()  # trained on two-step maps too: not the untrained one-step map
+
+
+def _two_well_product(dim, weight=0.25, gap=7.0):
+    """A product of 1-D mixtures weight N(-gap/2, 1) + (1 - weight) N(gap/2, 1), normalised (log Z = 0):
+    2^dim modes, more than the mode search enumerates."""
+    def potential(x):
+        a = math.log(weight) - 0.5 * (x + gap / 2) ** 2
+        b = math.log1p(-weight) - 0.5 * (x - gap / 2) ** 2
+        return -(torch.logaddexp(a, b) - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return potential
+
+
+def test_more_modes_than_the_search_enumerates_get_the_marginal_mixture_and_the_right_log_z():
+    dim = 10
+    potential = _two_well_product(dim)
+    init = torch.zeros(dim, dtype=D64)
+
+    def build(**options):
+        sampler = FlowSampler(potential, init, OSDSConfig(num_iterations=60, **options), disable_progbar=True,
+                              generator=torch.Generator().manual_seed(0))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sampler.fit()
+        return sampler, " ".join(str(w.message) for w in caught)
+
+    sampler, said = build()
+    assert sampler.precondition_info["saturated"] is False and "marginal mixture" in said
+    draws = sampler.draw(4000)
+    est = draws.evidence()
+    assert within(est.log_z, 0.0, est.se) and est.ess_per_draw > 0.5
+    assert torch.allclose((draws.x < 0).to(D64).T @ torch.softmax(draws.log_weight, 0),
+                          torch.full((dim,), 0.25, dtype=D64), atol=0.03)  # every coordinate's light well
+    assert not sampler.too_many_modes and sampler.lost_modes(draws) == []
+    # a checkpoint holds the marginal mixture: the reloaded sampler draws the same points with the same weights
+    reloaded = FlowSampler(potential, init, OSDSConfig(num_iterations=60), disable_progbar=True)
+    reloaded.load_state_dict(sampler.state_dict())
+    assert isinstance(reloaded.preconditioner, MarginalMixtureMap)
+    again, fresh = sampler.draw(50, generator=torch.Generator().manual_seed(3)), reloaded.draw(
+        50, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(again.log_weight, fresh.log_weight, rtol=0, atol=1e-12)
+    # the ablation: a Gaussian at the heaviest mode found keeps few wells, and says so
+    gaussian, said = build(marginal_components=0)
+    assert gaussian.too_many_modes and "unreliable" in said
+    lost = gaussian.draw(2000)
+    assert lost.evidence().log_z < -1.0  # 10 light wells of 1/4 missed: about 10 log(4/3) low
+    # the coverage test sees it: the Gaussian's density at the found modes' centres is far below the target's
+    centres = torch.stack([c for c, _ in gaussian.modes])
+    log_q, _ = gaussian.log_q(centres)
+    assert len(uncovered_modes(-potential(centres) - log_q, lost.evidence().log_z)) > len(centres) // 2
+
+
+def test_training_that_lowers_the_pilot_elbo_gives_the_untrained_network_back():
+    def banana(x):
+        return 0.5 * x[..., 0] ** 2 + 0.5 * (x[..., 1] - x[..., 0] ** 2) ** 2 / 0.25
+
+    def build(num_iterations=20, **options):
+        return FlowSampler(banana, torch.zeros(2, dtype=D64), OSDSConfig(num_iterations=num_iterations, **options),
+                           disable_progbar=True, generator=torch.Generator().manual_seed(0))
+
+    untrained = build()
+    pilot = untrained._pilot_estimate()
+    assert not untrained.fits_untrained(pilot)  # so training runs
+    wrecked = build(learning_rate=3.0, grad_clip=1e6)  # steps far too large: training makes the map worse
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrecked.fit()
+    assert wrecked.iteration > 0 and "the untrained network is kept" in wrecked.trainer.stop_reason
+    for p, q in zip(wrecked.sampling_net.parameters(), untrained.sampling_net.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert wrecked._pilot_estimate().elbo == pilot.elbo
+    trained = build(200)  # the defaults improve on it, and keep what they trained
+    trained.fit()
+    assert "kept" not in (trained.trainer.stop_reason or "") and trained._pilot_estimate().elbo > pilot.elbo
