@@ -363,6 +363,8 @@ class FlowSampler(_Chain):
                     trainer.stop_reason = "the untrained map already fits (pilot ESS/N >= 0.95, reliable weights)"
                 else:
                     self.untrained = (seed, pilot.elbo, trainer.network_state())
+            if phase == 0 and self.untrained is not None:
+                trainer.baseline_elbo = self.untrained[1]
             desc = None if self.disable_progbar else (self.desc if phase == 0 else f"{self.desc} (consistency)")
             history = trainer.train(num_iterations if phase == 0 else None, hook_fn=self.hook_fn, desc=desc)
             if trainer.interrupted:

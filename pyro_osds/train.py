@@ -196,6 +196,9 @@ class Trainer:
         self.interrupted = False
         #: why training that ran up to its budget stopped before it (``None``: it did not)
         self.stop_reason: str | None = None
+        #: the untrained map's pilot ELBO (set by the sampler): training whose ELBO stays below it for
+        #: :attr:`behind_iterations` iterations stops (``None``: no such rule)
+        self.baseline_elbo: float | None = None
         keys = COMMON_KEYS + tuple(k for stage in self.objective for k in stage.keys if k not in COMMON_KEYS)
         self.history: dict[str, list] = {k: [] for k in dict.fromkeys(keys)}
 
@@ -283,8 +286,20 @@ class Trainer:
         record["seconds"] = time.perf_counter() - start
         return {k: record.get(k, math.nan) for k in self.history}
 
+    #: iterations (whole windows of 100) the training ELBO may stay below :attr:`baseline_elbo`
+    behind_iterations = 300
+
     def early_stop_reason(self) -> str | None:
-        """The stages' agreed reason to stop now (:class:`Stage`), or ``None``."""
+        """The stages' agreed reason to stop now (:class:`Stage`), or that the training draws' ELBO averaged
+        below :attr:`baseline_elbo` over each of the last windows of 100 iterations after
+        :attr:`behind_iterations` (training is not improving on the untrained map), or ``None``."""
+        window = 100
+        if (self.baseline_elbo is not None and self.step >= self.behind_iterations and self.step % window == 0):
+            elbo = torch.tensor(self.history["elbo"][-self.behind_iterations:], dtype=torch.float64)
+            means = [float(chunk[torch.isfinite(chunk)].mean()) for chunk in elbo.split(window)]
+            if all(not m >= self.baseline_elbo for m in means):
+                return (f"the training ELBO stayed below the untrained map's ({self.baseline_elbo:.3f}) for "
+                        f"{self.behind_iterations} iterations")
         rules = [stage.stop for stage in self.objective]
         if not rules or any(rule is None for rule in rules):
             return None

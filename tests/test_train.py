@@ -148,3 +148,17 @@ def test_stage_reports_say_when_a_silent_stage_starts_and_how_long_it_took(monke
     with stage_report("OSDS", "x"):
         pass
     assert capsys.readouterr().err == ""
+
+
+def test_training_that_stays_below_the_untrained_maps_elbo_stops():
+    # early_stopping=False: no plateau rule (the sampler sets a baseline only with early stopping; this isolates it)
+    config = OSDSConfig(num_iterations=1000, batch_size=8, hidden_dim=8, early_stopping=False)
+    trainer = make_trainer(config=config)
+    trainer.baseline_elbo = 1e9  # out of reach: training cannot improve on it
+    trainer.train()
+    assert trainer.step == trainer.behind_iterations == 300
+    assert "stayed below the untrained map's" in trainer.stop_reason
+    reachable = make_trainer(config=config.replace(num_iterations=320))
+    reachable.baseline_elbo = -1e9  # every window above it: the rule never fires
+    reachable.train()
+    assert reachable.step == 320 and reachable.stop_reason is None

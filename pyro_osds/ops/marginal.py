@@ -12,16 +12,22 @@ coordinate by coordinate:
 .. math::
 
     x = m + s \odot M(y), \qquad M_i(y_i) = F_i^{-1}\big(\Phi(y_i)\big), \qquad
-    F_i = \text{CDF of } \textstyle\sum_{k} \pi_{ik}\, \mathcal N(\mu_{ik}, \sigma_{ik}^2),
+    F_i(u) = \textstyle\sum_{k} \pi_{ik}\, \sigma\big((u - \mu_{ik}) / s_{ik}\big),
 
-so a standard normal :math:`y` becomes, in every coordinate, a one-dimensional Gaussian mixture (the
-quantile transform), with :math:`\log|\det \partial x/\partial y| = \sum_i \log s_i + \log\varphi(y_i) -
+so a standard normal :math:`y` becomes, in every coordinate, a one-dimensional mixture of logistic
+distributions (the quantile transform), with :math:`\log|\det \partial x/\partial y| = \sum_i \log s_i + \log\varphi(y_i) -
 \log f_i(M_i(y_i))` exactly. Its inverse :math:`y_i = \Phi^{-1}(F_i(u_i))` is closed-form; the forward map
-solves :math:`G_i(u) = \Phi^{-1}(F_i(u)) = y_i` by safeguarded Newton steps (the root is bracketed by
-:math:`\min_k(\mu_{ik} + \sigma_{ik} y_i)` and :math:`\max_k(\mu_{ik} + \sigma_{ik} y_i)`) and then takes two
+solves :math:`G_i(u) = \Phi^{-1}(F_i(u)) = y_i` by safeguarded Newton steps (the root is bracketed by the
+smallest and the largest component quantile at level :math:`\Phi(y_i)`) and then takes two
 more Newton steps inside the autograd graph: the first makes first derivatives exact, the second second
 derivatives (the error of Newton's iterates squares at each step), which the Langevin input of multi-step
 flows needs.
+
+Logistic rather than Gaussian components: their exponential tails cover the soft flanks of a well (its side
+towards a barrier, where the density falls slower than a Gaussian fitted to the well): measured on many-well
+32-D over 5 seeds x 10 draw sets, Gaussian components gave ESS/N 0.75 but standard errors 1.3 times too small
+(2 of 50 estimates more than 3 SE off, k-hat up to 0.74), logistic ones ESS/N 0.46 with calibrated errors
+(standard deviation of the z-scores 1.06, none beyond 3 SE, k-hat at most 0.40).
 
 :func:`fit_marginal_mixture` fits it by importance-weighted EM (a mass-covering, forward-KL fit of each
 coordinate's marginal), started from the marginals of the modes the search found: the heavier wells get
@@ -55,20 +61,32 @@ def _std_normal_log_pdf(y: torch.Tensor) -> torch.Tensor:
 def _standard_quantile_and_log_density(u: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor,
                                        log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r""":math:`G(u) = \Phi^{-1}(F(u))` (from the smaller of :math:`F` and :math:`1 - F`, so that neither tail loses
-    precision) and :math:`\log f(u)`, elementwise for ``u`` ``(batch, D)`` and mixtures ``(D, K)``."""
+    precision) and :math:`\log f(u)`, elementwise for ``u`` ``(batch, D)`` and mixtures ``(D, K)`` of logistic
+    components."""
     log_pi = logits - logits.logsumexp(-1, keepdim=True)
     std = (u.unsqueeze(-1) - loc) / log_scale.exp()
-    log_cdf = (log_pi + torch.special.log_ndtr(std)).logsumexp(-1)
-    log_sf = (log_pi + torch.special.log_ndtr(-std)).logsumexp(-1)
+    log_cdf_k, log_sf_k = torch.nn.functional.logsigmoid(std), torch.nn.functional.logsigmoid(-std)
+    log_cdf = (log_pi + log_cdf_k).logsumexp(-1)
+    log_sf = (log_pi + log_sf_k).logsumexp(-1)
     g = torch.where(log_cdf < log_sf, torch.special.ndtri(log_cdf.exp()), -torch.special.ndtri(log_sf.exp()))
-    log_f = (log_pi + _std_normal_log_pdf(std) - log_scale).logsumexp(-1)
+    log_f = (log_pi + log_cdf_k + log_sf_k - log_scale).logsumexp(-1)
     return g, log_f
+
+
+def _component_quantiles(y: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    r"""Each logistic component's quantile at level :math:`\Phi(y)`: ``(batch, D, K)``, which bracket the mixture's."""
+    logit = torch.special.log_ndtr(y) - torch.special.log_ndtr(-y)
+    return loc + log_scale.exp() * logit.unsqueeze(-1)
+
+
+#: a logistic component's variance is this times its scale squared
+_LOGISTIC_VARIANCE = math.pi**2 / 3
 
 
 class MarginalMixtureMap(NamedTuple):
     r"""
     :math:`x = m + s \odot M(y)` (module docstring): ``shift`` :math:`m` and ``scale`` :math:`s` ``(D,)``, and
-    each coordinate's mixture as ``logits``, ``loc`` and ``log_scale`` ``(D, K)``. Same interface as
+    each coordinate's mixture of logistic components as ``logits``, ``loc`` and ``log_scale`` ``(D, K)``. Same interface as
     :class:`~pyro_osds.ops.precondition.AffineMap`: call it, :meth:`inverse`, :meth:`forward_and_log_det`.
     """
 
@@ -85,9 +103,8 @@ class MarginalMixtureMap(NamedTuple):
     def quantile(self, y: torch.Tensor) -> torch.Tensor:
         r""":math:`M(y)`, differentiable to second order in ``y`` and the mixture (module docstring)."""
         tol = 1e-11 if y.dtype == torch.float64 else 1e-4
-        sigma = self.log_scale.exp()
         with torch.no_grad():
-            ends = self.loc + sigma * y.detach().unsqueeze(-1)
+            ends = _component_quantiles(y.detach(), self.loc, self.log_scale)
             lo, hi = ends.min(-1).values, ends.max(-1).values
             u = 0.5 * (lo + hi)
             for _ in range(100):
@@ -133,8 +150,9 @@ def mixture_marginals(modes: list, num_components: int, *, iterations: int = 30)
     r"""
     The starting map of :func:`fit_marginal_mixture`: the diagonal of the Gaussian covering the ``modes``
     (``[(AffineMap, mass), ...]``) as shift and scale, and in every (scaled) coordinate the modes' marginals
-    :math:`\sum_j w_j \mathcal N(c_{ij}, v_{ij})` reduced to ``num_components`` components by weighted 1-D
-    k-means (each cluster's moments; an empty cluster keeps a broad component of weight :math:`10^{-3}`).
+    :math:`\sum_j w_j \mathcal N(c_{ij}, v_{ij})` reduced to ``num_components`` logistic components by weighted
+    1-D k-means (each with its cluster's mean and variance; an empty cluster keeps a broad component of weight
+    :math:`10^{-3}`).
     """
     check_positive_int("num_components", num_components)
     mass = torch.tensor([float(w) for _, w in modes], dtype=modes[0][0].shift.dtype,
@@ -163,7 +181,7 @@ def mixture_marginals(modes: list, num_components: int, *, iterations: int = 30)
     var = torch.where(weight > 0, var / weight.clamp_min(1e-300), torch.ones_like(var))
     logits = (weight + 1e-3 / num_components).log()
     return MarginalMixtureMap(mean, scale, logits - logits.logsumexp(-1, keepdim=True), loc,
-                              0.5 * var.clamp_min(1e-6).log())
+                              0.5 * (var.clamp_min(1e-6) / _LOGISTIC_VARIANCE).log())
 
 
 def fit_marginal_mixture(
@@ -181,17 +199,19 @@ def fit_marginal_mixture(
     Importance-weighted EM for :class:`MarginalMixtureMap` [1], from :func:`mixture_marginals` of ``modes``:
     every round draws ``num_draws`` points :math:`x_n = T(y_n)`, :math:`y_n \sim \mathcal N(0, I)`, weights them
     by :math:`w_n \propto \rho(x_n)/q(x_n)` and moves each coordinate's mixture ``damping`` of the way to its
-    weighted M-step (responsibilities :math:`r_{nik} \propto \pi_{ik}\mathcal N(u_{ni}; \mu_{ik}, \sigma_{ik}^2)`
-    of the scaled coordinates :math:`u = (x - m)/s`). Each coordinate's marginal is fitted in the forward-KL
+    weighted M-step (responsibilities :math:`r_{nik} \propto \pi_{ik} f_{ik}(u_{ni})` of the scaled coordinates
+    :math:`u = (x - m)/s`; each component takes its responsibilities' weighted mean and variance, which is the
+    M-step of a Gaussian and a moment match for a logistic: any proposal keeps the weights exact). Each coordinate's marginal is fitted in the forward-KL
     (mass-covering) sense, so a well keeps the share its weights give it. Stops when the fresh draws' ELBO
     has not improved for ``patience`` rounds; returns the map with the best ELBO and
-    ``{"rounds", "elbo", "ess_per_draw"}`` of it.
+    ``{"rounds", "elbo", "ess_per_draw"}`` of it, with every round's ``(elbo, ess_per_draw)`` in ``"history"``.
     """
     check_positive_int("num_draws", num_draws)
     check_positive_int("max_rounds", max_rounds)
     current = mixture_marginals(modes, num_components)
     dtype, device = current.shift.dtype, current.shift.device
     best, best_elbo, best_ess, since_best, rounds = current, -math.inf, 0.0, 0, 0
+    history = []
     for _ in range(max_rounds):
         rounds += 1
         with torch.no_grad():
@@ -204,6 +224,7 @@ def fit_marginal_mixture(
         elbo = float(log_w[finite].mean())
         share = torch.softmax(torch.where(finite, log_w, torch.full_like(log_w, -math.inf)), 0).to(dtype)
         ess = float(1.0 / (share.to(torch.float64) ** 2).sum()) / num_draws
+        history.append((elbo, ess))
         if elbo > best_elbo + 1e-2:
             since_best = 0
         else:
@@ -213,8 +234,9 @@ def fit_marginal_mixture(
         if since_best >= patience:
             break
         u = ((x - current.shift) / current.scale).unsqueeze(-1)  # (N, D, 1)
-        sigma2 = (2 * current.log_scale).exp()
-        log_r = current.logits - 0.5 * (u - current.loc) ** 2 / sigma2 - current.log_scale
+        std = (u - current.loc) / current.log_scale.exp()
+        log_r = (current.logits + torch.nn.functional.logsigmoid(std) + torch.nn.functional.logsigmoid(-std)
+                 - current.log_scale)
         r = torch.softmax(log_r, -1) * share[:, None, None]  # (N, D, K)
         r = torch.where(finite[:, None, None], r, torch.zeros_like(r))
         weight = r.sum(0)
@@ -223,10 +245,10 @@ def fit_marginal_mixture(
         var = (r * (u - loc) ** 2).sum(0) / safe
         keep = weight > 1e-8
         loc = torch.where(keep, loc, current.loc)
-        log_scale = torch.where(keep, 0.5 * var.clamp_min(1e-8).log(), current.log_scale)
+        log_scale = torch.where(keep, 0.5 * (var.clamp_min(1e-8) / _LOGISTIC_VARIANCE).log(), current.log_scale)
         logits = (weight + 1e-4 / num_components).log()
         logits = logits - logits.logsumexp(-1, keepdim=True)
         mix = lambda old, new: (1 - damping) * old + damping * new  # noqa: E731
         current = MarginalMixtureMap(current.shift, current.scale, mix(current.logits, logits),
                                      mix(current.loc, loc), mix(current.log_scale, log_scale))
-    return best, {"rounds": rounds, "elbo": best_elbo, "ess_per_draw": best_ess}
+    return best, {"rounds": rounds, "elbo": best_elbo, "ess_per_draw": best_ess, "history": history}

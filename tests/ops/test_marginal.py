@@ -21,15 +21,15 @@ def _random_map(dim=3, k=3, seed=0, dtype=D64):
 
 
 def _mixture_cdf(u, m):
-    normal = torch.distributions.Normal(m.loc, m.log_scale.exp())
-    return (torch.softmax(m.logits, -1) * normal.cdf(u.unsqueeze(-1))).sum(-1)
+    """The logistic mixture's CDF written out directly (not through the map's tail-safe arithmetic)."""
+    return (torch.softmax(m.logits, -1) * torch.sigmoid((u.unsqueeze(-1) - m.loc) / m.log_scale.exp())).sum(-1)
 
 
 def test_the_map_is_the_quantile_transform_to_each_coordinates_mixture():
     m = _random_map()
     y = torch.linspace(-5, 5, 41, dtype=D64)[:, None].expand(-1, 3)
     u = (m(y) - m.shift) / m.scale
-    # F(M(y)) = Phi(y), checked with torch.distributions' CDFs rather than the map's own tail-safe arithmetic
+    # F(M(y)) = Phi(y), checked with the plain CDFs rather than the map's own tail-safe arithmetic
     assert torch.allclose(_mixture_cdf(u, m), torch.distributions.Normal(0.0, 1.0).cdf(y), atol=1e-12)
     assert bool((u[1:] > u[:-1]).all())  # increasing
 
@@ -121,11 +121,12 @@ def test_importance_weighted_em_gets_the_wells_weights_and_log_z():
     potential = _two_well_product(dim, weight, gap)
     m, info = fit_marginal_mixture(potential, _found_modes(dim, gap, 20), num_components=2,
                                    generator=torch.Generator().manual_seed(0))
-    assert info["ess_per_draw"] > 0.9  # the target is in the family: EM finds it
+    assert info["ess_per_draw"] > 0.5  # Gaussian wells from logistic components
     y = torch.randn(20000, dim, dtype=D64, generator=torch.Generator().manual_seed(1))
     x, log_det = m.forward_and_log_det(y)
     log_w = -potential(x) + 0.5 * (y**2).sum(-1) + 0.5 * dim * math.log(2 * math.pi) + log_det
     log_z = float(log_w.logsumexp(0) - math.log(len(log_w)))
-    assert abs(log_z) < 0.01  # truth 0
+    se = math.sqrt(float(torch.softmax(log_w, 0).square().sum()) - 1 / len(log_w))  # delta-method SE of log Z
+    assert abs(log_z) < 4.5 * se + 1e-3  # truth 0
     low_share = (x < 0).to(D64).mean(0)
     assert torch.allclose(low_share, torch.full((dim,), weight, dtype=D64), atol=0.02)
