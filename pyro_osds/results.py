@@ -97,8 +97,10 @@ class LogEvidence(NamedTuple):
     of chains that are mixtures (:class:`ComponentEstimate`), ``num_lost_modes``: modes the mode search
     found that the draws carry almost no weight near (the evidence then misses their mass), and
     ``too_many_modes``: whether the mode search of some chain kept finding separated modes until its
-    budget ran out (too many to give each a component: the flow covers a few, and the evidence misses
-    the others' mass). The pooled ``k_hat`` is the largest over chains; :attr:`reliable` is the verdict
+    budget ran out (too many to give each a component) and the chain has no marginal-mixture
+    preconditioner (:mod:`pyro_osds.ops.marginal`; ``marginal_components=0`` or a ``"laplace"``
+    preconditioner): the flow then covers a few modes, and the evidence misses the others' mass. With the
+    marginal mixture, found modes that the draws under-represent count in ``num_lost_modes``. The pooled ``k_hat`` is the largest over chains; :attr:`reliable` is the verdict
     (the weights' own diagnostics, :attr:`~pyro_osds.ops.estimators.Estimates.reliable`, no lost mode
     and no unenumerated modes).
     """

@@ -273,3 +273,27 @@ def test_training_that_lowers_the_pilot_elbo_gives_the_untrained_network_back():
     trained = build(200)  # the defaults improve on it, and keep what they trained
     trained.fit()
     assert "kept" not in (trained.trainer.stop_reason or "") and trained._pilot_estimate().elbo > pilot.elbo
+
+
+def test_wells_along_no_coordinate_are_flagged_not_returned_as_a_confident_wrong_answer():
+    # the same kind of product, rotated: its wells lie along no coordinate, so a product of marginals covers a
+    # box of false modes and misses the true ones; the found modes' centre weights show it
+    dim = 10
+    rotation = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(0), dtype=D64))[0]
+    product = _two_well_product(dim, weight=0.5)  # 1024 modes of equal mass
+
+    def potential(x):
+        return product(x @ rotation)
+
+    sampler = FlowSampler(potential, torch.zeros(dim, dtype=D64), OSDSConfig(num_iterations=30),
+                          disable_progbar=True, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sampler.fit()
+    assert sampler.precondition_info["saturated"] is False and isinstance(sampler.preconditioner, MarginalMixtureMap)
+    draws = sampler.draw(2000)
+    est = draws.evidence()
+    assert est.ess_per_draw < 0.05  # a poor proposal (truth 0: wherever log Z lands, it is luck) ...
+    with pytest.warns(RuntimeWarning, match="under-represent"):
+        lost = sampler.warn_lost_modes(draws, "Chain 0: ")
+    assert len(lost) > len(sampler.modes) // 2  # ... flagged by the modes it misses, whatever k-hat says
