@@ -26,6 +26,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import shlex
 import time
 import warnings
 from collections.abc import Sequence
@@ -122,7 +123,7 @@ def _mean(values):
 
 def _markdown(results: list[dict], env: dict, command: str, title: str = "Multimodal benchmark") -> str:
     lines = [f"# {title}", "",
-             f"`{command}` on {env['machine']['cpu_model']} ({env['machine']['cpu_count']} cores, "
+             f"{command} on {env['machine']['cpu_model']} ({env['machine']['cpu_count']} cores, "
              f"{env['machine']['torch_threads']} torch thread), torch {env['versions']['torch']}, "
              f"commit {env['versions'].get('git_commit')}. Each cell: mean over seeds of the mean over repeats; "
              "|Δ log Z| max is the worst seed's mean error; mode weights: the largest error of a mode's weight, "
@@ -164,9 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "multimodal.json"
-    results = json.loads(path.read_text())["results"] if path.exists() else []
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    results = previous.get("results", [])
     env = environment_info()
-    command = "python -m benchmarks.multimodal " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python -m benchmarks.multimodal " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else __import__("sys").argv[1:]))
+    # the runs whose records the file holds, in order (a rerun of some rows adds its command)
+    commands = [c for c in previous.get("commands", [previous["command"]] if "command" in previous else [])
+                if c != command] + [command]
     for name in args.targets:
         for variant in args.variants:
             for seed in args.seeds:
@@ -179,8 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{record['components']} ({record['trained_components']} trained), "
                       f"{record['search_s'] + record['train_s']:.1f} s", flush=True)
                 path.write_text(json.dumps({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                            "environment": env, "command": command, "results": results}, indent=1))
-    (out / "multimodal.md").write_text(_markdown(results, env, command, args.title))
+                                            "environment": env, "command": command, "commands": commands,
+                                            "results": results}, indent=1))
+    (out / "multimodal.md").write_text(_markdown(results, env, " then ".join(f"`{c}`" for c in commands),
+                                                 args.title))
     return 0
 
 
