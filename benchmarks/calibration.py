@@ -23,6 +23,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import shlex
 import time
 import warnings
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from pyro_osds import OSDS
 from .methods import load_references
 from .multimodal import _true_log_z
 from .run import environment_info
+from .scaling import commands_text, results_commands
 from .targets import get_target
 
 __all__ = ["DEFAULT_TARGETS", "main", "run_one"]
@@ -87,7 +89,7 @@ def _rate(records: list[dict], flag) -> str:
 
 def _markdown(results: list[dict], env: dict, command: str) -> str:
     lines = ["# Does the standard error mean what it says?", "",
-             f"`{command}` on {env['machine']['cpu_model']} ({env['machine']['cpu_count']} cores), torch "
+             f"{command} on {env['machine']['cpu_model']} ({env['machine']['cpu_count']} cores), torch "
              f"{env['versions']['torch']}, commit {env['versions'].get('git_commit')}. The runner with its defaults "
              "(two chains) on each target's Pyro model; every repeat is a fresh `sample()` of the same trained "
              "chains. Off: |z| > 3, z = (log Ẑ − truth) / SE. The next columns give, among the repeats a "
@@ -134,13 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "calibration.json"
-    results = json.loads(path.read_text())["results"] if path.exists() else []
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    results = previous.get("results", [])
     env = environment_info()
-    command = "python -m benchmarks.calibration " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python -m benchmarks.calibration " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else __import__("sys").argv[1:]))
     if args.markdown_only:
-        saved = json.loads(path.read_text())
-        (out / "calibration.md").write_text(_markdown(saved["results"], saved["environment"], saved["command"]))
+        saved = previous.get("commands", [previous["command"]])
+        (out / "calibration.md").write_text(_markdown(results, previous["environment"], commands_text(saved)))
         return 0
+    commands = results_commands(previous, command)
     for name in args.targets:
         for seed in args.seeds:
             record = run_one(name, seed, draws=args.draws, repeats=args.repeats)
@@ -151,8 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{[round(x['chain_z'], 1) for x in record['records']]}, k-hat "
                   f"{[round(x['k_hat'], 2) for x in record['records']]}, {record['fit_s']:.1f} s", flush=True)
             path.write_text(json.dumps({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                        "environment": env, "command": command, "results": results}, indent=1))
-    (out / "calibration.md").write_text(_markdown(results, env, command))
+                                        "environment": env, "command": command, "commands": commands,
+                                        "results": results}, indent=1))
+    (out / "calibration.md").write_text(_markdown(results, env, commands_text(commands)))
     return 0
 
 

@@ -40,6 +40,7 @@ from pyro_osds.sampler import MixtureSampler, build_sampler
 
 from .methods import load_references
 from .run import environment_info
+from .scaling import commands_text, results_commands
 from .targets import get_target
 
 __all__ = ["DEFAULT_TARGETS", "VARIANTS", "main", "run_one"]
@@ -170,9 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment_info()
     command = "python -m benchmarks.multimodal " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else __import__("sys").argv[1:]))
-    # the runs whose records the file holds, in order (a rerun of some rows adds its command)
-    commands = [c for c in previous.get("commands", [previous["command"]] if "command" in previous else [])
-                if c != command] + [command]
+    commands = results_commands(previous, command)
     for name in args.targets:
         for variant in args.variants:
             for seed in args.seeds:
@@ -187,8 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path.write_text(json.dumps({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                             "environment": env, "command": command, "commands": commands,
                                             "results": results}, indent=1))
-    (out / "multimodal.md").write_text(_markdown(results, env, " then ".join(f"`{c}`" for c in commands),
-                                                 args.title))
+    (out / "multimodal.md").write_text(_markdown(results, env, commands_text(commands), args.title))
     return 0
 
 

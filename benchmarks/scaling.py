@@ -388,6 +388,18 @@ def write_report(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def results_commands(previous: dict, command: str) -> list[str]:
+    """The commands whose rows a results file (its JSON, ``previous``) holds, in order, ending with ``command``:
+    rerunning some rows of a report adds its command instead of hiding the earlier ones."""
+    earlier = previous.get("commands", [previous["command"]] if "command" in previous else [])
+    return [c for c in earlier if c != command] + [command]
+
+
+def commands_text(commands: list[str]) -> str:
+    """``commands`` for a report's header line."""
+    return " then ".join(f"`{c}`" for c in commands)
+
+
 def add_results_arguments(parser: argparse.ArgumentParser, out: str | Path) -> None:
     """The options :func:`start_results` and :func:`run_header` read: ``--seed``, ``--out`` (default ``out``) and
     ``--markdown-only``."""

@@ -119,11 +119,11 @@ class _Chain:
 
     def lost_modes(self, draws: Draws, num_steps: int = 1, *, warn_label: str | None = None) -> list[int]:
         """
-        The found modes ``draws`` (of the ``num_steps``-step map) have lost (indices into :attr:`modes`), warning about them with ``warn_label``
-        (``None``: silently). With every mode found (a saturated search) a mode is lost when its weighted share
-        of the draws is far below its Laplace mass (:func:`pyro_osds.modes.warn_lost_modes`); when the search
-        found only a sample of the modes, when the sampler's density at its centre is far below the target's
-        (:func:`pyro_osds.modes.uncovered_modes`).
+        The found modes ``draws`` (of the ``num_steps``-step map) have lost, as indices into :attr:`modes`,
+        warning about them with ``warn_label`` (``None``: silently). With every mode found (a saturated search)
+        a mode is lost when its weighted share of the draws is far below its Laplace mass
+        (:func:`pyro_osds.modes.warn_lost_modes`); when the search found only a sample of the modes, when the
+        sampler's density at its centre is far below the target's (:func:`pyro_osds.modes.uncovered_modes`).
         """
         if self.precondition_info.get("saturated", True) or len(self.modes) < 2 or self.too_many_modes:
             if warn_label is not None:
