@@ -2,8 +2,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Tests of pyro_osds.api: the OSDS runner on bare potentials (construction, methods, results, interruption)."""
 
-import _thread
 import math
+import signal
+import threading
 import warnings
 
 import pyro
@@ -266,15 +267,22 @@ def test_warnings_of_chains_training_in_threads_point_at_the_users_line():
 
 
 def test_ctrl_c_stops_every_chain_training_in_threads():
+    chain_0_waits = threading.Event()
+
     def hook(chain, step, info):
         if step != 3:
             return
-        # Ctrl-C: KeyboardInterrupt in the main thread, which waits for the chains. Neither chain may finish before
-        # the main thread has handled it (else the test races). A simulated signal that the main thread takes
-        # while it runs a finaliser is lost (CPython prints "Exception ignored"), so it is sent again until seen.
+        # Ctrl-C: SIGINT to the main thread, which waits for the chains (a terminal's Ctrl-C reaches it the same
+        # way; a real signal also wakes it from a blocking wait, which `_thread.interrupt_main` does not). Both
+        # chains wait at iteration 3 until the main thread has handled it (else the test races), and it is sent
+        # again until the main thread has set the stop event.
+        if chain == 0:
+            chain_0_waits.set()
+        else:
+            assert chain_0_waits.wait(timeout=60)
         for _ in range(600):
             if chain == 1 and not runner._stop_training.is_set():
-                _thread.interrupt_main()
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             if runner._stop_training.wait(timeout=0.1):
                 break
         assert runner._stop_training.is_set()
