@@ -289,8 +289,14 @@ def test_ctrl_c_stops_every_chain_training_in_threads():
 
     pyro.set_rng_seed(0)
     runner = make(num_iterations=40, hook_fn=hook, chain_threads=2)
-    with pytest.warns(RuntimeWarning) as record:
-        osds = runner.run()
+    # a process started in the background by a non-interactive shell (as CI jobs often are) inherits SIGINT
+    # ignored, and Python then installs no handler: Ctrl-C could not reach it, so the test installs Python's own
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.warns(RuntimeWarning) as record:
+            osds = runner.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert "continue_training" in " ".join(str(w.message) for w in record)
     assert osds.interrupted and len(osds.samplers) == 2
     assert all(s.interrupted and 3 <= s.trainer.step < 40 for s in osds.samplers)
