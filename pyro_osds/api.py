@@ -182,6 +182,9 @@ class OSDS(LogWeightsMixin):
         self.samplers: list[FlowSampler | MixtureSampler] = []
         #: the current draws, one :class:`~pyro_osds.results.Draws` per chain (empty before :meth:`sample`)
         self.draws: tuple[Draws, ...] = ()
+        # (the draws, per chain the found modes they lost): the check inverts the map at every found mode, so it
+        # runs once per set of draws, not at every log_evidence()
+        self._lost_modes: tuple[tuple[Draws, ...], list[list[int]]] | None = None
         self.model_args, self.model_kwargs = (), {}
         self.interrupted = False
 
@@ -428,12 +431,14 @@ class OSDS(LogWeightsMixin):
                 draws = [d._replace(discrete={k: v[i * num_samples:(i + 1) * num_samples] for k, v in discrete.items()})
                          for i, d in enumerate(draws)]
         self.draws, self.num_samples, self.num_steps = tuple(draws), num_samples, num_steps
+        lost = []
         for i, (sampler, d) in enumerate(zip(self.samplers, self.draws, strict=True)):
-            sampler.warn_lost_modes(d, label=f"Chain {i}: ", num_steps=num_steps)
+            lost.append(sampler.warn_lost_modes(d, label=f"Chain {i}: ", num_steps=num_steps))
             if d.num_folded:
                 warn(f"Chain {i}: the {num_steps}-step flow folds (its Jacobian changes orientation) at "
                      f"{d.num_folded} of {num_samples} draws, so their importance weights are not exact. "
                      "Train longer or use more steps.", RuntimeWarning)
+        self._lost_modes = (self.draws, lost)
         if not self._weighted:
             return self
         evidence = self.log_evidence()
@@ -557,7 +562,10 @@ class OSDS(LogWeightsMixin):
         self._require_draws()
         mixtures = [(torch.stack([c for c, _ in s.modes]), s.weights.tolist()) if isinstance(s, MixtureSampler)
                     else None for s in self.samplers]
-        lost = sum(len(s.lost_modes(d, self.num_steps)) for s, d in zip(self.samplers, self.draws, strict=True))
+        if self._lost_modes is None or self._lost_modes[0] is not self.draws:  # draws restored from a file
+            self._lost_modes = (self.draws, [s.lost_modes(d, self.num_steps)
+                                             for s, d in zip(self.samplers, self.draws, strict=True)])
+        lost = sum(len(chain) for chain in self._lost_modes[1])
         return LogEvidence.from_draws(self.draws, self.num_steps, mixtures=mixtures, num_lost_modes=lost,
                                       too_many_modes=any(s.too_many_modes for s in self.samplers))
 

@@ -18,7 +18,7 @@ from .ops.precondition import lost_modes, mode_shares
 from .results import Draws
 from .util import warn
 
-__all__ = ["UNCOVERED_LOG_RATIO", "mode_coverage", "uncovered_modes", "warn_about_mode_search", "warn_lost_modes",
+__all__ = ["UNCOVERED_LOG_RATIO", "lost_found_modes", "mode_coverage", "uncovered_modes", "warn_about_mode_search", "warn_lost_modes",
            "warn_uncovered_modes"]
 
 #: a found mode whose centre has a weight this many nats above the estimate of :math:`Z` is uncovered
@@ -79,13 +79,17 @@ def mode_coverage(modes: list, draws: Draws) -> list[tuple[torch.Tensor, float, 
     return [(c, float(m), float(sh)) for (c, m), sh in zip(modes, shares, strict=True)]
 
 
+def lost_found_modes(modes: list, draws: Draws) -> tuple[list, list[int]]:
+    """:func:`mode_coverage` and the indices of the modes in it that ``draws`` have lost
+    (:func:`~pyro_osds.ops.precondition.lost_modes`)."""
+    coverage = mode_coverage(modes, draws)
+    return coverage, lost_modes([m for _, m, _ in coverage], [sh for _, _, sh in coverage]) if coverage else []
+
+
 def warn_lost_modes(modes: list, draws: Draws, objective: ObjectiveConfig, label: str = "") -> list[int]:
     """Warns (and returns their indices) about the ``modes`` of :func:`mode_coverage` that ``draws`` have
     lost (:func:`~pyro_osds.ops.precondition.lost_modes`), with the log Z deficit they imply."""
-    coverage = mode_coverage(modes, draws)
-    if not coverage:
-        return []
-    lost = lost_modes([m for _, m, _ in coverage], [sh for _, _, sh in coverage])
+    coverage, lost = lost_found_modes(modes, draws)
     if lost:
         missing = sum(coverage[k][1] for k in lost)
         remedy = multimodal_remedy(objective)

@@ -31,7 +31,14 @@ import torch
 
 from .config import OSDSConfig
 from .distributed import DistributedContext, all_gather_rows, broadcast_object, from_rank_zero, shard
-from .modes import mode_coverage, uncovered_modes, warn_about_mode_search, warn_lost_modes, warn_uncovered_modes
+from .modes import (
+    lost_found_modes,
+    mode_coverage,
+    uncovered_modes,
+    warn_about_mode_search,
+    warn_lost_modes,
+    warn_uncovered_modes,
+)
 from .objectives import build_objective, consistency_stage, flow_kl_train_steps, resolve_flow_kl_gradient
 from .ops.estimators import Estimates, ForwardEstimates, evidence, forward_evidence
 from .ops.integrate import em_log_weights
@@ -41,7 +48,6 @@ from .ops.precondition import (
     LaplacePartition,
     ModeSearch,
     choose_preconditioner,
-    lost_modes,
     preconditioner_from_state,
     refine_component,
     whiten_potential,
@@ -110,12 +116,9 @@ class _Chain:
 
     @property
     def too_many_modes(self) -> bool:
-        """Whether the mode search kept finding separated modes until its budget ran out and the chain has
-        no preconditioner that spreads over them: the flow then covers some of them, and the evidence misses
-        the mass of the others, which its weights cannot show. A marginal-mixture preconditioner
-        (:mod:`pyro_osds.ops.marginal`) spreads over them; :meth:`lost_modes` then checks each found mode."""
-        unsaturated = self.precondition_info.get("saturated", True) is False
-        return unsaturated and not isinstance(getattr(self, "preconditioner", None), MarginalMixtureMap)
+        """Whether the mode search kept finding separated modes until its budget ran out: the flow covers
+        some of them, and the evidence misses the mass of the others, which its weights cannot show."""
+        return self.precondition_info.get("saturated", True) is False
 
     def lost_modes(self, draws: Draws, num_steps: int = 1, *, warn_label: str | None = None) -> list[int]:
         """
@@ -128,8 +131,7 @@ class _Chain:
         if self.precondition_info.get("saturated", True) or len(self.modes) < 2 or self.too_many_modes:
             if warn_label is not None:
                 return warn_lost_modes(self.modes, draws, self.config.objective, warn_label)
-            coverage = self.mode_coverage(draws)
-            return lost_modes([m for _, m, _ in coverage], [sh for _, _, sh in coverage]) if coverage else []
+            return lost_found_modes(self.modes, draws)[1]
         centres = torch.stack([c for c, _ in self.modes]).to(device=self.device, dtype=self.model_dtype)
         if self.config.method == "cdds" and num_steps != 1:
             return []  # no density to check with
@@ -234,6 +236,14 @@ class FlowSampler(_Chain):
             warn_about_mode_search(info, self.config.objective)
             self.preconditioner = affine.to(dtype=self.dtype)
         return self.preconditioner
+
+    @property
+    def too_many_modes(self) -> bool:
+        """Whether the mode search kept finding separated modes until its budget ran out and the preconditioner
+        does not spread over them (a marginal mixture, :mod:`pyro_osds.ops.marginal`, does, and :meth:`lost_modes`
+        then checks its coverage at each found mode): the flow covers some of them, and the evidence misses the
+        mass of the others, which its weights cannot show."""
+        return super().too_many_modes and not isinstance(self.preconditioner, MarginalMixtureMap)
 
     def _take_from_rank_zero(self, affine: AffineMap, info: dict) -> tuple[AffineMap, dict]:
         """Rank 0's preconditioner, its fit's report and its training stream's state, on every rank."""

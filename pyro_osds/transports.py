@@ -255,7 +255,8 @@ class ConsistencyTransport(_PreconditionedTransport):
             out = consistency_function(self.net, self.potential_z, self.process, z0, float(T),
                                        sigma_data=self.sigma_data, log_det=True)
             z, sign = out.f, out.sign
-            log_q = base_log_q(self.process, z0, out.log_det, _precondition(self.affine, z)[1])
+            x, precondition_log_det = _precondition(self.affine, z)
+            log_q = base_log_q(self.process, z0, out.log_det, precondition_log_det)
         else:
             z = z0
             codes = [T * (self.num_steps - k) / self.num_steps for k in range(self.num_steps)]
@@ -264,9 +265,8 @@ class ConsistencyTransport(_PreconditionedTransport):
                     z = noise_to(self.process, z, code, generator=generator)
                 z = consistency_function(self.net, self.potential_z, self.process, z, code,
                                          sigma_data=self.sigma_data).f
-            log_q = self._nan(z0.shape[0])
-        x = _precondition(self.affine, z)[0].to(self.model_dtype)
-        return TransportOutput(x, log_q.detach(), sign, "exact" if with_volume else "none")
+            x, log_q = _precondition(self.affine, z)[0], self._nan(z0.shape[0])
+        return TransportOutput(x.to(self.model_dtype), log_q.detach(), sign, "exact" if with_volume else "none")
 
     def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Log density at points ``x`` by the exact (Newton) inverse of the one-step map
