@@ -32,6 +32,7 @@ from .diagnostics import diagnostics, print_summary, select_indices, weighted_su
 from .distributed import DistributedContext, broadcast_object
 from .model import ModelTarget, build_target
 from .ops.estimators import K_HAT_THRESHOLD
+from .parallel import can_fork, run_forked
 from .results import Draws, LogEvidence, UnreliableEvidenceWarning
 from .sampler import FlowSampler, MixtureSampler, build_sampler, restore_sampler
 from .target import FlatTarget
@@ -99,11 +100,15 @@ class OSDS(LogWeightsMixin):
         (default :func:`~pyro.infer.autoguide.initialization.init_to_median`).
     :param device: train on this device (e.g. ``"cuda"``); default: where the data (or
         ``initial_params``) live.
-    :param int chain_threads: chains trained at once, each in its own thread (default: as many as the chains
-        and the CPU cores allow; ``1``: one after the other). Each chain has its own random stream, so the result
-        is the same either way; the model's potential is evaluated by one chain at a time (Pyro's effect handlers
-        are global), the networks, gradients and solves in parallel. With ``checkpoint`` set, or on a GPU, the
+    :param int chain_threads: chains trained at once (default: as many as the chains and the CPU cores allow, a
+        core per chain at torch's thread count; ``1``: one after the other). Each chain has its own random stream,
+        so the result is the same either way. With ``checkpoint`` set, on a GPU or across a process group, the
         chains train one after the other.
+    :param bool chain_processes: whether chains trained at once run in forked processes (:mod:`pyro_osds.parallel`)
+        rather than threads. Default ``None``: processes where the platform can fork, torch uses one thread and no
+        ``hook_fn`` is given (a hook would run in the chain's process), else threads. Threads share Python's
+        interpreter lock and evaluate a model's potential one at a time (Pyro's effect handlers are global), so on
+        small models they gain little; processes share neither.
     :param callable hook_fn: ``hook_fn(chain, step, info)`` after every training iteration (from the chain's
         thread when chains train at once).
     :param bool disable_progbar: no progress bars (also off when ``CI`` is set).
@@ -135,7 +140,7 @@ class OSDS(LogWeightsMixin):
                  preset: str | None = None, config: OSDSConfig | None = None, transforms: dict | None = None,
                  batched_potential: bool = False, max_plate_nesting: int | None = None, init_strategy=None,
                  device: str | torch.device | None = None, chain_threads: int | None = None,
-                 hook_fn: Callable | None = None,
+                 chain_processes: bool | None = None, hook_fn: Callable | None = None,
                  disable_progbar: bool = False, checkpoint: str | os.PathLike | None = None,
                  checkpoint_every: int = 100, resume: bool = False, **options):
         if (model is None) == (potential_fn is None):
@@ -150,6 +155,12 @@ class OSDS(LogWeightsMixin):
             check_positive_int(name, value)
         if chain_threads is not None:
             check_positive_int("chain_threads", chain_threads)
+        if chain_processes and not can_fork():
+            raise ValueError("`chain_processes=True` needs the 'fork' start method, which this platform lacks; leave "
+                             "`chain_processes` unset (chains then train in threads).")
+        if chain_processes and hook_fn is not None:
+            raise ValueError("`hook_fn` cannot be called from chains training in processes (it would run in their "
+                             "copies of this program); pass `chain_processes=False` to train them in threads.")
         if num_steps is not None:
             check_positive_int("num_steps", num_steps)
         if resume and checkpoint is None:
@@ -169,7 +180,7 @@ class OSDS(LogWeightsMixin):
             raise ValueError(f"`device={device!r}` was asked for but CUDA is not available here; use `device='cpu'` "
                              "(or leave `device` unset to follow the data).")
         self.hook_fn, self.disable_progbar = hook_fn, disable_progbar
-        self.chain_threads = chain_threads
+        self.chain_threads, self.chain_processes = chain_threads, chain_processes
         # one chain at a time in the model's potential (Pyro's effect-handler stack is global); set to stop
         # chains training in other threads
         self._potential_lock, self._stop_training = threading.RLock(), threading.Event()
@@ -212,7 +223,7 @@ class OSDS(LogWeightsMixin):
                 self.hook_fn(chain, step, info)
             if self.checkpoint is not None and step % self.checkpoint_every == 0 and self._is_main:
                 ckpt.atomic_save(self.state_dict(), self.checkpoint)
-            if self._stop_training.is_set():  # Ctrl-C in the main thread while chains train in threads
+            if self._stop_training.is_set():  # Ctrl-C while chains train at once (threads or processes)
                 raise KeyboardInterrupt
 
         options = dict(num_steps=self.train_num_steps, generator=seeded_generator(self.target.device,
@@ -309,9 +320,17 @@ class OSDS(LogWeightsMixin):
             cores = os.cpu_count() or 1
         return max(1, min(self.num_chains, cores // max(1, torch.get_num_threads())))
 
+    def _trains_in_processes(self) -> bool:
+        """Whether chains trained at once run in processes (``chain_processes``)."""
+        if self.chain_processes is not None:
+            return self.chain_processes
+        return can_fork() and self.hook_fn is None and torch.get_num_threads() == 1
+
     def _train_chains(self) -> None:
         self.interrupted = False
         num_threads = self._num_chain_threads()
+        if num_threads > 1 and self._trains_in_processes():
+            return self._train_chains_in_processes(num_threads)
         if num_threads > 1:
             return self._train_chains_concurrently(num_threads)
         for chain in range(self.num_chains):
@@ -330,6 +349,38 @@ class OSDS(LogWeightsMixin):
                      f"{len(self.samplers)} of {self.num_chains} chains are kept (the last one partially trained). "
                      "Call `continue_training()` to finish.", RuntimeWarning)
                 break
+
+    def _train_chains_in_processes(self, num_processes: int) -> None:
+        """Trains the chains in ``num_processes`` forked processes at a time (:func:`~pyro_osds.parallel.run_forked`;
+        the same result as one after the other): each trains its copy of the chain and sends back its state, from
+        which the chain is rebuilt here, and the warnings it raised. Ctrl-C stops every chain after its current
+        iteration."""
+        self._stop_training.clear()
+
+        def job(chain: int):
+            def train():
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    sampler = self.samplers[chain] if chain < len(self.samplers) else self._new_sampler(chain)
+                    sampler.fit(until=self.config.optim.num_iterations)
+                return sampler.state_dict(), [(str(w.message), w.category) for w in caught]
+            return train
+
+        outcomes = run_forked({chain: job(chain) for chain in range(self.num_chains)}, num_processes,
+                              self._stop_training)
+        self._stop_training.clear()
+        samplers: dict[int, FlowSampler | MixtureSampler] = dict(enumerate(self.samplers))
+        errors: dict[int, BaseException] = {}
+        for chain in sorted(outcomes):
+            status, value = outcomes[chain]
+            if status != "ok":
+                errors[chain] = value
+                continue
+            state, chain_warnings = value
+            for message, category in chain_warnings:
+                warn(message, category)
+            samplers[chain] = self._new_sampler(chain, state)
+        self._keep_started_chains(samplers, errors)
 
     def _train_chains_concurrently(self, num_threads: int) -> None:
         """Trains the chains in ``num_threads`` threads (:meth:`_train_chains` one after the other gives the same
@@ -366,6 +417,11 @@ class OSDS(LogWeightsMixin):
         self._stop_training.clear()
         for record in caught:
             warn(str(record.message), record.category)
+        self._keep_started_chains(samplers, errors)
+
+    def _keep_started_chains(self, samplers: dict, errors: dict) -> None:
+        """After chains trained at once: keeps chains ``0..k-1`` of ``samplers`` (``{chain: sampler}``), raises the
+        first chain's error, else warns when training was interrupted."""
         started = sorted(samplers)
         kept = [chain for i, chain in enumerate(started) if chain == i]  # chains 0..k-1 (a prefix: resume needs it)
         self.samplers = [samplers[chain] for chain in kept]

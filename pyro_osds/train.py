@@ -201,6 +201,7 @@ class Trainer:
         self.baseline_elbo: float | None = None
         keys = COMMON_KEYS + tuple(k for stage in self.objective for k in stage.keys if k not in COMMON_KEYS)
         self.history: dict[str, list] = {k: [] for k in dict.fromkeys(keys)}
+        self._snapshot_buffers = None  # reused by every iteration's snapshot
 
     # ------------------------------------------------------------------------------------------
     def learning_rate(self, step: int) -> float:
@@ -242,26 +243,67 @@ class Trainer:
 
     def network_state(self):
         """The network's, the EMA network's and the optimiser's state, for :meth:`load_network_state` (the
-        iteration count and history stay as they are)."""
-        return self._snapshot()
-
-    def load_network_state(self, state) -> None:
-        """Puts back a :meth:`network_state`."""
-        self._restore(state)
-
-    def _snapshot(self):
+        iteration count and history stay as they are; plain types, loadable with ``weights_only=True``)."""
         return ([p.detach().clone() for p in self.net.parameters()],
                 [p.detach().clone() for p in self.ema.parameters()],
                 copy.deepcopy(self.optimizer.state_dict()))
 
-    def _restore(self, snap):
-        params, ema_params, opt_state = snap
+    def load_network_state(self, state) -> None:
+        """Puts back a :meth:`network_state`."""
+        params, ema_params, opt_state = state
         with torch.no_grad():
             for p, s in zip(self.net.parameters(), params, strict=True):
                 p.copy_(s)
             for p, s in zip(self.ema.parameters(), ema_params, strict=True):
                 p.copy_(s)
         self.optimizer.load_state_dict(opt_state)
+
+    def _live_state(self) -> tuple[list[torch.Tensor], tuple, dict]:
+        """The tensors an iteration changes in place (parameters, EMA parameters, the optimiser's per-parameter
+        tensors), the optimiser state's layout (``(parameter index, key)`` of those tensors) and its other
+        entries."""
+        params = list(self.net.parameters())
+        tensors = params + list(self.ema.parameters())
+        layout, others = [], {}
+        for i, p in enumerate(params):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    layout.append((i, key))
+                    tensors.append(value)
+                else:
+                    others[(i, key)] = value
+        return tensors, tuple(layout), others
+
+    def _snapshot(self):
+        """A copy of what an iteration changes (:meth:`_live_state`), taken before every iteration so that an
+        interrupted one can be undone (:meth:`_restore`): written into the previous snapshot's buffers when the
+        layout is unchanged (a few in-place copies rather than a deep copy of the optimiser's state dict)."""
+        tensors, layout, others = self._live_state()
+        previous = self._snapshot_buffers
+        with torch.no_grad():
+            if previous is not None and previous[1] == layout:
+                buffers = previous[0]
+                for b, t in zip(buffers, tensors, strict=True):
+                    b.copy_(t)
+            else:
+                buffers = [t.detach().clone() for t in tensors]
+        self._snapshot_buffers = (buffers, layout, dict(others))
+        return self._snapshot_buffers
+
+    def _restore(self, snap):
+        buffers, layout, others = snap
+        params = list(self.net.parameters())
+        live = params + list(self.ema.parameters())
+        for p in params:  # the optimiser's state as it was: entries created since are dropped
+            self.optimizer.state.pop(p, None)
+        num_live = len(live)
+        for (i, key), value in zip(layout, buffers[num_live:], strict=True):
+            self.optimizer.state[params[i]][key] = value.clone()
+        for (i, key), value in others.items():
+            self.optimizer.state[params[i]][key] = value
+        with torch.no_grad():
+            for p, b in zip(live, buffers[:num_live], strict=True):
+                p.copy_(b)
 
     def iteration(self) -> dict:
         """
@@ -385,6 +427,7 @@ class Trainer:
             "history": {k: list(v) for k, v in self.history.items()},
             "generator": self.generator.get_state(),
             "stop_reason": self.stop_reason,
+            "interrupted": self.interrupted,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -397,6 +440,7 @@ class Trainer:
         self.history = {k: list(state["history"].get(k, [])) for k in self.history}
         self.generator.set_state(state["generator"])
         self.stop_reason = state.get("stop_reason")
+        self.interrupted = bool(state.get("interrupted", False))
 
     @property
     def sampling_net(self) -> torch.nn.Module:

@@ -5,6 +5,7 @@
 import math
 import signal
 import threading
+import time
 import warnings
 
 import pyro
@@ -239,20 +240,47 @@ def _small_pyro_model(x, y):
         pyro.sample("y", dist.Normal(coef[..., :1] + coef[..., 1:] * x, scale), obs=y)
 
 
-def test_chains_trained_in_threads_equal_chains_trained_in_turn():
-    # a Pyro model: its potential enters Pyro's global effect-handler stack, one chain at a time
+@pytest.mark.parametrize("processes", [False, True])
+def test_chains_trained_at_once_equal_chains_trained_in_turn(processes):
+    # a Pyro model: in threads its potential enters Pyro's global effect-handler stack one chain at a time; in
+    # processes each chain trains a forked copy and sends its state back
     x, y = torch.arange(5, dtype=D64), torch.tensor([0.3, -1.2, 0.8, 2.0, 0.1], dtype=D64)
     runs = []
     for threads in (1, 2):
         pyro.set_rng_seed(0)
         runs.append(OSDS(_small_pyro_model, num_iterations=40, batch_size=64, num_samples=200, chain_threads=threads,
-                         disable_progbar=True).run(x, y))
+                         chain_processes=processes, disable_progbar=True).run(x, y))
     assert runs[1]._num_chain_threads() == 2 and runs[0]._num_chain_threads() == 1
+    assert runs[1]._trains_in_processes() == processes
     assert_same_training(*runs)
     for a, b in zip(runs[0].draws, runs[1].draws, strict=True):
         assert torch.equal(a.x, b.x) and torch.equal(a.log_weight, b.log_weight)
     # a checkpointed run trains one chain after the other (the checkpoint holds every chain at once)
     assert OSDS(_small_pyro_model, checkpoint="unused.pt", chain_threads=2).setup(x, y)._num_chain_threads() == 1
+
+
+def test_chains_train_in_processes_by_default_on_one_torch_thread_without_a_hook():
+    assert torch.get_num_threads() == 1  # the test suite's setting
+    assert OSDS(_small_pyro_model)._trains_in_processes()
+    assert not OSDS(_small_pyro_model, hook_fn=lambda *a: None)._trains_in_processes()
+    assert not OSDS(_small_pyro_model, chain_processes=False)._trains_in_processes()
+    with pytest.raises(ValueError, match="`hook_fn` cannot be called from chains training in processes"):
+        OSDS(_small_pyro_model, hook_fn=lambda *a: None, chain_processes=True)
+
+
+def test_a_chain_whose_process_fails_raises_its_error_here():
+    x, y = torch.arange(5, dtype=D64), torch.tensor([0.3, -1.2, 0.8, 2.0, 0.1], dtype=D64)
+    runner = OSDS(_small_pyro_model, num_iterations=5, batch_size=16, chain_processes=True, chain_threads=2,
+                  disable_progbar=True).setup(x, y)
+
+    def failing_sampler(chain, state=None, build=runner._new_sampler):  # runs in chain 1's process
+        if state is None and chain == 1:
+            raise ValueError("chain 1 cannot start")
+        return build(chain, state)
+
+    runner._new_sampler = failing_sampler
+    with pytest.raises(ValueError, match="chain 1 cannot start"):
+        runner.fit(x, y)
 
 
 def test_warnings_of_chains_training_in_threads_point_at_the_users_line():
@@ -305,6 +333,39 @@ def test_ctrl_c_stops_every_chain_training_in_threads():
     assert not osds.interrupted and [s.trainer.step for s in osds.samplers] == [40, 40]
     pyro.set_rng_seed(0)
     assert_same_training(osds, make(num_iterations=40, chain_threads=2).run())
+
+
+def test_ctrl_c_stops_every_chain_training_in_processes():
+    import multiprocessing
+
+    def ctrl_c():  # a terminal's Ctrl-C, once both chains' processes have trained a while
+        for _ in range(600):
+            if len(multiprocessing.active_children()) == 2:
+                break
+            time.sleep(0.05)
+        time.sleep(2.0)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    x, y = torch.arange(5, dtype=D64), torch.tensor([0.3, -1.2, 0.8, 2.0, 0.1], dtype=D64)
+    pyro.set_rng_seed(0)
+    runner = OSDS(_small_pyro_model, num_iterations=100_000, batch_size=16, num_samples=100, chain_threads=2,
+                  chain_processes=True, disable_progbar=True)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # see the test above
+    sender = threading.Thread(target=ctrl_c)
+    sender.start()
+    try:
+        with pytest.warns(RuntimeWarning) as record:
+            osds = runner.fit(x, y)
+    finally:
+        sender.join()
+        signal.signal(signal.SIGINT, previous)
+    assert "continue_training" in " ".join(str(w.message) for w in record)
+    assert osds.interrupted and len(osds.samplers) == 2
+    steps = [s.trainer.step for s in osds.samplers]
+    assert all(s.interrupted for s in osds.samplers) and all(1 <= step < 100_000 for step in steps)
+    assert math.isfinite(osds.sample().log_evidence().log_z)
+    osds.continue_training(num_iterations=max(steps) + 3)
+    assert not osds.interrupted and [s.trainer.step for s in osds.samplers] == [max(steps) + 3] * 2
 
 
 # ------------------------------------------------------------------------------------------------

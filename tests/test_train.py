@@ -97,6 +97,42 @@ def test_keyboard_interrupt_keeps_the_last_good_state():
     assert trainer.step == 5 and not trainer.interrupted
 
 
+def _optimizer_tensors(trainer):
+    state = trainer.optimizer.state_dict()["state"]
+    return {(i, k): v for i, entry in state.items() for k, v in entry.items()}
+
+
+@pytest.mark.parametrize("at_step", [1, 3])
+def test_an_iteration_interrupted_inside_its_update_is_undone_exactly(at_step):
+    """A Ctrl-C after the optimiser has moved the parameters but before the EMA followed: the network, the EMA
+    network and the optimiser's state are put back exactly as they were after the last completed iteration
+    (at step 1 the optimiser had no state yet, and has none after)."""
+    reference = make_trainer()
+    reference.train(at_step - 1)
+    trainer = make_trainer()
+    update_ema = trainer._update_ema
+
+    def interrupted_update():
+        if trainer.step == at_step - 1:
+            raise KeyboardInterrupt
+        update_ema()
+
+    trainer._update_ema = interrupted_update
+    with pytest.warns(RuntimeWarning, match=f"interrupted at iteration {at_step - 1}"):
+        trainer.train()
+    assert trainer.interrupted and trainer.step == at_step - 1
+    for a, b in zip(reference.net.parameters(), trainer.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(reference.ema.parameters(), trainer.ema.parameters(), strict=True):
+        assert torch.equal(a, b)
+    expected, restored = _optimizer_tensors(reference), _optimizer_tensors(trainer)
+    assert expected.keys() == restored.keys() and (at_step > 1) == bool(expected)
+    assert all(torch.equal(expected[k], restored[k]) for k in expected)
+    trainer._update_ema = update_ema
+    trainer.train(2)  # and it trains on
+    assert trainer.step == at_step + 1
+
+
 def test_one_step_objective_trains_the_deterministic_flow():
     config = OSDSConfig(grid_size=8, num_iterations=6, hidden_dim=16, flow_kl_batch_size=16, flow_kl_steps=(1, 2),
                         dtype=None)
