@@ -7,7 +7,7 @@ Faster than NUTS end to end? Everyday Pyro models, both samplers with their defa
 
     OMP_NUM_THREADS=1 python -m benchmarks.end_to_end --out benchmarks/results/end_to_end
 
-*OSDS* (two chains, the defaults, so trained at once in two threads): the time to fit, plus the draw-and-weight time of the draws that give a
+*OSDS* (two chains, the defaults, so trained at once in two forked processes): the time to fit, plus the draw-and-weight time of the draws that give a
 Kish ESS of 1000. *NUTS* (Pyro, one chain, ``--nuts-warmup`` + ``--nuts-samples``, ``jit_compile=False``):
 the wall clock, warm-up included, times 1000 over the smallest bulk ESS over coordinates. Both are measured
 in the same run, one after the other, one torch thread each; the ratio is what to read (these machines
@@ -159,14 +159,14 @@ def write_report(results: dict, out: Path) -> None:
     lines = [
         "# End to end against NUTS (issue #14)", "",
         f"{results['date']}, {env['machine']['cpu_model']}, torch threads {env['machine']['torch_threads']}, torch "
-        f"{env['versions']['torch']}, pyro {env['versions']['pyro']}, commit {env['versions']['git_commit']}, seed "
-        f"{results['seed']}. OSDS: defaults, {results['settings']['chains']} chains (trained at once, a thread each: `chain_threads`), "
+        f"{env['versions']['torch']}, pyro {env['versions']['pyro']}, commit of the last run {env['versions']['git_commit'][:10]} (each row's in the table), seed "
+        f"{results['seed']}. OSDS: defaults, {results['settings']['chains']} chains (trained at once, a process each: `chain_processes`), "
         "time to fit + draw and weight until a Kish ESS of 1000. NUTS: one chain, "
         f"{results['settings']['nuts_warmup']} + {results['settings']['nuts_samples']}, wall clock x 1000 / min bulk ESS. "
         "`python -m benchmarks.end_to_end` (module docstring).", "",
         "| model | D | ref log Z | OSDS log Z | Δ / SE | ESS/N | k̂ | reliable | iterations | OSDS fit s "
-        "| OSDS to 1000 ESS s | NUTS to 1000 ESS s (divergences) | OSDS / NUTS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| OSDS to 1000 ESS s | NUTS to 1000 ESS s (divergences) | OSDS / NUTS | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         o, n, ref = r["osds"], r["nuts"], r["reference"]
@@ -180,7 +180,7 @@ def write_report(results: dict, out: Path) -> None:
             f"| {r['name']} | {r['dim']} | {ref_text} | {o['log_z']:.3f} ± {o['se']:.3f} | {delta_text} "
             f"| {o['ess_per_draw']:.3f} | {o['k_hat']:.2f} | {o['reliable']} | {o['iterations']} | {o['fit_s']:.1f} "
             f"| {o['time_to_1000_ess_s']:.1f} | {n['time_to_1000_ess_s']:.1f} ({n['divergences']}) "
-            f"| {o['time_to_1000_ess_s'] / n['time_to_1000_ess_s']:.2f} |")
+            f"| {o['time_to_1000_ess_s'] / n['time_to_1000_ess_s']:.2f} | {(r.get('commit') or '-')[:7]} |")
     lines += ["", "References: " + "; ".join(f"{r['name']}: {r['reference']['method']}" for r in results["rows"]), ""]
     (out / "end_to_end.md").write_text("\n".join(lines))
 
@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = {r["name"]: r for r in results["rows"]}
     for name in args.models:
         case = get_model(name, args.seed)
-        row = {"name": name, "dim": case.dim, "rows": case.num_rows, "reference": timed_reference(case, args.seed)}
+        row = {"name": name, "dim": case.dim, "rows": case.num_rows, "commit": results["environment"]["versions"]["git_commit"],
+               "reference": timed_reference(case, args.seed)}
         row["osds"] = run_osds(case, seed=args.seed, draws=args.draws, num_chains=args.chains)
         row["nuts"] = run_nuts(case, seed=args.seed, warmup=args.nuts_warmup, samples=args.nuts_samples)
         o, n = row["osds"], row["nuts"]
