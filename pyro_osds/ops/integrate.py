@@ -81,7 +81,9 @@ EXACT_LOG_DET_METHODS = ("exact", "exact_frozen_langevin")
 class StepOutput(NamedTuple):
     r"""One PF-ODE step: new state, log-det increment, its sign (exact modes), control, start, and
     the step's Jacobian :math:`\partial x_{\rm next}/\partial x` (``(batch, dim, dim)``, rows are
-    outputs, or its :class:`~pyro_osds.ops.lowrank.DiagPlusLowRank` form; exact modes, only if asked for)."""
+    outputs, or its :class:`~pyro_osds.ops.lowrank.DiagPlusLowRank` form, or, differentiable and dense, a
+    :class:`~pyro_osds.ops.lowrank.FactoredDense` with the determinant's LU factors; exact modes, only if asked
+    for)."""
 
     x: torch.Tensor
     log_det: torch.Tensor
@@ -353,8 +355,12 @@ def ode_step(
                 # Euler rule: dt * div(drift) = trace(J - I) of the step's Jacobian with g held constant
                 increment = lowrank.trace(jac) - x.shape[-1]
             else:
-                # drawing (not differentiable): the determinant in float64, as the weights are (base_log_q)
-                sign, increment = lowrank.slogdet(jac if differentiable else lowrank.to_dtype(jac, torch.float64))
+                if differentiable and return_jacobian and isinstance(jac, torch.Tensor):
+                    # training: the LU factors of the determinant also serve the path gradient's solves
+                    sign, increment, jac = lowrank.slogdet_with_factors(jac)
+                else:
+                    # drawing (not differentiable): the determinant in float64, as the weights are (base_log_q)
+                    sign, increment = lowrank.slogdet(jac if differentiable else lowrank.to_dtype(jac, torch.float64))
                 jacobian = lowrank.transposed(jac) if return_jacobian else None
         else:
             u, x_next = _step_graph(net, potential_fn, process, x_in, code, step, through_g=through_g)

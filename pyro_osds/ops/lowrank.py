@@ -35,8 +35,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["DiagPlusLowRank", "as_dense", "detach", "select", "slogdet", "solve", "to_dtype", "trace", "transposed",
-           "well_conditioned"]
+__all__ = ["DiagPlusLowRank", "FactoredDense", "as_dense", "detach", "select", "slogdet", "slogdet_with_factors",
+           "solve", "to_dtype", "trace", "transposed", "well_conditioned"]
 
 #: smallest :math:`\min_i |d_i| / \max_i |d_i|` for which the diagonal is inverted
 MIN_DIAGONAL_RATIO = 1e-4
@@ -63,13 +63,73 @@ class DiagPlusLowRank(NamedTuple):
         return self.core.shape[-1]
 
 
-# every function below takes a DiagPlusLowRank or a dense (batch, D, D) tensor
+class FactoredDense(NamedTuple):
+    r"""
+    A batch of dense matrices ``matrix`` ``(batch, D, D)`` with the LU factors (``lu``, ``pivots``, as
+    :func:`torch.linalg.lu_factor`) of ``matrix``, or of its transpose when ``of_transpose``: the factorisation
+    :func:`slogdet_with_factors` made for the determinant, kept so that a solve with the same matrices needs no
+    second one (training's path gradient solves with every step's Jacobian).
+    """
+
+    matrix: torch.Tensor
+    lu: torch.Tensor
+    pivots: torch.Tensor
+    of_transpose: bool = False
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.matrix.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrix.dtype
+
+
+class _SlogdetLU(torch.autograd.Function):
+    r""":math:`\log|\det A|` from the LU factors of :math:`A`, which come out too; its gradient is
+    :math:`A^{-\top}` from the same factors (as :func:`torch.linalg.slogdet`'s). First derivatives only."""
+
+    @staticmethod
+    def forward(a):
+        lu, pivots, _ = torch.linalg.lu_factor_ex(a)
+        diagonal = lu.diagonal(dim1=-2, dim2=-1)
+        swaps = (pivots != torch.arange(1, a.shape[-1] + 1, dtype=pivots.dtype, device=pivots.device)).sum(-1)
+        sign = torch.sign(diagonal).prod(-1) * (1 - 2 * (swaps % 2)).to(a.dtype)
+        return sign, diagonal.abs().log().sum(-1), lu, pivots
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        sign, _, lu, pivots = output
+        ctx.mark_non_differentiable(sign, lu, pivots)
+        ctx.save_for_backward(lu, pivots)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_sign, grad_log_abs, grad_lu, grad_pivots):
+        lu, pivots = ctx.saved_tensors
+        eye = torch.eye(lu.shape[-1], dtype=lu.dtype, device=lu.device).expand_as(lu)
+        return grad_log_abs[..., None, None] * torch.linalg.lu_solve(lu, pivots, eye, adjoint=True)
+
+
+def slogdet_with_factors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, FactoredDense]:
+    r"""
+    ``(sign, log|det A|, FactoredDense(A, ...))`` for dense matrices ``A`` ``(batch, D, D)``: the values of
+    :func:`torch.linalg.slogdet`, differentiable once (the gradient :math:`A^{-\top}` from the same LU
+    factors; a second derivative raises), and the factors for :func:`solve`.
+    """
+    sign, log_abs, lu, pivots = _SlogdetLU.apply(matrix)
+    return sign, log_abs, FactoredDense(matrix, lu, pivots, False)
+
+
+# every function below takes a DiagPlusLowRank, a FactoredDense or a dense (batch, D, D) tensor
 
 
 def transposed(jac):
     r""":math:`J^\top` (:math:`\operatorname{diag}(d) + R^\top C^\top L^\top` for the structured form)."""
     if isinstance(jac, torch.Tensor):
         return jac.transpose(-1, -2)
+    if isinstance(jac, FactoredDense):
+        return FactoredDense(jac.matrix.transpose(-1, -2), jac.lu, jac.pivots, not jac.of_transpose)
     return DiagPlusLowRank(jac.diag, jac.right.transpose(-1, -2), jac.core.transpose(-1, -2),
                            jac.left.transpose(-1, -2))
 
@@ -78,6 +138,8 @@ def select(jac, rows):
     """The matrices of the draws ``rows`` (an index or a boolean mask) selects; shared factors stay shared."""
     if isinstance(jac, torch.Tensor):
         return jac[rows]
+    if isinstance(jac, FactoredDense):
+        return FactoredDense(jac.matrix[rows], jac.lu[rows], jac.pivots[rows], jac.of_transpose)
     diag = jac.diag[rows] if jac.diag.shape[0] > 1 else jac.diag
     left = jac.left[rows] if jac.left.dim() == 3 else jac.left
     right = jac.right[rows] if jac.right.dim() == 3 else jac.right
@@ -88,11 +150,15 @@ def detach(jac):
     """The matrices without their autograd graph."""
     if isinstance(jac, torch.Tensor):
         return jac.detach()
+    if isinstance(jac, FactoredDense):
+        return FactoredDense(jac.matrix.detach(), jac.lu.detach(), jac.pivots, jac.of_transpose)
     return DiagPlusLowRank(*(t.detach() for t in jac))
 
 
 def to_dtype(jac, dtype: torch.dtype):
-    """The matrices in ``dtype``."""
+    """The matrices in ``dtype`` (a :class:`FactoredDense` becomes its dense matrices: factors are per dtype)."""
+    if isinstance(jac, FactoredDense):
+        jac = jac.matrix
     if isinstance(jac, torch.Tensor):
         return jac.to(dtype)
     return DiagPlusLowRank(*(t.to(dtype) for t in jac))
@@ -100,6 +166,8 @@ def to_dtype(jac, dtype: torch.dtype):
 
 def as_dense(jac) -> torch.Tensor:
     """The ``(batch, D, D)`` matrices themselves."""
+    if isinstance(jac, FactoredDense):
+        return jac.matrix
     if isinstance(jac, torch.Tensor):
         return jac
     dense = torch.matmul(torch.matmul(jac.left, jac.core), jac.right).expand(jac.shape).clone()
@@ -109,6 +177,7 @@ def as_dense(jac) -> torch.Tensor:
 
 def trace(jac) -> torch.Tensor:
     r""":math:`\operatorname{tr} J = \sum_i d_i + \operatorname{tr}(C\,R L)` per matrix, ``(batch,)``."""
+    jac = jac.matrix if isinstance(jac, FactoredDense) else jac
     if isinstance(jac, torch.Tensor):
         return jac.diagonal(dim1=-2, dim2=-1).sum(-1)
     right_left = torch.matmul(jac.right, jac.left)  # (r, r), per draw only if a factor is
@@ -133,6 +202,7 @@ def slogdet(jac) -> tuple[torch.Tensor, torch.Tensor]:
     ``(sign, log|det J|)`` per matrix, differentiable: the determinant lemma for the structured form (module
     docstring), :func:`torch.linalg.slogdet` for a dense one.
     """
+    jac = jac.matrix if isinstance(jac, FactoredDense) else jac
     if isinstance(jac, torch.Tensor):
         return torch.linalg.slogdet(jac)
     m_sign, m_log_abs = torch.linalg.slogdet(_woodbury_matrix(jac))
@@ -143,10 +213,15 @@ def slogdet(jac) -> tuple[torch.Tensor, torch.Tensor]:
 def solve(jac, v: torch.Tensor, *, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
     :math:`J^{-1} v` (or :math:`J^{-\top} v` with ``transpose``) per matrix for ``v`` of shape ``(batch, D)``:
-    Woodbury for the structured form (module docstring), LU for a dense one. Returns ``(x, ok)``; rows
-    whose system is singular are NaN with ``ok`` false.
+    Woodbury for the structured form (module docstring), LU for a dense one (the factors it carries for a
+    :class:`FactoredDense`). Returns ``(x, ok)``; rows whose system is singular are NaN with ``ok`` false.
     """
-    if isinstance(jac, torch.Tensor):
+    if isinstance(jac, FactoredDense):
+        # the factors are of the system's matrix itself, or of its transpose (then solved as the adjoint)
+        x = torch.linalg.lu_solve(jac.lu, jac.pivots, v.unsqueeze(-1), adjoint=transpose != jac.of_transpose)
+        x = x.squeeze(-1)
+        info = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
+    elif isinstance(jac, torch.Tensor):
         a = jac.transpose(-1, -2) if transpose else jac
         x, info = torch.linalg.solve_ex(a, v.unsqueeze(-1))
         x = x.squeeze(-1)

@@ -2,6 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Tests of pyro_osds.ops.lowrank and the one-step map's diagonal-plus-low-rank Jacobian (float64, exact)."""
 
+import math
+
 import pytest
 import torch
 
@@ -76,6 +78,43 @@ def test_a_singular_system_gives_nan_rows_not_an_error():
     assert float(lowrank.slogdet(singular)[1][1]) == -float("inf")
     x, ok = lowrank.solve(singular, torch.randn(2, DIM, dtype=D64))
     assert ok.tolist() == [True, False] and bool(torch.isnan(x[1]).all()) and bool(torch.isfinite(x[0]).all())
+
+
+def test_the_determinants_lu_factors_give_slogdet_its_gradient_and_every_solve():
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(6, DIM, DIM, dtype=D64, generator=gen)
+    a[0] = a[0].flip(0)  # pivoting and both signs of the determinant
+    a[1] = torch.eye(DIM, dtype=D64).flip(0) if DIM % 4 in (2, 3) else -torch.eye(DIM, dtype=D64)
+    leaf, reference_leaf = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    sign, log_abs, factored = lowrank.slogdet_with_factors(leaf)
+    expected_sign, expected_log_abs = torch.linalg.slogdet(reference_leaf)
+    assert torch.equal(sign, expected_sign) and bool((sign < 0).any()) and bool((sign > 0).any())
+    torch.testing.assert_close(log_abs, expected_log_abs, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(6, dtype=D64, generator=gen)
+    (grad,) = torch.autograd.grad((weights * log_abs).sum(), leaf, retain_graph=True)
+    (expected,) = torch.autograd.grad((weights * expected_log_abs).sum(), reference_leaf)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError):  # first derivatives only: a second one must not come out silently wrong
+        (g,) = torch.autograd.grad(log_abs.sum(), leaf, create_graph=True)
+        torch.autograd.grad(g.sum(), leaf)
+    v = torch.randn(6, DIM, dtype=D64, generator=gen)
+    for jac in (factored, lowrank.transposed(factored)):
+        dense = lowrank.as_dense(jac).detach()
+        for transpose in (False, True):
+            x, ok = lowrank.solve(lowrank.detach(jac), v, transpose=transpose)
+            system = dense.transpose(-1, -2) if transpose else dense
+            torch.testing.assert_close(x, torch.linalg.solve(system, v), rtol=1e-10, atol=1e-12)
+            assert bool(ok.all())
+    rows = torch.tensor([True, False, True, False, False, True])
+    x, _ = lowrank.solve(lowrank.select(lowrank.transposed(factored), rows), v[rows], transpose=True)
+    torch.testing.assert_close(x, torch.linalg.solve(a[rows], v[rows]), rtol=1e-10, atol=1e-12)
+    assert torch.equal(lowrank.trace(factored).detach(), a.diagonal(dim1=-2, dim2=-1).sum(-1))
+    singular = a.clone()
+    singular[2, :, 0] = 0.0
+    _, log_abs, factored = lowrank.slogdet_with_factors(singular)
+    assert float(log_abs[2]) == -math.inf
+    x, ok = lowrank.solve(factored, v)
+    assert ok.tolist() == [True, True, False, True, True, True] and not bool(torch.isfinite(x[2]).all())
 
 
 def wide_net(dim=DIM, hidden=4, seed=0, clip=1e4):
@@ -193,7 +232,7 @@ def test_path_direction_fold_penalty_and_loss_gradients_are_those_of_the_dense_j
     penalty = fold_penalty(jac, folded_sign)
     monkeypatch.setattr(integrate, "prefers_low_rank", lambda net, dim: False)
     dense_delta, dense_jac = direction()
-    assert isinstance(dense_jac, torch.Tensor)
+    assert isinstance(dense_jac, lowrank.FactoredDense)  # the dense matrices with their determinant's LU factors
     torch.testing.assert_close(delta, dense_delta, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(penalty, fold_penalty(dense_jac, folded_sign), rtol=1e-9, atol=1e-12)
     assert bool((penalty[::2] > 0).any()) and bool((penalty[1::2] == 0).all())
