@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import os
+import sys
 import threading
 import warnings
 from collections import OrderedDict
@@ -105,7 +106,7 @@ class OSDS(LogWeightsMixin):
         so the result is the same either way. With ``checkpoint`` set, on a GPU or across a process group, the
         chains train one after the other.
     :param bool chain_processes: whether chains trained at once run in forked processes (:mod:`pyro_osds.parallel`)
-        rather than threads. Default ``None``: processes where the platform can fork, torch uses one thread and no
+        rather than threads. Default ``None``: processes on Linux (which forks safely) when torch uses one thread and no
         ``hook_fn`` is given (a hook would run in the chain's process), else threads. Threads share Python's
         interpreter lock and evaluate a model's potential one at a time (Pyro's effect handlers are global), so on
         small models they gain little; processes share neither.
@@ -324,7 +325,8 @@ class OSDS(LogWeightsMixin):
         """Whether chains trained at once run in processes (``chain_processes``)."""
         if self.chain_processes is not None:
             return self.chain_processes
-        return can_fork() and self.hook_fn is None and torch.get_num_threads() == 1
+        # not by default on macOS, where forking a process that has used system frameworks can crash it
+        return can_fork() and sys.platform.startswith("linux") and self.hook_fn is None and torch.get_num_threads() == 1
 
     def _train_chains(self) -> None:
         self.interrupted = False
