@@ -93,13 +93,15 @@ def logistic_model(x: torch.Tensor, y: torch.Tensor | None = None):
 
 
 def laplace_smc_reference(potential: Callable[[torch.Tensor], torch.Tensor], dim: int, *, seed: int,
-                          num_runs: int = 4, num_particles: int | None = None) -> tuple[float, float, str]:
+                          num_runs: int = 4, num_particles: int | None = None, start: torch.Tensor | None = None
+                          ) -> tuple[float, float, str]:
     r"""
     :math:`\log Z = \log\int e^{-U}` of a smooth unimodal potential by adaptive tempered SMC
     (:func:`benchmarks.gold_standard.tempered_smc`) in the coordinates whitened by its Laplace fit (damped
-    Newton's method with exact Hessians), ``num_runs`` independent runs; returns (mean, SE of the mean, method).
+    Newton's method with exact Hessians from ``start``, default zero), ``num_runs`` independent runs; returns
+    (mean, SE of the mean, method).
     """
-    mode = torch.zeros(dim, dtype=D64)
+    mode = torch.zeros(dim, dtype=D64) if start is None else start.to(D64).clone()
     u, score, hess = potential_score_hessian(potential, mode[None])
     for _ in range(200):
         step = torch.linalg.solve(hess[0], score[0])  # Newton: x - H^{-1} grad U = x + H^{-1} score
