@@ -341,11 +341,12 @@ def write_report(results: dict, out: Path) -> None:
     lines = [
         "# Scaling with the dimension (issue #14)", "",
         f"{results['date']}, {env['machine']['cpu_model']}, torch threads {env['machine']['torch_threads']}, "
-        f"torch {env['versions']['torch']}, pyro {env['versions']['pyro']}, commit {env['versions']['git_commit']}, "
+        f"torch {env['versions']['torch']}, pyro {env['versions']['pyro']}, commit of the last run "
+        f"{env['versions']['git_commit'][:10]} (each row's in the table), "
         f"seed {results['seed']}. One chain each, defaults; `python -m benchmarks.scaling` (module docstring).", "",
         "| target | D | rows | ref log Z | OSDS log Z | Δ / SE | ESS/N | k̂ | reliable | iterations | OSDS fit s "
-        "| s per 1000 draws | OSDS to 1000 ESS s | NUTS to 1000 ESS s | OSDS / NUTS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| s per 1000 draws | OSDS to 1000 ESS s | NUTS to 1000 ESS s | OSDS / NUTS | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         o, n = r["osds"], r.get("nuts")
@@ -357,7 +358,7 @@ def write_report(results: dict, out: Path) -> None:
             f"| {o['log_z']:.3f} ± {o['se']:.3f} | {delta:+.3f} / {delta / se if se > 0 else math.inf:+.1f} "
             f"| {o['ess_per_draw']:.3f} | {o['k_hat']:.2f} | {o['reliable']} | {o['iterations']} | {o['fit_s']:.1f} "
             f"| {o['draw_s_per_1000']:.2f} | {o['time_to_1000_ess_s']:.1f} | {_fmt(n and n['time_to_1000_ess_s'], '.1f')} "
-            f"| {_fmt(ratio, '.2f')} |")
+            f"| {_fmt(ratio, '.2f')} | {(r.get('commit') or '-')[:7]} |")
     osds_slope = _slope(rows, lambda r: r["osds"]["time_to_1000_ess_s"])
     nuts_slope = _slope(rows, lambda r: r["nuts"]["time_to_1000_ess_s"] if r.get("nuts") else math.nan)
     lines += ["", "Log-log slope of the time to 1000 ESS against D over the logistic regressions (work per "
@@ -460,7 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reference = timed_reference(target, args.seed)
         print(f"[{name}] reference {reference['log_z']:.4f} +- {reference['se']:.4f} ({reference['method']}, "
               f"{reference['seconds']:.0f} s)", flush=True)
-        row = {"name": name, "dim": target.dim, "rows": target.num_rows, "reference": reference}
+        row = {"name": name, "dim": target.dim, "rows": target.num_rows, "reference": reference,
+               "commit": results["environment"]["versions"]["git_commit"]}
         row["osds"] = run_osds(target, seed=args.seed, draws=args.draws)
         o = row["osds"]
         print(f"[{name}] OSDS fit {o['fit_s']:.1f} s ({o['iterations']} iterations), log Z {o['log_z']:.4f} +- "
