@@ -31,8 +31,9 @@ def warn_about_mode_search(info: dict, objective: ObjectiveConfig) -> None:
     the training ``objective``."""
     light, modes = info.get("light_modes", 0), info.get("modes", ())
     if not info.get("saturated", True) and "marginal_mixture" in info:
-        warn(f"The mode search kept finding new modes until its budget ran out ({len(modes)} kept and {light} "
-             f"lighter ones after {info.get('search_starts')} starts): too many to give each a mixture component "
+        warn(f"The mode search kept finding new modes until its budget ran out ({len(modes)} modes after "
+             f"{info.get('search_starts')} starts, {light} of them lighter than 1e-3 of the heaviest): too many to "
+             "give each a mixture component "
              "(e.g. a product of independent multimodal factors). OSDS preconditions with a marginal mixture fitted "
              "to the weights (every coordinate split across its wells) and checks that the draws cover every mode "
              "found; modes split along no coordinate can still be missed, so check the evidence with an "

@@ -251,6 +251,28 @@ def test_more_modes_than_the_search_enumerates_get_the_marginal_mixture_and_the_
     assert len(uncovered_modes(-potential(centres) - log_q, lost.evidence().log_z)) > len(centres) // 2
 
 
+def test_a_product_whose_found_modes_are_all_light_but_one_still_gets_every_well():
+    # light wells of 1/20: each flip costs a factor 19, so the search keeps only the heaviest mode it found and
+    # drops the other 2047 as light, yet together they show both wells of every coordinate and, through their
+    # masses, each well's weight
+    dim = 24
+    potential = _two_well_product(dim, weight=0.05, gap=7.0)
+    sampler = FlowSampler(potential, torch.zeros(dim, dtype=D64), OSDSConfig(num_iterations=60), disable_progbar=True,
+                          generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        sampler.fit()
+    info = sampler.precondition_info
+    assert info["saturated"] is False and info["num_modes"] == 1 and info["light_modes"] > 1000
+    assert isinstance(sampler.preconditioner, MarginalMixtureMap) and not sampler.too_many_modes
+    draws = sampler.draw(4000)
+    est = draws.evidence()
+    assert est.reliable and within(est.log_z, 0.0, est.se)  # truth 0
+    low_share = (draws.x < 0).to(D64).T @ torch.softmax(draws.log_weight, 0)
+    assert torch.allclose(low_share, torch.full((dim,), 0.05, dtype=D64), atol=0.02)
+    assert sampler.lost_modes(draws) == []
+
+
 def test_training_that_lowers_the_pilot_elbo_gives_the_untrained_network_back():
     def banana(x):
         return 0.5 * x[..., 0] ** 2 + 0.5 * (x[..., 1] - x[..., 0] ** 2) ** 2 / 0.25

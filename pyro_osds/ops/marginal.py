@@ -146,40 +146,65 @@ class MarginalMixtureMap(NamedTuple):
         return {"kind": "marginal_mixture", **{k: v.detach().clone() for k, v in self._asdict().items()}}
 
 
+def _well_log_weights(log_mass: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    r"""
+    Per coordinate and component, the log-weight of its well from the modes' Laplace log-masses, by the additive
+    model :math:`\log m_j \approx c + \sum_i a_{i k(j, i)}` (exact for a product of independent factors, whose
+    modes' masses multiply the wells' masses): ridge least squares in its dual form, so it also holds when the modes
+    are fewer than the coefficients. ``log_mass`` ``(J,)`` (finite), ``member`` ``(J, D, K)`` one-hot; returns
+    ``(D, K)`` (coefficients of components without a member are meaningless).
+    """
+    num_modes, dim, k = member.shape
+    design = member.reshape(num_modes, dim * k)
+    design = design - design.mean(0)
+    target = log_mass - log_mass.mean()
+    gram = design @ design.T
+    ridge = 1e-8 * float(gram.diagonal().mean().clamp_min(1.0))
+    dual = torch.linalg.solve(gram + ridge * torch.eye(num_modes, dtype=gram.dtype, device=gram.device), target)
+    return (design.T @ dual).reshape(dim, k)
+
+
 def mixture_marginals(modes: list, num_components: int, *, iterations: int = 30) -> MarginalMixtureMap:
     r"""
-    The starting map of :func:`fit_marginal_mixture`: the diagonal of the Gaussian covering the ``modes``
-    (``[(AffineMap, mass), ...]``) as shift and scale, and in every (scaled) coordinate the modes' marginals
-    :math:`\sum_j w_j \mathcal N(c_{ij}, v_{ij})` reduced to ``num_components`` logistic components by weighted
-    1-D k-means (each with its cluster's mean and variance; an empty cluster keeps a broad component of weight
-    :math:`10^{-3}`).
+    The starting map of :func:`fit_marginal_mixture` from the modes a search found (``[(AffineMap, mass), ...]``,
+    light ones included): the diagonal of the modes' covering Gaussian (unweighted) as shift and scale; in every
+    (scaled) coordinate, ``num_components`` logistic components at the clusters of the modes' positions (1-D
+    k-means, every mode counting once: the search's modes are a sample of where the wells are, and in a product of
+    many multimodal factors all but the heaviest found are far lighter than it, yet each shows a well), each with its
+    cluster's mean and variance (the modes' Laplace variances included). The components' weights come from the
+    modes' Laplace masses through the additive model of :func:`_well_log_weights` (a product's mode weighs the
+    product of its wells' masses), else, with one mode, its count; a component without a mode keeps a broad
+    component of weight :math:`10^{-3}`.
     """
     check_positive_int("num_components", num_components)
-    mass = torch.tensor([float(w) for _, w in modes], dtype=modes[0][0].shift.dtype,
-                        device=modes[0][0].shift.device)
-    mass = mass / mass.sum()
+    dtype, device = modes[0][0].shift.dtype, modes[0][0].shift.device
+    mass = torch.tensor([float(w) for _, w in modes], dtype=torch.float64, device=device)
     centres = torch.stack([a.shift for a, _ in modes])  # (J, D)
     variances = torch.stack([(a.scale_tril * a.scale_tril).sum(-1) for a, _ in modes])  # diag(L L^T), (J, D)
-    mean = mass @ centres
-    scale = (mass @ (variances + centres**2) - mean**2).clamp_min(1e-12).sqrt()
+    mean = centres.mean(0)
+    scale = ((variances + centres**2).mean(0) - mean**2).clamp_min(1e-12).sqrt()
     c, v = (centres - mean) / scale, variances / scale**2
-    w = mass[:, None].expand_as(c)
-    # k-means started at the weighted quantiles of every coordinate
+    # k-means started at evenly spaced quantiles of every coordinate
     order = c.argsort(0)
-    cumulative = torch.gather(w, 0, order).cumsum(0)
-    levels = (torch.arange(num_components, dtype=c.dtype, device=c.device) + 0.5) / num_components
-    index = torch.searchsorted(cumulative.T.contiguous(), levels.expand(c.shape[1], -1).contiguous())
-    loc = torch.gather(torch.gather(c, 0, order).T, 1, index.clamp(max=c.shape[0] - 1))  # (D, K)
+    levels = (torch.arange(num_components, dtype=c.dtype, device=device) + 0.5) / num_components
+    index = (levels * c.shape[0]).long().clamp(max=c.shape[0] - 1).expand(c.shape[1], -1)
+    loc = torch.gather(torch.gather(c, 0, order).T, 1, index)  # (D, K)
     for _ in range(iterations):
         member = torch.nn.functional.one_hot((c.unsqueeze(-1) - loc).abs().argmin(-1), num_components).to(c.dtype)
-        weight = (w.unsqueeze(-1) * member).sum(0)  # (D, K)
-        moved = (w.unsqueeze(-1) * member * c.unsqueeze(-1)).sum(0) / weight.clamp_min(1e-300)
-        loc = torch.where(weight > 0, moved, loc)
+        count = member.sum(0)  # (D, K)
+        moved = (member * c.unsqueeze(-1)).sum(0) / count.clamp_min(1)
+        loc = torch.where(count > 0, moved, loc)
     member = torch.nn.functional.one_hot((c.unsqueeze(-1) - loc).abs().argmin(-1), num_components).to(c.dtype)
-    weight = (w.unsqueeze(-1) * member).sum(0)
-    var = (w.unsqueeze(-1) * member * (v.unsqueeze(-1) + (c.unsqueeze(-1) - loc) ** 2)).sum(0)
-    var = torch.where(weight > 0, var / weight.clamp_min(1e-300), torch.ones_like(var))
-    logits = (weight + 1e-3 / num_components).log()
+    count = member.sum(0)
+    var = (member * (v.unsqueeze(-1) + (c.unsqueeze(-1) - loc) ** 2)).sum(0)
+    var = torch.where(count > 0, var / count.clamp_min(1), torch.ones_like(var))
+    weighed = mass > 0  # light enough to underflow: a position, but no mass to regress on
+    if int(weighed.sum()) > 1:
+        log_weight = _well_log_weights(mass[weighed].log(), member[weighed].to(torch.float64)).to(dtype)
+        share = torch.softmax(torch.where(count > 0, log_weight, torch.full_like(log_weight, -math.inf)), -1)
+    else:
+        share = count / count.sum(-1, keepdim=True)
+    logits = (share + 1e-3 / num_components).log()
     return MarginalMixtureMap(mean, scale, logits - logits.logsumexp(-1, keepdim=True), loc,
                               0.5 * (var.clamp_min(1e-6) / _LOGISTIC_VARIANCE).log())
 

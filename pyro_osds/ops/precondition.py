@@ -526,13 +526,16 @@ def choose_preconditioner(
             info["modes"] = [(a.shift, w) for a, w in search.modes]
             if search.saturated:
                 return covering_gaussian(search.modes), info
-            if config.kind == "gaussian" and config.marginal_components > 0:
-                # too many to enumerate (e.g. a product of multimodal factors): a bijection that splits every
-                # coordinate across its wells, fitted to the weights' marginals
-                marginal, fit = fit_marginal_mixture(potential_fn, search.modes,
-                                                     num_components=config.marginal_components, generator=generator)
-                info["marginal_mixture"] = fit
-                return marginal, info
+        found = list(search.modes) + list(search.light)
+        if (not search.saturated and len(found) > 1 and config.kind == "gaussian"
+                and config.marginal_components > 0):
+            # too many to enumerate (e.g. a product of multimodal factors): a bijection that splits every
+            # coordinate across its wells, fitted to the weights' marginals from every mode found, light or not
+            info["modes"] = [(a.shift, w) for a, w in found]
+            marginal, fit = fit_marginal_mixture(potential_fn, found, num_components=config.marginal_components,
+                                                 generator=generator)
+            info["marginal_mixture"] = fit
+            return marginal, info
         # one mode, or too many to enumerate: one flow holds few of them, so it starts at the heaviest found
         laplace_fits = [affine for affine, _ in search.modes[:1]]
     if not laplace_fits:
@@ -584,13 +587,17 @@ class ModeSearch(NamedTuple):
     Result of :func:`search_modes`: the separated ``modes`` as Laplace fits with their relative Laplace
     masses (``[(AffineMap, mass), ...]``, heaviest first, masses of the kept modes summing to one),
     ``num_light`` distinct optima dropped as lighter than ``min_mass``, ``saturated`` (whether the
-    search stopped because new starts found no new mode, rather than by its budget) and ``num_starts``.
+    search stopped because new starts found no new mode, rather than by its budget), ``num_starts`` and, when
+    the search is not saturated, the ``light`` modes themselves (``[(AffineMap, mass), ...]``, masses on the kept
+    modes' scale): in a product of multimodal factors every mode is light next to the heaviest one found, yet
+    together they show where each coordinate's wells are (:func:`~pyro_osds.ops.marginal.mixture_marginals`).
     """
 
     modes: list
     num_light: int
     saturated: bool
     num_starts: int
+    light: tuple = ()
 
 
 def _representatives(x: torch.Tensor, tolerance: float) -> torch.Tensor:
@@ -788,11 +795,13 @@ def search_modes(
         return ModeSearch([], 0, saturated, num_starts)
     masses = torch.softmax(torch.tensor(log_masses, dtype=torch.float64), 0)
     heaviest = float(masses.max())  # light is relative to the heaviest mode: 4096 equal modes are all kept
-    kept = [(AffineMap(c, tril), float(w)) for (c, tril, _), w in zip(found, masses, strict=True)
-            if float(w) >= min_mass * heaviest]
+    is_kept = [float(w) >= min_mass * heaviest for w in masses]
+    every = [(AffineMap(c, tril), float(w)) for (c, tril, _), w in zip(found, masses, strict=True)]
+    kept = [mode for mode, keep in zip(every, is_kept, strict=True) if keep]
     total = sum(w for _, w in kept)
     modes = sorted(((a, w / total) for a, w in kept), key=lambda t: -t[1])
-    return ModeSearch(modes, len(found) - len(kept), saturated, num_starts)
+    light = () if saturated else tuple((a, w / total) for (a, w), keep in zip(every, is_kept, strict=True) if not keep)
+    return ModeSearch(modes, len(found) - len(kept), saturated, num_starts, light)
 
 
 class LaplacePartition:

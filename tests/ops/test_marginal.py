@@ -110,10 +110,31 @@ def test_mixture_marginals_start_from_the_found_modes():
     centres = torch.stack([a.shift for a, _ in modes])
     assert torch.allclose(m.shift, centres.mean(0))
     u = (centres - m.shift) / m.scale
-    for i in range(4):  # one component at each well, weighted by the modes' share in it
-        high = (u[:, i] > 0).to(D64).mean()
+    for i in range(4):  # one component at each well; equal masses: the wells weigh the same
         order = m.loc[i].argsort()
-        assert torch.allclose(torch.softmax(m.logits[i], -1)[order], torch.stack([1 - high, high]), atol=1e-3)
+        assert torch.allclose(m.loc[i][order], torch.stack([u[:, i].min(), u[:, i].max()]), atol=1e-9)
+        assert torch.allclose(torch.softmax(m.logits[i], -1), torch.full((2,), 0.5, dtype=D64), atol=1e-9)
+
+
+def test_the_wells_weights_come_from_the_modes_masses_however_light():
+    # a sample of the modes of a product whose coordinates' light wells weigh 0.03 to 0.4: every mode but the
+    # heaviest found is far lighter than it (a search drops them as light), yet their masses give each well's weight
+    dim, gap, count = 16, 6.0, 40
+    light = torch.linspace(0.03, 0.4, dim, dtype=D64)
+    modes = _found_modes(dim, gap, count, seed=3)
+    signs = torch.stack([a.shift for a, _ in modes]) / (gap / 2)
+    log_mass = torch.where(signs < 0, light.log(), (1 - light).log()).sum(-1)
+    mass = torch.softmax(log_mass, 0)
+    assert float((mass < 1e-3 * mass.max()).to(D64).mean()) > 0.4  # many below what a search keeps
+    modes = [(a, float(w)) for (a, _), w in zip(modes, mass, strict=True)]
+    m = mixture_marginals(modes, 3)
+    for i in range(dim):
+        share = torch.softmax(m.logits[i], -1)
+        low, high = m.loc[i].argmin(), m.loc[i].argmax()
+        assert float(m.loc[i, low] * m.scale[i] + m.shift[i]) == pytest.approx(-gap / 2, abs=1e-9)
+        assert float(m.loc[i, high] * m.scale[i] + m.shift[i]) == pytest.approx(gap / 2, abs=1e-9)
+        assert float(share[low]) == pytest.approx(float(light[i]), abs=2e-3)  # the floor of 1e-3 per component
+        assert float(share[high]) == pytest.approx(float(1 - light[i]), abs=2e-3)
 
 
 def test_importance_weighted_em_gets_the_wells_weights_and_log_z():
