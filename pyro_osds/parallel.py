@@ -25,6 +25,7 @@ import pickle
 import signal
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Hashable
 
 __all__ = ["can_fork", "run_forked"]
@@ -99,7 +100,11 @@ def run_forked(jobs: dict[Hashable, Callable[[], object]], num_workers: int, sto
                 receiver, sender = context.Pipe(duplex=False)
                 process = context.Process(target=_child, args=(jobs[key], sender, stop), daemon=True,
                                           name=f"pyro_osds-{key}")
-                process.start()
+                with warnings.catch_warnings():
+                    # Python >= 3.12 warns about forking a process with threads (a notebook's, a progress bar's):
+                    # a child could inherit a lock another thread held; the jobs take none of those threads' locks
+                    warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
+                    process.start()
                 sender.close()
                 running[receiver] = (key, process)
             if not running:
