@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import multiprocessing
 import os
 import sys
 import threading
@@ -325,8 +326,10 @@ class OSDS(LogWeightsMixin):
         """Whether chains trained at once run in processes (``chain_processes``)."""
         if self.chain_processes is not None:
             return self.chain_processes
-        # not by default on macOS, where forking a process that has used system frameworks can crash it
-        return can_fork() and sys.platform.startswith("linux") and self.hook_fn is None and torch.get_num_threads() == 1
+        # not by default on macOS, where forking a process that has used system frameworks can crash it, nor in a
+        # daemonic process (a multiprocessing pool's worker), which may not have children
+        return (can_fork() and sys.platform.startswith("linux") and not multiprocessing.current_process().daemon
+                and self.hook_fn is None and torch.get_num_threads() == 1)
 
     def _train_chains(self) -> None:
         self.interrupted = False

@@ -3,6 +3,7 @@
 """Tests of pyro_osds.api: the OSDS runner on bare potentials (construction, methods, results, interruption)."""
 
 import math
+import multiprocessing
 import signal
 import sys
 import threading
@@ -260,11 +261,17 @@ def test_chains_trained_at_once_equal_chains_trained_in_turn(processes):
     assert OSDS(_small_pyro_model, checkpoint="unused.pt", chain_threads=2).setup(x, y)._num_chain_threads() == 1
 
 
+def _trains_in_processes_here():
+    return OSDS(_small_pyro_model)._trains_in_processes()
+
+
 def test_chains_train_in_processes_by_default_on_one_torch_thread_without_a_hook():
     assert torch.get_num_threads() == 1  # the test suite's setting
     assert OSDS(_small_pyro_model)._trains_in_processes() == sys.platform.startswith("linux")
     assert not OSDS(_small_pyro_model, hook_fn=lambda *a: None)._trains_in_processes()
     assert not OSDS(_small_pyro_model, chain_processes=False)._trains_in_processes()
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # a pool's daemonic worker may not fork: threads
+        assert not pool.apply(_trains_in_processes_here)
     with pytest.raises(ValueError, match="`hook_fn` cannot be called from chains training in processes"):
         OSDS(_small_pyro_model, hook_fn=lambda *a: None, chain_processes=True)
 
