@@ -25,6 +25,8 @@ are noisy). The models, with their reference :math:`\log Z`:
   (10 latents); exact by quadrature over :math:`\tau`;
 * ``ionosphere``, ``sonar``: logistic regressions on the bundled UCI data (35 and 61 latents);
   ``benchmarks/references.json``;
+* ``german_credit``, ``breast_cancer``: logistic regressions on the German credit (1000 rows, 25 latents) and
+  Wisconsin breast cancer (569 rows, 31 latents) data; ``benchmarks/references.json``;
 * ``mixture_enum``: the two-component Gaussian mixture model of :mod:`benchmarks.enumeration` on 200 points, its
   assignments an enumerated discrete site (weights and locations: 3 latents; two label-switching modes, NUTS
   stays in one, which does not change its ESS); tempered SMC from the Laplace fit at one labelling of the
@@ -65,7 +67,8 @@ from .scaling import (
 from .targets import get_target
 
 D64 = torch.float64
-DEFAULT_MODELS = ("linear", "poisson", "hier_logistic", "eight_schools", "ionosphere", "sonar", "mixture_enum")
+DEFAULT_MODELS = ("linear", "poisson", "hier_logistic", "eight_schools", "ionosphere", "sonar", "mixture_enum",
+                  "german_credit", "breast_cancer")
 LINEAR_PRIOR_SD = 2.0
 
 
@@ -156,7 +159,7 @@ def get_model(name: str, seed: int = 0) -> ScalingTarget:
             name, 10, 8, eight_schools_model, (sigma, y),
             lambda s: (hierarchical_log_z(y, sigma, loc_sd=5.0, tau_prior=dist.HalfCauchy(torch.tensor(5.0, dtype=D64))),
                        0.0, "exact (quadrature over log tau)"))
-    if name in ("ionosphere", "sonar"):
+    if name in ("ionosphere", "sonar", "german_credit", "breast_cancer"):
         target = get_target(name)
         ref = load_references()[name]
         return ScalingTarget(name, target.dim, target.model_args[0].shape[0], target.model, target.model_args,
