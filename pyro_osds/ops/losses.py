@@ -173,7 +173,7 @@ def diffusion_loss(
 
 
 def path_gradient_direction(log_w: torch.Tensor, x0: torch.Tensor, jacobians: list,
-                            rows: torch.Tensor | None = None) -> torch.Tensor:
+                            rows: torch.Tensor | None = None, *, grad: torch.Tensor | None = None) -> torch.Tensor:
     r"""
     :math:`\delta = \nabla\log\pi(x_K) - \nabla\log q(x_K) = J^{-\top}\nabla_{x_0}\log w` per draw
     (module docstring), detached, ``(batch, dim)``.
@@ -182,10 +182,12 @@ def path_gradient_direction(log_w: torch.Tensor, x0: torch.Tensor, jacobians: li
     per-step Jacobians :math:`\partial x_{k+1}/\partial x_k` (each ``(batch, dim, dim)`` or a
     :class:`~pyro_osds.ops.lowrank.DiagPlusLowRank`, solved by Woodbury; first step first) are ``jacobians``; :math:`J^{-\top} = J_K^{-\top}\cdots J_1^{-\top}` applies the first
     step's inverse first. ``rows`` (a boolean mask) restricts the result to those draws; a singular
-    Jacobian gives non-finite rows rather than an error.
+    Jacobian gives non-finite rows rather than an error. ``grad``: :math:`\nabla_{x_0}` of ``log_w[rows].sum()``,
+    when the caller has it already.
     """
     rows = torch.ones(log_w.shape, dtype=torch.bool, device=log_w.device) if rows is None else rows
-    (grad,) = torch.autograd.grad(log_w[rows].sum(), x0, retain_graph=True)
+    if grad is None:
+        (grad,) = torch.autograd.grad(log_w[rows].sum(), x0, retain_graph=True)
     delta = grad.detach()[rows]
     for jac in jacobians:
         delta, _ = lowrank.solve(lowrank.select(lowrank.detach(jac), rows), delta, transpose=True)
@@ -239,15 +241,19 @@ def flow_kl_loss(
         if int(valid.sum()) >= 2:
             kl = -log_w[valid].mean()
             if path:
-                delta = path_gradient_direction(log_w, x0, out.jacobians, valid)
+                if path_cutoff is not None:
+                    # one backward pass gives both the path gradient's input and the target's score at the draws:
+                    # log w depends on x_K only through -U(x_K), so its gradient there is -grad U(x_K)
+                    grad_x0, grad_xk = torch.autograd.grad(log_w[valid].sum(), [x0, out.x], retain_graph=True)
+                else:
+                    grad_x0 = grad_xk = None
+                delta = path_gradient_direction(log_w, x0, out.jacobians, valid, grad=grad_x0)
                 # draws whose direction dwarfs the target's own score sit near a fold (or are non-finite): they
                 # keep the total gradient, whose log-det term is the barrier against folding
                 norms = delta.norm(dim=-1)
                 fallback = ~torch.isfinite(norms)
                 if path_cutoff is not None:
-                    # the target's score at the draws, from the potential already evaluated there
-                    (grad_u,) = torch.autograd.grad(potential[valid].sum(), out.x, retain_graph=True)
-                    score_norms = grad_u.detach()[valid].norm(dim=-1)
+                    score_norms = grad_xk.detach()[valid].norm(dim=-1)
                     finite_norms = score_norms[torch.isfinite(score_norms)]
                     scale = finite_norms.median() if path_scale is None else path_scale(finite_norms)
                     fallback = fallback | (norms > path_cutoff * scale)

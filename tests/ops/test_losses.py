@@ -16,6 +16,23 @@ from tests.common import D64, DIM, make_potential, quadratic, random_net
 
 
 @pytest.mark.parametrize("num_steps", [1, 2])
+def test_log_weights_gradient_at_the_flows_output_is_minus_the_targets_gradient(num_steps):
+    # what lets the path gradient's cutoff take the target's score from the same backward pass as grad_x0 log w:
+    # log w = -U(x_K) - log p0(x0) + log|det|, and the log-det depends on x0 (and the earlier states) only
+    process = ReferenceProcess(grid_size=16, prior_scale=1.2)
+    net, potential = random_net(scale=0.03), make_potential(scale=0.3)
+    x0 = (0.5 * torch.randn(5, DIM, dtype=D64, generator=torch.Generator().manual_seed(4))).requires_grad_(True)
+    out = flow(net, potential, process, x0, num_steps, log_det="exact", differentiable=True, return_jacobians=True)
+    log_w = -potential(out.x) - process.prior_log_prob(x0) + out.log_det
+    grad_x0, grad_xk = torch.autograd.grad(log_w.sum(), [x0, out.x], retain_graph=True)
+    y = out.x.detach().requires_grad_(True)
+    (score,) = torch.autograd.grad(-potential(y).sum(), y)
+    torch.testing.assert_close(grad_xk, score, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(path_gradient_direction(log_w, x0, out.jacobians, grad=grad_x0),
+                               path_gradient_direction(log_w, x0, out.jacobians), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2])
 def test_path_direction_is_the_difference_of_target_and_flow_scores(num_steps):
     # delta = grad log pi(x) - grad log q(x) at x = F(x0); grad log q by central differences of the
     # density of the forward map, log q(y) = log p0(F^{-1}(y)) - log|det dF|, through the exact inverse
