@@ -221,13 +221,12 @@ def flow_kl_loss(
 
     def flow_and_log_weights(z, **options):
         out = flow(net, potential_fn, process, z, num_steps, log_det="exact", differentiable=True, **options)
-        potential = potential_fn(out.x)
-        return out, potential, -potential - process.prior_log_prob(z) + out.log_det
+        return out, -potential_fn(out.x) - process.prior_log_prob(z) + out.log_det
 
     with torch.enable_grad():
         if path:
             x0 = x0.detach().requires_grad_(True)
-        out, potential, log_w = flow_and_log_weights(x0, with_fold_penalty=fold_weight > 0, return_jacobians=path)
+        out, log_w = flow_and_log_weights(x0, with_fold_penalty=fold_weight > 0, return_jacobians=path)
         finite = torch.isfinite(log_w)
         num_invalid = int((~finite).sum())
         # a step folds where its determinant is negative; two such steps cancel in the orientation, but not
@@ -241,12 +240,9 @@ def flow_kl_loss(
         if int(valid.sum()) >= 2:
             kl = -log_w[valid].mean()
             if path:
-                if path_cutoff is not None:
-                    # one backward pass gives both the path gradient's input and the target's score at the draws:
-                    # log w depends on x_K only through -U(x_K), so its gradient there is -grad U(x_K)
-                    grad_x0, grad_xk = torch.autograd.grad(log_w[valid].sum(), [x0, out.x], retain_graph=True)
-                else:
-                    grad_x0 = grad_xk = None
+                # one backward pass gives both the path gradient's input and the target's score at the draws (for
+                # the cutoff): log w depends on x_K only through -U(x_K), so its gradient there is -grad U(x_K)
+                grad_x0, grad_xk = torch.autograd.grad(log_w[valid].sum(), [x0, out.x], retain_graph=True)
                 delta = path_gradient_direction(log_w, x0, out.jacobians, valid, grad=grad_x0)
                 # draws whose direction dwarfs the target's own score sit near a fold (or are non-finite): they
                 # keep the total gradient, whose log-det term is the barrier against folding
@@ -262,7 +258,7 @@ def flow_kl_loss(
                 if bool(fallback.any()):
                     # their total gradient from a recomputed sub-batch: backpropagating the whole batch's
                     # log-det for a few draws would cost as much as the total estimator itself
-                    _, _, sub_log_w = flow_and_log_weights(x0.detach()[valid][fallback])
+                    _, sub_log_w = flow_and_log_weights(x0.detach()[valid][fallback])
                     fallback_log_w = sub_log_w.sum()
                 surrogate = -((delta * out.x[valid]).sum(-1).sum() + fallback_log_w) / delta.shape[0]
                 # the value of the KL estimate, the gradient of the path (and fallback) estimator
