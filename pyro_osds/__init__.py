@@ -10,7 +10,6 @@ modules (``pyro_osds.sampler.FlowSampler``, ``pyro_osds.ops.*``); see the README
 organised".
 """
 
-from . import _compat
 from ._version import __version__
 from .api import OSDS
 from .compare import compare
@@ -34,22 +33,3 @@ __all__ = [
     "to_datatree",
     "to_inference_data",
 ]
-
-_compat.install()
-
-#: top-level names of the development layout, now imported from their modules
-_MOVED = {
-    "PRESETS": "pyro_osds.config",
-    "Draws": "pyro_osds.results",
-    "Estimates": "pyro_osds.ops.estimators",
-    "FlowSampler": "pyro_osds.sampler",
-    "ModelTarget": "pyro_osds.model",
-    "evidence": "pyro_osds.ops.estimators",
-    "forward_evidence": "pyro_osds.ops.estimators",
-    "kish_ess": "pyro_osds.ops.estimators",
-    "pareto_k_hat": "pyro_osds.ops.estimators",
-}
-
-
-def __getattr__(name: str):
-    return _compat.moved_attribute(__name__, name, _MOVED)

@@ -680,22 +680,6 @@ class OSDS(LogWeightsMixin):
 
         return to_inference_data(self, **kwargs)
 
-    @property
-    def kernel(self):
-        """Deprecated: ``self``, so that ArviZ 0.x's ``az.from_pyro(osds)`` can read ``kernel.model``."""
-        warnings.warn("`OSDS.kernel` exists only for `az.from_pyro(osds)`, which presents the weighted draws as "
-                      "unweighted MCMC draws; use `osds.to_inference_data()`. It will be removed.", FutureWarning,
-                      stacklevel=2)
-        return self
-
-    @property
-    def _args(self):  # read by ArviZ 0.x's from_pyro, as on pyro.infer.MCMC
-        return self.model_args
-
-    @property
-    def _kwargs(self):
-        return self.model_kwargs
-
     # ------------------------------------------------------------------------------------------
     # persistence (:mod:`pyro_osds.checkpoint`)
     def state_dict(self) -> dict:

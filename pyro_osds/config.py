@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import warnings
 from dataclasses import dataclass
 
 from .objectives import ConsistencyConfig, DiffusionConfig, FlowKLConfig, ObjectiveConfig
@@ -245,15 +244,6 @@ class OSDSConfig:
         for key in FLAT_OPTIONS[name]:
             value = getattr(value, key)
         return value
-
-    def __getattr__(self, name: str):
-        # only reached for names that are not attributes: the flat option names, deprecated as attributes
-        if name in FLAT_OPTIONS:
-            path = ".".join(FLAT_OPTIONS[name])
-            warnings.warn(f"`OSDSConfig.{name}` is deprecated; read `config.{path}` (or `config.option({name!r})`).",
-                          FutureWarning, stacklevel=2)
-            return self.option(name)
-        raise AttributeError(f"'OSDSConfig' object has no attribute {name!r}")
 
     def as_dict(self) -> dict:
         """All settings as flat options (``method`` first, then :data:`FLAT_OPTIONS`' order)."""

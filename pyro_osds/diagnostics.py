@@ -25,7 +25,7 @@ from pyro.ops.stats import split_gelman_rubin, weighed_quantile
 from .ops.estimators import kish_ess
 from .util import check_positive_int, warn
 
-__all__ = ["between_chain_r_hat", "diagnostics", "print_summary", "resample_indices", "select_draws", "select_indices",
+__all__ = ["between_chain_r_hat", "diagnostics", "print_summary", "resample_indices", "select_indices",
            "subsample_indices", "weighted_summary"]
 
 
@@ -90,9 +90,7 @@ def diagnostics(samples: dict[str, torch.Tensor], ess: float, evidence, skipped_
     """
     Per-site ``n_eff`` (``ess``, the Kish ESS of the weights) and ``r_hat`` (between chains) of the
     floating-point sites of ``samples``, then per-chain ``log_evidence``, ``ess``, ``k_hat``, ``folded``
-    draws (from ``evidence``, a :class:`~pyro_osds.results.LogEvidence`) and ``skipped_steps``, and an
-    empty ``divergences`` entry (deprecated with ``OSDS.kernel``; kept for tools that expect MCMC's
-    layout).
+    draws (from ``evidence``, a :class:`~pyro_osds.results.LogEvidence`) and ``skipped_steps``.
     """
     out: dict = OrderedDict()
     for name, value in samples.items():
@@ -100,7 +98,6 @@ def diagnostics(samples: dict[str, torch.Tensor], ess: float, evidence, skipped_
             continue
         out[name] = OrderedDict([("n_eff", torch.full(value.shape[2:], ess)), ("r_hat", between_chain_r_hat(value))])
     chains = evidence.chains
-    out["divergences"] = {f"chain {i}": [] for i in range(len(chains))}
     out["log_evidence"] = {f"chain {i}": c.log_z for i, c in enumerate(chains)}
     out["ess"] = {f"chain {i}": c.ess for i, c in enumerate(chains)}
     out["k_hat"] = {f"chain {i}": c.k_hat for i, c in enumerate(chains)}
@@ -172,12 +169,3 @@ def select_indices(log_weights: torch.Tensor, *, num_samples: int | None = None,
         picks = torch.stack([subsample_indices(idx.shape[1], num_samples) for _ in range(idx.shape[0])])
         idx = torch.gather(idx, 1, picks)
     return idx
-
-
-def select_draws(z: torch.Tensor, log_weights: torch.Tensor, *, num_samples: int | None = None,
-                 group_by_chain: bool = False, resample: bool = False,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """The draws ``z`` ``(chains, draws, D)`` at :func:`select_indices` (same keywords), ``(chains or 1, M, D)``."""
-    idx = select_indices(log_weights, num_samples=num_samples, group_by_chain=group_by_chain, resample=resample,
-                         generator=generator)
-    return z.reshape(-1, z.shape[-1])[idx.to(z.device)]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -57,7 +56,7 @@ from .train import COMMON_KEYS, Trainer, stage_report
 from .transports import ConsistencyTransport, FlowTransport, MixtureTransport, draw
 from .util import PotentialFn, check_positive_int, derive_seed, seeded_generator, warn
 
-__all__ = ["ConsistencySampler", "Draws", "FlowSampler", "MixtureSampler", "build_sampler", "restore_sampler"]
+__all__ = ["Draws", "FlowSampler", "MixtureSampler", "build_sampler", "restore_sampler"]
 
 
 class _Chain:
@@ -539,17 +538,6 @@ class FlowSampler(_Chain):
             self.trainer_for(phase).load_state_dict(trainer_state)
         self.generator.set_state(state["generator"])
         self.draw_generator.set_state(state["draw_generator"])
-
-
-class ConsistencySampler(FlowSampler):
-    """Deprecated: ``FlowSampler`` with ``config.method == "cdds"`` trains and draws CDDS."""
-
-    def __init__(self, *args, **kwargs):
-        warnings.warn("`ConsistencySampler` is deprecated: `FlowSampler` with a `method='cdds'` config trains and "
-                      "draws CDDS.", FutureWarning, stacklevel=2)
-        super().__init__(*args, **kwargs)
-        if self.config.method != "cdds":
-            raise ValueError(f"`ConsistencySampler` needs a `method='cdds'` config, got {self.config.method!r}.")
 
 
 class MixtureSampler(_Chain):

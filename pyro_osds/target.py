@@ -95,14 +95,6 @@ class FlatTarget:
     def device(self) -> torch.device:
         return self.init.device
 
-    @property
-    def method(self) -> str:
-        """Deprecated name of :attr:`vectorize`."""
-        import warnings
-
-        warnings.warn("`target.method` is deprecated; use `target.vectorize`.", FutureWarning, stacklevel=2)
-        return self.vectorize
-
     def potential(self, z: torch.Tensor) -> torch.Tensor:
         r"""Batched potential ``(batch, D) -> (batch,)`` by the selected :attr:`vectorize` method."""
         return self._potentials[self.vectorize](z)

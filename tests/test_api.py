@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pyro_osds
 from pyro_osds import (
     OSDS,
     EvidenceError,
@@ -532,3 +533,12 @@ def test_heavy_tailed_weights_warn_at_draw_time():
         osds = OSDS(potential_fn=potential, initial_params={"x": torch.zeros(3, dtype=D64)}, num_samples=500,
                     preset="smoke", num_chains=1, disable_progbar=True).run()
     assert osds.log_evidence().tail_ok
+
+
+def test_public_names():
+    assert sorted(pyro_osds.__all__) == sorted([
+        "EvidenceError", "LogEvidence", "OSDS", "OSDSConfig", "TrainingDivergedError", "UnreliableEvidenceWarning",
+        "UnsupportedModelError",
+        "__version__", "compare", "to_datatree", "to_inference_data"])
+    for name in pyro_osds.__all__:
+        getattr(pyro_osds, name)

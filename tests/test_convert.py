@@ -92,7 +92,7 @@ def test_raw_weighted_layout(osds):
 def test_pointwise_log_likelihood_sums_to_the_likelihood(osds):
     dt = osds.to_datatree()
     w, scale = (torch.as_tensor(dt["posterior"][k].values) for k in ("w", "scale"))
-    X, y = osds._args
+    X, y = osds.model_args
     expected = torch.distributions.Bernoulli(logits=scale[..., None] * (w @ X.T)).log_prob(y)
     np.testing.assert_allclose(dt["log_likelihood"]["obs"].values, expected.numpy(), atol=1e-10)
 
@@ -134,16 +134,6 @@ def test_arviz_0x_functions(osds, tmp_path):
         az.plot_posterior(idata, var_names=["scale"])
         az.plot_trace(idata, var_names=["w"])
     plt.close("all")
-
-
-def test_az_from_pyro_still_works_but_is_deprecated(osds):
-    az = pytest.importorskip("arviz")
-    if int(az.__version__.split(".")[0]) >= 1:
-        pytest.skip("from_pyro exists in ArviZ 0.x only")
-    # ArviZ cannot vectorise `X @ w` for its own log-likelihood and says so (UserWarning)
-    with pytest.warns(FutureWarning, match="to_inference_data"), pytest.warns(UserWarning):
-        idata = az.from_pyro(osds)
-    assert idata.posterior["w"].shape == (2, 200, 2)
 
 
 def test_arviz_1x_api_on_the_datatree(osds):

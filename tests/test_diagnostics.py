@@ -23,7 +23,6 @@ def test_summary_and_diagnostics(osds, capsys):
         assert column in out
     diag = osds.diagnostics()
     assert set(diag["x"]) == {"n_eff", "r_hat"} and diag["x"]["r_hat"].shape == (3,)
-    assert diag["divergences"] == {"chain 0": [], "chain 1": []}
     assert set(diag["log_evidence"]) == {"chain 0", "chain 1"}
     with pytest.raises(ValueError, match="prob"):
         osds.summary_dict(prob=1.5)
