@@ -23,7 +23,7 @@ from pyro_osds import __version__
 from pyro_osds.config import OSDSConfig
 from pyro_osds.ops.estimators import evidence
 from pyro_osds.ops.precondition import fit_laplace
-from pyro_osds.sampler import FlowSampler
+from pyro_osds.samplers import FlowSampler
 
 from .methods import laplace_importance_draws, load_references
 from .targets import get_target

@@ -186,7 +186,7 @@ def write_report(results: dict, out: Path) -> None:
         "# End to end against NUTS (issue #14)", "",
         f"{results['date']}, {env['machine']['cpu_model']}, torch threads {env['machine']['torch_threads']}, torch "
         f"{env['versions']['torch']}, pyro {env['versions']['pyro']}, commit of the last run {env['versions']['git_commit'][:10]} (each row's in the table), seed "
-        f"{results['seed']}. OSDS: defaults, {results['settings']['chains']} chains (trained at once, a process each: `chain_processes`), "
+        f"{results['seed']}. OSDS: defaults, {results['settings']['chains']} chains (trained at once, a process each: `chain_method`), "
         "time to fit + draw and weight until a Kish ESS of 1000. NUTS: one chain, "
         f"{results['settings']['nuts_warmup']} + {results['settings']['nuts_samples']}, wall clock x 1000 / min bulk ESS. "
         "`python -m benchmarks.end_to_end` (module docstring).", "",

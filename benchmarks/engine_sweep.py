@@ -28,7 +28,7 @@ import torch
 from pyro_osds import __version__
 from pyro_osds.config import OSDSConfig
 from pyro_osds.ops.estimators import evidence
-from pyro_osds.sampler import FlowSampler
+from pyro_osds.samplers import FlowSampler
 
 from .targets import get_target
 

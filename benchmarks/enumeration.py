@@ -62,7 +62,7 @@ def marginalised(y: torch.Tensor):
 def fit(model, y: torch.Tensor, args: argparse.Namespace) -> dict:
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()
-    osds = OSDS(model, num_samples=args.num_samples, max_plate_nesting=1, disable_progbar=True, chain_threads=1,
+    osds = OSDS(model, num_samples=args.num_samples, max_plate_nesting=1, disable_progbar=True, chain_method="sequential",
                 early_stopping=False, num_iterations=args.num_iterations).run(y)
     seconds = time.perf_counter() - start
     ev = osds.log_evidence()

@@ -182,11 +182,11 @@ def _quiet(fn):
 
 def case_flow(method, precondition="gaussian", num_steps=1, **options):
     from pyro_osds.config import OSDSConfig
-    from pyro_osds.sampler import FlowSampler
+    from pyro_osds.samplers import FlowSampler
 
     config = OSDSConfig.for_method(method, OSDSConfig.preset("smoke"), precondition=precondition,
-                                   early_stopping=False, num_iterations=8, **options)
-    sampler = FlowSampler(banana, torch.zeros(3, dtype=D64), config, num_steps=num_steps, disable_progbar=True,
+                                   early_stopping=False, num_iterations=8, num_steps=num_steps, **options)
+    sampler = FlowSampler(banana, torch.zeros(3, dtype=D64), config, disable_progbar=True,
                           generator=torch.Generator().manual_seed(0))
     _quiet(sampler.fit)
     parts = sampler_parts(sampler)
@@ -204,7 +204,7 @@ def case_flow(method, precondition="gaussian", num_steps=1, **options):
 
 def case_early_stop():
     from pyro_osds.config import OSDSConfig
-    from pyro_osds.sampler import FlowSampler
+    from pyro_osds.samplers import FlowSampler
 
     sampler = FlowSampler(banana, torch.zeros(2, dtype=D64), OSDSConfig(num_iterations=120), disable_progbar=True,
                           generator=torch.Generator().manual_seed(0))
@@ -214,7 +214,7 @@ def case_early_stop():
 
 def case_mixture():
     from pyro_osds.config import OSDSConfig
-    from pyro_osds.sampler import build_sampler, restore_sampler
+    from pyro_osds.samplers import build_sampler, restore_sampler
 
     config = OSDSConfig(num_iterations=10)
     sampler = build_sampler(three_modes, torch.zeros(3, dtype=D64), config, disable_progbar=True,
@@ -226,13 +226,13 @@ def case_mixture():
     parts["log_q_inverse"] = sampler.log_q(draws.x[:16])
     restored = restore_sampler(three_modes, torch.zeros(3, dtype=D64), config, sampler.state_dict())
     parts.update(draws_parts(restored.draw(64), "restored"))
-    parts["lost"] = sampler.lost_modes(draws)
+    parts["lost"] = list(sampler.check_modes(draws).lost)
     return parts
 
 
 def case_marginal():
     from pyro_osds.config import OSDSConfig
-    from pyro_osds.sampler import FlowSampler
+    from pyro_osds.samplers import FlowSampler
 
     sampler = FlowSampler(two_well_product, torch.zeros(8, dtype=D64), OSDSConfig(num_iterations=15),
                           disable_progbar=True, generator=torch.Generator().manual_seed(0))
@@ -240,7 +240,7 @@ def case_marginal():
     parts = sampler_parts(sampler)
     draws = sampler.draw(512)
     parts.update(draws_parts(draws))
-    parts["lost"] = sampler.lost_modes(draws)
+    parts["lost"] = list(sampler.check_modes(draws).lost)
     parts["too_many_modes"] = sampler.too_many_modes
     return parts
 
@@ -368,10 +368,10 @@ CASES = {
     "flow_early_stop": case_early_stop,
     "mixture": case_mixture,
     "marginal": case_marginal,
-    "runner_model_in_turn": lambda: case_runner_model(chain_threads=1),
-    "runner_model_threads": lambda: case_runner_model(chain_processes=False),
-    "runner_model_processes": lambda: case_runner_model(chain_processes=True),
-    "runner_potential": lambda: case_runner_potential(chain_threads=1),
+    "runner_model_in_turn": lambda: case_runner_model(chain_method="sequential"),
+    "runner_model_threads": lambda: case_runner_model(chain_method="threads"),
+    "runner_model_processes": lambda: case_runner_model(chain_method="processes"),
+    "runner_potential": lambda: case_runner_potential(chain_method="sequential"),
     "runner_enumerated": case_runner_enumerated,
     "runner_mixture": case_runner_mixture,
     "checkpoint": case_checkpoint,

@@ -8,12 +8,12 @@ Methods (each a function ``run_<name>(ctx) -> dict`` in :data:`METHODS`; all use
 float64 bare ``potential`` unless stated):
 
 ``osds``
-    :class:`pyro_osds.sampler.FlowSampler` trained with the preset's :class:`~pyro_osds.OSDSConfig`,
+    :class:`pyro_osds.samplers.FlowSampler` trained with the preset's :class:`~pyro_osds.OSDSConfig`,
     evaluated at every step budget :math:`K \in \{1, 2, 4, \dots, T\}` with three kinds of
     importance weights: the exact discrete log-determinant of the deterministic flow ("DF",
     ``log_det="exact"``), the OSDS authors' Euler--Hutchinson DF volume ("EH",
     ``log_det="hutchinson"``, ``config.evaluation.num_probes`` Rademacher probes per step) and stochastic
-    Euler--Maruyama path weights ("EM", :meth:`~pyro_osds.sampler.FlowSampler.em_evidence`); each with
+    Euler--Maruyama path weights ("EM", :meth:`~pyro_osds.samplers.FlowSampler.em_evidence`); each with
     ``eval_draws`` fresh draws times ``eval_repeats`` independent repeats (optionally fewer for the
     costly exact weights at large :math:`K`, :meth:`HarnessPreset.repeats`).
 ``dis``
@@ -65,7 +65,7 @@ from pyro_osds.config import PRESETS as ENGINE_PRESETS
 from pyro_osds.config import OSDSConfig
 from pyro_osds.ops.estimators import EvidenceError, evidence
 from pyro_osds.ops.precondition import fit_laplace
-from pyro_osds.sampler import FlowSampler, MixtureSampler, build_sampler
+from pyro_osds.samplers import FlowSampler, MixtureSampler, build_sampler
 
 from . import metrics
 from .targets import Target
@@ -513,22 +513,19 @@ def _train_flow_sampler(ctx: RunContext, config: OSDSConfig, desc: str) -> tuple
         "final_loss": sum(finite) / len(finite) if finite else math.nan,
         "final_train_elbo": sum(elbos) / len(elbos) if elbos else math.nan,
         "skipped_steps": int(sum(history["skipped"])),
-        "precondition_info": _jsonable_precondition_info(sampler.precondition_info),
+        "precondition_info": _jsonable_search_report(sampler.report),
     }
     return sampler, info
 
 
-def _jsonable_precondition_info(info: dict) -> dict:
-    out = {}
-    for key, value in info.items():
-        if key == "modes":
-            out["num_modes"] = len(value)
-            out["mode_masses"] = [float(w) for _, w in value]
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = value
-        elif isinstance(value, dict):
-            out[key] = {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1
-                            else None) for k, v in value.items() if not isinstance(v, (list, tuple))}
+def _jsonable_search_report(report) -> dict:
+    """The numbers of a :class:`~pyro_osds.ops.precondition.SearchReport` (the modes as their count and masses)."""
+    out = {"num_modes": report.num_modes, "mode_masses": [float(w) for _, w in report.modes],
+           "light_modes": report.num_light, "saturated": report.saturated, "search_starts": report.num_starts,
+           "marginal_mixture": report.marginal_mixture, "laplace_fits": report.num_laplace_fits}
+    if report.fit is not None:
+        out["fit"] = {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1
+                          else None) for k, v in report.fit.items() if not isinstance(v, (list, tuple))}
     return out
 
 

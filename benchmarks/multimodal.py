@@ -10,7 +10,7 @@ ablation row.
     OMP_NUM_THREADS=1 python -m benchmarks.multimodal --seeds 0 1 2 3 4 --out benchmarks/results/multimodal
 
 For every (target, variant, seed) the sampler is built and trained on the target's float64 potential
-(:func:`pyro_osds.sampler.build_sampler`: the mode search decides between one flow and a mixture with a
+(:func:`pyro_osds.samplers.build_sampler`: the mode search decides between one flow and a mixture with a
 component per mode), then evaluated on ``--repeats`` independent sets of ``--draws`` fresh draws (any target
 of :mod:`benchmarks.targets`; the Bayesian ones against ``benchmarks/references.json``):
 log Z error, its standard error and z-score, ESS/N, k-hat, whether the estimate counts as reliable
@@ -36,7 +36,7 @@ import torch
 
 from pyro_osds.config import OSDSConfig
 from pyro_osds.results import LogEvidence
-from pyro_osds.sampler import MixtureSampler, build_sampler
+from pyro_osds.samplers import MixtureSampler, build_sampler
 
 from .methods import load_references
 from .run import environment_info
@@ -92,7 +92,7 @@ def run_one(name: str, variant: str, seed: int, *, draws: int, repeats: int) -> 
             xs.append(d.x)
             lws.append(d.log_weight)
             est = d.evidence()
-            lost = len(sampler.lost_modes(d))
+            lost = len(sampler.check_modes(d).lost)
             verdict = LogEvidence.from_draws([d], 1, num_lost_modes=lost, too_many_modes=sampler.too_many_modes)
             records.append({
                 "log_z": est.log_z, "se": est.se, "elbo": est.elbo, "ess_per_draw": est.ess_per_draw,
@@ -107,7 +107,7 @@ def run_one(name: str, variant: str, seed: int, *, draws: int, repeats: int) -> 
         "search_s": t1 - t0, "train_s": t2 - t1,
         "components": len(sampler.components) if mixture else 1,
         "trained_components": sum(bool(t) for t in sampler.trained) if mixture else 1,
-        "num_modes_found": int(sampler.precondition_info.get("num_modes", 1)) if mixture
+        "num_modes_found": sampler.report.num_modes if mixture
         else len(sampler.search.modes) if getattr(sampler, "search", None) is not None else None,
         "search_saturated": None if getattr(sampler, "search", None) is None else bool(sampler.search.saturated),
         "records": records,

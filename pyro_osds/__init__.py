@@ -6,7 +6,7 @@ pyro_osds: one-step diffusion samplers (OSDS) as a Pyro inference backend.
 ``OSDS(model).run(*args)`` trains a step-conditioned probability-flow sampler on the model's
 potential and returns posterior draws with exact importance weights, hence the log evidence
 ``log Z`` with a standard error, as ArviZ data. The engine's pieces are importable from their
-modules (``pyro_osds.sampler.FlowSampler``, ``pyro_osds.ops.*``); see the README's "How the code is
+modules (``pyro_osds.samplers.FlowSampler``, ``pyro_osds.ops.*``); see the README's "How the code is
 organised".
 """
 

@@ -23,7 +23,7 @@ from .results import Draws
 __all__ = ["FORMAT", "RESUMABLE_CHANGES", "atomic_save", "check_compatible", "is_plain", "load", "read",
            "restore_draws", "runner_state"]
 
-FORMAT = "pyro_osds.OSDS/2"
+FORMAT = "pyro_osds.OSDS/3"
 #: settings that may differ between a checkpoint and the run that resumes it
 RESUMABLE_CHANGES = frozenset({"num_iterations", "chunk_size", "eval_log_det", "exact_log_det_max_dim",
                                "eval_num_probes", "max_consecutive_skips", "sample_with_ema", "early_stopping",
@@ -88,7 +88,6 @@ def runner_state(osds) -> dict:
         "num_samples": osds.num_samples,
         "num_chains": osds.num_chains,
         "num_steps": osds.num_steps,
-        "train_num_steps": osds.train_num_steps,
         "dim": osds.target.dim,
         "sites": _site_list(osds.target),
         "chain_seeds": list(osds.chain_seeds),
@@ -119,8 +118,6 @@ def check_compatible(state: dict, osds) -> None:
     mine = osds.config.as_dict()
     diffs = {k: (state["config"].get(k), v) for k, v in mine.items()
              if k not in RESUMABLE_CHANGES and state["config"].get(k) != v}
-    if state["train_num_steps"] != osds.train_num_steps:
-        diffs["num_steps"] = (state["train_num_steps"], osds.train_num_steps)
     if diffs:
         raise ValueError(
             "The checkpoint was trained with different settings, which cannot be resumed: "
@@ -155,8 +152,7 @@ def load(cls, path: str | os.PathLike, model=None, potential_fn=None, *, model_a
         raise ValueError(f"The checkpoint was made for a {state['kind']}, not a {kind}.")
     init_params = kwargs.pop("initial_params", None) or state.get("initial_params")
     osds = cls(model, potential_fn, initial_params=init_params, num_samples=state["num_samples"],
-               num_chains=state["num_chains"], num_steps=state["train_num_steps"],
-               config=OSDSConfig(**state["config"]), **kwargs)
+               num_chains=state["num_chains"], config=OSDSConfig(**state["config"]), **kwargs)
     osds.num_steps = state["num_steps"]
     args, kw = (), {}
     if kind == "model":

@@ -114,6 +114,7 @@ FLAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "max_components": ("preconditioner", "max_components"),
     "marginal_components": ("preconditioner", "marginal_components"),
     # evaluation
+    "num_steps": ("evaluation", "num_steps"),
     "eval_log_det": ("evaluation", "log_det"),
     "exact_log_det_max_dim": ("evaluation", "exact_log_det_max_dim"),
     "eval_num_probes": ("evaluation", "num_probes"),
@@ -204,6 +205,8 @@ class OSDSConfig:
         """The constraints between parts (each part has validated itself)."""
         check_choice("method", self.method, METHODS)
         grid_size = self.process.grid_size
+        if self.evaluation.num_steps is not None:
+            self.process.step_codes(self.evaluation.num_steps)  # a divisor of the grid
         steps = self.objective.flow_kl.steps
         if any(grid_size % k for k in steps):
             raise ValueError(f"`flow_kl_steps` must be a non-empty tuple of step counts dividing `grid_size`="
@@ -249,6 +252,14 @@ class OSDSConfig:
         """All settings as flat options (``method`` first, then :data:`FLAT_OPTIONS`' order)."""
         return {"method": self.method, **{name: self.option(name) for name in FLAT_OPTIONS}}
 
+    @property
+    def default_num_steps(self) -> int:
+        """The flow step count :math:`K` of draws: ``num_steps`` if set, else ``grid_size`` for ``method="dis"``
+        (the many-step sampler), else 1."""
+        if self.evaluation.num_steps is not None:
+            return self.evaluation.num_steps
+        return self.process.grid_size if self.method == "dis" else 1
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """The flat option names (with ``method``)."""
@@ -279,7 +290,7 @@ class OSDSConfig:
                 **options) -> OSDSConfig:
         """The configuration :class:`~pyro_osds.OSDS` asks for: at most one of a ``preset`` name and a
         ``config`` (default: the defaults), switched to ``method`` with its defaults when it differs, then
-        the flat ``options``."""
+        the flat ``options``, with ``num_steps`` set (:attr:`default_num_steps`)."""
         if preset is not None and config is not None:
             raise ValueError("Give at most one of `preset` and `config`.")
         check_option_names(options)
@@ -287,8 +298,12 @@ class OSDSConfig:
         if not isinstance(base, OSDSConfig):
             raise TypeError(f"`config` must be an OSDSConfig, got {type(base).__name__}.")
         if method is not None and method != base.method:
-            return cls.for_method(method, base, **options)
-        return base.replace(**options)
+            config = cls.for_method(method, base, **options)
+        else:
+            config = base.replace(**options)
+        if config.evaluation.num_steps is None:
+            config = config.replace(num_steps=config.default_num_steps)
+        return config
 
     @classmethod
     def preset(cls, name: str, **changes) -> OSDSConfig:

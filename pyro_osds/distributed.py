@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["DistributedContext", "DistributedError", "all_gather_rows", "all_reduce_gradients", "all_reduce_sum",
-           "broadcast_object", "current", "from_rank_zero", "shard"]
+           "broadcast_object", "current", "from_rank_zero", "process_group", "shard"]
 
 
 class DistributedError(RuntimeError):
@@ -65,6 +65,21 @@ def current() -> DistributedContext | None:
         return None
     world_size = dist.get_world_size()
     return DistributedContext(dist.get_rank(), world_size) if world_size > 1 else None
+
+
+def process_group(config) -> DistributedContext | None:
+    """The initialised process group (:func:`current`) to train and draw across with ``config`` (an
+    :class:`~pyro_osds.config.OSDSConfig`), which must train by the one-step objective; ``None`` in one process."""
+    ctx = current()
+    if ctx is None:
+        return None
+    if config.method != "osds" or config.objective.diffusion.weight > 0 or config.objective.flow_kl.weight <= 0:
+        raise ValueError(
+            f"Training across a process group ({ctx.world_size} ranks) supports the one-step objective (the "
+            f"default, method='osds' with `diffusion_weight=0`); got method={config.method!r} with "
+            f"`diffusion_weight`={config.objective.diffusion.weight}. Use the default objective, or run one "
+            "process per model.")
+    return ctx
 
 
 def _collective(fn, *args, **kwargs):

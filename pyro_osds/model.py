@@ -33,16 +33,18 @@ from collections import OrderedDict
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import config_enumerate, infer_discrete
+from pyro.infer import Predictive, config_enumerate, infer_discrete
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.contract import contract_to_tensor
+from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import site_is_subsample
 
+from .distributed import DistributedContext, broadcast_object
 from .target import FlatTarget, PotentialTarget, Site
 from .util import check_choice
 
-__all__ = ["ModelTarget", "UnsupportedModelError", "build_target"]
+__all__ = ["ModelTarget", "UnsupportedModelError", "build_target", "posterior_predictive"]
 
 PARTICLE_PLATE = "_osds_particles"
 
@@ -98,6 +100,19 @@ def _check_model(model, args, kwargs) -> poutine.Trace:
                 f"(e.g. `pyro.condition(model, data={{{name!r}: value}})`)."
             )
     return trace
+
+
+class _UnconditionSites(UnconditionMessenger):
+    """:class:`~pyro.poutine.uncondition_messenger.UnconditionMessenger` for the named sites only (not for the
+    ``pyro.deterministic`` sites, which Pyro also records as observed)."""
+
+    def __init__(self, sites):
+        super().__init__()
+        self.sites = frozenset(sites)
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.sites:
+            super()._pyro_sample(msg)
 
 
 class ModelTarget(FlatTarget):
@@ -424,16 +439,34 @@ class ModelTarget(FlatTarget):
                 out[name].append(tr.nodes[name]["value"].detach())
         return {name: torch.stack(v) for name, v in out.items()}
 
-    # ------------------------------------------------------------------------------------------
-    @staticmethod
-    def move_args(args, kwargs, device):
-        """Moves tensor arguments to ``device`` (used when training on a GPU the data are not on)."""
-        return _map_tensors(args, lambda t: t.to(device)), _map_tensors(kwargs, lambda t: t.to(device))
+    def add_discrete(self, draws: list, distributed: DistributedContext | None = None) -> list:
+        """``draws`` (one :class:`~pyro_osds.results.Draws` per chain, as many each) with draws of the enumerated
+        discrete sites given each draw (:meth:`sample_discrete`; rank 0's on every rank of a process group)."""
+        if not self.enumerated_sites:
+            return draws
+        n = draws[0].x.shape[0]
+        discrete = None
+        if distributed is None or distributed.is_main:
+            discrete = self.sample_discrete(torch.cat([d.x for d in draws]))
+        if distributed is not None:
+            discrete = broadcast_object(discrete, distributed)
+        return [d._replace(discrete={k: v[i * n:(i + 1) * n] for k, v in discrete.items()})
+                for i, d in enumerate(draws)]
 
-    @staticmethod
-    def data_device(args, kwargs):
-        t = _first_tensor(list(args) + list(kwargs.values()))
-        return None if t is None else t.device
+
+def posterior_predictive(target: ModelTarget, samples: dict, args: tuple, kwargs: dict, *,
+                         return_sites: list | None = None, parallel: bool = False) -> dict[str, torch.Tensor]:
+    r"""The model of ``target`` called with ``(args, kwargs)`` once at each posterior draw of ``samples`` (``{site:
+    (N, ...)}``) by :class:`pyro.infer.Predictive`, its observed sites sampled (as :func:`pyro.poutine.uncondition`
+    does): replicated data :math:`\tilde y \sim p(\tilde y \mid y)` at ``return_sites`` (default: the observed
+    sites)."""
+    sites = list(target.observed_sites) if return_sites is None else list(return_sites)
+    if not sites:
+        raise ValueError("The model has no observed sites to predict; name the sites with `return_sites`.")
+    model = _UnconditionSites(target.observed_sites)(target.model)
+    predictive = Predictive(model, posterior_samples=samples, return_sites=sites, parallel=parallel)
+    with poutine.block():
+        return {name: v.detach() for name, v in predictive(*args, **kwargs).items()}
 
 
 def build_target(model=None, potential_fn=None, args=(), kwargs=None, *, initial_params=None, transforms=None,
@@ -447,7 +480,7 @@ def build_target(model=None, potential_fn=None, args=(), kwargs=None, *, initial
     kwargs = dict(kwargs or {})
     if model is not None:
         if device is not None:
-            args, kwargs = ModelTarget.move_args(args, kwargs, device)
+            args, kwargs = _map_tensors(args, lambda t: t.to(device)), _map_tensors(kwargs, lambda t: t.to(device))
         target = ModelTarget(model, args, kwargs, max_plate_nesting=max_plate_nesting, init_strategy=init_strategy,
                              transforms=transforms, initial_params=initial_params)
         return target, tuple(args), kwargs

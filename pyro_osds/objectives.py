@@ -86,7 +86,7 @@ class FlowKLConfig:
         \text{num\_iterations}))`, from the base :math:`p_0` (which the untrained map already is) to the
         target; a flow that covers separated modes while they emerge keeps them.
     :param bool early_stop: train only as long as it pays (``early_stopping``, ``True``): no training when the
-        untrained map already fits (:meth:`~pyro_osds.sampler.FlowSampler.fits_untrained`), and a stop when the
+        untrained map already fits (:meth:`~pyro_osds.samplers.FlowSampler.fits_untrained`), and a stop when the
         training draws' ESS/N averages 0.99 over 100 iterations or the ELBO gains less than 0.01 nats per 100
         iterations twice in a row (:func:`plateau_stop`); ``num_iterations`` stays the maximum.
     """

@@ -4,8 +4,8 @@ r"""
 Jobs run at once in forked processes: how :class:`~pyro_osds.OSDS` trains its chains in parallel on a CPU.
 
 Threads share one interpreter lock, and a Pyro model's potential one effect-handler stack (so one chain at a
-time may evaluate it): on small models two chains in two threads took as long as one after the other (a 7-D
-linear regression: 7.1 s against 3.8 s for one chain). A forked process per chain shares neither. A fork copies
+time may evaluate it): on small models two chains in two threads gain little over one after the other. A forked
+process per chain shares neither. A fork copies
 the parent's memory, so a job may be any closure (a Pyro model defined in a notebook need not be picklable); only
 its result travels back, pickled through a pipe. Like ``pyro.infer.MCMC``'s parallel chains, this needs the
 ``fork`` start method (Linux, macOS with care; not Windows).

@@ -73,7 +73,7 @@ class Draws(NamedTuple):
 
 class ComponentEstimate(NamedTuple):
     """
-    One component of a chain that is a mixture (:class:`~pyro_osds.sampler.MixtureSampler`): the ``chain``
+    One component of a chain that is a mixture (:class:`~pyro_osds.samplers.MixtureSampler`): the ``chain``
     and ``component`` index, the mode it sits at (``location``, flat unconstrained), its mixture
     ``weight``, the ``share`` of the chain's posterior mass its draws carry (their self-normalised weight),
     and the ``ess`` and ``k_hat`` of its own draws' weights, of which there are ``num_draws``.

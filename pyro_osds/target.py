@@ -95,6 +95,11 @@ class FlatTarget:
     def device(self) -> torch.device:
         return self.init.device
 
+    def add_discrete(self, draws: list, distributed=None) -> list:
+        """``draws`` with draws of the target's discrete sites: none here (:class:`~pyro_osds.model.ModelTarget`
+        has enumerated ones)."""
+        return draws
+
     def potential(self, z: torch.Tensor) -> torch.Tensor:
         r"""Batched potential ``(batch, D) -> (batch,)`` by the selected :attr:`vectorize` method."""
         return self._potentials[self.vectorize](z)

@@ -31,9 +31,10 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from .ops.affine import AffineMap
 from .ops.consistency import consistency_function, invert_consistency, noise_to
-from .ops.integrate import LOG_DET_METHODS, count_folded, flow, inverse_flow
-from .ops.precondition import AffineMap
+from .ops.integrate import LOG_DET_METHODS, count_folded, flow
+from .ops.inverse import inverse_flow
 from .ops.reference import ReferenceProcess
 from .results import Draws
 from .util import PotentialFn, check_choice, check_positive_int
@@ -45,8 +46,11 @@ __all__ = ["ConsistencyTransport", "EvaluationConfig", "FlowTransport", "Mixture
 @dataclass(frozen=True)
 class EvaluationConfig:
     r"""
-    How fresh draws are weighted (flat option names in brackets).
+    How fresh draws are made and weighted (flat option names in brackets).
 
+    :param int num_steps: the flow step count :math:`K` of draws (``num_steps``; default ``None``: 1, or
+        ``grid_size`` for DIS, :attr:`~pyro_osds.config.OSDSConfig.default_num_steps`); the one-step objective trains
+        it alongside ``flow_kl_steps``.
     :param str log_det: ``"exact"`` (default; exact log-det of the discrete map through the Langevin
         term) or an approximate method for comparison (``eval_log_det``, see
         :data:`~pyro_osds.ops.integrate.LOG_DET_METHODS`).
@@ -59,10 +63,11 @@ class EvaluationConfig:
     :param int chunk_size: draws per batch when drawing and weighting (2048).
     :param dtype: the arithmetic of drawing and weighting (``eval_dtype``): ``"float64"`` (default) carries the
         base draws through a float64 copy of the trained network, so the weights are exact for the map applied
-        to the last bits (a float32 flow rounds its shared diagonal the same way in every coordinate: a 200-D
-        conjugate model came out 2.3e-5 nats low with a standard error of 1e-7); ``None``: the network's dtype.
+        to the last bits (a float32 flow rounds its shared diagonal the same way in every coordinate, a bias the
+        standard error cannot show); ``None``: the network's dtype.
     """
 
+    num_steps: int | None = None
     log_det: str = "exact"
     exact_log_det_max_dim: int | None = None
     num_probes: int = 16
@@ -72,6 +77,8 @@ class EvaluationConfig:
     def __post_init__(self):
         check_choice("eval_log_det", self.log_det, LOG_DET_METHODS)
         check_choice("eval_dtype", self.dtype, (None, "float32", "float64"))
+        if self.num_steps is not None:
+            check_positive_int("num_steps", self.num_steps)
         if self.exact_log_det_max_dim is not None:
             check_positive_int("exact_log_det_max_dim", self.exact_log_det_max_dim)
         for name, value in (("eval_num_probes", self.num_probes), ("chunk_size", self.chunk_size)):
@@ -181,24 +188,24 @@ class _PreconditionedTransport:
         return torch.full((n,), math.nan, dtype=self.dtype, device=self.device)
 
 
-def base_log_q(process: ReferenceProcess, z0: torch.Tensor, log_det: torch.Tensor,
-               precondition_log_det: torch.Tensor) -> torch.Tensor:
+def base_log_q(process: ReferenceProcess, z0: torch.Tensor, log_abs_det: torch.Tensor,
+               precondition_log_abs_det: torch.Tensor) -> torch.Tensor:
     r"""
     :math:`\log q(x) = \log p_0(z_0) - \log|\det \partial F/\partial z_0| - \log|\det \partial T/\partial y|` in
     float64 for the map actually applied (its float32 base draws, flow :math:`F` and preconditioner :math:`T` at
-    the flow's output :math:`y`, whose log-determinant per draw is ``precondition_log_det``): a float32 sum of a
+    the flow's output :math:`y`, whose log-determinant per draw is ``precondition_log_abs_det``): a float32 sum of a
     few hundred nats would be off by ~1e-5 nats for every draw alike, a bias the weights' standard error cannot
     show.
     """
     z0 = z0.to(torch.float64)
-    return process.prior_log_prob(z0) - log_det.to(torch.float64) - precondition_log_det.to(torch.float64)
+    return process.prior_log_prob(z0) - log_abs_det.to(torch.float64) - precondition_log_abs_det.to(torch.float64)
 
 
 def _precondition(affine, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The preconditioner at the flow's outputs ``y``: ``(x, log|det|)`` in float64, detached (the points and the
     volume of one map, whatever the flow's arithmetic)."""
     with torch.no_grad():
-        return affine.to(torch.float64).forward_and_log_det(y.detach().to(torch.float64))
+        return affine.to(torch.float64).forward_and_log_abs_det(y.detach().to(torch.float64))
 
 
 class FlowTransport(_PreconditionedTransport):
@@ -217,20 +224,20 @@ class FlowTransport(_PreconditionedTransport):
                  generator: torch.Generator | None = None) -> TransportOutput:
         out = flow(self.net, self.potential_z, self.process, z0, self.num_steps, log_det=log_det,
                    num_probes=self.num_probes, generator=generator)
-        x, precondition_log_det = _precondition(self.affine, out.x)
+        x, precondition_log_abs_det = _precondition(self.affine, out.x)
         if log_det == "none":
             log_q = self._nan(z0.shape[0])
         else:
-            log_q = base_log_q(self.process, z0, out.log_det, precondition_log_det)
+            log_q = base_log_q(self.process, z0, out.log_abs_det, precondition_log_abs_det)
         return TransportOutput(x.to(self.model_dtype), log_q.detach(), out.orientation, log_det)
 
     def log_prob(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Log density at points ``x`` by the exact inverse flow
-        (:func:`~pyro_osds.ops.integrate.inverse_flow`); ``ok`` marks points whose inversion converged
+        (:func:`~pyro_osds.ops.inverse.inverse_flow`); ``ok`` marks points whose inversion converged
         with the majority orientation."""
         y = self._to_flow_space(x)
         inv = inverse_flow(self.net, self.potential_z, self.process, y, self.num_steps)
-        log_q = base_log_q(self.process, inv.x0, inv.log_det, _precondition(self.affine, y)[1])
+        log_q = base_log_q(self.process, inv.x0, inv.log_abs_det, _precondition(self.affine, y)[1])
         return log_q.detach(), inv.converged & ~count_folded(inv.orientation)
 
 
@@ -253,10 +260,10 @@ class ConsistencyTransport(_PreconditionedTransport):
         sign = None
         if with_volume:
             out = consistency_function(self.net, self.potential_z, self.process, z0, float(T),
-                                       sigma_data=self.sigma_data, log_det=True)
+                                       sigma_data=self.sigma_data, with_volume=True)
             z, sign = out.f, out.sign
-            x, precondition_log_det = _precondition(self.affine, z)
-            log_q = base_log_q(self.process, z0, out.log_det, precondition_log_det)
+            x, precondition_log_abs_det = _precondition(self.affine, z)
+            log_q = base_log_q(self.process, z0, out.log_abs_det, precondition_log_abs_det)
         else:
             z = z0
             codes = [T * (self.num_steps - k) / self.num_steps for k in range(self.num_steps)]
@@ -281,8 +288,8 @@ class ConsistencyTransport(_PreconditionedTransport):
         z0, converged = invert_consistency(self.net, self.potential_z, self.process, y, T,
                                            sigma_data=self.sigma_data)
         out = consistency_function(self.net, self.potential_z, self.process, z0, T, sigma_data=self.sigma_data,
-                                   log_det=True)
-        log_q = base_log_q(self.process, z0, out.log_det, _precondition(self.affine, y)[1])
+                                   with_volume=True)
+        log_q = base_log_q(self.process, z0, out.log_abs_det, _precondition(self.affine, y)[1])
         return log_q.detach(), converged & ~count_folded(out.sign)
 
 
@@ -298,7 +305,7 @@ class MixtureTransport:
       map and the others' from their exact inverses (:meth:`Transport.log_prob`); a point where another
       component's inversion does not converge counts as outside its reach (:math:`q_j(x) = 0`);
     * with a ``partition`` of unity :math:`s_j(x)` (a callable returning :math:`\log s_j(x)`, ``(M, N)``,
-      e.g. :class:`~pyro_osds.ops.precondition.LaplacePartition`), a draw of component :math:`k` counts
+      e.g. :class:`~pyro_osds.ops.mode_search.LaplacePartition`), a draw of component :math:`k` counts
       for the piece :math:`\pi s_k` only: its effective density is
       :math:`\log\tilde q(x) = \log\alpha_k + \log q_k(x) - \log s_k(x)`, so
       :math:`\mathbb E[\pi/\tilde q] = \sum_k \int \pi s_k = Z`, and no other component's density is needed.

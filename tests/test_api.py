@@ -26,7 +26,8 @@ from pyro_osds import (
     UnsupportedModelError,
     compare,
 )
-from pyro_osds.sampler import MixtureSampler
+from pyro_osds.chains import choose_chain_method
+from pyro_osds.samplers import MixtureSampler
 from tests.common import (
     D64,
     LOG_Z,
@@ -210,19 +211,19 @@ def test_cdds_multi_step_draws_have_no_weights():
 
 # ------------------------------------------------------------------------------------------------
 # interruption
-@pytest.mark.parametrize("chain_threads", [1, 2])
-def test_keyboard_interrupt_keeps_a_usable_sampler(tmp_path, chain_threads):
+@pytest.mark.parametrize("chain_method", ["sequential", "threads"])
+def test_keyboard_interrupt_keeps_a_usable_sampler(tmp_path, chain_method):
     def hook(chain, step, info):
         if chain == 0 and step == 4:
             raise KeyboardInterrupt
 
     pyro.set_rng_seed(0)
     with pytest.warns(RuntimeWarning) as record:
-        osds = make(num_iterations=10, hook_fn=hook, chain_threads=chain_threads).run()
+        osds = make(num_iterations=10, hook_fn=hook, chain_method=chain_method).run()
     messages = " ".join(str(w.message) for w in record)
     assert "interrupted at iteration 4" in messages and "continue_training" in messages
     assert osds.interrupted and osds.samplers[0].trainer.step == 4
-    if chain_threads == 1:  # chain 1 never started
+    if chain_method == "sequential":  # chain 1 never started
         assert len(osds.samplers) == 1
     else:  # chain 1 trained at the same time and stopped with chain 0 (unless it had finished already)
         assert len(osds.samplers) == 2 and (osds.samplers[1].interrupted or osds.samplers[1].trainer.step == 10)
@@ -243,53 +244,61 @@ def _small_pyro_model(x, y):
         pyro.sample("y", dist.Normal(coef[..., :1] + coef[..., 1:] * x, scale), obs=y)
 
 
-@pytest.mark.parametrize("processes", [False, True])
-def test_chains_trained_at_once_equal_chains_trained_in_turn(processes):
+@pytest.mark.parametrize("chain_method", ["threads", "processes"])
+def test_chains_trained_at_once_equal_chains_trained_in_turn(chain_method):
     # a Pyro model: in threads its potential enters Pyro's global effect-handler stack one chain at a time; in
     # processes each chain trains a forked copy and sends its state back
     x, y = torch.arange(5, dtype=D64), torch.tensor([0.3, -1.2, 0.8, 2.0, 0.1], dtype=D64)
     runs = []
-    for threads in (1, 2):
+    for method in ("sequential", chain_method):
         pyro.set_rng_seed(0)
-        runs.append(OSDS(_small_pyro_model, num_iterations=40, batch_size=64, num_samples=200, chain_threads=threads,
-                         chain_processes=processes, disable_progbar=True).run(x, y))
-    assert runs[1]._num_chain_threads() == 2 and runs[0]._num_chain_threads() == 1
-    assert runs[1]._trains_in_processes() == processes
+        runs.append(OSDS(_small_pyro_model, num_iterations=40, batch_size=64, num_samples=200, chain_method=method,
+                         disable_progbar=True).run(x, y))
     assert_same_training(*runs)
     for a, b in zip(runs[0].draws, runs[1].draws, strict=True):
         assert torch.equal(a.x, b.x) and torch.equal(a.log_weight, b.log_weight)
-    # a checkpointed run trains one chain after the other (the checkpoint holds every chain at once)
-    assert OSDS(_small_pyro_model, checkpoint="unused.pt", chain_threads=2).setup(x, y)._num_chain_threads() == 1
 
 
-def _trains_in_processes_here():
-    return OSDS(_small_pyro_model)._trains_in_processes()
+def _chain_method_here():
+    return choose_chain_method("auto", 2, device=torch.device("cpu"))[0]
 
 
-def test_chains_train_in_processes_by_default_on_one_torch_thread_without_a_hook():
+def test_how_the_chains_train_by_default():
     assert torch.get_num_threads() == 1  # the test suite's setting
-    assert OSDS(_small_pyro_model)._trains_in_processes() == sys.platform.startswith("linux")
-    assert not OSDS(_small_pyro_model, hook_fn=lambda *a: None)._trains_in_processes()
-    assert not OSDS(_small_pyro_model, chain_processes=False)._trains_in_processes()
+    cpu = torch.device("cpu")
+    at_once = "processes" if sys.platform.startswith("linux") else "threads"
+    assert choose_chain_method("auto", 2, device=cpu) == (at_once, 2)  # this machine has 2 cores
+    assert choose_chain_method("auto", 2, device=cpu, hook_fn=print) == ("threads", 2)  # a hook runs here
     with multiprocessing.get_context("fork").Pool(1) as pool:  # a pool's daemonic worker may not fork: threads
-        assert not pool.apply(_trains_in_processes_here)
+        assert pool.apply(_chain_method_here) == "threads"
+    # one after the other with a checkpoint (it holds every chain), off the CPU, across ranks, or for one chain
+    assert choose_chain_method("auto", 2, device=cpu, checkpoint="run.pt") == ("sequential", 1)
+    assert choose_chain_method("auto", 2, device=torch.device("cuda")) == ("sequential", 1)
+    assert choose_chain_method("threads", 2, device=cpu, distributed=object()) == ("sequential", 1)
+    assert choose_chain_method("processes", 1, device=cpu) == ("sequential", 1)
+    assert choose_chain_method("threads", 4, device=cpu) == ("threads", 4)  # as asked: every chain at once
     with pytest.raises(ValueError, match="`hook_fn` cannot be called from chains training in processes"):
-        OSDS(_small_pyro_model, hook_fn=lambda *a: None, chain_processes=True)
+        OSDS(_small_pyro_model, hook_fn=lambda *a: None, chain_method="processes")
+    with pytest.raises(ValueError, match="with `checkpoint` the chains train one after the other"):
+        OSDS(_small_pyro_model, checkpoint="unused.pt", chain_method="threads")
+    with pytest.raises(ValueError, match="chain_method"):
+        OSDS(_small_pyro_model, chain_method="parallel")
 
 
 def test_a_chain_whose_process_fails_raises_its_error_here():
     x, y = torch.arange(5, dtype=D64), torch.tensor([0.3, -1.2, 0.8, 2.0, 0.1], dtype=D64)
-    runner = OSDS(_small_pyro_model, num_iterations=5, batch_size=16, chain_processes=True, chain_threads=2,
+    runner = OSDS(_small_pyro_model, num_iterations=5, batch_size=16, chain_method="processes",
                   disable_progbar=True).setup(x, y)
 
-    def failing_sampler(chain, state=None, build=runner._new_sampler):  # runs in chain 1's process
+    def failing_chain(chain, state=None, build=runner._new_chain):  # runs in chain 1's process
         if state is None and chain == 1:
             raise ValueError("chain 1 cannot start")
         return build(chain, state)
 
-    runner._new_sampler = failing_sampler
+    runner._new_chain = failing_chain
     with pytest.raises(ValueError, match="chain 1 cannot start"):
         runner.fit(x, y)
+    assert len(runner.samplers) == 1  # chain 0 trained and is kept
 
 
 def test_warnings_of_chains_training_in_threads_point_at_the_users_line():
@@ -298,7 +307,7 @@ def test_warnings_of_chains_training_in_threads_point_at_the_users_line():
 
     x = torch.tensor([0.3, -1.2, 0.8, 2.0, 0.1], dtype=D64)
     with pytest.warns(RuntimeWarning, match="No Laplace fit converged") as record:
-        OSDS(modeless, preset="smoke", num_samples=50, chain_threads=2, disable_progbar=True).run(x, x)
+        OSDS(modeless, preset="smoke", num_samples=50, chain_method="threads", disable_progbar=True).run(x, x)
     ours = [w for w in record if "No Laplace fit converged" in str(w.message)]
     assert len(ours) == 2 and all(w.filename == __file__ for w in ours)
 
@@ -325,7 +334,7 @@ def test_ctrl_c_stops_every_chain_training_in_threads():
         assert runner._stop_training.is_set()
 
     pyro.set_rng_seed(0)
-    runner = make(num_iterations=40, hook_fn=hook, chain_threads=2)
+    runner = make(num_iterations=40, hook_fn=hook, chain_method="threads")
     # a process started in the background by a non-interactive shell (as CI jobs often are) inherits SIGINT
     # ignored, and Python then installs no handler: Ctrl-C could not reach it, so the test installs Python's own
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -341,7 +350,7 @@ def test_ctrl_c_stops_every_chain_training_in_threads():
     osds.continue_training()
     assert not osds.interrupted and [s.trainer.step for s in osds.samplers] == [40, 40]
     pyro.set_rng_seed(0)
-    assert_same_training(osds, make(num_iterations=40, chain_threads=2).run())
+    assert_same_training(osds, make(num_iterations=40, chain_method="threads").run())
 
 
 def test_ctrl_c_stops_every_chain_training_in_processes():
@@ -357,8 +366,8 @@ def test_ctrl_c_stops_every_chain_training_in_processes():
 
     x, y = torch.arange(5, dtype=D64), torch.tensor([0.3, -1.2, 0.8, 2.0, 0.1], dtype=D64)
     pyro.set_rng_seed(0)
-    runner = OSDS(_small_pyro_model, num_iterations=100_000, batch_size=16, num_samples=100, chain_threads=2,
-                  chain_processes=True, disable_progbar=True)
+    runner = OSDS(_small_pyro_model, num_iterations=100_000, batch_size=16, num_samples=100,
+                  chain_method="processes", disable_progbar=True)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # see the test above
     sender = threading.Thread(target=ctrl_c)
     sender.start()

@@ -185,7 +185,7 @@ def test_the_trained_and_the_drawn_step_counts_survive_a_reload(tmp_path):
     osds.sample(40, num_steps=1)
     osds.save(tmp_path / "steps.pt")
     loaded = OSDS.load(tmp_path / "steps.pt", potential_fn=quartic_potential)
-    assert (loaded.num_steps, loaded.train_num_steps) == (1, 2)
+    assert (loaded.num_steps, loaded.config.evaluation.num_steps) == (1, 2)
     assert loaded.samplers[0].trained_step_counts == (1, 2) and loaded.config == osds.config
     assert loaded.log_evidence().log_z == osds.log_evidence().log_z
 

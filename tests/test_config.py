@@ -113,18 +113,21 @@ def test_constraints_across_parts():
     assert OSDSConfig(grid_size=9, flow_kl_steps=(1, 3), sd_weight=0.0).process.grid_size == 9
 
 
-def test_flat_attributes_still_read_but_are_deprecated():
+def test_flat_options_are_read_by_name_not_as_attributes():
     config = OSDSConfig(num_iterations=7)
-    with pytest.warns(FutureWarning, match=r"config\.optim\.num_iterations"):
-        assert config.num_iterations == 7
+    assert config.option("num_iterations") == 7 == config.optim.num_iterations
     with pytest.raises(AttributeError):
-        config.no_such_option  # noqa: B018
+        config.num_iterations  # noqa: B018
 
 
 def test_resolve_is_the_runners_front_door():
-    assert OSDSConfig.resolve() == OSDSConfig()
+    assert OSDSConfig.resolve() == OSDSConfig(num_steps=1)  # the step count of draws is set
     assert OSDSConfig.resolve(preset="smoke", num_iterations=3).optim.num_iterations == 3
     dis = OSDSConfig.resolve(preset="smoke", method="dis")
     assert dis.method == "dis" and dis.objective.diffusion.loss == "lv" and dis.process.grid_size == 16
+    assert dis.evaluation.num_steps == 16 == dis.default_num_steps  # the many-step sampler draws on the whole grid
+    assert OSDSConfig.resolve(num_steps=4).default_num_steps == 4 and OSDSConfig().default_num_steps == 1
+    with pytest.raises(ValueError, match="does not divide the fine grid"):
+        OSDSConfig(num_steps=3)
     with pytest.raises(ValueError, match="at most one of `preset` and `config`"):
         OSDSConfig.resolve(preset="smoke", config=OSDSConfig())

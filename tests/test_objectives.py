@@ -25,7 +25,7 @@ from pyro_osds.objectives import (
 )
 from pyro_osds.ops.nets import StepConditionedControl
 from pyro_osds.ops.reference import ReferenceProcess
-from pyro_osds.sampler import FlowSampler
+from pyro_osds.samplers import FlowSampler
 from pyro_osds.train import OptimConfig, Stage, Term, TrainContext, Trainer
 from tests.common import D64, quadratic
 

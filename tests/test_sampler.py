@@ -1,6 +1,6 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
-"""Tests of pyro_osds.sampler: FlowSampler with each training method, its preconditioner and its mode reports."""
+"""Tests of pyro_osds.samplers: FlowSampler with each training method, its preconditioner and its mode reports."""
 
 import math
 import warnings
@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from pyro_osds.config import OSDSConfig
-from pyro_osds.modes import uncovered_modes
+from pyro_osds.modes import warn_lost_modes
 from pyro_osds.ops.consistency import consistency_function
 from pyro_osds.ops.estimators import evidence
 from pyro_osds.ops.integrate import flow
 from pyro_osds.ops.marginal import MarginalMixtureMap
-from pyro_osds.sampler import FlowSampler, MixtureSampler, build_sampler, restore_sampler
+from pyro_osds.ops.mode_search import uncovered_modes
+from pyro_osds.samplers import FlowSampler, MixtureSampler, build_sampler, restore_sampler
 from tests.common import (
     D64,
     LOG_Z,
@@ -103,8 +104,9 @@ def test_a_lost_mode_is_reported_with_its_size():
     draws = sampler.draw(8000, 1)
     est = evidence(draws.log_weight, num_folded=draws.num_folded)
     with pytest.warns(RuntimeWarning, match=r"almost no weight near 1 of the 2 modes .* low by about 0.36 nats"):
-        lost = sampler.warn_lost_modes(draws)
-    assert lost == [1]
+        check = sampler.check_modes(draws)
+        warn_lost_modes(check, config.objective)
+    assert check.lost == (1,)
     assert within(est.log_z, math.log(0.7), est.se, bias=0.5 * est.se**2 + 0.01), est
 
 
@@ -198,7 +200,7 @@ def test_a_map_that_already_fits_is_not_trained_and_its_draws_are_untouched():
     trained = build(early_stopping=False, num_iterations=5)
     trained.fit()
     assert trained.iteration == 5 and trained.trainer.stop_reason is None
-    two_steps = FlowSampler(batched, torch.zeros(3, dtype=D64), OSDSConfig(), num_steps=2, disable_progbar=True)
+    two_steps = FlowSampler(batched, torch.zeros(3, dtype=D64), OSDSConfig(num_steps=2), disable_progbar=True)
     assert not two_steps.fits_untrained()  # trained on two-step maps too: not the untrained one-step map
 
 
@@ -226,17 +228,18 @@ def test_more_modes_than_the_search_enumerates_get_the_marginal_mixture_and_the_
         return sampler, " ".join(str(w.message) for w in caught)
 
     sampler, said = build()
-    assert sampler.precondition_info["saturated"] is False and "marginal mixture" in said
+    assert sampler.report.saturated is False and sampler.report.marginal_mixture and "marginal mixture" in said
     draws = sampler.draw(4000)
     est = draws.evidence()
     assert within(est.log_z, 0.0, est.se) and est.ess_per_draw > 0.5
     assert torch.allclose((draws.x < 0).to(D64).T @ torch.softmax(draws.log_weight, 0),
                           torch.full((dim,), 0.25, dtype=D64), atol=0.03)  # every coordinate's light well
-    assert not sampler.too_many_modes and sampler.lost_modes(draws) == []
+    assert not sampler.too_many_modes and sampler.check_modes(draws).lost == ()
     # a checkpoint holds the marginal mixture: the reloaded sampler draws the same points with the same weights
     reloaded = FlowSampler(potential, init, OSDSConfig(num_iterations=60), disable_progbar=True)
     reloaded.load_state_dict(sampler.state_dict())
     assert isinstance(reloaded.preconditioner, MarginalMixtureMap)
+    assert reloaded.report.marginal_mixture and reloaded.modes and not reloaded.too_many_modes
     again, fresh = sampler.draw(50, generator=torch.Generator().manual_seed(3)), reloaded.draw(
         50, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(again.log_weight, fresh.log_weight, rtol=0, atol=1e-12)
@@ -262,15 +265,15 @@ def test_a_product_whose_found_modes_are_all_light_but_one_still_gets_every_well
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         sampler.fit()
-    info = sampler.precondition_info
-    assert info["saturated"] is False and info["num_modes"] == 1 and info["light_modes"] > 1000
+    report = sampler.report
+    assert report.saturated is False and report.num_modes == 1 and report.num_light > 1000
     assert isinstance(sampler.preconditioner, MarginalMixtureMap) and not sampler.too_many_modes
     draws = sampler.draw(4000)
     est = draws.evidence()
     assert est.reliable and within(est.log_z, 0.0, est.se)  # truth 0
     low_share = (draws.x < 0).to(D64).T @ torch.softmax(draws.log_weight, 0)
     assert torch.allclose(low_share, torch.full((dim,), 0.05, dtype=D64), atol=0.02)
-    assert sampler.lost_modes(draws) == []
+    assert sampler.check_modes(draws).lost == ()
 
 
 def test_training_that_lowers_the_pilot_elbo_gives_the_untrained_network_back():
@@ -312,10 +315,11 @@ def test_wells_along_no_coordinate_are_flagged_not_returned_as_a_confident_wrong
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sampler.fit()
-    assert sampler.precondition_info["saturated"] is False and isinstance(sampler.preconditioner, MarginalMixtureMap)
+    assert sampler.report.saturated is False and isinstance(sampler.preconditioner, MarginalMixtureMap)
     draws = sampler.draw(2000)
     est = draws.evidence()
     assert est.ess_per_draw < 0.05  # a poor proposal (truth 0: wherever log Z lands, it is luck) ...
     with pytest.warns(RuntimeWarning, match="under-represent"):
-        lost = sampler.warn_lost_modes(draws, "Chain 0: ")
-    assert len(lost) > len(sampler.modes) // 2  # ... flagged by the modes it misses, whatever k-hat says
+        check = sampler.check_modes(draws)
+        warn_lost_modes(check, sampler.config.objective, "Chain 0: ")
+    assert len(check.lost) > len(sampler.modes) // 2  # ... flagged by the modes it misses, whatever k-hat says

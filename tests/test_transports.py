@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from pyro_osds.config import OSDSConfig
+from pyro_osds.ops.affine import AffineMap, whiten_potential
+from pyro_osds.ops.mode_search import LaplacePartition
 from pyro_osds.ops.nets import NetConfig
-from pyro_osds.ops.precondition import AffineMap, LaplacePartition, whiten_potential
 from pyro_osds.ops.reference import ReferenceProcess
 from pyro_osds.transports import (
     ConsistencyTransport,

@@ -11,10 +11,15 @@ module                          what it holds
 :mod:`.nets`                    the step-conditioned control network and its closed-form Jacobian
 :mod:`.jacobian`                per-sample Jacobians, traces, Hutchinson probes, target scores
 :mod:`.lowrank`                 diagonal-plus-low-rank matrices: determinant lemma, Woodbury solves
-:mod:`.integrate`               PF-ODE steps and flows with exact log-dets, their Newton inverse, EM paths
+:mod:`.integrate`               PF-ODE steps and flows with exact log-dets
+:mod:`.inverse`                 the flows' exact Newton inverse (the sampler's density at any point)
+:mod:`.em`                      stochastic Euler--Maruyama paths and their path weights
 :mod:`.consistency`             CDDS's consistency function, its loss and inverse
 :mod:`.losses`                  the training losses (diffusion, self-distillation, flow reverse KL)
-:mod:`.precondition`            affine preconditioners: Laplace, Gaussian VI, mode search
+:mod:`.affine`                  affine maps, the whitened potential, the Gaussian covering several modes
+:mod:`.mode_search`             the multi-start mode search, the modes' partition of unity, lost-mode tests
+:mod:`.marginal`                the marginal-mixture preconditioner of many modes (per-coordinate wells)
+:mod:`.precondition`            affine preconditioners: Laplace, Gaussian VI, and the report of what was found
 :mod:`.estimators`              log Z, ELBO, ESS, Pareto k-hat from log-weights
 ==============================  ===================================================================
 """

@@ -32,7 +32,7 @@ importance weights through :math:`\log|\det \partial f_\theta/\partial x_T|` (th
 :math:`f_\theta` with re-noising by the reference process's marginal
 :math:`x_c = s(c)\,x + \sigma_0\sqrt{1 - s(c)^2}\,\varepsilon`, :math:`s(c) = e^{-\frac12\int_0^{c/T}\beta}`; its
 draws have no tractable density, hence no weights. The one-step map is inverted exactly by
-Newton iterations (:func:`~pyro_osds.ops.integrate.newton_invert`), which gives its density at any
+Newton iterations (:func:`~pyro_osds.ops.inverse.newton_invert`), which gives its density at any
 point (forward estimates).
 
 **References**
@@ -50,7 +50,8 @@ from typing import NamedTuple
 import torch
 
 from ..util import PotentialFn, check_positive_int
-from .integrate import control_and_jacobian, default_tolerance, flow, langevin_input, newton_invert, target_weight
+from .integrate import control_and_jacobian, flow, langevin_input, target_weight
+from .inverse import default_tolerance, newton_invert
 from .jacobian import potential_and_score
 from .reference import ReferenceProcess
 
@@ -78,11 +79,11 @@ def consistency_grid(grid_size: int, num_points: int) -> list[int]:
 
 
 class ConsistencyOutput(NamedTuple):
-    r""":math:`f_\theta(x, c)`, and with ``log_det=True`` the exact ``log_det`` of
+    r""":math:`f_\theta(x, c)`, and with ``with_volume=True`` the exact ``log_abs_det`` of
     :math:`\partial f_\theta/\partial x` and its ``sign`` (each ``(batch,)``; else ``None``)."""
 
     f: torch.Tensor
-    log_det: torch.Tensor | None
+    log_abs_det: torch.Tensor | None
     sign: torch.Tensor | None
 
 
@@ -94,7 +95,7 @@ def consistency_function(
     code,
     *,
     sigma_data: float = 0.5,
-    log_det: bool = False,
+    with_volume: bool = False,
     return_jacobian: bool = False,
 ):
     r"""
@@ -109,7 +110,7 @@ def consistency_function(
     code = torch.as_tensor(code, dtype=x.dtype, device=x.device).expand(batch)
     remaining = code / T
     c_skip, c_out = skip_scalings(remaining, sigma_data)
-    with_jacobian = log_det or return_jacobian
+    with_jacobian = with_volume or return_jacobian
     with torch.enable_grad():
         x_in = x if x.requires_grad else x.detach().requires_grad_(with_jacobian)
         if not with_jacobian:
@@ -145,7 +146,7 @@ def invert_consistency(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
     The exact inverse :math:`x = f_\theta^{-1}(y)` of the consistency map at code ``code`` by Newton
-    iterations (:func:`~pyro_osds.ops.integrate.newton_invert`). Returns ``(x, converged)``, the
+    iterations (:func:`~pyro_osds.ops.inverse.newton_invert`). Returns ``(x, converged)``, the
     latter per row: the max-norm residual is below ``tolerance`` relative to :math:`1 + \max|y|`.
     """
     tolerance = default_tolerance(y.dtype) if tolerance is None else tolerance

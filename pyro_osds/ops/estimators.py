@@ -52,9 +52,7 @@ __all__ = [
 
 
 #: the tail index above which the weights' variance is infinite, so the SE understates the error (PSIS: k < 0.5 is
-#: finite variance; 0.5-0.7 converges, but more slowly than the SE says). Measured (benchmarks/results/calibration,
-#: 10 seeds x 3 draw sets per target): of the 48 estimates more than 3 SE off, 47 had k-hat > 0.5 (20 had k-hat
-#: <= 0.7); of the 120 on the logistic regressions, none off, 9 had k-hat > 0.5
+#: finite variance; 0.5-0.7 converges, but more slowly than the SE says; the measurements: docs, "Design notes")
 K_HAT_THRESHOLD = 0.5
 #: ESS/N from which the weights count as nearly constant (their tail index is then noise)
 NEAR_CONSTANT_ESS = 0.99
@@ -81,13 +79,9 @@ class Estimates(NamedTuple):
     :data:`EXACT_WEIGHT_METHODS`); an approximate volume (Hutchinson, the Euler trace, a frozen Langevin
     term) gives no bound and no consistent :math:`\log Z`, however good the other diagnostics look.
     :attr:`reliable` is the verdict: exact weights, no folded draws, a finite SE, and either :math:`\hat k \le 0.5`
-    (:data:`K_HAT_THRESHOLD`: above it the weights' variance is infinite and the SE understates the error; PSIS's
-    0.7 is where the estimate itself stops converging usefully, but between the two log Z came out 3-16 SE low on
-    random-effects, time-series and funnel targets) or
-    nearly constant weights (ESS/N >= 0.99), for which the tail fit is noise: the top weights of a
-    near-perfect sampler spread over a percent or so, and their fitted tail index then scatters around 0.5
-    to 0.75 from sample to sample (measured: 0.72, 0.61 and 0.53 on 8000, 8000 and 32000 draws of one
-    sampler with ESS/N 0.9997 and log Z within 1e-4 of the truth).
+    (:data:`K_HAT_THRESHOLD`: above it the weights' variance is infinite and the SE understates the error) or
+    nearly constant weights (ESS/N >= 0.99, :data:`NEAR_CONSTANT_ESS`), for which the tail fit is noise (the top
+    weights of a near-perfect sampler spread over a percent or so; the measurements: docs, "Design notes").
     """
 
     log_z: float

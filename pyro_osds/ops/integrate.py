@@ -1,8 +1,8 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
 r"""
-Integrators of the controlled diffusion sampler: the deterministic probability-flow (PF) ODE with
-its volume tracker, its exact inverse, and the stochastic Euler--Maruyama (EM) rollout.
+The deterministic probability-flow (PF) ODE of the controlled diffusion sampler with its volume tracker (its exact
+inverse: :mod:`~pyro_osds.ops.inverse`; the stochastic Euler--Maruyama rollout: :mod:`~pyro_osds.ops.em`).
 
 Notation (codes :math:`c`, step :math:`d` codes, :math:`\Delta = d / T`, coefficients frozen at the
 step's starting code :math:`c`, generation from :math:`c = T` down to :math:`0`):
@@ -10,8 +10,6 @@ step's starting code :math:`c`, generation from :math:`c = T` down to :math:`0`)
 * Langevin input: :math:`g(x, c) = \sigma(c)\,\nabla_x\big[(1 - \tfrac cT)\log\rho(x) + \tfrac cT \log p_0(x)\big]`;
 * PF-ODE (Euler) step:
   :math:`x' = F_c(x) = x + \Delta\big(\tfrac12\sigma(c)\,u_\theta(x, \tfrac cT, \Delta, g(x, c)) + \tfrac12\beta(c)\,x\big)`;
-* generative EM kernel: :math:`x' \sim \mathcal N\big(x + \Delta(\sigma u_\theta + \tfrac12\beta x), \sigma^2\Delta I\big)`;
-* backward (noising) EM kernel: :math:`x \sim \mathcal N\big((1 - \tfrac12\beta\Delta)x', \sigma^2\Delta I\big)`.
 
 The volume tracker accumulates a log-determinant per step. ``log_det`` selects how:
 
@@ -39,8 +37,6 @@ The volume tracker accumulates a log-determinant per step. ``log_det`` selects h
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -53,20 +49,13 @@ from .reference import ReferenceProcess
 __all__ = [
     "EXACT_LOG_DET_METHODS",
     "LOG_DET_METHODS",
-    "EMRollout",
     "FlowOutput",
-    "InverseFlowOutput",
     "StepOutput",
     "control_and_jacobian",
     "count_folded",
-    "em_log_weights",
-    "em_rollout",
     "flow",
     "fold_penalty",
-    "inverse_flow",
     "langevin_input",
-    "default_tolerance",
-    "newton_invert",
     "ode_step",
     "prefers_low_rank",
     "step_jacobian",
@@ -86,7 +75,7 @@ class StepOutput(NamedTuple):
     for)."""
 
     x: torch.Tensor
-    log_det: torch.Tensor
+    log_abs_det: torch.Tensor
     sign: torch.Tensor | None
     control: torch.Tensor
     start: torch.Tensor
@@ -95,7 +84,7 @@ class StepOutput(NamedTuple):
 
 class FlowOutput(NamedTuple):
     r"""
-    Result of :func:`flow`: final states ``x``, accumulated ``log_det`` (``(batch,)``),
+    Result of :func:`flow`: final states ``x``, accumulated ``log_abs_det`` (``(batch,)``),
     ``orientation`` (``(batch,)``: sign of the whole map's Jacobian determinant, the product of the
     steps' signs; ``None`` unless an exact log-det method was used), the ``trajectory`` (list of
     states, if asked for), the ``fold_penalty`` (if asked for, ``(batch,)``; see :func:`fold_penalty`)
@@ -108,36 +97,11 @@ class FlowOutput(NamedTuple):
     """
 
     x: torch.Tensor
-    log_det: torch.Tensor
+    log_abs_det: torch.Tensor
     orientation: torch.Tensor | None
     trajectory: list | None
     fold_penalty: torch.Tensor | None = None
     jacobians: list | None = None
-
-
-class InverseFlowOutput(NamedTuple):
-    """
-    Result of :func:`inverse_flow`: prior-side states ``x0``, the forward map's accumulated exact
-    ``log_det`` at the recovered path, ``converged`` (``(batch,)`` bool, Newton residual below
-    tolerance at every step) and the forward map's ``orientation`` there (see :class:`FlowOutput`).
-    """
-
-    x0: torch.Tensor
-    log_det: torch.Tensor
-    converged: torch.Tensor
-    orientation: torch.Tensor
-
-
-class EMRollout(NamedTuple):
-    """
-    Stochastic EM path: ``states`` of shape ``(num_steps + 1, batch, dim)`` from prior to target,
-    and the summed log densities of the generative (``log_forward``) and noising
-    (``log_backward``) kernels, each ``(batch,)``.
-    """
-
-    states: torch.Tensor
-    log_forward: torch.Tensor
-    log_backward: torch.Tensor
 
 
 def _col(v: torch.Tensor) -> torch.Tensor:
@@ -450,7 +414,7 @@ def flow(
             generator=generator, return_jacobian=with_fold_penalty or return_jacobians,
         )
         x = out.x
-        total = total + out.log_det
+        total = total + out.log_abs_det
         if out.sign is not None:
             orientation = out.sign if orientation is None else orientation * out.sign
         if with_fold_penalty:
@@ -473,202 +437,3 @@ def count_folded(orientation: torch.Tensor | None) -> torch.Tensor:
         return None
     majority = 1.0 if float(orientation.sum()) >= 0 else -1.0
     return orientation != majority
-
-
-def newton_invert(
-    map_fn: Callable[[torch.Tensor], torch.Tensor],
-    jacobian_fn: Callable[[torch.Tensor], torch.Tensor],
-    y: torch.Tensor,
-    *,
-    tolerance: float,
-    max_iterations: int = 50,
-) -> torch.Tensor:
-    r"""
-    Solves :math:`F(x) = y` row by row for a per-sample map :math:`F` (``map_fn``: ``(batch, dim) ->
-    (batch, dim)``, ``jacobian_fn``: its Jacobians ``(batch, dim, dim)``, rows are outputs) by damped
-    Newton iterations started from the explicit first-order inverse :math:`x = y - (F(y) - y)`:
-    :math:`x \leftarrow x - \alpha J^{-1}(F(x) - y)` with a per-sample backtracking line search on the
-    max-norm residual. Iterates until every residual is below ``tolerance`` times
-    :math:`1 + \max|y|` or nothing improves; the caller checks convergence at the returned ``x``.
-    """
-    batch = y.shape[0]
-    x = 2 * y - map_fn(y)
-    residual = map_fn(x) - y
-    res_norm = residual.abs().amax(-1)
-    scale = 1.0 + y.abs().amax(-1)
-    for _ in range(max_iterations):
-        active = res_norm > tolerance * scale
-        if not bool(active.any()):
-            break
-        jac = jacobian_fn(x)
-        try:
-            delta = torch.linalg.solve(jac, residual.unsqueeze(-1)).squeeze(-1)
-        except RuntimeError:
-            delta = torch.linalg.lstsq(jac, residual.unsqueeze(-1)).solution.squeeze(-1)
-        delta = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
-        alpha = torch.ones(batch, 1, dtype=y.dtype, device=y.device)
-        improved = torch.zeros(batch, dtype=torch.bool, device=y.device)
-        new_x, new_res, new_norm = x, residual, res_norm
-        for _ in range(12):  # per-sample backtracking line search
-            cand = x - alpha * delta
-            cand_res = map_fn(cand) - y
-            cand_norm = cand_res.abs().amax(-1)
-            ok = (cand_norm < res_norm) & active & ~improved
-            new_x = torch.where(ok.unsqueeze(-1), cand, new_x)
-            new_res = torch.where(ok.unsqueeze(-1), cand_res, new_res)
-            new_norm = torch.where(ok, cand_norm, new_norm)
-            improved = improved | ok
-            if bool((improved | ~active).all()):
-                break
-            alpha = torch.where(improved.unsqueeze(-1), alpha, 0.5 * alpha)
-        if not bool(improved.any()):
-            break
-        x, residual, res_norm = new_x, new_res, new_norm
-    return x
-
-
-def default_tolerance(dtype: torch.dtype) -> float:
-    """Newton tolerance of the inverse maps: ``1e-9`` in float64, ``2e-4`` otherwise."""
-    return 1e-9 if dtype == torch.float64 else 2e-4
-
-
-def inverse_flow(
-    net: torch.nn.Module,
-    potential_fn: PotentialFn,
-    process: ReferenceProcess,
-    y: torch.Tensor,
-    num_steps: int,
-    *,
-    max_iterations: int = 50,
-    tolerance: float | None = None,
-) -> InverseFlowOutput:
-    r"""
-    Exact inverse of the ``num_steps``-step PF-ODE map (target :math:`\to` prior), step by step
-    with damped Newton iterations on :math:`F_c(x) = y` using the exact Jacobian (through
-    :math:`g`; :func:`newton_invert`), started from the explicit first-order inverse
-    :math:`x \approx y - \Delta\,(\tfrac12\sigma u + \tfrac12\beta y)`.
-
-    Unlike the first-order inverse of the OSDS code, the recovered :math:`x_0` maps *exactly* (to
-    the tolerance) onto ``y``, so
-    :math:`\log q(y) = \log p_0(x_0) - \sum_k \log|\det \partial F_{c_k}/\partial x_k|` is the density of
-    the forward sampler at ``y`` (when the map is injective) and forward estimates (EUBO, forward
-    :math:`\log Z`) are consistent.
-
-    :param float tolerance: max-norm residual accepted per step (default ``1e-9`` in float64,
-        ``2e-4`` in float32, relative to ``1 + |y|``).
-    """
-    if tolerance is None:
-        tolerance = default_tolerance(y.dtype)
-    d = process.step_codes(num_steps)
-    T = process.grid_size
-    batch = y.shape[0]
-    total = torch.zeros(batch, dtype=y.dtype, device=y.device)
-    converged = torch.ones(batch, dtype=torch.bool, device=y.device)
-    orientation = torch.ones(batch, dtype=y.dtype, device=y.device)
-    target = y.detach()
-    for k in reversed(range(num_steps)):
-        code = T - k * d
-
-        def step_map(z, code=code):
-            return ode_step(net, potential_fn, process, z, code, d, log_det="none").x
-
-        def step_jac(z, code=code):
-            return step_jacobian(net, potential_fn, process, z, code, d)[1]
-
-        x = newton_invert(step_map, step_jac, target, tolerance=tolerance, max_iterations=max_iterations)
-        out = ode_step(net, potential_fn, process, x, code, d, log_det="exact")
-        scale = 1.0 + target.abs().amax(-1)
-        converged = converged & ((out.x - target).abs().amax(-1) <= tolerance * scale)
-        orientation = orientation * out.sign
-        total = total + out.log_det
-        target = x.detach()
-    return InverseFlowOutput(target, total, converged, orientation)
-
-
-def em_rollout(
-    net: torch.nn.Module,
-    potential_fn: PotentialFn,
-    process: ReferenceProcess,
-    x0: torch.Tensor,
-    num_steps: int,
-    *,
-    states: torch.Tensor | None = None,
-    differentiable: bool = False,
-    generator: torch.Generator | None = None,
-) -> EMRollout:
-    r"""
-    Stochastic Euler--Maruyama rollout of the controlled SDE with ``num_steps`` steps, returning
-    the states and the summed log densities of the generative and noising kernels.
-
-    With ``states`` given (shape ``(num_steps + 1, batch, dim)``), no noise is drawn: the kernels
-    are evaluated along those fixed states (used by the log-variance loss). Otherwise the path is
-    sampled, reparameterised when ``differentiable`` (gradients flow through the states).
-
-    The Langevin input is held constant (stop-gradient), as in the OSDS code.
-
-    .. math::
-
-        \log w_{\rm EM} = \sum_k \big[\log B(x_k \mid x_{k+1}) - \log F(x_{k+1} \mid x_k)\big]
-            + \log\rho(x_K) - \log p_0(x_0).
-    """
-    d = process.step_codes(num_steps)
-    T = process.grid_size
-    dt = d / T
-    dim = x0.shape[-1]
-    const = 0.5 * dim * math.log(2 * math.pi)
-    codes = [float(T - k * d) for k in range(num_steps)]
-    x = x0 if states is None else states[0]
-    path = [x]
-    log_f = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
-    log_b = torch.zeros_like(log_f)
-    grad_ctx = torch.enable_grad() if differentiable else torch.no_grad()
-    with grad_ctx:
-        t_all = torch.tensor(codes, dtype=x0.dtype, device=x0.device) / T
-        features = net.step_features(t_all, torch.full_like(t_all, dt))
-    for k, code in enumerate(codes):
-        beta = process.beta(code)
-        sigma = process.sigma(code)
-        std = sigma * math.sqrt(dt)
-        _, score = potential_and_score(potential_fn, x)
-        g = langevin_input(process, x.detach(), code, score, d)
-        with grad_ctx:
-            if features is None:
-                u = net(x, t_all[k], dt, g)
-            else:
-                u = net(x, None, None, g, features=tuple(f[k : k + 1] for f in features))
-            mean_f = x + dt * (sigma * u + 0.5 * beta * x)
-            if states is None:
-                noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-                x_next = mean_f + std * noise
-            else:
-                x_next = states[k + 1]
-            log_f = log_f - 0.5 * (((x_next - mean_f) / std) ** 2).sum(-1)
-            mean_b = (1.0 - 0.5 * beta * dt) * x_next
-            log_b = log_b - 0.5 * (((x - mean_b) / std) ** 2).sum(-1)
-        x = x_next
-        path.append(x)
-    # the Gaussian normalisers of F and B are equal step by step and cancel in log B - log F;
-    # they are added to both sums so that each is a true log density
-    norm = sum(dim * math.log(process.sigma(c) * math.sqrt(dt)) + const for c in codes)
-    return EMRollout(torch.stack(path), log_f - norm, log_b - norm)
-
-
-def em_log_weights(
-    net: torch.nn.Module,
-    potential_fn: PotentialFn,
-    process: ReferenceProcess,
-    x0: torch.Tensor,
-    num_steps: int,
-    *,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    r"""
-    Detached float64 path log-weights :math:`\log w_{\rm EM}` (:func:`em_rollout`) of stochastic
-    ``num_steps``-step paths from prior draws ``x0``: the estimator the diffusion-sampler papers use,
-    which is consistent only as the step count grows (what breaks at few steps).
-    """
-    path = em_rollout(net, potential_fn, process, x0, num_steps, generator=generator)
-    with torch.no_grad():
-        u = potential_fn(path.states[-1])
-    lw = path.log_backward - path.log_forward - u - process.prior_log_prob(x0)
-    return lw.detach().to(torch.float64)

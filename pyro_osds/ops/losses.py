@@ -4,7 +4,7 @@ r"""
 Training objectives of the one-step diffusion sampler (pure functions of tensors and modules).
 
 **Diffusion-sampler loss** on EM paths of the fine grid (:math:`K = T`), with the path log-weight
-:math:`\log w_{\rm EM}` of :func:`pyro_osds.ops.integrate.em_rollout`:
+:math:`\log w_{\rm EM}` of :func:`pyro_osds.ops.em.em_rollout`:
 
 * ``"kl"`` (the OSDS code): :math:`\mathcal L = -\frac1B\sum_b \log w_{\rm EM}^{(b)}` on
   reparameterised paths, i.e. the reverse KL on path space up to :math:`\log Z` (= -ELBO);
@@ -55,16 +55,13 @@ with the exact log-determinant (through the Langevin term) and reparameterised d
   :math:`\partial F/\partial x_0` is nearly singular and :math:`\delta` blows up; there the dropped
   term (the gradient of :math:`\log|\det|` at fixed :math:`x_0`) is what keeps the map from folding,
   so draws whose :math:`\|\delta\|` exceeds ``path_cutoff`` times the batch median of the target
-  score's norm :math:`\|\nabla\log\pi(x_K)\|` keep the total gradient. Measured on the 10-D
-  funnel, seed 0: capping :math:`\delta` instead folded 33 of 10^4 draws, this fallback none; a
-  cutoff relative to the median of :math:`\|\delta\|` itself also selects draws at the optimum,
-  where :math:`\delta \to 0`, and their score-term noise kept a 5-D Gaussian's two- and four-step
-  maps at ESS/N 0.84-0.87 (this rule: 1.00).
+  score's norm :math:`\|\nabla\log\pi(x_K)\|` keep the total gradient (rather than capping :math:`\delta`,
+  or a cutoff relative to :math:`\|\delta\|` itself, which also selects draws at the optimum; the measurements:
+  docs, "Design notes").
 
 *Folds.* Where a step's Jacobian determinant turns negative the map is not injective and
 :math:`\log|\det|` understates the density of the draws, so their weights overstate
-:math:`Z` and the loss above can be lowered by folding (measured: 37% folded draws and
-:math:`\log Z` 0.9 nats too high on a 9-mode mixture). Folded draws are therefore left out of
+:math:`Z` and the loss above can be lowered by folding. Folded draws are therefore left out of
 the mean and replaced by ``fold_weight`` times :func:`pyro_osds.ops.integrate.fold_penalty`, which
 raises the smallest eigenvalue of the symmetric part of the folded step's Jacobian until its
 orientation is restored. The barrier :math:`-\log|\det| \to \infty` at the fold's edge then
@@ -95,7 +92,8 @@ import torch
 
 from ..util import PotentialFn, check_choice
 from . import lowrank
-from .integrate import em_rollout, flow, ode_step
+from .em import em_rollout
+from .integrate import flow, ode_step
 from .jacobian import rademacher
 from .reference import ReferenceProcess
 
@@ -221,7 +219,7 @@ def flow_kl_loss(
 
     def flow_and_log_weights(z, **options):
         out = flow(net, potential_fn, process, z, num_steps, log_det="exact", differentiable=True, **options)
-        return out, -potential_fn(out.x) - process.prior_log_prob(z) + out.log_det
+        return out, -potential_fn(out.x) - process.prior_log_prob(z) + out.log_abs_det
 
     with torch.enable_grad():
         if path:
@@ -319,12 +317,12 @@ def self_distillation_loss(
                        generator=generator)
         end = ode_step(teacher, potential_fn, process, mid.x, code - d / 2, d / 2, log_det=volume,
                        num_probes=num_probes, generator=generator)
-    teacher_log_det = mid.log_det + end.log_det
+    teacher_log_det = mid.log_abs_det + end.log_abs_det
     student_out = ode_step(student, potential_fn, process, x_start, code, d, log_det=volume, num_probes=num_probes,
                            differentiable=True, generator=generator)
     with torch.enable_grad():
         state_term = ((end.x - student_out.x) ** 2).mean(-1)
-        volume_term = (teacher_log_det - student_out.log_det) ** 2
+        volume_term = (teacher_log_det - student_out.log_abs_det) ** 2
         per_pair = state_term + volume_weight * volume_term
         if jacobian_weight:
             v = rademacher(student_out.start.shape, dtype=dtype, device=device, generator=generator)

@@ -2,23 +2,16 @@
 # SPDX-License-Identifier: Apache-2.0
 r"""
 Affine preconditioning of a target from a Gaussian fit, so that the flow only has to learn the
-non-Gaussian part.
+non-Gaussian part (the maps and the whitened potential: :mod:`~pyro_osds.ops.affine`).
 
-With :math:`x = m + L z` (:math:`L` lower triangular) the whitened potential is
-
-.. math:: U_z(z) = U(m + L z) - \log|\det L|,
-
-whose normaliser equals that of :math:`U`; a sampler density :math:`q_z` in :math:`z` maps to
-:math:`\log q_x(x) = \log q_z(z) - \log|\det L|`, so importance weights stay exact.
-
-Fits (all return an :class:`AffineMap`):
+Fits (all return an :class:`~pyro_osds.ops.affine.AffineMap`):
 
 * :func:`fit_laplace`: MAP by L-BFGS, then :math:`L = \operatorname{chol}(H^{-1})` of the Hessian
   (``full``) or :math:`L = \operatorname{diag}(H_{ii}^{-1/2})` (``diagonal``);
-* :func:`find_modes` / :func:`covering_gaussian`: a multi-start mode search; when it finds several
-  separated modes with non-negligible Laplace mass, a single mode-seeking Gaussian would hide all but
-  one of them, so the preconditioner is instead the Gaussian that matches the first two moments of
-  the mixture of their Laplace approximations (which covers them all);
+* :func:`~pyro_osds.ops.affine.covering_gaussian` of the separated modes a mode search found
+  (:func:`~pyro_osds.ops.mode_search.search_modes`): a single mode-seeking Gaussian would hide all but one of
+  them, so the preconditioner of one flow is the Gaussian that matches the first two moments of the mixture of
+  their Laplace approximations;
 * :func:`fit_gaussian`: Gaussian variational fit (maximises the ELBO of
   :math:`\mathcal N(m, LL^\top)` with reparameterised gradients), started from the best of the given
   candidates by a pilot ELBO. Unlike the Laplace fit it cannot collapse onto a spike (e.g. the
@@ -27,7 +20,8 @@ Fits (all return an :class:`AffineMap`):
   expected Hessian, for potentials without a mode to start from (a centred hierarchical model, whose
   density grows without bound as its scale goes to zero), where Adam from the identity is far too slow.
 
-:func:`choose_preconditioner` combines them as :class:`PreconditionConfig` asks.
+:func:`choose_preconditioner` combines them as :class:`PreconditionConfig` asks and says what it found in a
+:class:`SearchReport`.
 """
 
 from __future__ import annotations
@@ -40,84 +34,59 @@ from typing import NamedTuple
 import torch
 
 from ..util import PotentialFn, check_choice, check_number, check_positive_int, warn
-from .jacobian import potential_and_score, potential_score_hessian
-from .marginal import MarginalMixtureMap, fit_marginal_mixture
+from .affine import AffineMap, covering_gaussian, scale_from_hessian
+from .jacobian import potential_score_hessian
+from .marginal import fit_marginal_mixture
+from .mode_search import ModeSearch, search_modes
 
-__all__ = ["PRECONDITIONERS", "AffineMap", "LaplacePartition", "ModeSearch", "PreconditionConfig",
-           "choose_preconditioner",
-           "covering_gaussian", "find_modes", "fit_gaussian", "fit_gaussian_natural", "fit_laplace", "gaussian_elbo", "lost_modes",
-           "mode_shares", "preconditioner_from_state", "search_modes", "whiten_potential"]
+__all__ = ["PRECONDITIONERS", "PreconditionConfig", "SearchReport", "choose_preconditioner", "fit_gaussian",
+           "fit_gaussian_natural", "fit_laplace", "gaussian_elbo", "refine_component"]
 
 PRECONDITIONERS = ("gaussian", "laplace", "diagonal_laplace", "none")
 
-class AffineMap(NamedTuple):
-    r""":math:`x = m + L z` with ``shift`` :math:`m` ``(D,)`` and lower-triangular ``scale_tril`` :math:`L` ``(D, D)``."""
 
-    shift: torch.Tensor
-    scale_tril: torch.Tensor
+class SearchReport(NamedTuple):
+    r"""
+    What a chain learnt about its target before training: the mode search's findings and the preconditioner
+    fitted from them (:func:`choose_preconditioner`; a frozen record).
+
+    :param tuple modes: the separated modes the chain knows of, ``((centre, Laplace mass), ...)``: the modes the
+        search kept when it kept several, with the light ones too when it could not enumerate them and a marginal
+        mixture spreads over them; empty for a single mode (nothing to lose).
+    :param int num_modes: the separated modes the search kept (0: no search ran).
+    :param int num_light: the distinct optima it dropped as lighter than 1e-3 of the heaviest.
+    :param bool saturated: whether the search stopped because new starts found no new mode rather than by its
+        budget (``True`` when no search ran).
+    :param int num_starts: the starts it descended from.
+    :param bool marginal_mixture: whether the preconditioner is a
+        :class:`~pyro_osds.ops.marginal.MarginalMixtureMap`, which spreads over modes it could not enumerate.
+    :param int num_laplace_fits: the converged Laplace fits the Gaussian fit chose its start from.
+    :param dict fit: the preconditioner fit's own diagnostics (:func:`fit_gaussian`'s pilot ELBOs, the marginal
+        mixture's EM), for reports; ``None`` without a fit.
+    """
+
+    modes: tuple = ()
+    num_modes: int = 0
+    num_light: int = 0
+    saturated: bool = True
+    num_starts: int = 0
+    marginal_mixture: bool = False
+    num_laplace_fits: int = 0
+    fit: dict | None = None
 
     @classmethod
-    def identity(cls, dim: int, *, scale: float = 1.0, shift: torch.Tensor | None = None, dtype=None, device=None):
-        m = torch.zeros(dim, dtype=dtype, device=device) if shift is None else shift.detach().clone()
-        return cls(m, scale * torch.eye(dim, dtype=m.dtype, device=m.device))
-
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return self.shift + z @ self.scale_tril.T
-
-    def inverse(self, x: torch.Tensor) -> torch.Tensor:
-        sol = torch.linalg.solve_triangular(self.scale_tril, (x - self.shift).T, upper=False)
-        return sol.T
+    def of_search(cls, search: ModeSearch, **fields) -> SearchReport:
+        """The report of ``search`` (its kept modes as :attr:`modes` when there are several), with ``fields``."""
+        modes = tuple((a.shift, w) for a, w in search.modes) if len(search.modes) > 1 else ()
+        return cls(**{"modes": modes, "num_modes": len(search.modes), "num_light": search.num_light,
+                      "saturated": search.saturated, "num_starts": search.num_starts, **fields})
 
     @property
-    def log_abs_det(self) -> torch.Tensor:
-        r""":math:`\log|\det L|`."""
-        return self.scale_tril.diagonal().abs().log().sum()
-
-    def forward_and_log_det(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""``(x, log|det dx/dz|)`` for ``z`` ``(batch, D)``, the log-determinant ``(batch,)`` (the interface every
-        preconditioner offers; :class:`~pyro_osds.ops.marginal.MarginalMixtureMap`'s varies with ``z``)."""
-        return self(z), self.log_abs_det.expand(z.shape[:-1])
-
-    def state(self) -> dict:
-        """The map's tensors by name (for checkpoints)."""
-        return {"shift": self.shift.detach().clone(), "scale_tril": self.scale_tril.detach().clone()}
-
-    def to(self, dtype=None, device=None) -> AffineMap:
-        return AffineMap(self.shift.to(dtype=dtype, device=device), self.scale_tril.to(dtype=dtype, device=device))
-
-
-def whiten_potential(potential_fn: PotentialFn, affine) -> PotentialFn:
-    r"""The whitened potential :math:`U_z(z) = U(T(z)) - \log|\det \partial T/\partial z|` (batched) of a
-    preconditioner :math:`T`: :math:`U(m + Lz) - \log|\det L|` for an :class:`AffineMap`, and the same pull-back
-    for a :class:`~pyro_osds.ops.marginal.MarginalMixtureMap`."""
-
-    def whitened(z: torch.Tensor) -> torch.Tensor:
-        x, log_det = affine.forward_and_log_det(z)
-        return potential_fn(x) - log_det
-
-    return whitened
-
-
-def preconditioner_from_state(state: dict, dtype=None, device=None):
-    """The preconditioner a checkpoint holds (:meth:`AffineMap.state`, :meth:`MarginalMixtureMap.state`)."""
-    if state.get("kind") == "marginal_mixture":
-        fields = {k: v for k, v in state.items() if k != "kind"}
-        return MarginalMixtureMap(**fields).to(dtype=dtype, device=device)
-    return AffineMap(state["shift"], state["scale_tril"]).to(dtype=dtype, device=device)
-
-
-def _scale_from_hessian(hessian: torch.Tensor, diagonal: bool) -> torch.Tensor:
-    h = 0.5 * (hessian + hessian.T)
-    if diagonal:
-        d = h.diagonal()
-        floor = 1e-8 * d.abs().max().clamp_min(1e-12)
-        return torch.diag(d.abs().clamp_min(floor).rsqrt())
-    eigval, eigvec = torch.linalg.eigh(h)
-    floor = 1e-8 * eigval.abs().max().clamp_min(1e-12)
-    inv = eigval.abs().clamp_min(floor).reciprocal()
-    cov = (eigvec * inv) @ eigvec.T
-    cov = 0.5 * (cov + cov.T)
-    return torch.linalg.cholesky(cov)
+    def too_many_modes(self) -> bool:
+        """Whether the search kept finding separated modes until its budget ran out and the preconditioner does not
+        spread over them: one flow then covers a few of them, and the evidence misses the mass of the others,
+        which its weights cannot show."""
+        return not self.saturated and not self.marginal_mixture
 
 
 def fit_laplace(
@@ -161,7 +130,7 @@ def fit_laplace(
             "The Laplace fit failed: the potential's MAP or Hessian is not finite. "
             "Use `precondition='gaussian'` or `precondition=None`."
         )
-    scale = _scale_from_hessian(hessian, diagonal)
+    scale = scale_from_hessian(hessian, diagonal)
     info = {"map": x_map[0], "potential": float(potential[0]), "hessian": hessian, "converged": converged,
             "iterations": iterations}
     return AffineMap(x_map[0].clone(), scale), info
@@ -262,9 +231,8 @@ def fit_gaussian_natural(
     the natural-gradient (variational online Newton) update [2], with :math:`\beta_t` = ``step_size`` for the
     first ``decay_after`` steps and :math:`\beta_t \propto 1/t` after, so the Monte-Carlo noise averages out.
     An indefinite :math:`P` has its eigenvalues clipped at :math:`10^{-3}` of the largest. Unlike Adam on
-    :math:`(m, L)` it needs no learning rate for the scale and converges in tens of steps whatever the start:
-    a 1002-latent centred random-effects model reaches an ELBO 12 nats below its log Z in 40 steps (Adam from
-    the identity: 372 nats below after 500). Costs :math:`O(S D)` potential evaluations and :math:`O(S D^2)`
+    :math:`(m, L)` it needs no learning rate for the scale and converges in tens of steps whatever the start.
+    Costs :math:`O(S D)` potential evaluations and :math:`O(S D^2)`
     memory per step (the Hessians are averaged one pass at a time).
 
     :returns: ``(AffineMap, info)``: the last iterate (the decaying steps average the noise out), or the start
@@ -328,100 +296,6 @@ def fit_gaussian_natural(
                   "skipped_steps": skipped}
 
 
-def find_modes(
-    potential_fn: PotentialFn,
-    init: torch.Tensor,
-    *,
-    num_starts: int = 4,
-    scale: float = 2.0,
-    min_mass: float = 1e-3,
-    separation: float = 3.0,
-    generator: torch.Generator | None = None,
-    info: dict | None = None,
-) -> list[tuple[AffineMap, float]]:
-    r"""
-    Laplace fits from ``init`` and ``num_starts`` random starts ``init + scale * N(0, I)``, merged into
-    distinct modes: two optima are the same mode unless their Mahalanobis distance under the summed
-    covariances exceeds ``separation``. Each mode gets its Laplace mass
-    :math:`\propto e^{-U(m)}|\det L|`; modes with relative mass below ``min_mass`` are dropped.
-
-    :param dict info: if given, receives ``num_light_modes``: the distinct optima dropped as light.
-        Each may be negligible, but many light modes (a product of independent multimodal factors
-        has exponentially many) can hold much mass together.
-    :returns: ``[(AffineMap, relative_mass), ...]``, heaviest first (empty if every fit failed).
-    """
-    if info is not None:
-        info["num_light_modes"] = 0
-    starts = [init.detach()]
-    for _ in range(num_starts):
-        noise = torch.randn(init.shape, dtype=init.dtype, device=init.device, generator=generator)
-        starts.append(init.detach() + scale * noise)
-    found: list[tuple[AffineMap, float]] = []
-    for start in starts:
-        try:
-            affine, fit = fit_laplace(potential_fn, start)
-        except (ValueError, RuntimeError):
-            continue
-        if not fit["converged"]:
-            continue
-        log_mass = -fit["potential"] + float(affine.log_abs_det)
-        cov = affine.scale_tril @ affine.scale_tril.T
-        duplicate = False
-        for k, (other, other_log_mass) in enumerate(found):
-            diff = affine.shift - other.shift
-            total = cov + other.scale_tril @ other.scale_tril.T
-            dist2 = float(diff @ torch.linalg.solve(total, diff))
-            if dist2 <= separation**2:
-                duplicate = True
-                if log_mass > other_log_mass:
-                    found[k] = (affine, log_mass)
-                break
-        if not duplicate:
-            found.append((affine, log_mass))
-    if not found:
-        return []
-    log_masses = torch.tensor([m for _, m in found], dtype=torch.float64)
-    masses = torch.softmax(log_masses, 0)
-    modes = [(a, float(w)) for (a, _), w in zip(found, masses, strict=True) if float(w) >= min_mass]
-    if info is not None:
-        info["num_light_modes"] = len(found) - len(modes)
-    total = sum(w for _, w in modes)
-    return sorted(((a, w / total) for a, w in modes), key=lambda t: -t[1])
-
-
-def mode_shares(x: torch.Tensor, log_weight: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    r"""
-    Importance-weighted share of the draws ``x`` ``(N, D)`` nearest (Euclidean) to each of the
-    ``centers`` ``(M, D)``: :math:`s_k = \sum_n \bar w_n [\arg\min_j \|x_n - c_j\| = k]`,
-    :math:`\bar w = \operatorname{softmax}(\log w)`. Non-finite log-weights count as zero weight.
-    """
-    log_weight = torch.where(torch.isfinite(log_weight), log_weight, torch.full_like(log_weight, -math.inf))
-    weights = torch.softmax(log_weight.to(torch.float64), 0)
-    nearest = torch.cdist(x.to(torch.float64), centers.to(torch.float64)).argmin(-1)
-    return torch.zeros(centers.shape[0], dtype=torch.float64).index_add_(0, nearest.cpu(), weights.cpu())
-
-
-def lost_modes(masses, shares, *, min_mass: float = 0.05, ratio: float = 0.1) -> list[int]:
-    """
-    Indices of modes with Laplace ``masses`` of at least ``min_mass`` whose weighted sample ``shares``
-    are below ``ratio`` times that mass: modes the sampler has (almost surely) lost. Laplace masses are
-    approximate, hence the factor-of-ten margin.
-    """
-    return [k for k, (m, s) in enumerate(zip(masses, shares, strict=True)) if m >= min_mass and s < ratio * m]
-
-
-def covering_gaussian(modes: list[tuple[AffineMap, float]]) -> AffineMap:
-    r"""
-    The Gaussian with the mean and covariance of the mixture :math:`\sum_k \pi_k \mathcal N(m_k, L_k L_k^\top)`:
-    :math:`\bar m = \sum_k \pi_k m_k`, :math:`\Sigma = \sum_k \pi_k (L_kL_k^\top + m_k m_k^\top) - \bar m\bar m^\top`.
-    """
-    mean = sum(w * a.shift for a, w in modes)
-    second = sum(w * (a.scale_tril @ a.scale_tril.T + torch.outer(a.shift, a.shift)) for a, w in modes)
-    cov = second - torch.outer(mean, mean)
-    cov = 0.5 * (cov + cov.T)
-    return AffineMap(mean, _scale_from_hessian(torch.linalg.inv(cov), diagonal=False))
-
-
 @dataclass(frozen=True)
 class PreconditionConfig:
     r"""
@@ -437,7 +311,7 @@ class PreconditionConfig:
         it doubles while rounds find new modes.
     :param str components: ``"auto"`` (default): when the search finds several separated modes (and stops
         because it found them all, at most ``max_components``), a chain is a mixture with one component per
-        mode (:class:`~pyro_osds.sampler.MixtureSampler`); ``"single"``: one flow preconditioned by a broad
+        mode (:class:`~pyro_osds.samplers.MixtureSampler`); ``"single"``: one flow preconditioned by a broad
         Gaussian covering the modes.
     :param int max_components: the most modes that get a component each (64).
     :param int marginal_components: when the search finds more separated modes than it can enumerate (it does
@@ -489,7 +363,7 @@ def choose_preconditioner(
     *,
     search: ModeSearch | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[AffineMap, dict]:
+) -> tuple[AffineMap, SearchReport]:
     r"""
     The affine preconditioner of one flow that :class:`PreconditionConfig` asks for, fitted on
     ``potential_fn`` from ``init`` (in their dtype):
@@ -500,42 +374,34 @@ def choose_preconditioner(
     2. several modes, too many to enumerate (an unsaturated search), and ``"gaussian"``: the
        :class:`~pyro_osds.ops.marginal.MarginalMixtureMap` fitted from them (``marginal_components`` > 0);
     3. else the Laplace fit of the mode found (the heaviest, when the search could not enumerate them: one
-       flow holds few modes, and over a cover of a sample of them it settles on an arbitrary one, measured
-       on many-well 1.7 to 3.4 nats below the heaviest), or from ``init``, diagonalised for
+       flow holds few modes, and over a cover of a sample of them it settles on an arbitrary one), or from
+       ``init``, diagonalised for
        ``"diagonal_laplace"``, and the identity at ``init`` are the candidates: ``"laplace"`` takes the
        first, ``"gaussian"`` runs :func:`fit_gaussian` from the best of them.
 
-    :returns: ``(AffineMap, info)``; ``info`` may hold ``"num_modes"`` (separated modes found by the
-        search), ``"modes"`` (``[(centre, Laplace mass), ...]`` when several were found), ``"light_modes"``
-        (optima dropped as light by the mode search), ``"laplace"`` (``{"converged_fits": n}``) and
-        ``"gaussian"`` (the fit's pilot ELBOs).
+    :returns: ``(AffineMap, SearchReport)``.
     :raises ValueError: ``"laplace"``/``"diagonal_laplace"`` when no Laplace fit converged.
     """
-    info: dict = {}
     dim = init.numel()
     identity = AffineMap.identity(dim, shift=init, dtype=init.dtype, device=init.device)
     if config.kind == "none":
-        return identity, info
+        return identity, SearchReport()
     if search is None and config.mode_search_starts > 0:
         search = config.search(potential_fn, init, generator=generator)
     laplace_fits = []
+    report = SearchReport() if search is None else SearchReport.of_search(search)
     if search is not None:
-        info["num_modes"], info["light_modes"] = len(search.modes), search.num_light
-        info["saturated"], info["search_starts"] = search.saturated, search.num_starts
-        if len(search.modes) > 1:
-            info["modes"] = [(a.shift, w) for a, w in search.modes]
-            if search.saturated:
-                return covering_gaussian(search.modes), info
+        if len(search.modes) > 1 and search.saturated:
+            return covering_gaussian(search.modes), report
         found = list(search.modes) + list(search.light)
         if (not search.saturated and len(found) > 1 and config.kind == "gaussian"
                 and config.marginal_components > 0):
             # too many to enumerate (e.g. a product of multimodal factors): a bijection that splits every
             # coordinate across its wells, fitted to the weights' marginals from every mode found, light or not
-            info["modes"] = [(a.shift, w) for a, w in found]
             marginal, fit = fit_marginal_mixture(potential_fn, found, num_components=config.marginal_components,
                                                  generator=generator)
-            info["marginal_mixture"] = fit
-            return marginal, info
+            return marginal, report._replace(modes=tuple((a.shift, w) for a, w in found), marginal_mixture=True,
+                                             fit=fit)
         # one mode, or too many to enumerate: one flow holds few of them, so it starts at the heaviest found
         laplace_fits = [affine for affine, _ in search.modes[:1]]
     if not laplace_fits:
@@ -547,7 +413,7 @@ def choose_preconditioner(
             pass
     if config.kind == "diagonal_laplace":
         laplace_fits = [_diagonal(a) for a in laplace_fits]
-    info["laplace"] = {"converged_fits": len(laplace_fits)}
+    report = report._replace(num_laplace_fits=len(laplace_fits))
     if not laplace_fits:
         if config.kind != "gaussian":
             raise ValueError(
@@ -559,288 +425,22 @@ def choose_preconditioner(
         warn("No Laplace fit converged (no interior mode, e.g. a density that grows as a scale goes to zero); "
              "fitting the Gaussian preconditioner from the identity by natural-gradient steps.", RuntimeWarning)
         affine, fit = fit_gaussian_natural(potential_fn, identity, generator=generator)
-        info["gaussian"] = fit
-        return affine, info
+        return affine, report._replace(fit=fit)
     candidates = laplace_fits + [identity]
     if config.kind in ("laplace", "diagonal_laplace"):
-        return candidates[0], info  # the heaviest converged mode
+        return candidates[0], report  # the heaviest converged mode
     affine, fit = fit_gaussian(potential_fn, candidates, num_iterations=config.num_iterations, generator=generator)
-    info["gaussian"] = fit
-    return affine, info
+    return affine, report._replace(fit=fit)
 
 
 def refine_component(potential_fn: PotentialFn, laplace: AffineMap, config: PreconditionConfig, *,
-                     generator: torch.Generator | None = None) -> tuple[AffineMap, dict]:
+                     generator: torch.Generator | None = None) -> tuple[AffineMap, dict | None]:
     """The preconditioner of a mixture component at one mode, from that mode's Laplace fit: the fit
     itself (``"laplace"``), its marginal scales (``"diagonal_laplace"``) or a Gaussian variational fit
-    started there (``"gaussian"``; it stays at the mode it starts at, and is kept only if it improves)."""
+    started there (``"gaussian"``; it stays at the mode it starts at, and is kept only if it improves).
+    Returns ``(AffineMap, fit)``, ``fit`` the Gaussian fit's diagnostics (``None`` without one)."""
     if config.kind == "laplace":
-        return laplace, {}
+        return laplace, None
     if config.kind == "diagonal_laplace":
-        return _diagonal(laplace), {}
-    affine, fit = fit_gaussian(potential_fn, [laplace], num_iterations=config.num_iterations, generator=generator)
-    return affine, {"gaussian": fit}
-
-
-class ModeSearch(NamedTuple):
-    r"""
-    Result of :func:`search_modes`: the separated ``modes`` as Laplace fits with their relative Laplace
-    masses (``[(AffineMap, mass), ...]``, heaviest first, masses of the kept modes summing to one),
-    ``num_light`` distinct optima dropped as lighter than ``min_mass``, ``saturated`` (whether the
-    search stopped because new starts found no new mode, rather than by its budget), ``num_starts`` and, when
-    the search is not saturated, the ``light`` modes themselves (``[(AffineMap, mass), ...]``, masses on the kept
-    modes' scale): in a product of multimodal factors every mode is light next to the heaviest one found, yet
-    together they show where each coordinate's wells are (:func:`~pyro_osds.ops.marginal.mixture_marginals`).
-    """
-
-    modes: list
-    num_light: int
-    saturated: bool
-    num_starts: int
-    light: tuple = ()
-
-
-def _representatives(x: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """One row per cluster of rows within ``tolerance`` (max-norm) of each other, greedily in row order
-    (non-finite rows dropped): the descents that ended in the same basin need one Newton polish."""
-    kept: list[torch.Tensor] = []
-    for row in x[torch.isfinite(x).all(-1)]:
-        if not kept or float((torch.stack(kept) - row).abs().amax(-1).min()) > tolerance:
-            kept.append(row)
-    return torch.stack(kept) if kept else x[:0]
-
-
-def _newton_direction(hessian: torch.Tensor, score: torch.Tensor, *, eigen_max_dim: int = 256
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""
-    The Newton step :math:`H^{-1}\nabla\log\rho = -H^{-1}\nabla U` per row, by Cholesky where :math:`H` is positive
-    definite; elsewhere (saddles, maxima, flat directions) a descent direction: with :math:`|H|` (eigenvalues by
-    magnitude, floored at :math:`10^{-8}\max|\lambda|`) up to ``eigen_max_dim`` dimensions, above it the score over
-    :math:`|\operatorname{diag} H|` (an eigendecomposition per row costs :math:`O(D^3)`). Non-finite entries become
-    zero. Returns ``(step, indefinite)``, the second marking the rows whose Hessian was not positive definite.
-    """
-    sym = 0.5 * (hessian + hessian.transpose(-1, -2))
-    chol, info = torch.linalg.cholesky_ex(sym)
-    step = torch.cholesky_solve(score.unsqueeze(-1), chol).squeeze(-1)
-    finite = torch.isfinite(sym).all(-1).all(-1) & torch.isfinite(score).all(-1)
-    indefinite = ((info != 0) | ~torch.isfinite(step).all(-1)) & finite
-    for row in indefinite.nonzero().flatten().tolist():
-        if sym.shape[-1] > eigen_max_dim:
-            diagonal = sym[row].diagonal().abs()
-            step[row] = score[row] / diagonal.clamp_min(1e-8 * float(diagonal.max().clamp_min(1e-12)))
-            continue
-        try:
-            eigval, eigvec = torch.linalg.eigh(sym[row])
-        except RuntimeError:  # eigh did not converge: no step for this row
-            step[row] = 0.0
-            continue
-        floor = 1e-8 * eigval.abs().max().clamp_min(1e-12)
-        step[row] = eigvec @ ((eigvec.T @ score[row]) / eigval.abs().clamp_min(floor))
-    return torch.where(torch.isfinite(step) & finite.unsqueeze(-1), step, torch.zeros_like(step)), indefinite
-
-
-def _damped_step(potential_fn: PotentialFn, x: torch.Tensor, u: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """``x + alpha * step`` per row, ``alpha`` halved (up to ten times) until the potential does not rise above
-    ``u``; rows where no such ``alpha`` is found stay where they are."""
-    alpha = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-    with torch.no_grad():
-        for _ in range(10):
-            candidate = potential_fn(x + alpha * step)
-            worse = ~(candidate <= u + 1e-12 * u.abs().clamp_min(1.0))
-            if not bool(worse.any()):
-                break
-            alpha = torch.where(worse.unsqueeze(-1), 0.5 * alpha, alpha)
-    return torch.where((~worse).unsqueeze(-1), x + alpha * step, x)
-
-
-def _descend(potential_fn: PotentialFn, x: torch.Tensor, *, scale: float, iterations: int = 300,
-             newton_iterations: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""
-    Local minima of ``potential_fn`` from every row of ``x`` at once (rows do not interact): Adam with a
-    step of ``scale / 20`` decaying to a hundredth; the end points that landed together are merged
-    (:func:`_representatives`), brought together by Newton steps with the Hessian at the lowest of them, merged
-    again and polished by damped Newton steps with the batched Hessian and a per-row backtracking line search
-    (:func:`_newton_direction`, :func:`_damped_step`), merging after every step. Returns ``(points, potentials, hessians)``, one row per distinct end point;
-    rows that did not converge to a finite minimum come back as NaN.
-    """
-    x = x.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=scale / 20)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=scale / 2000)
-    previous = None
-    for it in range(iterations):
-        with torch.enable_grad():
-            u = potential_fn(x)
-            ok = torch.isfinite(u)
-            if not bool(ok.any()):
-                break
-            opt.zero_grad()
-            u[ok].sum().backward()
-        if it % 25 == 0:  # every row has stopped improving: Newton takes it from here
-            current = u.detach()
-            if previous is not None and bool((((previous - current).abs() <= 1e-6 * (1 + current.abs())) | ~ok).all()):
-                break
-            previous = current
-        with torch.no_grad():
-            x.grad[~torch.isfinite(x.grad)] = 0.0
-        opt.step()
-        schedule.step()
-    tolerance = scale / 200
-    x = _representatives(x.detach(), tolerance=tolerance)
-    # the descents that stopped apart in one basin: a Newton step with the Hessian at the lowest of them brings
-    # them together (exactly, for a quadratic basin), so that one Hessian replaces one per descent
-    for _ in range(3):
-        if x.shape[0] <= 1:
-            break
-        u, score = potential_and_score(potential_fn, x)
-        lowest = int(torch.argmin(torch.nan_to_num(u, nan=math.inf)))
-        _, _, hessian = potential_score_hessian(potential_fn, x[lowest : lowest + 1])
-        chol, info = torch.linalg.cholesky_ex(0.5 * (hessian[0] + hessian[0].T))
-        if int(info) != 0:
-            break
-        step = torch.cholesky_solve(score.T, chol).T  # -H^-1 grad U = H^-1 score, every row
-        merged = _representatives(_damped_step(potential_fn, x, u, step), tolerance=tolerance)
-        if merged.shape[0] == x.shape[0]:
-            break
-        x = merged
-    for it in range(newton_iterations):
-        u, score, hessian = potential_score_hessian(potential_fn, x)
-        step, indefinite = _newton_direction(hessian, score)
-        if it >= 5 and bool(indefinite.any()):  # still not in a basin after five steps: no minimum to polish
-            keep = ~indefinite
-            x, u, step = x[keep], u[keep], step[keep]
-            if x.shape[0] == 0:
-                break
-        x = _damped_step(potential_fn, x, u, step)
-        if float(step.abs().amax()) < 1e-10 * (1.0 + float(x.abs().amax())):
-            break
-        x = _representatives(x, tolerance=tolerance)
-    if x.shape[0] == 0:  # every descent left for a region without a minimum (e.g. a scale going to zero)
-        return x, x.new_zeros(0), x.new_zeros(0, x.shape[-1], x.shape[-1])
-    u, score, hessian = potential_score_hessian(potential_fn, x)
-    # converged: a finite stationary point whose gradient is small relative to the potential's scale
-    tol = 1e-3 * (u.abs() / x.shape[-1]).clamp_min(1.0)
-    good = torch.isfinite(u) & (score.abs().amax(-1) < tol) & torch.isfinite(hessian).all(-1).all(-1)
-    nan = torch.full_like(x, math.nan)
-    return torch.where(good.unsqueeze(-1), x, nan), torch.where(good, u, torch.full_like(u, math.nan)), hessian
-
-
-def search_modes(
-    potential_fn: PotentialFn,
-    init: torch.Tensor,
-    *,
-    starts_per_round: int = 64,
-    initial_scale: float = 2.0,
-    max_scale: float | None = None,
-    max_starts: int = 2048,
-    min_mass: float = 1e-3,
-    same: float = 0.1,
-    generator: torch.Generator | None = None,
-) -> ModeSearch:
-    r"""
-    A multi-start search for the separated modes of :math:`\rho = e^{-U}` around ``init``.
-
-    Rounds of ``starts_per_round`` starts ``init + s N(0, I)`` (the first round's first start is ``init``)
-    descend at once (Adam, then damped Newton
-    with the batched Hessian) to local minima of :math:`U`; each converged minimum gets its Laplace fit
-    :math:`N(m, H^{-1})` and its Laplace mass :math:`\propto e^{-U(m)}|\det L|`; a minimum within ``same``
-    standard deviations (Mahalanobis, under its Laplace covariance) of one found before is that one again,
-    and every other is a mode of its own, however close.
-    The scale :math:`s` starts at ``initial_scale``; rounds at one scale repeat while they find new modes,
-    and the scale doubles until a whole scale finds none (up to ``max_scale``, default
-    ``2^10 initial_scale``), so modes far apart are found without knowing their spread. The search is
-    *saturated* when it stops because new starts stopped finding new modes; it stops unsaturated after
-    ``max_starts`` starts (e.g. a product of many bimodal factors, whose modes cannot be enumerated).
-
-    :returns: :class:`ModeSearch`; modes lighter than ``min_mass`` times the heaviest are dropped and counted.
-    """
-    max_scale = initial_scale * 2**10 if max_scale is None else max_scale
-    init = init.detach()
-    centres, trils, log_masses = [], [], []  # the distinct minima found so far
-    num_starts, scale, saturated = 0, float(initial_scale), False
-    while scale <= max_scale and num_starts < max_starts:
-        new_at_scale = 0
-        while num_starts < max_starts:
-            noise = torch.randn((starts_per_round,) + tuple(init.shape), dtype=init.dtype, device=init.device,
-                                generator=generator)
-            starts = init + scale * noise
-            if num_starts == 0:  # the initial point itself starts too (downhill from it lies the mode it is in)
-                starts = torch.cat([init.unsqueeze(0), starts[:-1]])
-            num_starts += starts_per_round
-            points, potentials, hessians = _descend(potential_fn, starts, scale=scale)
-            new = 0
-            for k in torch.argsort(torch.nan_to_num(potentials, nan=math.inf)).tolist():
-                if not math.isfinite(float(potentials[k])):
-                    continue
-                try:
-                    tril = _scale_from_hessian(hessians[k], diagonal=False)
-                except RuntimeError:
-                    continue
-                if centres:  # the same minimum again: within `same` standard deviations of one found before
-                    diff = torch.linalg.solve_triangular(tril, (torch.stack(centres) - points[k]).T, upper=False)
-                    if float((diff**2).sum(0).min()) <= same**2:
-                        continue
-                centres.append(points[k])
-                trils.append(tril)
-                log_masses.append(-float(potentials[k]) + float(tril.diagonal().abs().log().sum()))
-                new += 1
-            new_at_scale += new
-            if new == 0:
-                break
-        if new_at_scale == 0 and scale > initial_scale:
-            saturated = True
-            break
-        scale *= 2
-    found = list(zip(centres, trils, log_masses, strict=True))
-    if not found:
-        return ModeSearch([], 0, saturated, num_starts)
-    masses = torch.softmax(torch.tensor(log_masses, dtype=torch.float64), 0)
-    heaviest = float(masses.max())  # light is relative to the heaviest mode: 4096 equal modes are all kept
-    is_kept = [float(w) >= min_mass * heaviest for w in masses]
-    every = [(AffineMap(c, tril), float(w)) for (c, tril, _), w in zip(found, masses, strict=True)]
-    kept = [mode for mode, keep in zip(every, is_kept, strict=True) if keep]
-    total = sum(w for _, w in kept)
-    modes = sorted(((a, w / total) for a, w in kept), key=lambda t: -t[1])
-    light = () if saturated else tuple((a, w / total) for (a, w), keep in zip(every, is_kept, strict=True) if not keep)
-    return ModeSearch(modes, len(found) - len(kept), saturated, num_starts, light)
-
-
-class LaplacePartition:
-    r"""
-    A partition of unity from Laplace fits of separated modes: with fits :math:`N(m_k, L_kL_k^\top)`
-    and masses :math:`w_k`,
-
-    .. math:: s_k(x) = \frac{w_k N(x; m_k, L_kL_k^\top)}{\sum_j w_j N(x; m_j, L_jL_j^\top)},
-        \qquad \sum_k s_k(x) = 1,
-
-    i.e. each mode's responsibility under the Laplace mixture. :math:`Z = \sum_k \int \pi s_k`, and each
-    piece :math:`\pi s_k` is unimodal around :math:`m_k` (a flow started there can fit it), so weighting
-    the draws of component :math:`k` by :math:`\pi s_k / q_k` gives exact importance weights that need no
-    other component's density (Veach's multiple importance sampling with weighting functions
-    :math:`s_k`). Calling it on ``x`` ``(N, D)`` returns :math:`\log s_k(x)`, ``(M, N)``.
-    """
-
-    def __init__(self, modes: list[tuple[AffineMap, float]]):
-        self.shifts = torch.stack([a.shift for a, _ in modes])
-        self.trils = torch.stack([a.scale_tril for a, _ in modes])
-        self.log_norms = torch.stack([a.log_abs_det for a, _ in modes])
-        self.log_masses = torch.tensor([math.log(w) for _, w in modes], dtype=self.shifts.dtype,
-                                       device=self.shifts.device)
-
-    def __len__(self) -> int:
-        return self.shifts.shape[0]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.shifts.dtype)
-        diff = (x.unsqueeze(0) - self.shifts.unsqueeze(1)).transpose(-1, -2)  # (M, D, N)
-        z = torch.linalg.solve_triangular(self.trils, diff, upper=False)
-        log_density = -0.5 * (z**2).sum(-2) - self.log_norms.unsqueeze(-1)  # up to the shared constant
-        terms = self.log_masses.unsqueeze(-1) + log_density
-        return terms - torch.logsumexp(terms, 0, keepdim=True)
-
-    def restricted(self, potential_fn: PotentialFn, k: int) -> PotentialFn:
-        r"""The potential of the piece :math:`\pi s_k`: :math:`U(x) - \log s_k(x)`."""
-
-        def potential(x: torch.Tensor) -> torch.Tensor:
-            return potential_fn(x) - self(x)[k].to(x.dtype)
-
-        return potential
+        return _diagonal(laplace), None
+    return fit_gaussian(potential_fn, [laplace], num_iterations=config.num_iterations, generator=generator)

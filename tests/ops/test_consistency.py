@@ -10,7 +10,7 @@ import torch
 
 from pyro_osds import OSDSConfig
 from pyro_osds.ops.consistency import consistency_function, consistency_grid, skip_scalings
-from pyro_osds.sampler import FlowSampler
+from pyro_osds.samplers import FlowSampler
 from tests.common import D64, batched
 
 
@@ -35,11 +35,11 @@ def test_cdds_one_step_log_det_is_exact():
             p.add_(0.2 * torch.randn_like(p))
     z0 = torch.randn(4, 3, dtype=D64)
     out = consistency_function(sampler.sampling_net, sampler.whitened_potential, sampler.process, z0, 8.0,
-                               log_det=True)
+                               with_volume=True)
     for i in range(4):
         def f(z, i=i):
             return consistency_function(sampler.sampling_net, sampler.whitened_potential, sampler.process,
                                         z.unsqueeze(0), 8.0).f[0]
 
         jac = torch.autograd.functional.jacobian(f, z0[i])
-        assert float(out.log_det[i]) == pytest.approx(float(torch.linalg.slogdet(jac)[1]), abs=1e-8)
+        assert float(out.log_abs_det[i]) == pytest.approx(float(torch.linalg.slogdet(jac)[1]), abs=1e-8)

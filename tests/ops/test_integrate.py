@@ -7,15 +7,9 @@ import math
 import pytest
 import torch
 
-from pyro_osds.ops.integrate import (
-    count_folded,
-    em_rollout,
-    flow,
-    fold_penalty,
-    inverse_flow,
-    langevin_input,
-    ode_step,
-)
+from pyro_osds.ops.em import em_rollout
+from pyro_osds.ops.integrate import count_folded, flow, fold_penalty, langevin_input, ode_step
+from pyro_osds.ops.inverse import inverse_flow
 from pyro_osds.ops.jacobian import batched_jacobian, exact_trace, potential_and_score
 from pyro_osds.ops.nets import ControlNetwork
 from pyro_osds.ops.reference import ReferenceProcess
@@ -42,7 +36,7 @@ def test_exact_log_det_equals_slogdet_of_whole_map(num_steps, langevin_time):
     for i in range(x0.shape[0]):
         jac = torch.autograd.functional.jacobian(fn, x0[i])
         sign, logabsdet = torch.linalg.slogdet(jac)
-        assert float(out.log_det[i]) == pytest.approx(float(logabsdet), abs=1e-8)
+        assert float(out.log_abs_det[i]) == pytest.approx(float(logabsdet), abs=1e-8)
         assert float(out.orientation[i]) == float(sign)
         torch.testing.assert_close(out.x[i], fn(x0[i]), rtol=0, atol=1e-12)
 
@@ -51,8 +45,8 @@ def test_exact_log_det_includes_the_langevin_hessian_term():
     process = ReferenceProcess(grid_size=16)
     net, potential = random_net(), make_potential()
     x0 = torch.randn(6, DIM, dtype=D64)
-    exact = flow(net, potential, process, x0, 2, log_det="exact").log_det
-    frozen = flow(net, potential, process, x0, 2, log_det="exact_frozen_langevin").log_det
+    exact = flow(net, potential, process, x0, 2, log_det="exact").log_abs_det
+    frozen = flow(net, potential, process, x0, 2, log_det="exact_frozen_langevin").log_abs_det
     fn = single_map(net, potential, process, 2, langevin_grad=False)
     for i in range(x0.shape[0]):
         _, logabsdet = torch.linalg.slogdet(torch.autograd.functional.jacobian(fn, x0[i]))
@@ -69,12 +63,12 @@ def test_euler_trace_formula_and_its_first_order_agreement_with_the_exact_log_de
     u = ode_step(net, potential, process, x0, 64, 16, log_det="none", differentiable=True, langevin_grad=False)
     trace = exact_trace(u.control, u.start)
     expected = 0.25 * (0.5 * process.beta(64.0) * DIM + 0.5 * process.sigma(64.0) * trace)
-    torch.testing.assert_close(step.log_det, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(step.log_abs_det, expected, rtol=0, atol=1e-12)
     # log det(I + dt A) - dt tr A = O(dt^2) per step: the gap over the whole flow shrinks like 1/K
     gaps = []
     for k in [8, 16, 32, 64]:
-        ex = flow(net, potential, process, x0, k, log_det="exact_frozen_langevin").log_det
-        tr = flow(net, potential, process, x0, k, log_det="euler_trace").log_det
+        ex = flow(net, potential, process, x0, k, log_det="exact_frozen_langevin").log_abs_det
+        tr = flow(net, potential, process, x0, k, log_det="euler_trace").log_abs_det
         gaps.append(float((ex - tr).abs().mean()))
     orders = [math.log2(gaps[i] / gaps[i + 1]) for i in range(len(gaps) - 1)]
     assert all(0.8 < o < 1.2 for o in orders), orders
@@ -111,8 +105,8 @@ def test_linear_velocity_field_closed_form_and_convergence_order():
         prod = math.prod(factors)
         torch.testing.assert_close(out.x, prod * x0, rtol=1e-12, atol=1e-12)
         expected_log_det = DIM * sum(math.log(abs(f)) for f in factors)
-        assert float(out.log_det.max()) == pytest.approx(expected_log_det, abs=1e-10)
-        assert float(out.log_det.min()) == pytest.approx(expected_log_det, abs=1e-10)
+        assert float(out.log_abs_det.max()) == pytest.approx(expected_log_det, abs=1e-10)
+        assert float(out.log_abs_det.min()) == pytest.approx(expected_log_det, abs=1e-10)
         errors.append(abs(math.log(abs(prod)) - continuous))
     orders = [math.log2(errors[i] / errors[i + 1]) for i in range(len(errors) - 1)]
     assert all(abs(o - 1.0) < 0.2 for o in orders), orders
@@ -129,7 +123,7 @@ def test_inverse_flow_round_trip(num_steps):
     inv = inverse_flow(net, potential, process, fwd.x, num_steps)
     assert bool(inv.converged.all())
     torch.testing.assert_close(inv.x0, x0, rtol=0, atol=1e-8)
-    torch.testing.assert_close(inv.log_det, fwd.log_det, rtol=0, atol=1e-8)
+    torch.testing.assert_close(inv.log_abs_det, fwd.log_abs_det, rtol=0, atol=1e-8)
     torch.testing.assert_close(inv.orientation, fwd.orientation)
 
 
@@ -232,7 +226,7 @@ def test_flow_fold_penalty_sums_the_steps_penalties():
     torch.testing.assert_close(out.fold_penalty, expected)
     plain = flow(net, potential, process, x0, 2, log_det="exact")
     assert plain.fold_penalty is None
-    torch.testing.assert_close(out.log_det, plain.log_det)
+    torch.testing.assert_close(out.log_abs_det, plain.log_abs_det)
     with pytest.raises(ValueError, match="return_jacobian"):
         ode_step(net, potential, process, x0, 8, 4, log_det="hutchinson", return_jacobian=True)
 

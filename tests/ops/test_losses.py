@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pyro_osds.ops import lowrank
-from pyro_osds.ops.integrate import flow, inverse_flow, ode_step
+from pyro_osds.ops.integrate import flow, ode_step
+from pyro_osds.ops.inverse import inverse_flow
 from pyro_osds.ops.losses import distillation_step_sizes, flow_kl_loss, path_gradient_direction, self_distillation_loss
 from pyro_osds.ops.nets import ControlNetwork, StepConditionedControl
 from pyro_osds.ops.reference import ReferenceProcess
@@ -23,7 +24,7 @@ def test_log_weights_gradient_at_the_flows_output_is_minus_the_targets_gradient(
     net, potential = random_net(scale=0.03), make_potential(scale=0.3)
     x0 = (0.5 * torch.randn(5, DIM, dtype=D64, generator=torch.Generator().manual_seed(4))).requires_grad_(True)
     out = flow(net, potential, process, x0, num_steps, log_det="exact", differentiable=True, return_jacobians=True)
-    log_w = -potential(out.x) - process.prior_log_prob(x0) + out.log_det
+    log_w = -potential(out.x) - process.prior_log_prob(x0) + out.log_abs_det
     grad_x0, grad_xk = torch.autograd.grad(log_w.sum(), [x0, out.x], retain_graph=True)
     y = out.x.detach().requires_grad_(True)
     (score,) = torch.autograd.grad(-potential(y).sum(), y)
@@ -44,13 +45,13 @@ def test_path_direction_is_the_difference_of_target_and_flow_scores(num_steps):
     # every step orientation-preserving: the map is injective there and q(y) is its density
     assert len(out.jacobians) == num_steps
     assert all(bool((torch.linalg.det(lowrank.as_dense(jac)) > 0).all()) for jac in out.jacobians)
-    log_w = -potential(out.x) - process.prior_log_prob(x0) + out.log_det
+    log_w = -potential(out.x) - process.prior_log_prob(x0) + out.log_abs_det
     delta = path_gradient_direction(log_w, x0, out.jacobians)
 
     def log_q(y):
         inv = inverse_flow(net, potential, process, y, num_steps)
         assert bool(inv.converged.all())
-        return process.prior_log_prob(inv.x0) - inv.log_det
+        return process.prior_log_prob(inv.x0) - inv.log_abs_det
 
     y = out.x.detach()
     eps = 1e-4
@@ -136,7 +137,7 @@ def test_outlying_draws_fall_back_to_the_total_gradient_and_the_value_is_the_kl(
     # the cutoff is in units of the target score's median norm; put it at the median direction norm
     x0_ = x0.detach().requires_grad_(True)
     out = flow(net, potential, process, x0_, 1, log_det="exact", differentiable=True, return_jacobians=True)
-    log_w = -potential(out.x) - process.prior_log_prob(x0_) + out.log_det
+    log_w = -potential(out.x) - process.prior_log_prob(x0_) + out.log_abs_det
     delta = path_gradient_direction(log_w, x0_, out.jacobians)
     y = out.x.detach().requires_grad_(True)
     (score,) = torch.autograd.grad(-potential(y).sum(), y)

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from pyro_osds.ops.affine import AffineMap, preconditioner_from_state, whiten_potential
 from pyro_osds.ops.marginal import MarginalMixtureMap, fit_marginal_mixture, mixture_marginals
-from pyro_osds.ops.precondition import AffineMap, preconditioner_from_state, whiten_potential
 from tests.common import D64
 
 
@@ -42,12 +42,12 @@ def test_inverse_round_trip_including_far_tails():
     assert torch.allclose(m(m.inverse(x)), x, atol=1e-9, rtol=0)
 
 
-def test_log_det_is_the_autograd_jacobian_and_second_derivatives_are_exact():
+def test_log_abs_det_is_the_autograd_jacobian_and_second_derivatives_are_exact():
     m = _random_map(seed=2)
     y = torch.randn(20, 3, dtype=D64).requires_grad_(True)
-    x, log_det = m.forward_and_log_det(y)
+    x, log_abs_det = m.forward_and_log_abs_det(y)
     (dx,) = torch.autograd.grad(x.sum(), y, create_graph=True)  # elementwise map: the Jacobian's diagonal
-    assert torch.allclose(log_det, dx.log().sum(-1), atol=1e-10)
+    assert torch.allclose(log_abs_det, dx.log().sum(-1), atol=1e-10)
     (d2x,) = torch.autograd.grad(dx.sum(), y)
     def first_derivative(v):  # elementwise map: the derivative of each output in its own input
         v = v.detach().requires_grad_(True)
@@ -80,12 +80,12 @@ def test_state_round_trip_and_the_affine_interface():
     affine = AffineMap(torch.ones(3, dtype=D64), torch.tril(torch.rand(3, 3, dtype=D64)) + torch.eye(3, dtype=D64))
     restored = preconditioner_from_state(affine.state())
     z = torch.randn(4, 3, dtype=D64)
-    x, log_det = restored.forward_and_log_det(z)
-    assert torch.equal(x, affine(z)) and torch.equal(log_det, affine.log_abs_det.expand(4))
+    x, log_abs_det = restored.forward_and_log_abs_det(z)
+    assert torch.equal(x, affine(z)) and torch.equal(log_abs_det, affine.log_abs_det.expand(4))
     # the whitened potential pulls back through either map: U(T(y)) - log|det T'(y)|
     potential = lambda x: 0.5 * (x**2).sum(-1)  # noqa: E731
-    x, log_det = m.forward_and_log_det(z)
-    assert torch.allclose(whiten_potential(potential, m)(z), potential(x) - log_det)
+    x, log_abs_det = m.forward_and_log_abs_det(z)
+    assert torch.allclose(whiten_potential(potential, m)(z), potential(x) - log_abs_det)
 
 
 def _two_well_product(dim=6, weight=0.3, gap=6.0):
@@ -144,8 +144,8 @@ def test_importance_weighted_em_gets_the_wells_weights_and_log_z():
                                    generator=torch.Generator().manual_seed(0))
     assert info["ess_per_draw"] > 0.5  # Gaussian wells from logistic components
     y = torch.randn(20000, dim, dtype=D64, generator=torch.Generator().manual_seed(1))
-    x, log_det = m.forward_and_log_det(y)
-    log_w = -potential(x) + 0.5 * (y**2).sum(-1) + 0.5 * dim * math.log(2 * math.pi) + log_det
+    x, log_abs_det = m.forward_and_log_abs_det(y)
+    log_w = -potential(x) + 0.5 * (y**2).sum(-1) + 0.5 * dim * math.log(2 * math.pi) + log_abs_det
     log_z = float(log_w.logsumexp(0) - math.log(len(log_w)))
     se = math.sqrt(float(torch.softmax(log_w, 0).square().sum()) - 1 / len(log_w))  # delta-method SE of log Z
     assert abs(log_z) < 4.5 * se + 1e-3  # truth 0

@@ -7,21 +7,9 @@ import math
 import pytest
 import torch
 
-from pyro_osds.ops.precondition import (
-    AffineMap,
-    LaplacePartition,
-    _newton_direction,
-    covering_gaussian,
-    find_modes,
-    fit_gaussian,
-    fit_gaussian_natural,
-    fit_laplace,
-    gaussian_elbo,
-    lost_modes,
-    mode_shares,
-    search_modes,
-    whiten_potential,
-)
+from pyro_osds.ops.affine import AffineMap, covering_gaussian, whiten_potential
+from pyro_osds.ops.mode_search import LaplacePartition, _newton_direction, lost_modes, mode_shares, search_modes
+from pyro_osds.ops.precondition import fit_gaussian, fit_gaussian_natural, fit_laplace, gaussian_elbo
 from tests.common import D64, gaussian_mixture_potential, two_mode_potential
 
 
@@ -151,9 +139,10 @@ def test_gaussian_fit_starts_from_the_better_candidate_and_avoids_the_funnel_spi
 
 
 def test_mode_search_finds_both_modes_with_their_masses():
-    modes = find_modes(two_mode_potential, torch.zeros(2, dtype=D64), num_starts=8,
-                       generator=torch.Generator().manual_seed(0))
-    assert len(modes) == 2
+    search = search_modes(two_mode_potential, torch.zeros(2, dtype=D64), starts_per_round=8,
+                          generator=torch.Generator().manual_seed(0))
+    modes = search.modes
+    assert search.saturated and len(modes) == 2
     (heavy, w_heavy), (light, w_light) = modes
     torch.testing.assert_close(heavy.shift, torch.tensor([3.0, 0.0], dtype=D64), rtol=0, atol=1e-5)
     torch.testing.assert_close(light.shift, torch.tensor([-3.0, 0.0], dtype=D64), rtol=0, atol=1e-5)
@@ -168,8 +157,10 @@ def test_mode_search_finds_both_modes_with_their_masses():
 
 def test_mode_search_merges_a_single_mode():
     potential, mean, _, _ = gaussian_target()
-    modes = find_modes(potential, torch.zeros(3, dtype=D64), num_starts=4, generator=torch.Generator().manual_seed(0))
-    assert len(modes) == 1 and modes[0][1] == pytest.approx(1.0)
+    search = search_modes(potential, torch.zeros(3, dtype=D64), starts_per_round=4,
+                          generator=torch.Generator().manual_seed(0))
+    modes = search.modes
+    assert len(modes) == 1 and modes[0][1] == pytest.approx(1.0) and search.num_light == 0
     torch.testing.assert_close(modes[0][0].shift, mean, rtol=0, atol=1e-6)
 
 
@@ -182,23 +173,18 @@ def light_mode_potential(x):
 
 def test_mode_search_counts_and_warns_about_light_modes():
     from pyro_osds.config import OSDSConfig
-    from pyro_osds.sampler import FlowSampler
+    from pyro_osds.samplers import FlowSampler
 
-    info = {}
-    modes = find_modes(light_mode_potential, torch.zeros(2, dtype=D64), num_starts=16, info=info,
-                       generator=torch.Generator().manual_seed(0))
-    assert len(modes) == 1 and info["num_light_modes"] == 1
+    search = search_modes(light_mode_potential, torch.zeros(2, dtype=D64), starts_per_round=16,
+                          generator=torch.Generator().manual_seed(0))
+    modes = search.modes
+    assert len(modes) == 1 and search.num_light == 1
     torch.testing.assert_close(modes[0][0].shift, torch.tensor([-2.0, 0.0], dtype=D64), rtol=0, atol=1e-4)
     sampler = FlowSampler(light_mode_potential, torch.zeros(2, dtype=D64), OSDSConfig(mode_search_starts=16),
                           generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match="1 further local optima"):
         sampler.fit_preconditioner()
-    assert sampler.precondition_info["light_modes"] == 1
-    # a unimodal target: no light modes, no warning
-    potential, _, _, _ = gaussian_target()
-    info = {}
-    find_modes(potential, torch.zeros(3, dtype=D64), num_starts=4, info=info, generator=torch.Generator().manual_seed(0))
-    assert info["num_light_modes"] == 0
+    assert sampler.report.num_light == 1 and sampler.report.num_modes == 1 and sampler.report.saturated
 
 
 def test_mode_shares_and_lost_modes():

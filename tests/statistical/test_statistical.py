@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pyro_osds.config import OSDSConfig
-from pyro_osds.sampler import FlowSampler
+from pyro_osds.samplers import FlowSampler
 from tests.common import D64, Z, mixture_potential, within
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+"""
+Building a chain: its mode search decides between one flow and a mixture with a component per mode
+(:func:`build_sampler`); a saved chain is rebuilt without searching again (:func:`restore_sampler`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import OSDSConfig
+from ..distributed import from_rank_zero
+from ..ops.affine import AffineMap
+from ..ops.mode_search import ModeSearch
+from ..train import stage_report
+from ..util import PotentialFn, seeded_generator
+from .base import Chain
+from .flow import FlowSampler
+from .mixture import MixtureSampler
+
+__all__ = ["build_sampler", "restore_sampler"]
+
+
+def build_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSConfig | None = None, *,
+                  generator: torch.Generator | None = None, **kwargs) -> Chain:
+    """
+    One chain for ``potential_fn``: runs the mode search ``config.preconditioner`` asks for, then returns a
+    :class:`MixtureSampler` with a component per mode when it found several separated ones
+    (:meth:`~pyro_osds.ops.precondition.PreconditionConfig.wants_components`), else a :class:`FlowSampler`
+    preconditioned from the search's result. ``kwargs`` go to the sampler (``hook_fn``, ``disable_progbar``,
+    ``desc``, ``distributed``).
+    """
+    config = OSDSConfig() if config is None else config
+    init = torch.as_tensor(init)
+    generator = seeded_generator(init.device) if generator is None else generator
+    pre = config.preconditioner
+    if pre.kind == "none" or pre.mode_search_starts == 0:
+        return FlowSampler(potential_fn, init, config, generator=generator, **kwargs)
+    ctx = kwargs.get("distributed")
+    with stage_report(kwargs.get("desc", "OSDS"), f"mode search ({pre.mode_search_starts} starts per round)",
+                      kwargs.get("disable_progbar", False)):
+        search = None
+        if ctx is None or ctx.is_main:
+            search = pre.search(potential_fn, init.detach(), generator=generator)
+    if ctx is not None:  # rank 0 searches; every rank takes its modes and its random stream
+        search = from_rank_zero(search, generator, ctx)
+        search = search._replace(modes=[(a.to(device=init.device), w) for a, w in search.modes])
+    if pre.wants_components(search):
+        return MixtureSampler(potential_fn, init, config, search, generator=generator, **kwargs)
+    return FlowSampler(potential_fn, init, config, search=search, generator=generator, **kwargs)
+
+
+def restore_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSConfig, state: dict, *,
+                    generator: torch.Generator | None = None, **kwargs) -> Chain:
+    """The chain saved as ``state`` (:meth:`FlowSampler.state_dict` or :meth:`MixtureSampler.state_dict`),
+    rebuilt without searching or fitting again."""
+    if state.get("kind") == "mixture":
+        modes = [(AffineMap(shift, tril), mass) for shift, tril, mass in state["modes"]]
+        search = ModeSearch(modes, int(state["num_light"]), True, 0)
+        sampler = MixtureSampler(potential_fn, init, config, search, generator=generator, **kwargs)
+    else:
+        sampler = FlowSampler(potential_fn, init, config, generator=generator, **kwargs)
+    sampler.load_state_dict(state)
+    return sampler
