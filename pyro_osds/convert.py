@@ -133,7 +133,7 @@ def to_datatree(osds, *, resample: bool = True, log_likelihood: bool = True, pos
     draws, target = osds.draws, osds.target
     num_chains, num_draws = len(draws), draws[0].x.shape[0]
     flat = torch.cat([d.x for d in draws])  # (C*N, D), chain-major
-    raw = torch.arange(num_chains * num_draws).reshape(num_chains, num_draws)
+    raw = torch.arange(num_chains * num_draws, device="cpu").reshape(num_chains, num_draws)
     index = osds.draw_indices(group_by_chain=True, resample=True) if resample else raw
     values = dict(sorted(target.constrain(flat).items()))
     discrete = {name: torch.cat([d.discrete[name] for d in draws]) for name in draws[0].discrete or {}}

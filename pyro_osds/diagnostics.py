@@ -56,7 +56,7 @@ def weighted_summary(samples: dict[str, torch.Tensor], log_weights: torch.Tensor
         q = weighed_quantile(v, [lo, 0.5, hi], log_w.to(v.device), dim=0)
         r_hat = between_chain_r_hat(value)
         out[name] = OrderedDict([("mean", mean), ("std", std), ("median", q[1]), (f"{100 * lo:.1f}%", q[0]),
-                                 (f"{100 * hi:.1f}%", q[2]), ("n_eff", torch.full(mean.shape, ess)),
+                                 (f"{100 * hi:.1f}%", q[2]), ("n_eff", torch.full(mean.shape, ess, device=mean.device)),
                                  ("r_hat", r_hat)])
     return out
 
@@ -96,7 +96,7 @@ def diagnostics(samples: dict[str, torch.Tensor], ess: float, evidence, skipped_
     for name, value in samples.items():
         if not value.is_floating_point():
             continue
-        out[name] = OrderedDict([("n_eff", torch.full(value.shape[2:], ess)), ("r_hat", between_chain_r_hat(value))])
+        out[name] = OrderedDict([("n_eff", torch.full(value.shape[2:], ess, device=value.device)), ("r_hat", between_chain_r_hat(value))])
     chains = evidence.chains
     out["log_evidence"] = {f"chain {i}": c.log_z for i, c in enumerate(chains)}
     out["ess"] = {f"chain {i}": c.ess for i, c in enumerate(chains)}
@@ -132,8 +132,8 @@ def resample_indices(log_weights: torch.Tensor, num_draws: int | None = None, *,
     w = torch.softmax(log_weights.detach().to(torch.float64).cpu(), -1)
     cdf = torch.cumsum(w, -1)
     cdf = cdf / cdf[..., -1:]
-    u = torch.rand(w.shape[:-1] + (1,), dtype=torch.float64, generator=generator)
-    positions = (u + torch.arange(n, dtype=torch.float64)) / n
+    u = torch.rand(w.shape[:-1] + (1,), dtype=torch.float64, generator=generator, device="cpu")
+    positions = (u + torch.arange(n, dtype=torch.float64, device="cpu")) / n
     idx = torch.searchsorted(cdf, positions.expand(w.shape[:-1] + (n,)).contiguous(), right=True)
     return idx.clamp_max(w.shape[-1] - 1)
 
@@ -155,7 +155,7 @@ def select_indices(log_weights: torch.Tensor, *, num_samples: int | None = None,
     distinct positions picked at random (global RNG; per chain with ``group_by_chain``).
     """
     C, N = log_weights.shape
-    idx = torch.arange(C * N).reshape(C, N)
+    idx = torch.arange(C * N, device="cpu").reshape(C, N)
     if not group_by_chain:
         idx = idx.reshape(1, C * N)
     if resample:

@@ -54,11 +54,11 @@ def training_histories(osds) -> list[dict[str, dict[str, list]]]:
 
 
 def _running_mean(values: list, window: int) -> torch.Tensor:
-    x = torch.tensor(values, dtype=torch.float64)
+    x = torch.tensor(values, dtype=torch.float64, device="cpu")
     finite = torch.isfinite(x)
     x = torch.where(finite, x, torch.zeros_like(x))
     total, count = torch.cumsum(x, 0), torch.cumsum(finite.double(), 0)
-    lag = lambda t: torch.cat([torch.zeros(window, dtype=t.dtype), t[:-window]]) if window < len(t) else 0 * t  # noqa: E731
+    lag = lambda t: torch.cat([torch.zeros(window, dtype=t.dtype, device=t.device), t[:-window]]) if window < len(t) else 0 * t  # noqa: E731
     n = count - lag(count)
     return torch.where(n > 0, (total - lag(total)) / n.clamp_min(1), torch.full_like(x, math.nan))
 

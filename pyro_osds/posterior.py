@@ -54,7 +54,7 @@ class WeightedPosterior(LogWeightsMixin):
         sampler agree) and new draws (:meth:`sample`) resample afresh."""
         self._require_draws()
         digest = hashlib.sha256(self.log_weights.detach().cpu().numpy().tobytes()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+        return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
 
     def draw_indices(self, num_samples: int | None = None, group_by_chain: bool = False, *,
                      resample: bool = True) -> torch.Tensor:

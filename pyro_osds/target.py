@@ -128,7 +128,8 @@ class FlatTarget:
     def probe_points(self) -> torch.Tensor:
         """Three fixed points ``init + 0.1 N(0, I)`` (seed 12345) where the candidates are checked."""
         gen = torch.Generator(device="cpu").manual_seed(12345)
-        noise = torch.randn(3, self.dim, generator=gen, dtype=torch.float64).to(dtype=self.dtype, device=self.device)
+        noise = torch.randn(3, self.dim, generator=gen, dtype=torch.float64, device="cpu").to(dtype=self.dtype,
+                                                                                            device=self.device)
         return self.init.unsqueeze(0) + 0.1 * noise
 
     def _verify(self, name: str, probe: torch.Tensor, reference: torch.Tensor) -> str | None:

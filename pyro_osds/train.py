@@ -187,8 +187,9 @@ class Trainer:
         self.num_iterations = self.optim.num_iterations
         param = next(net.parameters())
         self.ema = copy.deepcopy(net).requires_grad_(False)
+        # on a GPU the step count stays on the device (`capturable`): no host synchronisation per optimiser step
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=self.optim.learning_rate,
-                                           weight_decay=self.optim.weight_decay)
+                                           weight_decay=self.optim.weight_decay, capturable=param.device.type == "cuda")
         self.generator = seeded_generator(param.device) if generator is None else generator
         self.step = 0
         self.num_skipped = 0

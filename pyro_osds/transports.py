@@ -333,23 +333,25 @@ class MixtureTransport:
         """``num_samples`` draws in random order, each from a component drawn with probability
         :math:`\alpha_k` (class docstring)."""
         out = self._sample_grouped(num_samples, log_det=log_det, generator=generator)
-        order = torch.randperm(num_samples, generator=generator).to(out.x.device)
+        stream = self.weights.device if generator is None else generator.device  # the stream's device
+        order = torch.randperm(num_samples, generator=generator, device=stream).to(out.x.device)
         return TransportOutput(out.x[order], out.log_q[order.to(out.log_q.device)],
                                None if out.orientation is None else out.orientation[order], out.log_det,
                                out.component[order.cpu()])
 
     def _sample_grouped(self, num_samples: int, *, log_det: str,
                         generator: torch.Generator | None) -> TransportOutput:
-        which = torch.multinomial(self.weights, num_samples, replacement=True, generator=generator)
+        stream = self.weights.device if generator is None else generator.device
+        which = torch.multinomial(self.weights.to(stream), num_samples, replacement=True, generator=generator)
         counts = torch.bincount(which, minlength=len(self.components)).tolist()
         outs = [(k, c.sample(n, log_det=log_det, generator=generator))
                 for k, (c, n) in enumerate(zip(self.components, counts, strict=True)) if n > 0]
         x = torch.cat([out.x for _, out in outs])
-        component = torch.cat([torch.full((out.x.shape[0],), k, dtype=torch.long) for k, out in outs])
+        component = torch.cat([torch.full((out.x.shape[0],), k, dtype=torch.long, device="cpu") for k, out in outs])
         signs = [out.orientation for _, out in outs]
         orientation = None if any(s is None for s in signs) else torch.cat(signs)
         if any(out.log_det == "none" for _, out in outs):
-            nan = torch.full((num_samples,), math.nan, dtype=torch.float64)
+            nan = torch.full((num_samples,), math.nan, dtype=torch.float64, device=x.device)
             return TransportOutput(x, nan, orientation, "none", component)
         own = torch.cat([out.log_q.to(torch.float64) for _, out in outs])
         mine = component.to(x.device)
@@ -358,7 +360,7 @@ class MixtureTransport:
             rows = torch.arange(num_samples, device=log_s.device)
             log_q = self.weights.log().to(own.device)[mine] + own - log_s[mine.to(log_s.device), rows].to(own.device)
             return TransportOutput(x, log_q, orientation, outs[0][1].log_det, component)
-        terms = torch.empty(len(self.components), num_samples, dtype=torch.float64)
+        terms = torch.empty(len(self.components), num_samples, dtype=torch.float64, device="cpu")
         for j in range(len(self.components)):
             log_qj = own.clone()
             others = mine != j

@@ -77,7 +77,7 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
 def derive_seed(generator: torch.Generator | None = None) -> int:
     """A seed drawn from ``generator`` (default: the global torch RNG, hence ``pyro.set_rng_seed``)."""
     if generator is None:
-        return int(torch.randint(0, 2**62, ()))
+        return int(torch.randint(0, 2**62, (), device="cpu"))  # the CPU stream whatever the default device
     return int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
 
 

@@ -236,7 +236,7 @@ def search_modes(
     found = list(zip(centres, trils, log_masses, strict=True))
     if not found:
         return ModeSearch([], 0, saturated, num_starts)
-    masses = torch.softmax(torch.tensor(log_masses, dtype=torch.float64), 0)
+    masses = torch.softmax(torch.tensor(log_masses, dtype=torch.float64, device="cpu"), 0)
     heaviest = float(masses.max())  # light is relative to the heaviest mode: 4096 equal modes are all kept
     is_kept = [float(w) >= min_mass * heaviest for w in masses]
     every = [(AffineMap(c, tril), float(w)) for (c, tril, _), w in zip(found, masses, strict=True)]
@@ -298,7 +298,7 @@ def mode_shares(x: torch.Tensor, log_weight: torch.Tensor, centers: torch.Tensor
     log_weight = torch.where(torch.isfinite(log_weight), log_weight, torch.full_like(log_weight, -math.inf))
     weights = torch.softmax(log_weight.to(torch.float64), 0)
     nearest = torch.cdist(x.to(torch.float64), centers.to(torch.float64)).argmin(-1)
-    return torch.zeros(centers.shape[0], dtype=torch.float64).index_add_(0, nearest.cpu(), weights.cpu())
+    return torch.zeros(centers.shape[0], dtype=torch.float64, device="cpu").index_add_(0, nearest.cpu(), weights.cpu())
 
 
 def lost_modes(masses, shares, *, min_mass: float = 0.05, ratio: float = 0.1) -> list[int]:

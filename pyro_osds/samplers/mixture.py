@@ -56,7 +56,7 @@ class MixtureSampler(Chain):
             for k, (affine, _) in enumerate(search.modes)
         ]
         #: the mixture weights :math:`\alpha` (the Laplace masses until :meth:`fit` estimates them)
-        self.weights = torch.tensor([w for _, w in search.modes], dtype=torch.float64)
+        self.weights = torch.tensor([w for _, w in search.modes], dtype=torch.float64, device="cpu")
         #: per component: trained (True), fits without training (False), not decided yet (None)
         self.trained: list[bool | None] = [None] * len(self.components)
         self.report = SearchReport.of_search(search)
@@ -101,8 +101,8 @@ class MixtureSampler(Chain):
 
     def _set_weights(self) -> None:
         log_z = torch.tensor([c.draw(self.num_pilot // 4, 1, generator=self.draw_generator).evidence().log_z
-                              for c in self.components], dtype=torch.float64)
-        laplace = torch.tensor([w for _, w in self.search.modes], dtype=torch.float64)
+                              for c in self.components], dtype=torch.float64, device="cpu")
+        laplace = torch.tensor([w for _, w in self.search.modes], dtype=torch.float64, device="cpu")
         share = torch.softmax(log_z, 0) if bool(torch.isfinite(log_z).all()) else laplace
         weights = 0.9 * share + 0.1 / len(self.components)
         self.weights = weights if self.distributed is None else broadcast_object(weights, self.distributed)
