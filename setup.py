@@ -31,7 +31,7 @@ setup(
     package_data={"pyro_osds.datasets": ["*.csv", "README.md"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.4",
         "pyro-ppl>=1.9",
         "numpy>=1.24",
         "scipy>=1.10",

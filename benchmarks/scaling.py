@@ -87,7 +87,7 @@ def _logistic_data(dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def logistic_model(x: torch.Tensor, y: torch.Tensor | None = None):
     """Bayesian logistic regression with a standard normal prior on the weights."""
-    w = pyro.sample("w", dist.Normal(torch.zeros(x.shape[1], dtype=x.dtype), 1.0).to_event(1))
+    w = pyro.sample("w", dist.Normal(x.new_zeros(x.shape[1]), 1.0).to_event(1))  # on the data's device
     with pyro.plate("data", x.shape[0]):
         pyro.sample("y", dist.Bernoulli(logits=x @ w), obs=y)
 
@@ -160,8 +160,8 @@ def _hierarchical_data(groups: int, seed: int) -> tuple[torch.Tensor, torch.Tens
 
 def hierarchical_model(sigma: torch.Tensor, y: torch.Tensor | None = None):
     """Centred Gaussian random effects with known observation noise ``sigma``."""
-    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=sigma.dtype), PRIOR_LOC_SD))
-    tau = pyro.sample("tau", dist.HalfNormal(torch.tensor(PRIOR_TAU_SCALE, dtype=sigma.dtype)))
+    mu = pyro.sample("mu", dist.Normal(sigma.new_tensor(0.0), PRIOR_LOC_SD))  # on the data's device
+    tau = pyro.sample("tau", dist.HalfNormal(sigma.new_tensor(PRIOR_TAU_SCALE)))
     with pyro.plate("groups", sigma.shape[0]):
         theta = pyro.sample("theta", dist.Normal(mu, tau))
         pyro.sample("y", dist.Normal(theta, sigma), obs=y)

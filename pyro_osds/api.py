@@ -223,8 +223,7 @@ class OSDS(WeightedPosterior):
         return self.fit(*args, **kwargs).sample()
 
     def _train_chains(self) -> None:
-        """Trains every chain not finished yet by the chain mapper (:func:`~pyro_osds.chains.map_chains`), keeping
-        the chains trained so far on Ctrl-C or an error."""
+        """Trains the unfinished chains by the chain mapper (:func:`~pyro_osds.chains.map_chains`)."""
         method, num_workers = choose_chain_method(self.chain_method, self.num_chains, device=self.target.device,
                                                   checkpoint=self.checkpoint, distributed=self.distributed,
                                                   hook_fn=self.hook_fn)
@@ -250,15 +249,18 @@ class OSDS(WeightedPosterior):
     def _new_chain(self, chain: int, state: dict | None = None) -> Chain:
         """Chain ``chain``, built afresh (its mode search picks one flow or a mixture with a component per mode,
         :func:`~pyro_osds.samplers.build_sampler`) or restored from ``state``, and registered."""
-        def hook(step, info, chain=chain):
-            if self.hook_fn is not None:
-                self.hook_fn(chain, step, info)
+        def on_iteration(step):
             if self.checkpoint is not None and step % self.checkpoint_every == 0 and self._is_main:
                 ckpt.atomic_save(self.state_dict(), self.checkpoint)
             if self._stop_training.is_set():  # Ctrl-C while chains train at once (threads or processes)
                 raise KeyboardInterrupt
 
-        options = dict(generator=seeded_generator(self.target.device, self.chain_seeds[chain]), hook_fn=hook,
+        def hook(step, info):  # given only with a hook_fn (the statistics are then read every iteration)
+            if self.hook_fn is not None:
+                self.hook_fn(chain, step, info)
+        options = dict(generator=seeded_generator(self.target.device, self.chain_seeds[chain]),
+                       hook_fn=None if self.hook_fn is None else hook,
+                       on_iteration=on_iteration,
                        disable_progbar=self.disable_progbar or not self._is_main, distributed=self.distributed,
                        desc=f"OSDS chain {chain}" if self.num_chains > 1 else "OSDS")
         # no effect handler here: chains may build in threads, and Pyro's handler stack is global (the callers
@@ -281,8 +283,7 @@ class OSDS(WeightedPosterior):
         return self.distributed is None or self.distributed.is_main
 
     def _join(self, ctx: DistributedContext | None) -> None:
-        """Trains and draws across ``ctx`` from now on, also with chains built before it was known (a sampler from
-        :meth:`load` in a script launched by ``torchrun``)."""
+        """Trains and draws across ``ctx`` from now on, with chains built before too (from :meth:`load`)."""
         self.distributed = ctx
         for sampler in self.samplers:
             sampler.distributed = ctx

@@ -27,7 +27,7 @@ FORMAT = "pyro_osds.OSDS/3"
 #: settings that may differ between a checkpoint and the run that resumes it
 RESUMABLE_CHANGES = frozenset({"num_iterations", "chunk_size", "eval_log_det", "exact_log_det_max_dim",
                                "eval_num_probes", "max_consecutive_skips", "sample_with_ema", "early_stopping",
-                               "eval_dtype"})
+                               "eval_dtype", "sync_every"})
 
 
 def is_plain(obj) -> bool:

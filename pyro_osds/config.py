@@ -81,6 +81,7 @@ FLAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "ema_decay": ("optim", "ema_decay"),
     "sample_with_ema": ("optim", "sample_with_ema"),
     "max_consecutive_skips": ("optim", "max_consecutive_skips"),
+    "sync_every": ("optim", "sync_every"),
     # the one-step objective
     "flow_kl_weight": ("objective", "flow_kl", "weight"),
     "flow_kl_steps": ("objective", "flow_kl", "steps"),

@@ -22,6 +22,7 @@ combine the one-step objective with the paper's.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -273,17 +274,24 @@ def flow_kl_stage(config: FlowKLConfig, potential_fn: PotentialFn, process: Refe
         path_scale = None if ctx is None else (lambda norms: all_gather_rows(norms, ctx).median())
         out = flow_kl_loss(context.net, target, process, z0, num_steps, fold_weight=config.fold_weight,
                            gradient=gradient, path_cutoff=config.path_cutoff, path_scale=path_scale)
-        value = float(out.loss.detach()) if out.loss is not None else math.nan
+        value = out.loss.detach() if out.loss is not None else math.nan
         log_weights, num_invalid = out.log_weights.detach(), out.num_invalid
         if ctx is not None:  # the whole batch's values on every rank, so that every rank stops at the same step
-            total = all_reduce_sum(torch.tensor([value * share, float(num_invalid)], dtype=torch.float64), ctx)
+            total = all_reduce_sum(torch.tensor([float(value) * share, float(num_invalid)], dtype=torch.float64), ctx)
             value, num_invalid = float(total[0]), int(total[1])
             log_weights = all_gather_rows(log_weights, ctx)
-        finite = log_weights[torch.isfinite(log_weights)]
-        ess = float(kish_ess(finite)) / log_weights.numel() if finite.numel() else math.nan
-        elbo = _finite_mean(log_weights)
+
+        @functools.cache
+        def weights_statistics():  # the ELBO and ESS/N of the training draws, computed when the trainer reads them
+            finite = log_weights[torch.isfinite(log_weights)]
+            ess = float(kish_ess(finite)) / log_weights.numel() if finite.numel() else math.nan
+            return _finite_mean(log_weights), ess
+
+        def elbo():
+            return weights_statistics()[0]
+
         info = {"loss": value, "elbo": elbo, "invalid_paths": num_invalid,
-                "flow_kl": value, "flow_kl_elbo": elbo, "flow_kl_ess": ess}
+                "flow_kl": value, "flow_kl_elbo": elbo, "flow_kl_ess": lambda: weights_statistics()[1]}
         return Term(out.loss, config.weight, info, share)
 
     stop = plateau_stop if config.early_stop and config.tempering == 0 else None

@@ -13,7 +13,13 @@ self-distillation loss of the same paths.
 
 A step whose loss or gradient is not finite is skipped and counted; after
 ``max_consecutive_skips`` iterations with a skip in a row, training stops with
-:class:`TrainingDivergedError` and keeps the parameters of the last good iteration. All randomness
+:class:`TrainingDivergedError` and keeps the parameters of the last good iteration.
+
+On a GPU the host must not wait for the device inside an iteration: the statistics a stage reports (tensors, or
+functions of tensors) are read every ``sync_every`` iterations (:class:`OptimConfig`), and between reads the
+optimiser skips a non-finite step on the device (fused AdamW with a ``found_inf`` flag, as
+:class:`torch.amp.GradScaler` does). On the CPU, where reading a tensor costs nothing, they are read every
+iteration. All randomness
 comes from the trainer's own ``torch.Generator``, whose state is part of :meth:`Trainer.state_dict`,
 so training resumes bit-identically from a state dict. A ``KeyboardInterrupt`` stops training after
 restoring the parameters of the last completed iteration; the trainer stays usable (``interrupted``
@@ -38,7 +44,7 @@ from .distributed import DistributedContext, all_reduce_gradients, all_reduce_su
 from .util import check_choice, check_number, check_positive_int, seeded_generator, warn
 
 __all__ = ["OptimConfig", "Stage", "Term", "TrainContext", "Trainer", "TrainingDivergedError", "progress_bar",
-           "progress_bar_disabled", "stage_report"]
+           "progress_bar_disabled", "read_statistic", "stage_report"]
 
 #: history entries of every objective (stages add their own named values)
 COMMON_KEYS = ("loss", "elbo", "grad_norm", "skipped", "invalid_paths", "seconds")
@@ -92,6 +98,10 @@ class OptimConfig:
     :param bool sample_with_ema: draw with the EMA network (paper: yes).
     :param int max_consecutive_skips: stop with :class:`TrainingDivergedError` after this many
         iterations with a non-finite step in a row (50).
+    :param int sync_every: iterations between the host's reads of the training statistics (``None``: every
+        iteration on the CPU, where reading costs nothing, else 25; always every iteration with a ``hook_fn`` or
+        across a process group). In between, non-finite steps are skipped on the device and the skipped-step
+        count, the progress bar and the early stop (checked every 100 iterations) wait for the next read.
     """
 
     num_iterations: int = 800
@@ -102,10 +112,13 @@ class OptimConfig:
     ema_decay: float = 0.995
     sample_with_ema: bool = False
     max_consecutive_skips: int = 50
+    sync_every: int | None = None
 
     def __post_init__(self):
         check_positive_int("num_iterations", self.num_iterations, minimum=0)
         check_positive_int("max_consecutive_skips", self.max_consecutive_skips)
+        if self.sync_every is not None:
+            check_positive_int("sync_every", self.sync_every)
         check_number("learning_rate", self.learning_rate, low=0, low_open=True)
         check_number("grad_clip", self.grad_clip, low=0, low_open=True)
         check_number("weight_decay", self.weight_decay, low=0)
@@ -159,6 +172,14 @@ class Stage(NamedTuple):
     stop: Callable[[dict, int], str | None] | None = None
 
 
+def read_statistic(value):
+    """A history entry's value as the host reads it: a function of tensors is called, a one-element tensor becomes
+    a Python number, anything else stays as it is."""
+    if callable(value):
+        value = value()
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
 class Trainer:
     r"""
     Trains ``net`` on ``objective`` (module docstring).
@@ -187,9 +208,14 @@ class Trainer:
         self.num_iterations = self.optim.num_iterations
         param = next(net.parameters())
         self.ema = copy.deepcopy(net).requires_grad_(False)
-        # on a GPU the step count stays on the device (`capturable`): no host synchronisation per optimiser step
+        #: iterations between the host's reads of the statistics (:class:`OptimConfig`)
+        self.sync_every = self.optim.sync_every or (1 if param.device.type == "cpu" else 25)
+        # reading less often than every iteration, non-finite steps are skipped on the device (fused AdamW with a
+        # `found_inf` flag); else the step count stays on a GPU (`capturable`): no host read per optimiser step
+        fused = self.sync_every > 1
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=self.optim.learning_rate,
-                                           weight_decay=self.optim.weight_decay, capturable=param.device.type == "cuda")
+                                           weight_decay=self.optim.weight_decay, fused=fused or None,
+                                           capturable=not fused and param.device.type == "cuda")
         self.generator = seeded_generator(param.device) if generator is None else generator
         self.step = 0
         self.num_skipped = 0
@@ -203,6 +229,7 @@ class Trainer:
         keys = COMMON_KEYS + tuple(k for stage in self.objective for k in stage.keys if k not in COMMON_KEYS)
         self.history: dict[str, list] = {k: [] for k in dict.fromkeys(keys)}
         self._snapshot_buffers = None  # reused by every iteration's snapshot
+        self._unread: list[dict] = []  # the iterations whose statistics the host has not read yet
 
     # ------------------------------------------------------------------------------------------
     def learning_rate(self, step: int) -> float:
@@ -241,6 +268,27 @@ class Trainer:
         self.optimizer.step()
         self._update_ema()
         return True, float(grad_norm)
+
+    def _device_step(self, loss: torch.Tensor | None, scale: float = 1.0) -> tuple[torch.Tensor | int, object]:
+        """:meth:`_optimizer_step` without reading the device: the step is skipped on the device when the loss or
+        the gradient is not finite (fused AdamW's ``found_inf``, the EMA's weight zeroed). Returns ``(skipped,
+        grad_norm)`` as tensors (``(1, nan)`` without a loss)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss is None:
+            return 1, math.nan
+        (scale * loss).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.optim.grad_clip)
+        skipped = ~(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))
+        self.optimizer.found_inf = skipped.to(torch.float32)
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.found_inf = None
+        with torch.no_grad():
+            weight = (1.0 - self.optim.ema_decay) * (~skipped).to(grad_norm.dtype)
+            for p_ema, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
+                p_ema.lerp_(p, weight.to(p.dtype))
+        return skipped.to(torch.int64), grad_norm.detach()
 
     def network_state(self):
         """The network's, the EMA network's and the optimiser's state, for :meth:`load_network_state` (the
@@ -306,10 +354,12 @@ class Trainer:
             for p, b in zip(live, buffers[:num_live], strict=True):
                 p.copy_(b)
 
-    def iteration(self) -> dict:
+    def iteration(self, *, on_device: bool = False) -> dict:
         """
         One training iteration; returns its history entry. ``loss``, ``elbo``, ``invalid_paths`` and
-        ``grad_norm`` are those of the first stage that trained; ``skipped`` counts skipped steps.
+        ``grad_norm`` are those of the first stage that trained; ``skipped`` counts skipped steps. With
+        ``on_device`` the optimiser steps are device steps (:meth:`_device_step`). The entry's values may be
+        tensors or functions of them, for :meth:`read_statistics`.
         """
         start = time.perf_counter()
         for group in self.optimizer.param_groups:
@@ -321,8 +371,12 @@ class Trainer:
             term = stage.term(context)
             if term is None:
                 continue
-            taken, grad_norm = self._optimizer_step(term.loss, term.weight, term.share)
-            record["skipped"] += int(not taken)
+            if on_device:
+                skipped, grad_norm = self._device_step(term.loss, term.weight)
+            else:
+                taken, grad_norm = self._optimizer_step(term.loss, term.weight, term.share)
+                skipped = int(not taken)
+            record["skipped"] = record["skipped"] + skipped
             record.setdefault("grad_norm", grad_norm)
             for key, value in term.info.items():
                 record.setdefault(key, value)
@@ -350,13 +404,14 @@ class Trainer:
         return "; ".join(reasons) if all(reasons) else None
 
     def train(self, num_iterations: int | None = None, *, hook_fn: Callable | None = None,
-              desc: str | None = None) -> dict[str, list]:
+              on_iteration: Callable | None = None, desc: str | None = None) -> dict[str, list]:
         """
         Runs ``num_iterations`` iterations, or by default up to :attr:`num_iterations` in total, stopping
         earlier when the objective's early-stopping rules agree (:attr:`stop_reason` says why; a later
         default call then trains no further), and returns the history (a dict of per-iteration lists).
-        ``hook_fn(step, info)`` runs after every iteration; ``desc`` labels a progress bar (none when
-        ``None``, or when ``CI`` is set).
+        ``hook_fn(step, info)`` runs after every iteration with its statistics (so they are read every
+        iteration), ``on_iteration(step)`` after every iteration without them; ``desc`` labels a progress bar
+        (none when ``None``, or when ``CI`` is set).
         """
         up_to_budget = num_iterations is None
         if up_to_budget:
@@ -364,6 +419,8 @@ class Trainer:
         else:
             self.stop_reason = None
         self.interrupted = False
+        on_device = self.sync_every > 1 and hook_fn is None and self.distributed is None
+        every = self.sync_every if on_device else 1
         bar = None
         if desc is not None and not progress_bar_disabled() and num_iterations > 0:
             bar = progress_bar(num_iterations, desc)
@@ -371,34 +428,21 @@ class Trainer:
             for _ in range(num_iterations):
                 snap = self._snapshot()
                 try:
-                    info = self.iteration()
+                    record = self.iteration(on_device=on_device)
                 except KeyboardInterrupt:
                     self._restore(snap)
                     raise
                 self.step += 1
-                for k, v in info.items():
-                    self.history[k].append(v)
-                if info["skipped"]:
-                    self.num_skipped += info["skipped"]
-                    self.consecutive_skips += 1
-                    if self.consecutive_skips >= self.optim.max_consecutive_skips:
-                        self._restore(snap)
-                        raise TrainingDivergedError(
-                            f"Training stopped at iteration {self.step}: {self.consecutive_skips} iterations in a "
-                            "row had a non-finite loss or gradient (the potential overflows along the sampler's "
-                            "paths, or the network diverged). Try a smaller `learning_rate`, a smaller "
-                            "`prior_scale`, `precondition='gaussian'`, or check that the model's log density is "
-                            "finite on its whole unconstrained space. The parameters of the last good iteration "
-                            "are kept."
-                        )
-                else:
-                    self.consecutive_skips = 0
+                self._unread.append(record)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{info['loss']:.4g}", elbo=f"{info['elbo']:.4g}", refresh=False)
-                if hook_fn is not None:
-                    hook_fn(self.step, info)
-                if up_to_budget:
+                if self.step % every == 0 or self.step % self.check_every == 0:
+                    info = self.read_statistics(bar, undo=None if on_device else snap)
+                    if hook_fn is not None:
+                        hook_fn(self.step, info)
+                if on_iteration is not None:
+                    on_iteration(self.step)
+                if up_to_budget and not self._unread:
                     self.stop_reason = self.early_stop_reason()
                     if self.stop_reason:
                         break
@@ -407,17 +451,62 @@ class Trainer:
             warn(f"Training interrupted at iteration {self.step}; the sampler keeps the parameters of the last "
                  "completed iteration and can be used, saved or trained further.", RuntimeWarning)
         finally:
-            if bar is not None:
-                bar.close()
+            try:
+                self.read_statistics(bar)
+            finally:
+                if bar is not None:
+                    bar.close()
         if self.num_skipped:
             warn(f"{self.num_skipped} optimiser step(s) were skipped because the loss or gradient was not finite.",
                  RuntimeWarning)
         return self.history
 
+    #: the early-stopping rules are checked every this many iterations (their windows' length), so the statistics
+    #: are read then too
+    check_every = 100
+
+    def read_statistics(self, bar=None, *, undo=None) -> dict:
+        """
+        Reads the statistics of the iterations not read yet (a tensor, or a function of tensors, becomes a
+        number) into :attr:`history`, counts their skipped steps, and returns the last one's (``{}`` if none).
+        Raises :class:`TrainingDivergedError` at the first of them that completes ``max_consecutive_skips``
+        skipped iterations in a row, after putting back the snapshot ``undo`` (the last iteration's, when it is
+        read as soon as it ends).
+        """
+        info: dict = {}
+        step = self.step - len(self._unread)
+        while self._unread:
+            record = self._unread.pop(0)
+            step += 1
+            info = {k: read_statistic(v) for k, v in record.items()}
+            for k, v in info.items():
+                self.history[k].append(v)
+            if not info["skipped"]:
+                self.consecutive_skips = 0
+                continue
+            self.num_skipped += info["skipped"]
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.optim.max_consecutive_skips:
+                self._unread.clear()
+                if undo is not None:
+                    self._restore(undo)
+                raise TrainingDivergedError(
+                    f"Training stopped at iteration {step}: {self.consecutive_skips} iterations in a "
+                    "row had a non-finite loss or gradient (the potential overflows along the sampler's "
+                    "paths, or the network diverged). Try a smaller `learning_rate`, a smaller "
+                    "`prior_scale`, `precondition='gaussian'`, or check that the model's log density is "
+                    "finite on its whole unconstrained space. The parameters of the last good iteration "
+                    "are kept."
+                )
+        if bar is not None and info:
+            bar.set_postfix(loss=f"{info['loss']:.4g}", elbo=f"{info['elbo']:.4g}", refresh=False)
+        return info
+
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: network, EMA, optimiser, step, counters, history and
         generator state (plain types only, loadable with ``weights_only=True``)."""
+        self.read_statistics()
         return {
             "net": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
             "ema": {k: v.detach().clone() for k, v in self.ema.state_dict().items()},

@@ -195,3 +195,17 @@ def test_resuming_with_another_step_count_is_refused(tmp_path):
     make(num_iterations=3, num_chains=1, checkpoint=path).run()
     with pytest.raises(ValueError, match=r"num_steps \(checkpoint 1, now 2\)"):
         make(num_iterations=6, num_chains=1, num_steps=2, checkpoint=path, resume=True).run()
+
+
+def test_statistics_read_every_n_iterations_are_checkpointed_and_resumed(tmp_path):
+    # the GPU's mode on the CPU: a checkpoint (every 4 iterations) reads the statistics of the iterations before it
+    path = tmp_path / "run.pt"
+    first = make(num_iterations=10, num_chains=1, sync_every=5, checkpoint=path, checkpoint_every=4).run()
+    assert first.samplers[0].trainer.sync_every == 5
+    loaded = OSDS.load(path, potential_fn=quartic_potential)
+    trainer = loaded.samplers[0].trainer
+    assert trainer.step == 10 and trainer.history["loss"] == first.samplers[0].trainer.history["loss"]
+    loaded.continue_training(13).sample()
+    assert trainer.step == 13 and len(trainer.history["loss"]) == 13
+    assert all(isinstance(v, float) for v in trainer.history["loss"])
+    assert loaded.log_evidence().num_draws == 100

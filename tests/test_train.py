@@ -198,3 +198,85 @@ def test_training_that_stays_below_the_untrained_maps_elbo_stops():
     reachable.baseline_elbo = -1e9  # every window above it: the rule never fires
     reachable.train()
     assert reachable.step == 320 and reachable.stop_reason is None
+
+
+# ------------------------------------------------------------------------------------------------
+# reading the device every `sync_every` iterations (the GPU's mode, run here on the CPU)
+ONE_STEP = OSDSConfig(grid_size=8, num_iterations=60, hidden_dim=16, flow_kl_batch_size=32, dtype=None)
+
+
+class DeviceReads(torch.overrides.TorchFunctionMode):
+    """Counts the reads of a tensor's value by the host (what waits for a GPU) made from the given files."""
+
+    READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+             torch.Tensor.tolist}
+
+    def __init__(self, *files):
+        super().__init__()
+        self.files, self.count = files, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            import sys
+
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename.endswith(self.files):
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_reading_every_n_iterations_trains_as_reading_every_one_does():
+    every = make_trainer(config=ONE_STEP)
+    batched = make_trainer(config=ONE_STEP.replace(sync_every=25))
+    every.train()
+    batched.train()
+    assert every.sync_every == 1 and batched.sync_every == 25  # the CPU's default, and the one asked for
+    assert batched.step == 60 and {len(v) for v in batched.history.values()} == {60}
+    for key in ("loss", "elbo", "flow_kl_ess", "grad_norm"):  # fused AdamW's rounding, in float64
+        assert batched.history[key] == pytest.approx(every.history[key], rel=1e-8, abs=1e-10), key
+    assert batched.history["skipped"] == every.history["skipped"] and batched.history["invalid_paths"] == [0] * 60
+    for p, q in zip(batched.ema.parameters(), every.ema.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+
+
+def test_between_reads_neither_the_trainer_nor_the_objective_reads_the_device():
+    trainer = make_trainer(config=ONE_STEP.replace(sync_every=25))
+    trainer.train(1)  # the optimiser's state exists
+    reads = DeviceReads("pyro_osds/train.py", "pyro_osds/objectives.py")
+    with reads:
+        records = [trainer.iteration(on_device=True) for _ in range(5)]
+    assert reads.count == 0 and isinstance(records[0]["loss"], torch.Tensor)
+    trainer.step += 5
+    trainer._unread.extend(records)
+    with reads:
+        info = trainer.read_statistics()  # the statistics become numbers when read
+    assert reads.count > 0 and all(isinstance(v, (int, float)) for v in info.values())
+    assert len(trainer.history["loss"]) == 6
+
+
+def test_skipped_steps_on_the_device_change_nothing_and_are_counted_when_read():
+    def sometimes_nan(x):  # a NaN potential at every third iteration's draws
+        sometimes_nan.calls += 1
+        u = quadratic(x)
+        return u * math.nan if sometimes_nan.calls % 3 == 0 else u
+
+    sometimes_nan.calls = 0
+    trainer = make_trainer(sometimes_nan, config=ONE_STEP.replace(sync_every=10, num_iterations=30,
+                                                                  flow_kl_gradient="total"))
+    with pytest.warns(RuntimeWarning, match="optimiser step"):
+        trainer.train()
+    assert trainer.num_skipped == sum(trainer.history["skipped"]) > 0
+    assert all(torch.isfinite(p).all() for p in list(trainer.net.parameters()) + list(trainer.ema.parameters()))
+    state = trainer.optimizer.state_dict()["state"][0]
+    assert int(state["step"]) == 30 - trainer.num_skipped  # a skipped step leaves the step count as it was
+
+
+def test_training_that_never_has_a_finite_step_stops_at_the_next_read():
+    trainer = make_trainer(lambda x: quadratic(x) * math.nan, config=ONE_STEP.replace(sync_every=10,
+                                                                                      max_consecutive_skips=5))
+    before = [p.detach().clone() for p in trainer.net.parameters()]
+    with pytest.raises(TrainingDivergedError, match="Training stopped at iteration 5: 5 iterations in a row"):
+        trainer.train()
+    assert trainer.step == 10  # found at the read after iteration 10
+    for p, b in zip(trainer.net.parameters(), before, strict=True):
+        assert torch.equal(p, b)

@@ -173,7 +173,8 @@ def prefers_low_rank(net, dim: int) -> bool:
 
 
 def control_and_jacobian(net, potential_fn: PotentialFn, process: ReferenceProcess, x_in: torch.Tensor, code, step,
-                         *, through_g: bool, differentiable: bool, low_rank: bool = False):
+                         *, through_g: bool, differentiable: bool, low_rank: bool = False,
+                         needs_score: bool | None = None):
     r"""
     The control :math:`u = u_\theta(x, \tfrac cT, \tfrac dT, g(x, c))` of a step of ``step`` codes
     from ``code`` and its exact transposed Jacobian, from the network's closed form
@@ -193,7 +194,8 @@ def control_and_jacobian(net, potential_fn: PotentialFn, process: ReferenceProce
     With ``low_rank`` and a diagonal :math:`\partial g/\partial x` (no Hessian term) the Jacobian comes as
     a :class:`~pyro_osds.ops.lowrank.DiagPlusLowRank` from
     :meth:`~pyro_osds.ops.nets.ControlNetwork.control_and_jacobian_factors`, in :math:`O(D r^2)`.
-    Returns ``(u, (du/dx)^T)``.
+    ``needs_score``: whether the target's weight is non-zero for some draw, when the caller knows it from the codes
+    as numbers (else it is read from the device). Returns ``(u, (du/dx)^T)``.
     """
     T = process.grid_size
     batch, dim = x_in.shape
@@ -201,10 +203,13 @@ def control_and_jacobian(net, potential_fn: PotentialFn, process: ReferenceProce
     def per_sample(v):  # number, 0-d or (batch,) -> (batch,)
         return torch.as_tensor(v, dtype=x_in.dtype, device=x_in.device).expand(batch)
 
-    tau = 1.0 - per_sample(target_weight(process, code, step))
+    weight = target_weight(process, code, step)
+    tau = 1.0 - per_sample(weight)
     sigma = per_sample(process.sigma(code))
     hessian = None
-    if bool((tau != 1).any()):
+    if needs_score is None:
+        needs_score = bool((weight != 0).any()) if isinstance(weight, torch.Tensor) else weight != 0
+    if needs_score:
         _, score = potential_and_score(potential_fn, x_in, create_graph=through_g)
         if through_g:
             hessian = batched_jacobian(score, x_in, create_graph=differentiable)
@@ -230,7 +235,7 @@ def control_and_jacobian(net, potential_fn: PotentialFn, process: ReferenceProce
     return net.control_and_jacobian(x_in, code / T, step / T, g, g_jac, transposed=True)
 
 
-def _structured_step(net, potential_fn, process, x_in, code, step, *, through_g, differentiable):
+def _structured_step(net, potential_fn, process, x_in, code, step, *, through_g, differentiable, needs_score=None):
     r"""
     One PF-ODE step with its exact Jacobian from :func:`control_and_jacobian`:
 
@@ -251,7 +256,8 @@ def _structured_step(net, potential_fn, process, x_in, code, step, *, through_g,
 
     sigma, beta, dt = per_sample(process.sigma(code)), per_sample(process.beta(code)), per_sample(step / T)
     u, u_jac_t = control_and_jacobian(net, potential_fn, process, x_in, code, step, through_g=through_g,
-                                      differentiable=differentiable, low_rank=prefers_low_rank(net, x_in.shape[-1]))
+                                      differentiable=differentiable, low_rank=prefers_low_rank(net, x_in.shape[-1]),
+                                      needs_score=needs_score)
     x_next = x_in + dt[:, None] * (0.5 * sigma[:, None] * u + 0.5 * beta[:, None] * x_in)
     if isinstance(u_jac_t, lowrank.DiagPlusLowRank):
         scale, shift = 0.5 * dt * sigma, 1.0 + 0.5 * dt * beta
@@ -302,6 +308,9 @@ def ode_step(
     check_choice("log_det", log_det, LOG_DET_METHODS)
     if return_jacobian and log_det not in EXACT_LOG_DET_METHODS:
         raise ValueError(f"`return_jacobian` needs an exact `log_det`, got {log_det!r}.")
+    # codes given as numbers say whether the step needs the target's score without reading the device
+    numbers = isinstance(code, (int, float)) and isinstance(step, (int, float))
+    needs_score = target_weight(process, code, step) != 0 if numbers else None
     code = _as_code(code, x)
     step = _as_code(step, x)
     with torch.enable_grad():
@@ -314,7 +323,8 @@ def ode_step(
         structured = net.closed_form_jacobian and log_det in EXACT_LOG_DET_METHODS + ("euler_trace",)
         if structured:
             u, x_next, jac = _structured_step(net, potential_fn, process, x_in, code, step,
-                                              through_g=through_g, differentiable=differentiable)
+                                              through_g=through_g, differentiable=differentiable,
+                                              needs_score=needs_score)
             if log_det == "euler_trace":
                 # Euler rule: dt * div(drift) = trace(J - I) of the step's Jacobian with g held constant
                 increment = lowrank.trace(jac) - x.shape[-1]

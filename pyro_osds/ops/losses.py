@@ -117,11 +117,12 @@ class DiffusionLoss(NamedTuple):
 
 class FlowKLLoss(NamedTuple):
     """``loss`` (scalar, ``None`` if unusable), detached per-draw DF ``log_weights``, the number of
-    excluded non-finite draws and the number of folded draws (penalised instead of averaged)."""
+    excluded non-finite draws (a 0-d tensor: the trainer reads it with its statistics) and the number of folded
+    draws (penalised instead of averaged)."""
 
     loss: torch.Tensor | None
     log_weights: torch.Tensor
-    num_invalid: int
+    num_invalid: torch.Tensor
     num_folded: int = 0
 
 
@@ -226,7 +227,7 @@ def flow_kl_loss(
             x0 = x0.detach().requires_grad_(True)
         out, log_w = flow_and_log_weights(x0, with_fold_penalty=fold_weight > 0, return_jacobians=path)
         finite = torch.isfinite(log_w)
-        num_invalid = int((~finite).sum())
+        num_invalid = (~finite).sum()  # read by the trainer with its statistics
         # a step folds where its determinant is negative; two such steps cancel in the orientation, but not
         # in the penalty, which is positive exactly where some step folds
         folded = out.orientation <= 0

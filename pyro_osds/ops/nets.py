@@ -334,8 +334,10 @@ class StepConditionedControl(ControlNetwork):
                 z = layer(z)
         inside = (z.abs() < self.outer_clip).to(z.dtype)
         h = z.clamp(-self.outer_clip, self.outer_clip)
-        if not bool(inside.all()):
-            jac_t = jac_t * inside.unsqueeze(-2)  # row i of dh/dx is zero where h_i is clipped
+        # row i of dh/dx is zero where h_i is clipped; on the CPU, where reading a tensor costs nothing, the product
+        # is skipped when nothing is (multiplying by one is exact either way)
+        if z.device.type != "cpu" or not bool(inside.all()):
+            jac_t = jac_t * inside.unsqueeze(-2)
         g_inside = (g.abs() < self.inner_clip).to(g.dtype)
         u = h + gain * g.clamp(-self.inner_clip, self.inner_clip)
         scale = gain * g_inside

@@ -52,7 +52,9 @@ class FlowSampler(Chain):
     :param AffineMap preconditioner: use this affine map instead of fitting one.
     :param ModeSearch search: the mode search's result to fit the preconditioner from (default: the
         sampler runs its own when ``config.preconditioner.mode_search_starts > 0``).
-    :param callable hook_fn: ``hook_fn(step, info)`` after every training iteration.
+    :param callable hook_fn: ``hook_fn(step, info)`` after every training iteration, with its statistics.
+    :param callable on_iteration: ``on_iteration(step)`` after every training iteration, without them (they need
+        not be read from the device then).
     :param bool disable_progbar: no progress bar.
     :param str desc: the progress bar's label.
 
@@ -70,6 +72,7 @@ class FlowSampler(Chain):
         search: ModeSearch | None = None,
         generator: torch.Generator | None = None,
         hook_fn: Callable | None = None,
+        on_iteration: Callable | None = None,
         disable_progbar: bool = False,
         desc: str = "OSDS",
         distributed: DistributedContext | None = None,
@@ -90,7 +93,7 @@ class FlowSampler(Chain):
         #: until it ends (and in checkpoints), to give the network back if training lowered the pilot ELBO
         self.untrained: tuple[int, float, tuple] | None = None
         self.net = config.net.build(self.dim, dtype=self.dtype, device=self.device, generator=self.generator)
-        self.hook_fn, self.disable_progbar, self.desc = hook_fn, disable_progbar, desc
+        self.hook_fn, self.on_iteration, self.disable_progbar, self.desc = hook_fn, on_iteration, disable_progbar, desc
 
     def _parts(self) -> list:
         return self.trainers
@@ -229,7 +232,8 @@ class FlowSampler(Chain):
             if phase == 0 and self.untrained is not None:
                 trainer.baseline_elbo = self.untrained[1]
             desc = None if self.disable_progbar else (self.desc if phase == 0 else f"{self.desc} (consistency)")
-            history = trainer.train(num_iterations if phase == 0 else None, hook_fn=self.hook_fn, desc=desc)
+            history = trainer.train(num_iterations if phase == 0 else None, hook_fn=self.hook_fn,
+                                    on_iteration=self.on_iteration, desc=desc)
             if trainer.interrupted:
                 break
             finished = trainer.stop_reason is not None or trainer.step >= trainer.num_iterations

@@ -45,6 +45,7 @@ class MixtureSampler(Chain):
 
     def __init__(self, potential_fn: PotentialFn, init: torch.Tensor, config: OSDSConfig, search: ModeSearch, *,
                  generator: torch.Generator | None = None, hook_fn: Callable | None = None,
+                 on_iteration: Callable | None = None,
                  disable_progbar: bool = False, desc: str = "OSDS", distributed: DistributedContext | None = None):
         super().__init__(potential_fn, init, config, generator=generator, distributed=distributed)
         self.search = search
@@ -52,7 +53,7 @@ class MixtureSampler(Chain):
         self.components = [
             FlowSampler(self.partition.restricted(potential_fn, k), affine.shift, config,
                         generator=seeded_generator(self.device, derive_seed(self.generator)), hook_fn=hook_fn,
-                        disable_progbar=disable_progbar, desc=f"{desc} component {k}", distributed=distributed)
+                        on_iteration=on_iteration, disable_progbar=disable_progbar, desc=f"{desc} component {k}", distributed=distributed)
             for k, (affine, _) in enumerate(search.modes)
         ]
         #: the mixture weights :math:`\alpha` (the Laplace masses until :meth:`fit` estimates them)

@@ -1,0 +1,237 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+r"""
+OSDS on a GPU against NUTS on the same machine's CPU (issue #23), in one run of under eight minutes on an
+H200-class GPU.
+
+.. code-block:: bash
+
+    python -m benchmarks.gpu --out benchmarks/results/gpu            # on the GPU machine
+    python -m benchmarks.gpu --device cpu --targets logreg32 --quick  # a dry run anywhere
+
+For each target of :mod:`benchmarks.scaling` (default ``logreg32 logreg256 logreg1024 hier1000 lgcp1600``), the
+data are made on the CPU with the scaling benchmark's seed and moved to ``--device``, and OSDS runs there with its
+defaults (``--chains`` chains, trained one after the other on a GPU); its *time to 1000 ESS* is the fit time plus
+the draw-and-weight time of the draws that give a Kish ESS of 1000. Recorded with it: the peak device memory, the
+time of one training iteration (``--iterations`` more iterations of a trained chain, the device synchronised before
+and after), the log Z error against the reference of :mod:`benchmarks.scaling`'s report (the same data; tempered
+SMC or exact quadrature, computed there on a CPU) and the host's reads of the device per iteration.
+
+NUTS (Pyro, one chain, ``--nuts-warmup`` + ``--nuts-samples``, one CPU thread each, ``jit_compile=False``: NUTS at
+its best on these models) runs at the same time in separate processes on the machine's other CPU cores, one per
+target of ``--nuts-targets``, so that the ratio OSDS / NUTS is measured in the same run.
+
+Writes ``<out>/gpu.json`` and ``<out>/gpu.md`` (the GPU's name, torch and CUDA versions, the commit).
+
+Installing on a GPU machine without internet access: carry the missing packages as wheels (``pyro-ppl``,
+``pyro-api``, ``arviz``, ``xarray-einstats``, ``h5netcdf``, ``platformdirs``; ``benchmarks/gpu_check.sh`` shows
+the commands), add them to ``PYTHONPATH`` and run from the repository's root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime as dt
+import json
+import math
+import multiprocessing
+import os
+import subprocess
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+DEFAULT_TARGETS = ("logreg32", "logreg256", "logreg1024", "hier1000", "lgcp1600")
+DEFAULT_NUTS = ("logreg256", "logreg1024", "hier1000")
+SCALING_REPORT = Path(__file__).parent / "results" / "scaling" / "scaling.json"
+
+
+def _commit() -> str | None:
+    if os.environ.get("OSDS_COMMIT"):
+        return os.environ["OSDS_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """The device, its memory and the versions of what ran."""
+    import pyro
+
+    info = {"device": str(device), "torch": torch.__version__, "pyro": pyro.__version__,
+            "cuda": torch.version.cuda, "commit": _commit(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    capability=f"{props.major}.{props.minor}")
+    return info
+
+
+def references() -> dict:
+    """The reference log Z of each target of the scaling benchmark's report (seed 0), by name."""
+    if not SCALING_REPORT.exists():
+        return {}
+    rows = json.loads(SCALING_REPORT.read_text())["rows"]
+    return {row["name"]: row["reference"] for row in rows if "reference" in row}
+
+
+def _to(args, device):
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_osds(name: str, device: torch.device, *, seed: int, draws: int, chains: int, iterations: int) -> dict:
+    """OSDS with its defaults on ``device`` (module docstring)."""
+    import pyro
+
+    from pyro_osds import OSDS
+
+    from .scaling import get_scaling_target
+
+    target = get_scaling_target(name, seed)
+    model_args = _to(target.model_args, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    pyro.set_rng_seed(seed)
+    runner = OSDS(target.model, num_chains=chains, num_samples=draws, disable_progbar=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _sync(device)
+        start = time.perf_counter()
+        runner.fit(*model_args)
+        _sync(device)
+        fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        runner.sample(draws)
+        _sync(device)
+        draw_s = time.perf_counter() - start
+    ev = runner.log_evidence()
+    total = draws * chains
+    draws_to_1000 = 1000.0 * total / ev.pooled.ess if ev.pooled.ess > 0 else math.inf
+    trainer = runner.samplers[0].trainer if hasattr(runner.samplers[0], "trainer") else None
+    per_iteration = math.nan
+    if trainer is not None and iterations > 0:  # more iterations of the trained chain, timed alone
+        _sync(device)
+        start = time.perf_counter()
+        trainer.train(iterations)
+        _sync(device)
+        per_iteration = (time.perf_counter() - start) / iterations
+    return {
+        "device": str(device), "dim": target.dim, "fit_s": fit_s, "draw_s": draw_s, "draws": total,
+        "time_to_1000_ess_s": fit_s + draw_s * draws_to_1000 / total,
+        "iterations": [int(s.iteration) for s in runner.samplers], "seconds_per_iteration": per_iteration,
+        "sync_every": trainer.sync_every if trainer is not None else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "log_z": ev.log_z, "se": ev.se, "ess_per_draw": ev.pooled.ess_per_draw, "k_hat": ev.pooled.k_hat,
+        "reliable": bool(ev.reliable), "vectorize": getattr(runner.target, "vectorize", None),
+        "warnings": sorted({str(w.message).split("\n")[0][:200] for w in caught}),
+    }
+
+
+def _nuts_job(name: str, seed: int, warmup: int, samples: int) -> dict:
+    """Pyro NUTS on the CPU, one thread (in its own process)."""
+    torch.set_num_threads(1)
+    from .scaling import get_scaling_target, run_nuts
+
+    return run_nuts(get_scaling_target(name, seed), seed=seed, warmup=warmup, samples=samples)
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def write_report(results: dict, out: Path) -> None:
+    env = results["environment"]
+    lines = [
+        "# OSDS on a GPU against NUTS on the CPU (issue #23)", "",
+        f"{results['date']}, seed {results['seed']}; {env.get('gpu', env['device'])} "
+        f"({env.get('gpu_memory_gib', '-')} GiB), torch {env['torch']} (CUDA {env['cuda']}), pyro {env['pyro']}, "
+        f"{env['cpu_count']} CPU cores, commit {(env.get('commit') or '-')[:10]}. OSDS: defaults, "
+        f"{results['settings']['chains']} chains in turn on `{env['device']}`; NUTS: one chain on one CPU core, "
+        f"{results['settings']['nuts_warmup']} + {results['settings']['nuts_samples']}, at the same time. "
+        "`python -m benchmarks.gpu` (module docstring).", "",
+        "| target | D | ref log Z | OSDS log Z | Δ | ESS/N | k̂ | fit s | ms / iteration | peak GiB | OSDS to 1000 ESS s "
+        "| NUTS to 1000 ESS s | OSDS / NUTS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        o, ref, nuts = row["osds"], row.get("reference") or {}, row.get("nuts") or {}
+        delta = o["log_z"] - ref["log_z"] if "log_z" in ref else None
+        ratio = o["time_to_1000_ess_s"] / nuts["time_to_1000_ess_s"] if nuts.get("time_to_1000_ess_s") else None
+        lines.append(
+            f"| {row['name']} | {o['dim']} | {_fmt(ref.get('log_z'), '.3f')} | {o['log_z']:.3f} ± {o['se']:.3f} "
+            f"| {_fmt(delta, '+.3f')} | {o['ess_per_draw']:.3f} | {o['k_hat']:.2f} | {o['fit_s']:.1f} "
+            f"| {_fmt(1000 * o['seconds_per_iteration'], '.1f')} | {_fmt(o['peak_memory_gib'], '.2f')} "
+            f"| {o['time_to_1000_ess_s']:.1f} | {_fmt(nuts.get('time_to_1000_ess_s'), '.1f')} | {_fmt(ratio, '.3f')} |")
+    lines += ["", "References: the scaling benchmark's (`benchmarks/results/scaling/scaling.json`, the same data)."]
+    (out / "gpu.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS))
+    parser.add_argument("--nuts-targets", nargs="*", default=list(DEFAULT_NUTS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--chains", type=int, default=2)
+    parser.add_argument("--draws", type=int, default=4000, help="OSDS draws per chain")
+    parser.add_argument("--iterations", type=int, default=50, help="iterations timed alone")
+    parser.add_argument("--nuts-warmup", type=int, default=500)
+    parser.add_argument("--nuts-samples", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="a dry run: few draws, short NUTS")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/gpu")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite the report from the JSON and stop")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.markdown_only:
+        write_report(json.loads((out / "gpu.json").read_text()), out)
+        return 0
+    if args.quick:
+        args.draws, args.iterations, args.nuts_warmup, args.nuts_samples = 500, 5, 100, 200
+    device = torch.device(args.device)
+    nuts_targets = [t for t in args.nuts_targets if t in args.targets]
+    results = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "seed": args.seed,
+               "environment": environment(device), "settings": vars(args), "rows": []}
+    refs = references()
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max(1, len(nuts_targets)), mp_context=context) as pool:
+        nuts = {name: pool.submit(_nuts_job, name, args.seed, args.nuts_warmup, args.nuts_samples)
+                for name in nuts_targets}
+        for name in args.targets:
+            row = {"name": name, "reference": refs.get(name)}
+            try:
+                row["osds"] = run_osds(name, device, seed=args.seed, draws=args.draws, chains=args.chains,
+                                       iterations=args.iterations)
+            except Exception as err:  # noqa: BLE001 - a failing target is reported, the others still run
+                row["error"] = f"{type(err).__name__}: {err}"
+            o = row.get("osds")
+            print(f"[{name}] " + (row["error"] if o is None else
+                                  f"log Z {o['log_z']:.3f} +- {o['se']:.3f}, fit {o['fit_s']:.1f} s, "
+                                  f"{1000 * o['seconds_per_iteration']:.1f} ms/iteration, to 1000 ESS "
+                                  f"{o['time_to_1000_ess_s']:.1f} s"), flush=True)
+            results["rows"].append(row)
+        for row in results["rows"]:
+            if row["name"] in nuts:
+                try:
+                    row["nuts"] = nuts[row["name"]].result()
+                except Exception as err:  # noqa: BLE001
+                    row["nuts"] = {"error": f"{type(err).__name__}: {err}"}
+    results["rows"] = [r for r in results["rows"] if "osds" in r] + [r for r in results["rows"] if "osds" not in r]
+    (out / "gpu.json").write_text(json.dumps(results, indent=1, default=str))
+    write_report({**results, "rows": [r for r in results["rows"] if "osds" in r]}, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
