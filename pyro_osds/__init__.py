@@ -15,7 +15,7 @@ from .api import OSDS
 from .compare import compare
 from .config import OSDSConfig
 from .convert import to_datatree, to_inference_data
-from .model import UnsupportedModelError
+from .inputs import UnsupportedModelError
 from .ops.estimators import EvidenceError
 from .results import LogEvidence, UnreliableEvidenceWarning
 from .train import TrainingDivergedError

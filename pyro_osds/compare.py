@@ -45,7 +45,7 @@ def compare(models: dict, *, prior_probs: dict | None = None, k_hat_threshold: f
     :param float k_hat_threshold: Pareto :math:`\hat k` above which an estimate is flagged unreliable (0.5: above it
         the weights' variance is infinite and the SE understates the error), unless
         its weights are nearly constant (ESS/N >= 0.99; see :attr:`~pyro_osds.ops.estimators.Estimates.reliable`).
-    :param float min_ess: Kish ESS below which an estimate is flagged unreliable.
+    :param float min_ess: Kish ESS below which an estimate is flagged unreliable (an exact one, SE 0, needs none).
     :raises ValueError: when an estimate's weights are not exact (an approximate log-det such as Hutchinson's).
     :returns: a :class:`pandas.DataFrame` laid out as :func:`arviz.compare`'s, indexed by model name, sorted
         best first (highest log evidence), with columns ``rank`` (0 = best), ``log_z``, ``se``, ``log_bf``
@@ -93,7 +93,8 @@ def compare(models: dict, *, prior_probs: dict | None = None, k_hat_threshold: f
     table["weight"] = weights / weights.sum()
     k_hat = table["k_hat"].fillna(-math.inf)
     tail_ok = (k_hat <= k_hat_threshold) | (table["ess_per_draw"] >= NEAR_CONSTANT_ESS)
-    table["reliable"] = (tail_ok & (table["ess"] >= min_ess) & table["se"].map(math.isfinite)
+    exact = table["se"] == 0  # equal weights: a model with nothing to sample, its log Z exact whatever the draws
+    table["reliable"] = (tail_ok & ((table["ess"] >= min_ess) | exact) & table["se"].map(math.isfinite)
                          & (table["folded"] == 0) & (table["lost_modes"] == 0) & ~table["too_many_modes"])
     table["warning"] = ~table["reliable"]
     table = table.sort_values("log_z", ascending=False)

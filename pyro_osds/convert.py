@@ -67,7 +67,9 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def _dataset(values: dict[str, np.ndarray], lead: tuple[str, ...], coords: dict | None, dims: dict | None,
-             attrs: dict) -> xr.Dataset:
+             attrs: dict, sizes: tuple[int, ...] = ()) -> xr.Dataset:
+    """The arrays ``values`` ``(*lead, ...)`` as a dataset; with no values, the ``lead`` dimensions of ``sizes``
+    alone (the posterior of a model with nothing to sample)."""
     data_vars, all_coords = {}, {}
     for name, arr in values.items():
         extra = list((dims or {}).get(name, []))
@@ -81,10 +83,9 @@ def _dataset(values: dict[str, np.ndarray], lead: tuple[str, ...], coords: dict 
             elif d not in all_coords:
                 all_coords[d] = np.arange(size)
         data_vars[name] = (lead + tuple(names), arr)
-    if values:
-        lead_sizes = next(iter(values.values())).shape[: len(lead)]
-        for d, n in zip(lead, lead_sizes, strict=True):
-            all_coords[d] = np.arange(n)
+    lead_sizes = next(iter(values.values())).shape[: len(lead)] if values else sizes
+    for d, n in zip(lead, lead_sizes, strict=True):
+        all_coords[d] = np.arange(n)
     return xr.Dataset(data_vars, coords=all_coords, attrs=attrs)
 
 
@@ -147,7 +148,8 @@ def to_datatree(osds, *, resample: bool = True, log_likelihood: bool = True, pos
     library_attrs = {"inference_library": "pyro_osds", "inference_library_version": __version__}
     ess_attrs = {"ess_kish": float(evidence.ess), "pareto_k": float(evidence.k_hat)}
 
-    groups = {"posterior": _dataset(_lead(values, index), ("chain", "draw"), coords, dims, dict(library_attrs))}
+    groups = {"posterior": _dataset(_lead(values, index), ("chain", "draw"), coords, dims, dict(library_attrs),
+                                    tuple(index.shape))}
     stats = _dataset(_lead(weight_stats if not resample else {"lp": -potential}, index), ("chain", "draw"), None,
                      None, {**library_attrs, **ess_attrs})
     stats["log_marginal_likelihood"] = ("chain", np.array([c.log_z for c in evidence.chains]))
@@ -157,7 +159,7 @@ def to_datatree(osds, *, resample: bool = True, log_likelihood: bool = True, pos
     groups["sample_stats"] = stats
     if resample:
         groups["weighted_posterior"] = _dataset(_lead(values, raw), ("chain", "draw"), coords, dims,
-                                                dict(library_attrs))
+                                                dict(library_attrs), tuple(raw.shape))
         groups["weighted_sample_stats"] = _dataset(_lead(weight_stats, raw), ("chain", "draw"), None, None,
                                                    {**library_attrs, **ess_attrs})
     if osds.model is not None:

@@ -62,7 +62,12 @@ def weighted_summary(samples: dict[str, torch.Tensor], log_weights: torch.Tensor
 
 
 def print_summary(stats: dict, evidence=None) -> None:
-    """Prints :func:`weighted_summary`'s table in Pyro's layout, then ``evidence`` (if given)."""
+    """Prints :func:`weighted_summary`'s table in Pyro's layout (none without sites), then ``evidence`` (if
+    given)."""
+    if not stats:
+        if evidence is not None:
+            print(evidence)
+        return
     names = []
     for name, d in stats.items():
         shape = d["mean"].shape

@@ -41,16 +41,13 @@ from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import site_is_subsample
 
 from .distributed import DistributedContext, broadcast_object
+from .inputs import UnsupportedModelError, check_model, nonfinite_arguments
 from .target import FlatTarget, PotentialTarget, Site
 from .util import check_choice
 
 __all__ = ["ModelTarget", "UnsupportedModelError", "build_target", "posterior_predictive"]
 
 PARTICLE_PLATE = "_osds_particles"
-
-
-class UnsupportedModelError(ValueError):
-    """The model has a feature OSDS cannot handle (the message names the site and the fix)."""
 
 
 def _map_tensors(obj, fn):
@@ -74,32 +71,6 @@ def _first_tensor(obj):
     if isinstance(obj, dict):
         return _first_tensor(list(obj.values()))
     return None
-
-
-def _check_model(model, args, kwargs) -> poutine.Trace:
-    """Traces the model once and refuses what OSDS cannot sample."""
-    with poutine.block(), pyro.validation_enabled(False):
-        trace = poutine.trace(model).get_trace(*args, **kwargs)
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        for frame in site["cond_indep_stack"]:
-            if frame.full_size is not None and frame.size != frame.full_size:
-                raise UnsupportedModelError(
-                    f"OSDS does not support subsampling: plate {frame.name!r} (at site {name!r}) uses "
-                    f"{frame.size} of {frame.full_size} data points. Remove `subsample_size` / `subsample` from "
-                    "the plate (OSDS, like NUTS, needs the full-data potential)."
-                )
-        if site["is_observed"]:
-            continue
-        support = site["fn"].support
-        if support.is_discrete and not site["fn"].has_enumerate_support:
-            raise UnsupportedModelError(
-                f"Latent site {name!r} is discrete with infinite support ({type(site['fn']).__name__}), which "
-                "cannot be enumerated. Marginalise it by hand, make it continuous, or condition on it "
-                f"(e.g. `pyro.condition(model, data={{{name!r}: value}})`)."
-            )
-    return trace
 
 
 class _UnconditionSites(UnconditionMessenger):
@@ -156,7 +127,7 @@ class ModelTarget(FlatTarget):
         self.model = model
         self.args = tuple(model_args)
         self.kwargs = dict(model_kwargs or {})
-        self.trace = _check_model(model, self.args, self.kwargs)
+        self.trace = check_model(model, self.args, self.kwargs)
         if max_plate_nesting is None:  # the deepest vectorised plate of the model's trace, as Pyro guesses it
             dims = [frame.dim for site in self.trace.nodes.values() if site["type"] == "sample"
                     for frame in site["cond_indep_stack"] if frame.vectorized]
@@ -173,14 +144,14 @@ class ModelTarget(FlatTarget):
         except ValueError as err:
             if "cannot find valid initial params" not in str(err):
                 raise
+            nonfinite = nonfinite_arguments(self.args, self.kwargs)
             raise ValueError(
                 "The model's potential is NaN or infinite at every initial point tried (100 draws of the init "
-                "strategy), so there is nothing to sample: check the likelihood and priors for impossible values "
-                "(e.g. observations outside a distribution's support, a factor of -inf), or pass finite "
-                "`initial_params`."
+                "strategy), so there is nothing to sample: "
+                + (f"the model's data hold non-finite values ({'; '.join(nonfinite)}); drop or impute them."
+                   if nonfinite else "check the likelihood and priors for impossible values (e.g. observations "
+                   "outside a distribution's support, a factor of -inf), or pass finite `initial_params`.")
             ) from err
-        if not init_params:
-            raise UnsupportedModelError("The model has no continuous latent sites to sample.")
         self.enumerated_sites = [
             name for name, site in self.trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"] and site["fn"].has_enumerate_support
@@ -208,6 +179,15 @@ class ModelTarget(FlatTarget):
                               len(proto["fn"].batch_shape)))
             start += numel
         self.sites = sites
+        if not sites:  # nothing to sample: the potential is -log p(y), summed over any enumerated sites
+            data = _first_tensor(list(self.args) + list(self.kwargs.values()))
+            floating = data is not None and data.is_floating_point()
+            self.init = torch.zeros(0, dtype=data.dtype if floating else torch.get_default_dtype(),
+                                    device=data.device if data is not None else torch.get_default_device())
+            if initial_params:
+                self._check_initial_params(initial_params)  # names the unknown sites
+            self._potentials, self.vectorize = {"constant": self._constant_potential}, "constant"
+            return
         self.init = self.pack({k: v.unsqueeze(0) for k, v in init_params.items()})[0].detach()
         if initial_params is not None:
             self.init = self._check_initial_params(initial_params)
@@ -215,6 +195,10 @@ class ModelTarget(FlatTarget):
         self.vectorize = self._select(vectorize)
         if default_init and initial_params is None:
             self.init = self._lowest_initial_point(self.init)
+
+    def _constant_potential(self, z: torch.Tensor) -> torch.Tensor:
+        """The potential of a model without continuous latent sites at ``z`` ``(batch, 0)``: one value."""
+        return self._pyro_potential({}).to(self.dtype).expand(z.shape[0])
 
     def _lowest_initial_point(self, init: torch.Tensor) -> torch.Tensor:
         """The point of lowest potential among ``init`` and :attr:`NUM_UNIFORM_INITS` uniform draws on (-2, 2)

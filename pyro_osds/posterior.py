@@ -93,7 +93,7 @@ class WeightedPosterior(LogWeightsMixin):
         idx = self.draw_indices(num_samples, group_by_chain, resample=resample)
         z = torch.cat([d.x for d in self.draws])[idx.to(self.draws[0].x.device)]  # (C or 1, M, D)
         lead = tuple(idx.shape) if group_by_chain else (idx.numel(),)
-        flat = z.reshape(-1, z.shape[-1])
+        flat = z.flatten(0, -2)  # (C or 1) * M rows
         values = self.target.unpack(flat) if unconstrained else self.target.constrain(flat)
         out = OrderedDict((name, values[name].reshape(lead + tuple(values[name].shape[1:])).detach())
                           for name in sorted(values))

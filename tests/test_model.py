@@ -145,12 +145,12 @@ def test_subsample_plates_are_refused():
         OSDS(subsampled).run(torch.randn(10))
 
 
-def test_model_without_continuous_latents_is_refused():
+def test_model_without_continuous_latents_has_its_exact_evidence():  # more in tests/test_exact.py
     def observed_only(y):
         pyro.sample("obs", dist.Normal(0.0, 1.0), obs=y)
 
-    with pytest.raises(UnsupportedModelError, match="no continuous latent sites"):
-        OSDS(observed_only).run(torch.tensor(0.5))
+    ev = OSDS(observed_only, num_samples=10, disable_progbar=True).run(torch.tensor(0.5)).log_evidence()
+    assert ev.log_z == pytest.approx(float(dist.Normal(0.0, 1.0).log_prob(torch.tensor(0.5)))) and ev.se == 0
 
 
 def test_model_with_infinite_potential_everywhere_is_refused():

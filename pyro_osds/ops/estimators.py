@@ -194,8 +194,10 @@ def evidence(
     """Importance-sampling evidence estimates (module docstring) from a 1-D tensor of log-weights."""
     clean, num_bad = _clean(log_w, what)
     n = clean.numel()
-    log_z = float(log_mean_exp(clean))
-    ess = float(kish_ess(clean))
+    if bool((clean == clean[0]).all()):  # equal weights (a target with nothing to sample): exact, to the last bit
+        log_z, ess = float(clean[0]), float(n)
+    else:
+        log_z, ess = float(log_mean_exp(clean)), float(kish_ess(clean))
     # delta method with the unbiased variance: SE^2 = Var(w) / (N wbar^2)
     rel_var = max(n / ess - 1.0, 0.0) * n / max(n - 1, 1)
     se = math.sqrt(rel_var / n)

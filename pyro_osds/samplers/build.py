@@ -16,6 +16,7 @@ from ..ops.mode_search import ModeSearch
 from ..train import stage_report
 from ..util import PotentialFn, seeded_generator
 from .base import Chain
+from .exact import ExactChain
 from .flow import FlowSampler
 from .mixture import MixtureSampler
 
@@ -25,7 +26,8 @@ __all__ = ["build_sampler", "restore_sampler"]
 def build_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSConfig | None = None, *,
                   generator: torch.Generator | None = None, **kwargs) -> Chain:
     """
-    One chain for ``potential_fn``: runs the mode search ``config.preconditioner`` asks for, then returns a
+    One chain for ``potential_fn``: an :class:`ExactChain` for a target of dimension 0, else it runs the mode
+    search ``config.preconditioner`` asks for, then returns a
     :class:`MixtureSampler` with a component per mode when it found several separated ones
     (:meth:`~pyro_osds.ops.precondition.PreconditionConfig.wants_components`), else a :class:`FlowSampler`
     preconditioned from the search's result. ``kwargs`` go to the sampler (``hook_fn``, ``disable_progbar``,
@@ -34,6 +36,8 @@ def build_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSCon
     config = OSDSConfig() if config is None else config
     init = torch.as_tensor(init)
     generator = seeded_generator(init.device) if generator is None else generator
+    if init.numel() == 0:  # nothing to sample: the evidence is exact
+        return ExactChain(potential_fn, init, config, generator=generator, **kwargs)
     pre = config.preconditioner
     if pre.kind == "none" or pre.mode_search_starts == 0:
         return FlowSampler(potential_fn, init, config, generator=generator, **kwargs)
@@ -55,7 +59,9 @@ def restore_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSC
                     generator: torch.Generator | None = None, **kwargs) -> Chain:
     """The chain saved as ``state`` (:meth:`FlowSampler.state_dict` or :meth:`MixtureSampler.state_dict`),
     rebuilt without searching or fitting again."""
-    if state.get("kind") == "mixture":
+    if state.get("kind") == "exact":
+        sampler = ExactChain(potential_fn, init, config, generator=generator, **kwargs)
+    elif state.get("kind") == "mixture":
         modes = [(AffineMap(shift, tril), mass) for shift, tril, mass in state["modes"]]
         search = ModeSearch(modes, int(state["num_light"]), True, 0)
         sampler = MixtureSampler(potential_fn, init, config, search, generator=generator, **kwargs)

@@ -1,0 +1,119 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+"""Tests of pyro_osds.inputs: a model's bad data and what OSDS cannot sample are refused before any training, by
+a ValueError that names the site, what was found and the fix (each class of mistake, twice)."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+
+from pyro_osds import OSDS, UnsupportedModelError
+from pyro_osds.inputs import check_model
+
+D64 = torch.float64
+
+
+def regression(X, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1], dtype=X.dtype), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal(X @ w, 1.0), obs=y)
+
+
+def classifier(X, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1], dtype=X.dtype), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
+
+
+def counts(y):
+    rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Poisson(rate), obs=y)
+
+
+def correlated(y):  # 2-D observations
+    loc = pyro.sample("loc", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.MultivariateNormal(loc, torch.eye(2)), obs=y)
+
+
+X = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+
+
+def refused(model, *args, error=ValueError, match):
+    """The runner refuses ``model(*args)`` when it builds the target, before training (``fit`` trains nothing)."""
+    runner = OSDS(model, num_iterations=1, disable_progbar=True)
+    with pytest.raises(error, match=match):
+        runner.setup(*args)
+    assert not runner.samplers
+
+
+def test_data_whose_shape_does_not_fit_its_site_are_refused_naming_it():
+    refused(regression, X, torch.zeros(6, 2), match=r"Observed site 'y': its data have shape \(6, 2\), which does "
+            r"not broadcast with its distribution's shape \(6,\).*plates 'data' \(size 6, dim -1\)")
+    refused(correlated, torch.zeros(5, 3), match=r"Observed site 'y'.*shape \(5, 3\).*\(5, 2\).*event shape \(2,\)")
+
+
+def test_non_finite_data_are_refused_with_the_first_index():
+    y = torch.zeros(6)
+    y[4] = math.nan
+    refused(regression, X, y, match=r"Observed site 'y' holds 1 non-finite value\(s\) \(the first, nan, at index "
+            r"\(4,\)\).*poutine.mask")
+    refused(counts, torch.tensor([1.0, math.inf, 3.0]), match=r"'y' holds 1 non-finite .*inf, at index \(1,\)")
+    # a NaN in a covariate (no site holds it): the potential is nowhere finite, and the message names the argument
+    bad_x = X.clone()
+    bad_x[2, 1] = math.nan
+    refused(regression, bad_x, torch.zeros(6), match=r"argument 0 \(1 non-finite, the first at index \(2, 1\)\)")
+
+
+def test_non_finite_data_left_out_by_a_mask_are_fine():
+    def masked(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", y.shape[0]), poutine.mask(mask=torch.isfinite(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    trace = check_model(masked, (torch.tensor([0.1, math.nan, 0.3]),), {})
+    assert "y" in trace.nodes
+
+
+def test_data_of_a_dtype_the_distribution_refuses_are_refused_with_the_fix():
+    labels = (X[:, 0] > 0).to(torch.int64)
+    refused(classifier, X, labels, match=r"Observed site 'y': its data are torch.int64, which Bernoulli.log_prob "
+            r"cannot take.*`y.float\(\)`")
+    refused(classifier, X, labels.bool(), match=r"its data are torch.bool.*Pass floating-point data")
+
+
+def test_data_outside_the_support_are_refused():
+    refused(classifier, X, torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0, 1.0]),
+            match=r"'y' holds 1 value\(s\) outside the support of its distribution \(Bernoulli.*e.g. 2.0 at index \(2,\)")
+    refused(counts, torch.tensor([3.0, -1.0, 0.0]), match=r"outside the support .*Poisson.*e.g. -1.0 at index \(1,\)")
+
+
+def test_improper_priors_are_refused_as_such():
+    def flat(y):
+        x = pyro.sample("x", dist.ImproperUniform(dist.constraints.real, (), ()))
+        pyro.sample("y", dist.Normal(x, 1.0), obs=y)
+
+    def masked_prior(y):  # Pyro's idiom for a flat prior
+        x = pyro.sample("x", dist.Normal(0.0, 1.0).mask(False))
+        pyro.sample("y", dist.Normal(x, 1.0), obs=y)
+
+    y = torch.tensor(0.3)
+    refused(flat, y, error=UnsupportedModelError, match=r"Latent site 'x' has an improper prior \(ImproperUniform\): "
+            r"the evidence of a model with an improper prior is undefined")
+    refused(masked_prior, y, error=UnsupportedModelError, match=r"Latent site 'x' has a masked .*improper")
+
+
+def test_good_data_pass_and_cost_one_trace():
+    calls = []
+
+    def counted(X, y):
+        calls.append(1)
+        regression(X, y)
+
+    trace = check_model(counted, (X, torch.zeros(6)), {})
+    assert len(calls) == 1 and trace.nodes["y"]["is_observed"]
