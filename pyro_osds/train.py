@@ -172,6 +172,14 @@ class Stage(NamedTuple):
     stop: Callable[[dict, int], str | None] | None = None
 
 
+def _diverged(step: int, skips: int) -> TrainingDivergedError:
+    return TrainingDivergedError(
+        f"Training stopped at iteration {step}: {skips} iterations in a row had a non-finite loss or gradient (the "
+        "potential overflows along the sampler's paths, or the network diverged). Try a smaller `learning_rate`, a "
+        "smaller `prior_scale`, `precondition='gaussian'`, or check that the model's log density is finite on its "
+        "whole unconstrained space. The parameters of the last good iteration are kept.")
+
+
 def read_statistic(value):
     """A history entry's value as the host reads it: a function of tensors is called, a one-element tensor becomes
     a Python number, anything else stays as it is."""
@@ -490,14 +498,7 @@ class Trainer:
                 self._unread.clear()
                 if undo is not None:
                     self._restore(undo)
-                raise TrainingDivergedError(
-                    f"Training stopped at iteration {step}: {self.consecutive_skips} iterations in a "
-                    "row had a non-finite loss or gradient (the potential overflows along the sampler's "
-                    "paths, or the network diverged). Try a smaller `learning_rate`, a smaller "
-                    "`prior_scale`, `precondition='gaussian'`, or check that the model's log density is "
-                    "finite on its whole unconstrained space. The parameters of the last good iteration "
-                    "are kept."
-                )
+                raise _diverged(step, self.consecutive_skips)
         if bar is not None and info:
             bar.set_postfix(loss=f"{info['loss']:.4g}", elbo=f"{info['elbo']:.4g}", refresh=False)
         return info
