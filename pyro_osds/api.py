@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -21,7 +22,15 @@ from pyro import poutine
 
 from . import checkpoint as ckpt
 from . import distributed
-from .chains import check_chain_method, choose_chain_method, map_chains, out_of_memory_advice, warn_interrupted
+from .budget import draw_to_target
+from .chains import (
+    OUT_OF_TIME,
+    check_chain_method,
+    choose_chain_method,
+    map_chains,
+    out_of_memory_advice,
+    warn_interrupted,
+)
 from .checks import check_draws, warn_untrained_step_count
 from .config import OSDSConfig
 from .distributed import DistributedContext, broadcast_object
@@ -147,8 +156,7 @@ class OSDS(WeightedPosterior):
         self.max_plate_nesting, self.init_strategy = max_plate_nesting, init_strategy
         self.device = None if device is None else torch.device(device)
         self.chain_method, self.hook_fn, self.disable_progbar = chain_method, hook_fn, disable_progbar
-        # one chain at a time in the model's potential (Pyro's effect-handler stack is global); set to stop
-        # chains training elsewhere
+        # one chain at a time in the model's potential (Pyro's handler stack is global); the stop of Ctrl-C
         self._potential_lock, self._stop_training = threading.RLock(), threading.Event()
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.checkpoint_every, self.resume = checkpoint_every, resume
@@ -159,13 +167,7 @@ class OSDS(WeightedPosterior):
         self._chains: dict[int, Chain] = {}
         #: the current draws, one :class:`~pyro_osds.results.Draws` per chain (empty before :meth:`sample`)
         self.draws: tuple[Draws, ...] = ()
-        self.model_args, self.model_kwargs = (), {}
-        self.interrupted = False
-
-    @property
-    def kind(self) -> str:
-        """``"model"`` or ``"potential"``: what this runner samples."""
-        return "model" if self.model is not None else "potential"
+        self.model_args, self.model_kwargs, self.interrupted, self._deadline = (), {}, False, None
 
     @property
     def samplers(self) -> list[Chain]:
@@ -185,11 +187,11 @@ class OSDS(WeightedPosterior):
 
     def fit(self, *args, **kwargs) -> OSDS:
         r"""
-        Trains ``num_chains`` independent samplers on the model's potential (model arguments are passed through as
-        to ``MCMC.run``). Returns ``self``. With ``resume=True`` an existing ``checkpoint`` is continued.
-        ``KeyboardInterrupt`` keeps the last completed iteration of every chain started so far (with a warning);
-        call :meth:`continue_training` to go on.
+        Trains ``num_chains`` independent samplers on the model's potential (arguments as to ``MCMC.run``); with
+        ``resume=True`` an existing ``checkpoint`` is continued. ``KeyboardInterrupt`` (or ``max_time``) keeps every
+        chain's last completed iteration (with a warning): :meth:`continue_training` goes on. Returns ``self``.
         """
+        self._deadline = self.config.budget.deadline(time.time())
         self.setup(*args, **kwargs)
         self.distributed = distributed.process_group(self.config)
         self._chains, self.draws = {}, ()
@@ -214,6 +216,7 @@ class OSDS(WeightedPosterior):
         if num_iterations is not None:
             check_positive_int("num_iterations", num_iterations)
             self.config = self.config.replace(num_iterations=num_iterations)
+        self._deadline = self.config.budget.deadline(time.time())
         self._join(distributed.process_group(self.config))
         self._train_chains()
         return self
@@ -254,6 +257,7 @@ class OSDS(WeightedPosterior):
                 ckpt.atomic_save(self.state_dict(), self.checkpoint)
             if self._stop_training.is_set():  # Ctrl-C while chains train at once (threads or processes)
                 raise KeyboardInterrupt
+            return OUT_OF_TIME if self._deadline is not None and time.time() >= self._deadline else None
 
         def hook(step, info):  # given only with a hook_fn (the statistics are then read every iteration)
             if self.hook_fn is not None:
@@ -293,10 +297,9 @@ class OSDS(WeightedPosterior):
     def sample(self, num_samples: int | None = None, num_steps: int | None = None, *, log_det: str | None = None
                ) -> OSDS:
         r"""
-        Draws ``num_samples`` fresh weighted draws per chain from the trained samplers with a
-        ``num_steps``-step flow (any divisor of ``grid_size``), replacing the stored draws that
-        :meth:`get_samples`, :meth:`log_evidence` and :meth:`to_inference_data` use, checks them
-        (:func:`~pyro_osds.checks.check_draws`) and warns about what the checks found. Returns ``self``.
+        Draws ``num_samples`` fresh weighted draws per chain with a ``num_steps``-step flow (any divisor of
+        ``grid_size``; more, with ``target_se``: :mod:`pyro_osds.budget`) for :meth:`get_samples`, :meth:`log_evidence`
+        and the rest, checks them once (:func:`~pyro_osds.checks.check_draws`) and warns about what it found.
         """
         self._require_fitted()
         ctx = distributed.current()
@@ -307,11 +310,17 @@ class OSDS(WeightedPosterior):
         check_positive_int("num_samples", num_samples)
         self.config.process.step_codes(num_steps)
         warn_untrained_step_count(self.samplers[0].trained_step_counts, num_steps)
-        with poutine.block(), out_of_memory_advice("drawing", self.config, self.checkpoint):
-            draws = [s.draw_sharded(num_samples, num_steps, log_det=log_det) for s in self.samplers]
-            draws = self.target.add_discrete(draws, self.distributed)
+        def draw(n):
+            with poutine.block(), out_of_memory_advice("drawing", self.config, self.checkpoint):
+                draws = [s.draw_sharded(n, num_steps, log_det=log_det) for s in self.samplers]
+                return self.target.add_discrete(draws, self.distributed)
+
+        draws, budget, note = draw(num_samples), self.config.budget, None
+        if budget.target_se is not None and all(d.log_det != "none" for d in draws):  # draw until log Z's SE is met
+            deadline, self._deadline = self._deadline or budget.deadline(time.time()), None
+            draws, note = draw_to_target(draws, draw, budget, deadline)
         self.draws, self.num_samples, self.num_steps = tuple(draws), num_samples, num_steps
-        self._draw_report = check_draws(self.samplers, self.draws, num_steps)
+        self._draw_report = check_draws(self.samplers, self.draws, num_steps, note)
         self._draw_report.warn(self.config.objective)
         return self
 

@@ -42,6 +42,9 @@ from .util import check_choice, warn
 __all__ = ["CHAIN_METHODS", "check_chain_method", "choose_chain_method", "map_chains", "out_of_memory_advice",
            "warn_interrupted"]
 
+#: the reason a chain gives for stopping when the run's time limit (``max_time``) runs out
+OUT_OF_TIME = "the run's time limit (`max_time`) ran out"
+
 CHAIN_METHODS = ("auto", "sequential", "threads", "processes")
 
 
@@ -205,6 +208,11 @@ def _in_processes(train, num_chains: int, num_workers: int, stop: threading.Even
 def warn_interrupted(chains: list, num_chains: int) -> bool:
     """Whether training of the ``chains`` kept (a prefix of ``num_chains``) was interrupted, and if so a warning
     saying where, and how to go on."""
+    timed_out = [chain for chain, trained in enumerate(chains) if getattr(trained, "out_of_time", False)]
+    if timed_out:
+        warn(f"Training stopped when {OUT_OF_TIME} (chains {timed_out} at iterations "
+             f"{[chains[c].iteration for c in timed_out]}); the draws are weighted exactly all the same. Call "
+             "`continue_training()` to train further.", RuntimeWarning)
     stopped = [chain for chain, trained in enumerate(chains) if trained.interrupted]
     if not stopped and len(chains) == num_chains:
         return False

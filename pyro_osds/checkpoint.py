@@ -27,7 +27,7 @@ FORMAT = "pyro_osds.OSDS/3"
 #: settings that may differ between a checkpoint and the run that resumes it
 RESUMABLE_CHANGES = frozenset({"num_iterations", "chunk_size", "eval_log_det", "exact_log_det_max_dim",
                                "eval_num_probes", "max_consecutive_skips", "sample_with_ema", "early_stopping",
-                               "eval_dtype", "sync_every"})
+                               "eval_dtype", "sync_every", "target_se", "max_draws", "max_time"})
 
 
 def is_plain(obj) -> bool:
@@ -74,6 +74,11 @@ def read(path: str | os.PathLike) -> dict:
     return state
 
 
+def _kind(osds) -> str:
+    """``"model"`` or ``"potential"``: what ``osds`` samples."""
+    return "model" if osds.model is not None else "potential"
+
+
 def _site_list(target) -> list:
     return [[s.name, list(s.shape)] for s in target.sites]
 
@@ -83,7 +88,7 @@ def runner_state(osds) -> dict:
     state = {
         "format": FORMAT,
         "version": __version__,
-        "kind": osds.kind,
+        "kind": _kind(osds),
         "config": osds.config.as_dict(),
         "num_samples": osds.num_samples,
         "num_chains": osds.num_chains,
@@ -108,8 +113,8 @@ def runner_state(osds) -> dict:
 
 def check_compatible(state: dict, osds) -> None:
     """Raises ``ValueError`` unless ``osds`` (with its target built) can resume from ``state``."""
-    if state["kind"] != osds.kind:
-        raise ValueError(f"The checkpoint was made for a {state['kind']}, not a {osds.kind}.")
+    if state["kind"] != _kind(osds):
+        raise ValueError(f"The checkpoint was made for a {state['kind']}, not a {_kind(osds)}.")
     sites = _site_list(osds.target)
     saved_sites = [[name, list(shape)] for name, shape in state["sites"]]
     if sites != saved_sites:

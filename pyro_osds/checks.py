@@ -76,14 +76,14 @@ def warn_untrained_step_count(trained: tuple[int, ...] | None, num_steps: int) -
              "objective (`preset='paper-cpu'`), which trains every step size.")
 
 
-def check_draws(chains: Sequence, draws: Sequence[Draws], num_steps: int) -> DrawReport:
+def check_draws(chains: Sequence, draws: Sequence[Draws], num_steps: int, budget: str | None = None) -> DrawReport:
     """The :class:`DrawReport` of ``draws``, one per chain of ``chains`` (:class:`~pyro_osds.samplers.Chain`),
-    drawn with ``num_steps`` steps."""
+    drawn with ``num_steps`` steps (``budget``: what the evidence budget gave, for the evidence)."""
     draws = tuple(draws)
     if not all(d.log_det != "none" for d in draws):
         return DrawReport(draws, num_steps, tuple(ModeCheck() for _ in draws), None)
     modes = tuple(chain.check_modes(d, num_steps) for chain, d in zip(chains, draws, strict=True))
     evidence = LogEvidence.from_draws(draws, num_steps, mixtures=[chain.mixture for chain in chains],
                                       num_lost_modes=sum(len(m.lost) for m in modes),
-                                      too_many_modes=any(chain.too_many_modes for chain in chains))
+                                      too_many_modes=any(chain.too_many_modes for chain in chains), budget=budget)
     return DrawReport(draws, num_steps, modes, evidence)

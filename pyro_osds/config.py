@@ -14,6 +14,7 @@ part                class                                                    use
 ``objective``       :class:`~pyro_osds.objectives.ObjectiveConfig`           the training objective
 ``preconditioner``  :class:`~pyro_osds.ops.precondition.PreconditionConfig`  the affine preconditioner
 ``evaluation``      :class:`~pyro_osds.transports.EvaluationConfig`          drawing and weighting
+``budget``          :class:`~pyro_osds.budget.BudgetConfig`                  the runner's evidence budget
 ==================  =======================================================  ==========================
 
 The flat keyword front door stays: ``OSDSConfig(num_iterations=3000, grid_size=64)``,
@@ -39,6 +40,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 
+from .budget import BudgetConfig
 from .objectives import ConsistencyConfig, DiffusionConfig, FlowKLConfig, ObjectiveConfig
 from .ops.nets import NetConfig
 from .ops.precondition import PreconditionConfig
@@ -121,10 +123,14 @@ FLAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "eval_num_probes": ("evaluation", "num_probes"),
     "chunk_size": ("evaluation", "chunk_size"),
     "eval_dtype": ("evaluation", "dtype"),
+    # the evidence budget
+    "target_se": ("budget", "target_se"),
+    "max_draws": ("budget", "max_draws"),
+    "max_time": ("budget", "max_time"),
 }
 
 _PARTS = {"process": ReferenceProcess, "net": NetConfig, "optim": OptimConfig, "objective": ObjectiveConfig,
-          "preconditioner": PreconditionConfig, "evaluation": EvaluationConfig}
+          "preconditioner": PreconditionConfig, "evaluation": EvaluationConfig, "budget": BudgetConfig}
 _SUB_PARTS = {"flow_kl": FlowKLConfig, "diffusion": DiffusionConfig, "consistency": ConsistencyConfig}
 
 
@@ -166,6 +172,7 @@ class OSDSConfig:
     :param ObjectiveConfig objective: the training objective.
     :param PreconditionConfig preconditioner: the affine preconditioner.
     :param EvaluationConfig evaluation: drawing and weighting.
+    :param BudgetConfig budget: the evidence budget (a target SE, a cap on the draws, a time limit).
     :param options: flat options (:data:`FLAT_OPTIONS`), applied on top of the parts.
     """
 
@@ -176,14 +183,15 @@ class OSDSConfig:
     objective: ObjectiveConfig
     preconditioner: PreconditionConfig
     evaluation: EvaluationConfig
+    budget: BudgetConfig
 
     def __init__(self, method: str = "osds", *, process: ReferenceProcess | None = None, net: NetConfig | None = None,
                  optim: OptimConfig | None = None, objective: ObjectiveConfig | None = None,
                  preconditioner: PreconditionConfig | None = None, evaluation: EvaluationConfig | None = None,
-                 **options):
+                 budget: BudgetConfig | None = None, **options):
         check_option_names(options)
         given = {"process": process, "net": net, "optim": optim, "objective": objective,
-                 "preconditioner": preconditioner, "evaluation": evaluation}
+                 "preconditioner": preconditioner, "evaluation": evaluation, "budget": budget}
         for name, part in given.items():
             if part is not None and not isinstance(part, _PARTS[name]):
                 raise TypeError(f"`{name}` must be a {_PARTS[name].__name__}, got {type(part).__name__}.")

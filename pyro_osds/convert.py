@@ -191,6 +191,7 @@ def to_datatree(osds, *, resample: bool = True, log_likelihood: bool = True, pos
             "num_folded": int(evidence.num_folded),
             "num_lost_modes": int(evidence.num_lost_modes),
             "too_many_modes": int(evidence.too_many_modes),
+            "budget": evidence.budget or "none",
             # the verdict of LogEvidence.reliable (netCDF attributes hold no booleans)
             "log_marginal_likelihood_reliable": int(evidence.reliable),
             "resampled": int(bool(resample)),

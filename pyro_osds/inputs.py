@@ -145,7 +145,8 @@ def check_model(model, args: tuple, kwargs: dict) -> poutine.Trace:
         if isinstance(site["fn"], pyro.distributions.MaskedDistribution):  # `dist.Normal(...).mask(False)`
             masks.append(site["fn"]._mask)
         masked = any(m is False or (isinstance(m, torch.Tensor) and not bool(m.all())) for m in masks)
-        if masked or bool((torch.as_tensor(site["scale"]) == 0).any()):
+        scale = site["scale"]
+        if masked or bool((scale == 0).any() if isinstance(scale, torch.Tensor) else scale == 0):
             raise UnsupportedModelError(
                 f"Latent site {name!r} has a masked (or zero-scaled) prior, which makes it improper (flat): the "
                 "evidence of a model with an improper prior is undefined, so OSDS cannot estimate it. Give the site "

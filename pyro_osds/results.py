@@ -50,6 +50,19 @@ class Draws(NamedTuple):
     discrete: dict | None = None
     component: torch.Tensor | None = None
 
+    @classmethod
+    def cat(cls, parts) -> Draws:
+        """The draws of ``parts`` (draws of one map, e.g. rounds of one chain), one after the other."""
+        def join(name):
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        first = parts[0]
+        discrete = None if first.discrete is None else {k: torch.cat([p.discrete[k] for p in parts])
+                                                         for k in first.discrete}
+        return cls(join("x"), join("potential"), join("log_q"), join("log_weight"), join("orientation"), first.log_det,
+                   discrete, join("component"))
+
     @property
     def folded(self) -> torch.Tensor | None:
         """Draws whose Jacobian orientation differs from the majority's (the map folds there)."""
@@ -102,7 +115,8 @@ class LogEvidence(NamedTuple):
     preconditioner): the flow then covers a few modes, and the evidence misses the others' mass. With the
     marginal mixture, found modes that the draws under-represent count in ``num_lost_modes``. The pooled ``k_hat`` is the largest over chains; :attr:`reliable` is the verdict
     (the weights' own diagnostics, :attr:`~pyro_osds.ops.estimators.Estimates.reliable`, no lost mode
-    and no unenumerated modes).
+    and no unenumerated modes). ``budget`` says what the run's evidence budget gave (:mod:`pyro_osds.budget`;
+    ``None`` without one).
     """
 
     pooled: Estimates
@@ -111,10 +125,11 @@ class LogEvidence(NamedTuple):
     components: tuple[ComponentEstimate, ...] = ()
     num_lost_modes: int = 0
     too_many_modes: bool = False
+    budget: str | None = None
 
     @classmethod
     def from_draws(cls, draws, num_steps: int, *, mixtures=None, num_lost_modes: int = 0,
-                   too_many_modes: bool = False) -> LogEvidence:
+                   too_many_modes: bool = False, budget: str | None = None) -> LogEvidence:
         """
         Per-chain and pooled estimates of a sequence of :class:`Draws` (one per chain); ``mixtures`` gives,
         per chain, ``(locations, weights)`` of its mixture components (or ``None`` for a single flow);
@@ -136,7 +151,7 @@ class LogEvidence(NamedTuple):
                 components.append(ComponentEstimate(
                     chain, k, locations[k], float(weights[k]), float(share[mine].sum()),
                     float(kish_ess(lw)) if ok else 0.0, pareto_k_hat(lw) if ok else float("nan"), int(mine.sum())))
-        return cls(pooled, chains, num_steps, tuple(components), int(num_lost_modes), bool(too_many_modes))
+        return cls(pooled, chains, num_steps, tuple(components), int(num_lost_modes), bool(too_many_modes), budget)
 
     @property
     def exact(self) -> bool:
@@ -169,6 +184,8 @@ class LogEvidence(NamedTuple):
             f"log Z = {p.log_z:.4f} +- {p.se:.4f} (ELBO {p.elbo:.4f}, ESS {p.ess:.0f}/{p.num_draws}, "
             f"k_hat {p.k_hat:.2f}; {self.num_steps}-step flow, {p.log_det} log-det)"
         ]
+        if self.budget:
+            lines.append(f"  budget: {self.budget}")
         if not p.exact:
             lines.append(f"  warning: the {p.log_det!r} log-det is an approximation: the weights are not exact, the ELBO "
                          "is no bound and log Z is not consistent (draw with log_det='exact')")

@@ -231,6 +231,8 @@ class Trainer:
         self.interrupted = False
         #: why training that ran up to its budget stopped before it (``None``: it did not)
         self.stop_reason: str | None = None
+        #: whether the last :meth:`train` was stopped by its ``on_iteration`` (a time limit)
+        self.out_of_time = False
         #: the untrained map's pilot ELBO (set by the sampler): training whose ELBO stays below it for
         #: :attr:`behind_iterations` iterations stops (``None``: no such rule)
         self.baseline_elbo: float | None = None
@@ -418,9 +420,12 @@ class Trainer:
         earlier when the objective's early-stopping rules agree (:attr:`stop_reason` says why; a later
         default call then trains no further), and returns the history (a dict of per-iteration lists).
         ``hook_fn(step, info)`` runs after every iteration with its statistics (so they are read every
-        iteration), ``on_iteration(step)`` after every iteration without them; ``desc`` labels a progress bar
-        (none when ``None``, or when ``CI`` is set).
+        iteration), ``on_iteration(step)`` after every iteration without them, and may return a reason to stop
+        now (e.g. a time limit: :attr:`out_of_time` is set, and the next call resumes); ``desc`` labels a
+        progress bar (none when ``None``, or when ``CI`` is set).
         """
+        if self.out_of_time:  # a run stopped by a time limit goes on
+            self.stop_reason, self.out_of_time = None, False
         up_to_budget = num_iterations is None
         if up_to_budget:
             num_iterations = 0 if self.stop_reason else max(self.num_iterations - self.step, 0)
@@ -448,8 +453,10 @@ class Trainer:
                     info = self.read_statistics(bar, undo=None if on_device else snap)
                     if hook_fn is not None:
                         hook_fn(self.step, info)
-                if on_iteration is not None:
-                    on_iteration(self.step)
+                reason = None if on_iteration is None else on_iteration(self.step)
+                if reason:
+                    self.stop_reason, self.out_of_time = reason, True
+                    break
                 if up_to_budget and not self._unread:
                     self.stop_reason = self.early_stop_reason()
                     if self.stop_reason:
@@ -519,6 +526,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "stop_reason": self.stop_reason,
             "interrupted": self.interrupted,
+            "out_of_time": self.out_of_time,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -532,6 +540,7 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.stop_reason = state.get("stop_reason")
         self.interrupted = bool(state.get("interrupted", False))
+        self.out_of_time = bool(state.get("out_of_time", False))
 
     @property
     def sampling_net(self) -> torch.nn.Module:

@@ -19,8 +19,9 @@ METHODS = ["sequential", "threads"] + (["processes"] if can_fork() else [])
 class Trained:
     """What a chain's training gives back: its result, and whether Ctrl-C stopped it."""
 
-    def __init__(self, chain, interrupted=False):
+    def __init__(self, chain, interrupted=False, out_of_time=False):
         self.chain, self.interrupted, self.iteration = chain, interrupted, 3 if interrupted else 10
+        self.out_of_time = out_of_time
 
     def state(self):
         return (self.chain, self.interrupted)
@@ -73,6 +74,8 @@ def test_an_interrupted_chain_stops_the_chains_not_started_yet():
     with pytest.warns(RuntimeWarning, match=r"interrupted \(chains \[0\] at iterations \[3\]\); 1 of 3 chains"):
         assert warn_interrupted(list(out.values()), 3)
     assert not warn_interrupted([Trained(0), Trained(1)], 2)
+    with pytest.warns(RuntimeWarning, match=r"time limit \(`max_time`\) ran out \(chains \[1\]"):
+        assert not warn_interrupted([Trained(0), Trained(1, out_of_time=True)], 2)  # not interrupted: said apart
 
 
 def test_a_stop_set_by_one_thread_is_seen_by_the_others():

@@ -134,6 +134,11 @@ class Chain(abc.ABC):
             part.distributed = ctx
 
     @property
+    def out_of_time(self) -> bool:
+        """Whether the last :meth:`fit` stopped when the run's time limit ran out (``max_time``)."""
+        return any(getattr(part, "out_of_time", False) for part in self._parts())
+
+    @property
     def modes(self) -> list:
         """The separated modes the mode search found, ``[(centre, Laplace mass), ...]`` (empty for one)."""
         return list(self.report.modes)

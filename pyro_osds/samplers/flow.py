@@ -234,7 +234,7 @@ class FlowSampler(Chain):
             desc = None if self.disable_progbar else (self.desc if phase == 0 else f"{self.desc} (consistency)")
             history = trainer.train(num_iterations if phase == 0 else None, hook_fn=self.hook_fn,
                                     on_iteration=self.on_iteration, desc=desc)
-            if trainer.interrupted:
+            if trainer.interrupted or trainer.out_of_time:
                 break
             finished = trainer.stop_reason is not None or trainer.step >= trainer.num_iterations
             if phase == 0 and finished and self.untrained is not None:
