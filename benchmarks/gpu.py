@@ -146,11 +146,9 @@ def _nuts_job(name: str, seed: int, warmup: int, samples: int) -> dict:
     return run_nuts(get_scaling_target(name, seed), seed=seed, warmup=warmup, samples=samples)
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
-
-
 def write_report(results: dict, out: Path) -> None:
+    from .scaling import fmt
+
     env = results["environment"]
     lines = [
         "# OSDS on a GPU against NUTS on the CPU (issue #23)", "",
@@ -169,10 +167,10 @@ def write_report(results: dict, out: Path) -> None:
         delta = o["log_z"] - ref["log_z"] if "log_z" in ref else None
         ratio = o["time_to_1000_ess_s"] / nuts["time_to_1000_ess_s"] if nuts.get("time_to_1000_ess_s") else None
         lines.append(
-            f"| {row['name']} | {o['dim']} | {_fmt(ref.get('log_z'), '.3f')} | {o['log_z']:.3f} ± {o['se']:.3f} "
-            f"| {_fmt(delta, '+.3f')} | {o['ess_per_draw']:.3f} | {o['k_hat']:.2f} | {o['fit_s']:.1f} "
-            f"| {_fmt(1000 * o['seconds_per_iteration'], '.1f')} | {_fmt(o['peak_memory_gib'], '.2f')} "
-            f"| {o['time_to_1000_ess_s']:.1f} | {_fmt(nuts.get('time_to_1000_ess_s'), '.1f')} | {_fmt(ratio, '.3f')} |")
+            f"| {row['name']} | {o['dim']} | {fmt(ref.get('log_z'), '.3f')} | {o['log_z']:.3f} ± {o['se']:.3f} "
+            f"| {fmt(delta, '+.3f')} | {o['ess_per_draw']:.3f} | {o['k_hat']:.2f} | {o['fit_s']:.1f} "
+            f"| {fmt(1000 * o['seconds_per_iteration'], '.1f')} | {fmt(o['peak_memory_gib'], '.2f')} "
+            f"| {o['time_to_1000_ess_s']:.1f} | {fmt(nuts.get('time_to_1000_ess_s'), '.1f')} | {fmt(ratio, '.3f')} |")
     lines += ["", "References: the scaling benchmark's (`benchmarks/results/scaling/scaling.json`, the same data)."]
     (out / "gpu.md").write_text("\n".join(lines) + "\n")
 

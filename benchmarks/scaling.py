@@ -319,7 +319,8 @@ def run_nuts(target: ScalingTarget, *, seed: int, warmup: int, samples: int) -> 
 # Report
 
 
-def _fmt(value, spec: str) -> str:
+def fmt(value, spec: str) -> str:
+    """``value`` in ``spec``, ``-`` when it is missing or not finite."""
     return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
 
 
@@ -357,12 +358,12 @@ def write_report(results: dict, out: Path) -> None:
             f"| {r['name']} | {r['dim']} | {r['rows']} | {r['reference']['log_z']:.3f} ± {r['reference']['se']:.3f} "
             f"| {o['log_z']:.3f} ± {o['se']:.3f} | {delta:+.3f} / {delta / se if se > 0 else math.inf:+.1f} "
             f"| {o['ess_per_draw']:.3f} | {o['k_hat']:.2f} | {o['reliable']} | {o['iterations']} | {o['fit_s']:.1f} "
-            f"| {o['draw_s_per_1000']:.2f} | {o['time_to_1000_ess_s']:.1f} | {_fmt(n and n['time_to_1000_ess_s'], '.1f')} "
-            f"| {_fmt(ratio, '.2f')} | {(r.get('commit') or '-')[:7]} |")
+            f"| {o['draw_s_per_1000']:.2f} | {o['time_to_1000_ess_s']:.1f} | {fmt(n and n['time_to_1000_ess_s'], '.1f')} "
+            f"| {fmt(ratio, '.2f')} | {(r.get('commit') or '-')[:7]} |")
     osds_slope = _slope(rows, lambda r: r["osds"]["time_to_1000_ess_s"])
     nuts_slope = _slope(rows, lambda r: r["nuts"]["time_to_1000_ess_s"] if r.get("nuts") else math.nan)
     lines += ["", "Log-log slope of the time to 1000 ESS against D over the logistic regressions (work per "
-              f"likelihood evaluation grows like D·n = 3D²): OSDS {_fmt(osds_slope, '.2f')}, NUTS {_fmt(nuts_slope, '.2f')}.",
+              f"likelihood evaluation grows like D·n = 3D²): OSDS {fmt(osds_slope, '.2f')}, NUTS {fmt(nuts_slope, '.2f')}.",
               "", "References: " + "; ".join(f"{r['name']}: {r['reference']['method']}" for r in rows), ""]
     warned = [(r["name"], w) for r in rows for w in r["osds"]["warnings"]]
     if warned:

@@ -310,7 +310,7 @@ class OSDS(WeightedPosterior):
         check_positive_int("num_samples", num_samples)
         self.config.process.step_codes(num_steps)
         warn_untrained_step_count(self.samplers[0].trained_step_counts, num_steps)
-        def draw(n):
+        def draw(n):  # every chain's n draws, with the enumerated sites' draws
             with poutine.block(), out_of_memory_advice("drawing", self.config, self.checkpoint):
                 draws = [s.draw_sharded(n, num_steps, log_det=log_det) for s in self.samplers]
                 return self.target.add_discrete(draws, self.distributed)

@@ -188,6 +188,55 @@ def read_statistic(value):
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
+def _live_state(net, ema, optimizer) -> tuple[list[torch.Tensor], tuple, dict]:
+    """The tensors a training iteration changes in place (parameters, EMA parameters, the optimiser's per-parameter
+    tensors), the optimiser state's layout (``(parameter index, key)`` of those tensors) and its other entries."""
+    params = list(net.parameters())
+    tensors = params + list(ema.parameters())
+    layout, others = [], {}
+    for i, p in enumerate(params):
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                layout.append((i, key))
+                tensors.append(value)
+            else:
+                others[(i, key)] = value
+    return tensors, tuple(layout), others
+
+
+def snapshot_training(net, ema, optimizer, previous=None) -> tuple:
+    """A copy of what a training iteration changes (:func:`_live_state`), so that an interrupted one can be undone
+    (:func:`restore_training`): written into the ``previous`` snapshot's buffers when the layout is unchanged (a few
+    in-place copies rather than a deep copy of the optimiser's state dict)."""
+    tensors, layout, others = _live_state(net, ema, optimizer)
+    with torch.no_grad():
+        if previous is not None and previous[1] == layout:
+            buffers = previous[0]
+            for b, t in zip(buffers, tensors, strict=True):
+                b.copy_(t)
+        else:
+            buffers = [t.detach().clone() for t in tensors]
+    return buffers, layout, dict(others)
+
+
+def restore_training(snapshot: tuple, net, ema, optimizer) -> None:
+    """Puts back a :func:`snapshot_training`: parameters, EMA parameters and the optimiser's state as they were
+    (entries the optimiser created since are dropped)."""
+    buffers, layout, others = snapshot
+    params = list(net.parameters())
+    live = params + list(ema.parameters())
+    for p in params:
+        optimizer.state.pop(p, None)
+    num_live = len(live)
+    for (i, key), value in zip(layout, buffers[num_live:], strict=True):
+        optimizer.state[params[i]][key] = value.clone()
+    for (i, key), value in others.items():
+        optimizer.state[params[i]][key] = value
+    with torch.no_grad():
+        for p, b in zip(live, buffers[:num_live], strict=True):
+            p.copy_(b)
+
+
 class Trainer:
     r"""
     Trains ``net`` on ``objective`` (module docstring).
@@ -250,10 +299,13 @@ class Trainer:
         progress = min(step / self.num_iterations, 1.0)
         return optim.learning_rate * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
 
-    def _update_ema(self):
+    def _update_ema(self, taken: torch.Tensor | None = None):
+        """The EMA network's step towards the network; ``taken`` (0 or 1, on the device: whether the optimiser's
+        step was taken) scales it, so that a step skipped on the device leaves the EMA as it was."""
+        weight = 1.0 - self.optim.ema_decay
         with torch.no_grad():
             for p_ema, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - self.optim.ema_decay)
+                p_ema.lerp_(p, weight if taken is None else weight * taken.to(p.dtype))
 
     def _optimizer_step(self, loss: torch.Tensor | None, scale: float = 1.0, share: float = 1.0
                         ) -> tuple[bool, float]:
@@ -294,10 +346,7 @@ class Trainer:
             self.optimizer.step()
         finally:
             self.optimizer.found_inf = None
-        with torch.no_grad():
-            weight = (1.0 - self.optim.ema_decay) * (~skipped).to(grad_norm.dtype)
-            for p_ema, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
-                p_ema.lerp_(p, weight.to(p.dtype))
+        self._update_ema(taken=~skipped)
         return skipped.to(torch.int64), grad_norm.detach()
 
     def network_state(self):
@@ -316,53 +365,6 @@ class Trainer:
             for p, s in zip(self.ema.parameters(), ema_params, strict=True):
                 p.copy_(s)
         self.optimizer.load_state_dict(opt_state)
-
-    def _live_state(self) -> tuple[list[torch.Tensor], tuple, dict]:
-        """The tensors an iteration changes in place (parameters, EMA parameters, the optimiser's per-parameter
-        tensors), the optimiser state's layout (``(parameter index, key)`` of those tensors) and its other
-        entries."""
-        params = list(self.net.parameters())
-        tensors = params + list(self.ema.parameters())
-        layout, others = [], {}
-        for i, p in enumerate(params):
-            for key, value in self.optimizer.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor):
-                    layout.append((i, key))
-                    tensors.append(value)
-                else:
-                    others[(i, key)] = value
-        return tensors, tuple(layout), others
-
-    def _snapshot(self):
-        """A copy of what an iteration changes (:meth:`_live_state`), taken before every iteration so that an
-        interrupted one can be undone (:meth:`_restore`): written into the previous snapshot's buffers when the
-        layout is unchanged (a few in-place copies rather than a deep copy of the optimiser's state dict)."""
-        tensors, layout, others = self._live_state()
-        previous = self._snapshot_buffers
-        with torch.no_grad():
-            if previous is not None and previous[1] == layout:
-                buffers = previous[0]
-                for b, t in zip(buffers, tensors, strict=True):
-                    b.copy_(t)
-            else:
-                buffers = [t.detach().clone() for t in tensors]
-        self._snapshot_buffers = (buffers, layout, dict(others))
-        return self._snapshot_buffers
-
-    def _restore(self, snap):
-        buffers, layout, others = snap
-        params = list(self.net.parameters())
-        live = params + list(self.ema.parameters())
-        for p in params:  # the optimiser's state as it was: entries created since are dropped
-            self.optimizer.state.pop(p, None)
-        num_live = len(live)
-        for (i, key), value in zip(layout, buffers[num_live:], strict=True):
-            self.optimizer.state[params[i]][key] = value.clone()
-        for (i, key), value in others.items():
-            self.optimizer.state[params[i]][key] = value
-        with torch.no_grad():
-            for p, b in zip(live, buffers[:num_live], strict=True):
-                p.copy_(b)
 
     def iteration(self, *, on_device: bool = False) -> dict:
         """
@@ -439,11 +441,12 @@ class Trainer:
             bar = progress_bar(num_iterations, desc)
         try:
             for _ in range(num_iterations):
-                snap = self._snapshot()
+                snap = self._snapshot_buffers = snapshot_training(self.net, self.ema, self.optimizer,
+                                                                  self._snapshot_buffers)
                 try:
                     record = self.iteration(on_device=on_device)
                 except KeyboardInterrupt:
-                    self._restore(snap)
+                    restore_training(snap, self.net, self.ema, self.optimizer)
                     raise
                 self.step += 1
                 self._unread.append(record)
@@ -504,7 +507,7 @@ class Trainer:
             if self.consecutive_skips >= self.optim.max_consecutive_skips:
                 self._unread.clear()
                 if undo is not None:
-                    self._restore(undo)
+                    restore_training(undo, self.net, self.ema, self.optimizer)
                 raise _diverged(step, self.consecutive_skips)
         if bar is not None and info:
             bar.set_postfix(loss=f"{info['loss']:.4g}", elbo=f"{info['elbo']:.4g}", refresh=False)
