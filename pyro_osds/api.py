@@ -316,7 +316,7 @@ class OSDS(WeightedPosterior):
                 return self.target.add_discrete(draws, self.distributed)
 
         draws, budget, note = draw(num_samples), self.config.budget, None
-        if budget.target_se is not None and all(d.log_det != "none" for d in draws):  # draw until log Z's SE is met
+        if budget.target_se is not None and all(d.weighted for d in draws):  # draw until log Z's SE is met
             deadline, self._deadline = self._deadline or budget.deadline(time.time()), None
             draws, note = draw_to_target(draws, draw, budget, deadline)
         self.draws, self.num_samples, self.num_steps = tuple(draws), num_samples, num_steps

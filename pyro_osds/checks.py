@@ -43,7 +43,7 @@ class DrawReport(NamedTuple):
     def log_evidence(self) -> LogEvidence:
         """The evidence, or the :class:`~pyro_osds.ops.estimators.EvidenceError` of draws without weights."""
         if self.evidence is None:
-            next(d for d in self.draws if d.log_det == "none").evidence()  # raises EvidenceError, saying why
+            next(d for d in self.draws if not d.weighted).evidence()  # raises EvidenceError, saying why
         return self.evidence
 
     def warn(self, objective: ObjectiveConfig) -> None:
@@ -80,7 +80,7 @@ def check_draws(chains: Sequence, draws: Sequence[Draws], num_steps: int, budget
     """The :class:`DrawReport` of ``draws``, one per chain of ``chains`` (:class:`~pyro_osds.samplers.Chain`),
     drawn with ``num_steps`` steps (``budget``: what the evidence budget gave, for the evidence)."""
     draws = tuple(draws)
-    if not all(d.log_det != "none" for d in draws):
+    if not all(d.weighted for d in draws):
         return DrawReport(draws, num_steps, tuple(ModeCheck() for _ in draws), None)
     modes = tuple(chain.check_modes(d, num_steps) for chain, d in zip(chains, draws, strict=True))
     evidence = LogEvidence.from_draws(draws, num_steps, mixtures=[chain.mixture for chain in chains],

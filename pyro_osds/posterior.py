@@ -61,7 +61,7 @@ class WeightedPosterior(LogWeightsMixin):
         """Indices into the pooled draws (chain-major) that :meth:`get_samples` returns, ``(chains, M)`` with
         ``group_by_chain`` else ``(1, M)`` (:func:`~pyro_osds.diagnostics.select_indices`)."""
         self._require_draws()
-        resample = resample and self.draw_report.weighted
+        resample = resample and all(d.weighted for d in self.draws)  # (no need of the draws' full check)
         log_w = self.log_weights.reshape(len(self.draws), -1)
         return select_indices(log_w, num_samples=num_samples, group_by_chain=group_by_chain, resample=resample,
                               generator=self.resample_generator() if resample else None)

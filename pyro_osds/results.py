@@ -50,6 +50,11 @@ class Draws(NamedTuple):
     discrete: dict | None = None
     component: torch.Tensor | None = None
 
+    @property
+    def weighted(self) -> bool:
+        """Whether the draws carry importance weights (not multi-step CDDS draws, nor ``log_det='none'``)."""
+        return self.log_det != "none"
+
     @classmethod
     def cat(cls, parts) -> Draws:
         """The draws of ``parts`` (draws of one map, e.g. rounds of one chain), one after the other."""
@@ -75,7 +80,7 @@ class Draws(NamedTuple):
 
     def evidence(self) -> Estimates:
         """The evidence estimates of these draws (:func:`~pyro_osds.ops.estimators.evidence`)."""
-        if self.log_det == "none":
+        if not self.weighted:
             raise EvidenceError(
                 "These draws carry no importance weights: they were drawn without a volume (`log_det='none'`) or by "
                 "a map without a tractable density (multi-step consistency sampling re-noises between steps). "
