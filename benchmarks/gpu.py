@@ -36,8 +36,6 @@ import datetime as dt
 import json
 import math
 import multiprocessing
-import os
-import subprocess
 import time
 import warnings
 from collections.abc import Sequence
@@ -45,27 +43,17 @@ from pathlib import Path
 
 import torch
 
+from .methods import synchronize
+from .run import environment_info
+
 DEFAULT_TARGETS = ("logreg32", "logreg256", "logreg1024", "hier1000", "lgcp1600")
 DEFAULT_NUTS = ("logreg256", "logreg1024", "hier1000")
 SCALING_REPORT = Path(__file__).parent / "results" / "scaling" / "scaling.json"
 
 
-def _commit() -> str | None:
-    if os.environ.get("OSDS_COMMIT"):
-        return os.environ["OSDS_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def environment(device: torch.device) -> dict:
-    """The device, its memory and the versions of what ran."""
-    import pyro
-
-    info = {"device": str(device), "torch": torch.__version__, "pyro": pyro.__version__,
-            "cuda": torch.version.cuda, "commit": _commit(), "cpu_count": os.cpu_count()}
+    """The machine and versions (:func:`benchmarks.run.environment_info`), with the device and its memory."""
+    info = {**environment_info(), "device": str(device), "cuda": torch.version.cuda}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -85,11 +73,6 @@ def _to(args, device):
     return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_osds(name: str, device: torch.device, *, seed: int, draws: int, chains: int, iterations: int) -> dict:
     """OSDS with its defaults on ``device`` (module docstring)."""
     import pyro
@@ -106,14 +89,14 @@ def run_osds(name: str, device: torch.device, *, seed: int, draws: int, chains: 
     runner = OSDS(target.model, num_chains=chains, num_samples=draws, disable_progbar=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         runner.fit(*model_args)
-        _sync(device)
+        synchronize(device)
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
         runner.sample(draws)
-        _sync(device)
+        synchronize(device)
         draw_s = time.perf_counter() - start
     ev = runner.log_evidence()
     total = draws * chains
@@ -121,10 +104,10 @@ def run_osds(name: str, device: torch.device, *, seed: int, draws: int, chains: 
     trainer = runner.samplers[0].trainer if hasattr(runner.samplers[0], "trainer") else None
     per_iteration = math.nan
     if trainer is not None and iterations > 0:  # more iterations of the trained chain, timed alone
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         trainer.train(iterations)
-        _sync(device)
+        synchronize(device)
         per_iteration = (time.perf_counter() - start) / iterations
     return {
         "device": str(device), "dim": target.dim, "fit_s": fit_s, "draw_s": draw_s, "draws": total,
@@ -150,11 +133,13 @@ def write_report(results: dict, out: Path) -> None:
     from .scaling import fmt
 
     env = results["environment"]
+    versions = env["versions"]
     lines = [
         "# OSDS on a GPU against NUTS on the CPU (issue #23)", "",
         f"{results['date']}, seed {results['seed']}; {env.get('gpu', env['device'])} "
-        f"({env.get('gpu_memory_gib', '-')} GiB), torch {env['torch']} (CUDA {env['cuda']}), pyro {env['pyro']}, "
-        f"{env['cpu_count']} CPU cores, commit {(env.get('commit') or '-')[:10]}. OSDS: defaults, "
+        f"({env.get('gpu_memory_gib', '-')} GiB), torch {versions['torch']} (CUDA {env['cuda']}), pyro "
+        f"{versions['pyro']}, {env['machine']['cpu_count']} CPU cores, commit {(versions['git_commit'] or '-')[:10]}. "
+        "OSDS: defaults, "
         f"{results['settings']['chains']} chains in turn on `{env['device']}`; NUTS: one chain on one CPU core, "
         f"{results['settings']['nuts_warmup']} + {results['settings']['nuts_samples']}, at the same time. "
         "`python -m benchmarks.gpu` (module docstring).", "",

@@ -414,7 +414,8 @@ def _now() -> float:
     return time.perf_counter()
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Waits for ``device``'s queued work (a GPU's), so that a timer read next times it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -495,10 +496,10 @@ def _train_flow_sampler(ctx: RunContext, config: OSDSConfig, desc: str) -> tuple
     t0 = _now()
     sampler = build_sampler(potential, init, config, generator=gen, disable_progbar=True, desc=desc)
     sampler.fit_preconditioner()
-    _sync(device)
+    synchronize(device)
     t1 = _now()
     history = sampler.fit()
-    _sync(device)
+    synchronize(device)
     t2 = _now()
     n_tail = max(1, len(history["loss"]) // 10)
     finite = [v for v in history["loss"][-n_tail:] if math.isfinite(v)]
@@ -545,12 +546,12 @@ def _evaluate_flow(ctx: RunContext, sampler: FlowSampler, method: str, name: str
                     if kind == "em":
                         t0 = _now()
                         log_w = sampler.em_log_weights(n, K)
-                        _sync(device)
+                        synchronize(device)
                         rec = _estimate_record(log_w, _now() - t0, log_det="em_path")
                     else:
                         t0 = _now()
                         draws = sampler.draw(n, K, log_det=kind)
-                        _sync(device)
+                        synchronize(device)
                         rec = _estimate_record(draws.log_weight, _now() - t0, num_folded=draws.num_folded,
                                                log_det=kind)
                         rec["moments"] = _moment_errors(ctx, draws.x, draws.log_weight)
@@ -579,11 +580,11 @@ def _flow_timings(ctx: RunContext, sampler: FlowSampler, K: int, small: int, lar
     out = {"K": K, "draw_small_n": small, "draw_large_n": large, "draw_large_chunk": preset.timing_chunk}
     t0 = _now()
     sampler.draw(small, K, log_det="none")
-    _sync(device)
+    synchronize(device)
     out["draw_small_s"] = _now() - t0
     t0 = _now()
     d = sampler.draw(small, K, log_det="exact")
-    _sync(device)
+    synchronize(device)
     out["draw_small_weighted_s"] = _now() - t0
     out["draw_small_weighted_ess"] = metrics.kish_ess_fraction(d.log_weight) * small
     out["ess_per_s"] = metrics.ess_per_second(out["draw_small_weighted_ess"], out["draw_small_weighted_s"])
@@ -593,7 +594,7 @@ def _flow_timings(ctx: RunContext, sampler: FlowSampler, K: int, small: int, lar
         m = min(preset.timing_chunk, left)
         sampler.draw(m, K, log_det="none", chunk_size=m)
         left -= m
-    _sync(device)
+    synchronize(device)
     out["draw_large_s"] = _now() - t0
     return out
 

@@ -115,7 +115,8 @@ def environment_info() -> dict:
         "scipy": _package_version("scipy"),
         "arviz": _package_version("arviz"),
         "pot": _package_version("pot"),
-        "git_commit": _git("rev-parse", "HEAD"),
+        # OSDS_COMMIT: the commit of a copy of the repository without its git history (e.g. on a GPU machine)
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("OSDS_COMMIT"),
         "git_dirty": None if status is None else bool(status),
     }
     return {"machine": machine, "versions": versions}
