@@ -132,7 +132,7 @@ def draw(transport: Transport, potential_fn: PotentialFn, num_samples: int, *, l
     are NaN.
     """
     check_positive_int("num_samples", num_samples)
-    xs, us, lqs, signs, components, used = [], [], [], [], [], None
+    chunks = []
     for start in range(0, num_samples, chunk_size):
         n = min(chunk_size, num_samples - start)
         out = transport.sample(n, log_det=log_det, generator=generator)
@@ -140,18 +140,10 @@ def draw(transport: Transport, potential_fn: PotentialFn, num_samples: int, *, l
             u = torch.full((n,), math.nan, dtype=out.x.dtype, device=out.x.device)
         else:
             with torch.no_grad():
-                u = potential_fn(out.x)
-        xs.append(out.x)
-        us.append(u.detach())
-        lqs.append(out.log_q)
-        signs.append(out.orientation)
-        components.append(out.component)
-        used = out.log_det if used is None else used
-    x, u, log_q = torch.cat(xs), torch.cat(us), torch.cat(lqs)
-    log_w = (-u.to(torch.float64)) - log_q.to(torch.float64)
-    orientation = None if signs[0] is None else torch.cat(signs)
-    component = None if components[0] is None else torch.cat(components)
-    return Draws(x, u, log_q, log_w, orientation, used, component=component)
+                u = potential_fn(out.x).detach()
+        log_w = (-u.to(torch.float64)) - out.log_q.to(torch.float64)
+        chunks.append(Draws(out.x, u, out.log_q, log_w, out.orientation, out.log_det, component=out.component))
+    return Draws.cat(chunks)
 
 
 class _PreconditionedTransport:
