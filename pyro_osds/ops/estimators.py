@@ -240,16 +240,18 @@ def forward_evidence(log_w_forward: torch.Tensor) -> ForwardEstimates:
 
 def pool_estimates(log_w_per_chain: list[torch.Tensor], *, num_folded: int = 0, log_det: str = "exact") -> Estimates:
     r"""
-    Pools the draws of independently trained samplers: each chain's weights are unbiased for
-    :math:`Z`, so with equal draws per chain the mean of all weights is too, with the delta-method
-    standard error of the union.
+    Pools the draws of independently trained samplers (chains) :math:`q_1, \dots, q_C`, chain :math:`c` giving
+    :math:`N_c` draws: the estimates of the union of their weights :math:`w = \rho(x)/q_c(x)`.
 
-    The union is not one importance sample (each draw is weighted by its own chain's proposal), so
-    PSIS's tail fit does not apply to it: the pooled :math:`\hat k` is the worst (largest) per-chain
-    :math:`\hat k`, which governs the reliability of the average.
+    The union is one importance sample on the space of (chain, point) pairs: proposal
+    :math:`\tilde q(c, x) = \alpha_c q_c(x)` (the mixture of the chains' proposals, with the chain drawn along,
+    :math:`\alpha_c = N_c/N`; drawing :math:`N_c` from each stratifies it) and target
+    :math:`\tilde\rho(c, x) = \alpha_c\rho(x)`, whose normalising constant is :math:`Z`. Its weights are exactly
+    :math:`\rho(x)/q_c(x)`, so the mean of all weights is unbiased for :math:`Z` and PSIS's tail fit applies to the
+    union as to any importance sample. Its :math:`\hat k` estimates the pooled weights' tail index (the heaviest
+    chain's, asymptotically) from all :math:`N` draws; the largest per-chain :math:`\hat k` estimates the same index
+    from :math:`N/C` draws, biased upwards by taking the largest of :math:`C` noisy fits (two chains of 2000 draws
+    whose weights have tail index 0.36: the largest per-chain fit flags 17 % of runs, the union's 5 %).
     """
-    pooled = evidence(torch.cat([torch.as_tensor(lw).reshape(-1) for lw in log_w_per_chain]), num_folded=num_folded,
-                      log_det=log_det)
-    per_chain = [pareto_k_hat(lw) for lw in log_w_per_chain]
-    finite = [k for k in per_chain if not math.isnan(k)]
-    return pooled._replace(k_hat=max(finite) if finite else math.nan)
+    return evidence(torch.cat([torch.as_tensor(lw).reshape(-1) for lw in log_w_per_chain]), num_folded=num_folded,
+                    log_det=log_det)
