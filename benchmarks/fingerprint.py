@@ -110,6 +110,8 @@ def runner_parts(osds, *, predictive=False) -> dict:
     parts["evidence.chains"] = [tuple(c) for c in ev.chains]
     parts["evidence.components"] = [tuple(c) for c in ev.components]
     parts["evidence.flags"] = (ev.num_lost_modes, ev.too_many_modes, ev.reliable)
+    # what the run spent, but its seconds: counts are deterministic, wall time is not
+    parts["evidence.cost"] = [(c.potential_evaluations, c.network_passes) for c in ev.cost]
     parts["samples"] = osds.get_samples()
     parts["samples.grouped"] = osds.get_samples(group_by_chain=True)
     parts["samples.raw"] = osds.get_samples(resample=False)
@@ -260,8 +262,8 @@ def case_runner_model(**options):
     _quiet(lambda: osds.run(*logistic_data()))
     parts = runner_parts(osds, predictive=True)
     dt = _quiet(osds.to_datatree)
-    parts["datatree.attrs"] = {k: v for k, v in dt.attrs.items() if k not in ("created_at", "pyro_osds_version",
-                                                                              "inference_library_version")}
+    parts["datatree.attrs"] = {k: v for k, v in dt.attrs.items() if k not in (
+        "created_at", "pyro_osds_version", "inference_library_version", "sampling_time", "cost")}
     return parts
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from .cost import Cost
 from .modes import ModeCheck, warn_lost_modes
 from .objectives import ObjectiveConfig
 from .ops.estimators import K_HAT_THRESHOLD
@@ -85,5 +86,6 @@ def check_draws(chains: Sequence, draws: Sequence[Draws], num_steps: int, budget
     modes = tuple(chain.check_modes(d, num_steps) for chain, d in zip(chains, draws, strict=True))
     evidence = LogEvidence.from_draws(draws, num_steps, mixtures=[chain.mixture for chain in chains],
                                       num_lost_modes=sum(len(m.lost) for m in modes),
-                                      too_many_modes=any(chain.too_many_modes for chain in chains), budget=budget)
+                                      too_many_modes=any(chain.too_many_modes for chain in chains), budget=budget,
+                                      cost=Cost.sum(chain.cost for chain in chains))
     return DrawReport(draws, num_steps, modes, evidence)

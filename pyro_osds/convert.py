@@ -192,6 +192,7 @@ def to_datatree(osds, *, resample: bool = True, log_likelihood: bool = True, pos
             "num_lost_modes": int(evidence.num_lost_modes),
             "too_many_modes": int(evidence.too_many_modes),
             "budget": evidence.budget or "none",
+            **_cost_attributes(evidence.cost),
             # the verdict of LogEvidence.reliable (netCDF attributes hold no booleans)
             "log_marginal_likelihood_reliable": int(evidence.reliable),
             "resampled": int(bool(resample)),
@@ -200,6 +201,15 @@ def to_datatree(osds, *, resample: bool = True, log_likelihood: bool = True, pos
         }
     )
     return tree
+
+
+def _cost_attributes(cost) -> dict:
+    """What the run spent (:class:`~pyro_osds.cost.Cost`): the totals, and every phase's as JSON."""
+    if cost is None:
+        return {}
+    total = cost.total
+    return {"sampling_time": float(total.seconds), "potential_evaluations": int(total.potential_evaluations),
+            "network_passes": int(total.network_passes), "cost": json.dumps(cost.as_dict())}
 
 
 def to_inference_data(osds, **kwargs):

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from .cost import Cost
 from .ops.estimators import (
     K_HAT_THRESHOLD,
     Estimates,
@@ -118,10 +119,13 @@ class LogEvidence(NamedTuple):
     budget ran out (too many to give each a component) and the chain has no marginal-mixture
     preconditioner (:mod:`pyro_osds.ops.marginal`; ``marginal_components=0`` or a ``"laplace"``
     preconditioner): the flow then covers a few modes, and the evidence misses the others' mass. With the
-    marginal mixture, found modes that the draws under-represent count in ``num_lost_modes``. The pooled ``k_hat`` is the largest over chains; :attr:`reliable` is the verdict
+    marginal mixture, found modes that the draws under-represent count in ``num_lost_modes``. The pooled ``k_hat`` is
+    PSIS's fit to the union of the chains' weights (:func:`~pyro_osds.ops.estimators.pool_estimates`); :attr:`reliable`
+    is the verdict
     (the weights' own diagnostics, :attr:`~pyro_osds.ops.estimators.Estimates.reliable`, no lost mode
     and no unenumerated modes). ``budget`` says what the run's evidence budget gave (:mod:`pyro_osds.budget`;
-    ``None`` without one).
+    ``None`` without one). ``cost`` is what the run had spent when the estimate was made: potential evaluations,
+    network passes and seconds per phase, summed over chains (:class:`~pyro_osds.cost.Cost`).
     """
 
     pooled: Estimates
@@ -131,10 +135,11 @@ class LogEvidence(NamedTuple):
     num_lost_modes: int = 0
     too_many_modes: bool = False
     budget: str | None = None
+    cost: Cost | None = None
 
     @classmethod
     def from_draws(cls, draws, num_steps: int, *, mixtures=None, num_lost_modes: int = 0,
-                   too_many_modes: bool = False, budget: str | None = None) -> LogEvidence:
+                   too_many_modes: bool = False, budget: str | None = None, cost: Cost | None = None) -> LogEvidence:
         """
         Per-chain and pooled estimates of a sequence of :class:`Draws` (one per chain); ``mixtures`` gives,
         per chain, ``(locations, weights)`` of its mixture components (or ``None`` for a single flow);
@@ -156,7 +161,8 @@ class LogEvidence(NamedTuple):
                 components.append(ComponentEstimate(
                     chain, k, locations[k], float(weights[k]), float(share[mine].sum()),
                     float(kish_ess(lw)) if ok else 0.0, pareto_k_hat(lw) if ok else float("nan"), int(mine.sum())))
-        return cls(pooled, chains, num_steps, tuple(components), int(num_lost_modes), bool(too_many_modes), budget)
+        return cls(pooled, chains, num_steps, tuple(components), int(num_lost_modes), bool(too_many_modes), budget,
+                   cost)
 
     @property
     def exact(self) -> bool:
@@ -191,6 +197,8 @@ class LogEvidence(NamedTuple):
         ]
         if self.budget:
             lines.append(f"  budget: {self.budget}")
+        if self.cost is not None:
+            lines.append(f"  cost (summed over chains): {self.cost}")
         if not p.exact:
             lines.append(f"  warning: the {p.log_det!r} log-det is an approximation: the weights are not exact, the ELBO "
                          "is no bound and log Z is not consistent (draw with log_det='exact')")

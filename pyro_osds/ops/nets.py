@@ -56,7 +56,9 @@ class ControlNetwork(nn.Module):
       exact Jacobian without ``dim`` backward passes; otherwise the integrators use autograd;
     * :meth:`control_and_jacobian_factors`, when :attr:`jacobian_rank` is set: the same Jacobian, for a
       diagonal Jacobian of the Langevin input, as a diagonal plus a product of that rank
-      (:class:`~pyro_osds.ops.lowrank.DiagPlusLowRank`).
+      (:class:`~pyro_osds.ops.lowrank.DiagPlusLowRank`);
+    * :meth:`pass_counter`: the sub-module every pass of a batch goes through once, whichever method makes it
+      (what :class:`~pyro_osds.cost.CostMeter` counts passes on).
     """
 
     #: whether :meth:`control_and_jacobian` is implemented
@@ -67,6 +69,10 @@ class ControlNetwork(nn.Module):
     def step_features(self, t: torch.Tensor, d: torch.Tensor):
         """Precomputable codes of ``n`` (time, step) pairs, or ``None`` (default: none)."""
         return None
+
+    def pass_counter(self) -> nn.Module:
+        """The sub-module every pass of a batch of states goes through exactly once (default: the network)."""
+        return self
 
     def control_and_jacobian(self, x, t, d, g, g_jacobian, *, transposed: bool = False):
         raise NotImplementedError(f"{type(self).__name__} has no closed-form Jacobian.")
@@ -236,6 +242,10 @@ class StepConditionedControl(ControlNetwork):
         if t.dim() == 0 and d.dim() == 0:
             return self.step_features(t.reshape(1), d.reshape(1))
         return self.step_features(t.expand(x.shape[0]), d.expand(x.shape[0]))
+
+    def pass_counter(self) -> nn.Module:
+        """The state network's output layer: :meth:`forward` and both closed-form Jacobians apply it once."""
+        return self.state_net[-1]
 
     @property
     def jacobian_rank(self) -> int:

@@ -18,6 +18,7 @@ import math
 import torch
 
 from ..config import OSDSConfig
+from ..cost import Cost, CostMeter
 from ..distributed import DistributedContext, all_gather_rows, shard
 from ..modes import ModeCheck, check_by_density, check_by_share
 from ..ops.estimators import Estimates, ForwardEstimates, forward_evidence
@@ -42,6 +43,8 @@ class Chain(abc.ABC):
     :param torch.Generator generator: randomness for training (default: seeded from the global RNG); draws use a
         second generator seeded from it, so drawing never changes training.
     :param DistributedContext distributed: train and draw across this process group (:mod:`pyro_osds.distributed`).
+    :param CostMeter meter: counts what the chain spends (:mod:`pyro_osds.cost`; default: a new one); its
+        potential is ``potential_fn`` counted by it.
 
     **What a chain must provide**: :meth:`fit`, :meth:`fit_preconditioner`, :meth:`transport`,
     :meth:`state_dict` / :meth:`load_state_dict`, the training state :attr:`interrupted`, :attr:`iteration`,
@@ -54,13 +57,16 @@ class Chain(abc.ABC):
     num_pilot = 1024
 
     def __init__(self, potential_fn: PotentialFn, init: torch.Tensor, config: OSDSConfig | None = None, *,
-                 generator: torch.Generator | None = None, distributed: DistributedContext | None = None):
+                 generator: torch.Generator | None = None, distributed: DistributedContext | None = None,
+                 meter: CostMeter | None = None):
         init = torch.as_tensor(init)
         if init.dim() != 1 or not init.is_floating_point():
             raise ValueError(f"`init` must be a 1-D floating point tensor, got shape {tuple(init.shape)} "
                              f"and dtype {init.dtype}.")
         self.config = OSDSConfig() if config is None else config
-        self.potential_fn = potential_fn
+        #: what the chain spent so far, per phase (:attr:`cost`)
+        self.meter = CostMeter() if meter is None else meter
+        self.potential_fn = self.meter.counted(potential_fn)
         self.init = init.detach().clone()
         self.dim = init.numel()
         # the potential is always evaluated in its own dtype (the flow may run in another)
@@ -139,6 +145,12 @@ class Chain(abc.ABC):
         return any(getattr(part, "out_of_time", False) for part in self._parts())
 
     @property
+    def cost(self) -> Cost:
+        """What the chain spent so far: potential evaluations, network passes and seconds per phase
+        (:mod:`pyro_osds.cost`)."""
+        return self.meter.cost()
+
+    @property
     def modes(self) -> list:
         """The separated modes the mode search found, ``[(centre, Laplace mass), ...]`` (empty for one)."""
         return list(self.report.modes)
@@ -168,9 +180,10 @@ class Chain(abc.ABC):
         self.config.process.step_codes(num_steps)
         evaluation = self.config.evaluation
         log_det = evaluation.default_log_det(self.dim) if log_det is None else log_det
-        return draw(self.transport(num_steps, num_probes=num_probes), self.potential_fn, num_samples,
-                    log_det=log_det, chunk_size=chunk_size or evaluation.chunk_size,
-                    generator=self.draw_generator if generator is None else generator)
+        with self.meter.phase("drawing"):
+            return draw(self.transport(num_steps, num_probes=num_probes), self.potential_fn, num_samples,
+                        log_det=log_det, chunk_size=chunk_size or evaluation.chunk_size,
+                        generator=self.draw_generator if generator is None else generator)
 
     def draw_sharded(self, num_samples: int, num_steps: int = 1, *, log_det: str | None = None) -> Draws:
         """
@@ -223,7 +236,8 @@ class Chain(abc.ABC):
         if self.config.method == "cdds" and num_steps != 1:
             return ModeCheck()  # no density to check with
         centres = torch.stack([c for c, _ in report.modes]).to(device=self.device, dtype=self.model_dtype)
-        log_w, _ = self._log_weights_at(centres, num_steps)
+        with self.meter.phase("drawing"):
+            log_w, _ = self._log_weights_at(centres, num_steps)
         return check_by_density(report.modes, log_w, draws.evidence().log_z)
 
     def _log_weights_at(self, x: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,8 +257,11 @@ class Chain(abc.ABC):
             )
 
     def _generator_state(self) -> dict:
-        return {"generator": self.generator.get_state(), "draw_generator": self.draw_generator.get_state()}
+        """The random streams and the cost so far, which every chain saves."""
+        return {"generator": self.generator.get_state(), "draw_generator": self.draw_generator.get_state(),
+                "cost": self.meter.state()}
 
     def _load_generator_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.draw_generator.set_state(state["draw_generator"])
+        self.meter.load_state(state.get("cost"))

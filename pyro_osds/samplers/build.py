@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import OSDSConfig
+from ..cost import CostMeter
 from ..distributed import from_rank_zero
 from ..ops.affine import AffineMap
 from ..ops.mode_search import ModeSearch
@@ -31,22 +32,24 @@ def build_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSCon
     :class:`MixtureSampler` with a component per mode when it found several separated ones
     (:meth:`~pyro_osds.ops.precondition.PreconditionConfig.wants_components`), else a :class:`FlowSampler`
     preconditioned from the search's result. ``kwargs`` go to the sampler (``hook_fn``, ``disable_progbar``,
-    ``desc``, ``distributed``).
+    ``desc``, ``distributed``, ``meter``: what counts its cost, the search's included).
     """
     config = OSDSConfig() if config is None else config
     init = torch.as_tensor(init)
     generator = seeded_generator(init.device) if generator is None else generator
+    kwargs.setdefault("meter", CostMeter())
     if init.numel() == 0:  # nothing to sample: the evidence is exact
         return ExactChain(potential_fn, init, config, generator=generator, **kwargs)
     pre = config.preconditioner
     if pre.kind == "none" or pre.mode_search_starts == 0:
         return FlowSampler(potential_fn, init, config, generator=generator, **kwargs)
-    ctx = kwargs.get("distributed")
-    with stage_report(kwargs.get("desc", "OSDS"), f"mode search ({pre.mode_search_starts} starts per round)",
-                      kwargs.get("disable_progbar", False)):
+    ctx, meter = kwargs.get("distributed"), kwargs["meter"]
+    with meter.phase("search"), stage_report(kwargs.get("desc", "OSDS"),
+                                             f"mode search ({pre.mode_search_starts} starts per round)",
+                                             kwargs.get("disable_progbar", False)):
         search = None
         if ctx is None or ctx.is_main:
-            search = pre.search(potential_fn, init.detach(), generator=generator)
+            search = pre.search(meter.counted(potential_fn), init.detach(), generator=generator)
     if ctx is not None:  # rank 0 searches; every rank takes its modes and its random stream
         search = from_rank_zero(search, generator, ctx)
         search = search._replace(modes=[(a.to(device=init.device), w) for a, w in search.modes])

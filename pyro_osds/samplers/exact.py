@@ -47,8 +47,8 @@ class ExactChain(Chain):
     """One chain of a target of dimension 0 (module docstring); the arguments are
     :class:`~pyro_osds.samplers.base.Chain`'s (and, unused, those of the other chains)."""
 
-    def __init__(self, potential_fn, init, config=None, *, generator=None, distributed=None, **unused):
-        super().__init__(potential_fn, init, config, generator=generator, distributed=distributed)
+    def __init__(self, potential_fn, init, config=None, *, generator=None, distributed=None, meter=None, **unused):
+        super().__init__(potential_fn, init, config, generator=generator, distributed=distributed, meter=meter)
         if self.dim != 0:
             raise ValueError(f"An ExactChain samples a target of dimension 0, not {self.dim}.")
 

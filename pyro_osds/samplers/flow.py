@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from ..config import OSDSConfig
+from ..cost import CostMeter
 from ..distributed import DistributedContext, broadcast_object, from_rank_zero
 from ..modes import warn_about_mode_search
 from ..objectives import build_objective, consistency_stage, flow_kl_train_steps, resolve_flow_kl_gradient
@@ -76,10 +77,11 @@ class FlowSampler(Chain):
         disable_progbar: bool = False,
         desc: str = "OSDS",
         distributed: DistributedContext | None = None,
+        meter: CostMeter | None = None,
     ):
         #: one trainer per training phase started so far
         self.trainers: list[Trainer] = []
-        super().__init__(potential_fn, init, config, generator=generator, distributed=distributed)
+        super().__init__(potential_fn, init, config, generator=generator, distributed=distributed, meter=meter)
         config = self.config
         # the network and flow run in `config.net.dtype` (default: the potential's); the potential is always
         # evaluated in its own dtype, on cast inputs, so any model works with a float32 flow
@@ -93,6 +95,7 @@ class FlowSampler(Chain):
         #: until it ends (and in checkpoints), to give the network back if training lowered the pilot ELBO
         self.untrained: tuple[int, float, tuple] | None = None
         self.net = config.net.build(self.dim, dtype=self.dtype, device=self.device, generator=self.generator)
+        self.meter.watch(self.net)
         self.hook_fn, self.on_iteration, self.disable_progbar, self.desc = hook_fn, on_iteration, disable_progbar, desc
 
     def _parts(self) -> list:
@@ -103,8 +106,8 @@ class FlowSampler(Chain):
     def fit_preconditioner(self) -> AffineMap:
         """Fits the preconditioner chosen by ``config.precondition`` (once) and sets :attr:`report`."""
         if self.preconditioner is None:
-            with stage_report(self.desc, f"fitting the {self.config.preconditioner.kind!r} preconditioner",
-                              self.disable_progbar):
+            with self.meter.phase("preconditioner"), stage_report(
+                    self.desc, f"fitting the {self.config.preconditioner.kind!r} preconditioner", self.disable_progbar):
                 affine, report = choose_preconditioner(self.potential_fn, self.init, self.config.preconditioner,
                                                        search=self.search, generator=self.generator)
             if self.distributed is not None:  # every rank takes rank 0's fit and random stream
@@ -215,6 +218,11 @@ class FlowSampler(Chain):
         lower pilot ELBO than the untrained map's (the same base draws) gives the untrained network back:
         training never leaves the sampler worse than its preconditioner.
         """
+        self.fit_preconditioner()
+        with self.meter.phase("training"):
+            return self._train_phases(num_iterations, until)
+
+    def _train_phases(self, num_iterations: int | None, until: int | None) -> dict[str, list]:
         history: dict[str, list] = {}
         for phase in range(self.num_phases):
             trainer = self.trainer_for(phase)

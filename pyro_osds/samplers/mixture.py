@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from ..config import OSDSConfig
+from ..cost import CostMeter
 from ..distributed import DistributedContext, broadcast_object
 from ..ops.mode_search import LaplacePartition, ModeSearch
 from ..ops.precondition import SearchReport, refine_component
@@ -46,14 +47,16 @@ class MixtureSampler(Chain):
     def __init__(self, potential_fn: PotentialFn, init: torch.Tensor, config: OSDSConfig, search: ModeSearch, *,
                  generator: torch.Generator | None = None, hook_fn: Callable | None = None,
                  on_iteration: Callable | None = None,
-                 disable_progbar: bool = False, desc: str = "OSDS", distributed: DistributedContext | None = None):
-        super().__init__(potential_fn, init, config, generator=generator, distributed=distributed)
+                 disable_progbar: bool = False, desc: str = "OSDS", distributed: DistributedContext | None = None,
+                 meter: CostMeter | None = None):
+        super().__init__(potential_fn, init, config, generator=generator, distributed=distributed, meter=meter)
         self.search = search
         self.partition = LaplacePartition(search.modes)
         self.components = [
             FlowSampler(self.partition.restricted(potential_fn, k), affine.shift, config,
                         generator=seeded_generator(self.device, derive_seed(self.generator)), hook_fn=hook_fn,
-                        on_iteration=on_iteration, disable_progbar=disable_progbar, desc=f"{desc} component {k}", distributed=distributed)
+                        on_iteration=on_iteration, disable_progbar=disable_progbar, desc=f"{desc} component {k}",
+                        distributed=distributed, meter=self.meter)
             for k, (affine, _) in enumerate(search.modes)
         ]
         #: the mixture weights :math:`\alpha` (the Laplace masses until :meth:`fit` estimates them)
@@ -77,9 +80,11 @@ class MixtureSampler(Chain):
     def fit_preconditioner(self) -> None:
         """Refines each component's preconditioner from its mode's Laplace fit (once)."""
         for component, (laplace, _) in zip(self.components, self.search.modes, strict=True):
-            if component.preconditioner is None:
+            if component.preconditioner is not None:
+                continue
+            with self.meter.phase("preconditioner"):
                 affine, fit = refine_component(component.potential_fn, laplace, self.config.preconditioner,
-                                                generator=component.generator)
+                                               generator=component.generator)
                 if self.distributed is not None:
                     affine, fit = component.from_rank_zero(affine, fit)
                 component.preconditioner = affine.to(dtype=component.dtype)
@@ -90,14 +95,15 @@ class MixtureSampler(Chain):
         and sets the mixture weights; returns the training history, concatenated over components."""
         self.fit_preconditioner()
         history: dict[str, list] = {key: [] for key in COMMON_KEYS}
-        for k, component in enumerate(self.components):
-            if self.trained[k] is not False:
-                for key, values in component.fit(num_iterations, until=until).items():
-                    history.setdefault(key, []).extend(values)
-                self.trained[k] = component.iteration > 0
-                if component.interrupted:
-                    return history
-        self._set_weights()
+        with self.meter.phase("training"):
+            for k, component in enumerate(self.components):
+                if self.trained[k] is not False:
+                    for key, values in component.fit(num_iterations, until=until).items():
+                        history.setdefault(key, []).extend(values)
+                    self.trained[k] = component.iteration > 0
+                    if component.interrupted:
+                        return history
+            self._set_weights()
         return history
 
     def _set_weights(self) -> None:
