@@ -275,15 +275,24 @@ class ModelTarget(FlatTarget):
             aligned[s.name] = x.reshape((batch,) + pad + tuple(s.constrained_shape))
         return params, values, aligned
 
-    def _plate_trace(self, aligned: dict, batch: int, enumerate_sites: bool) -> poutine.Trace:
+    def _plate_trace(self, aligned: dict, batch: int, enumerate_sites: bool, *, sample_discrete: bool = False
+                     ) -> poutine.Trace:
+        """The model's trace at ``batch`` particles (``aligned`` values, in an outer particle plate): with its
+        enumerable sites enumerated (``enumerate_sites``), or drawn from their exact conditional given each particle
+        (``sample_discrete``: :func:`~pyro.infer.infer_discrete` at temperature 1, forward-filtering
+        backward-sampling along ``pyro.markov`` chains)."""
         model = poutine.condition(self.model, aligned)
-        if enumerate_sites:
+        if enumerate_sites and not sample_discrete:
             model = poutine.enum(config_enumerate(model), first_available_dim=-self.max_plate_nesting - 2)
+        inner = config_enumerate(model) if sample_discrete else model
 
         def particle_model(*args, **kwargs):
             with pyro.plate(PARTICLE_PLATE, batch, dim=-self.max_plate_nesting - 1):
-                return model(*args, **kwargs)
+                return inner(*args, **kwargs)
 
+        if sample_discrete:
+            particle_model = infer_discrete(particle_model, first_available_dim=-self.max_plate_nesting - 2,
+                                            temperature=1)
         with poutine.block(), pyro.validation_enabled(False):
             return poutine.trace(particle_model).get_trace(*self.args, **self.kwargs)
 
@@ -403,25 +412,27 @@ class ModelTarget(FlatTarget):
         return self._per_draw(z, lambda trace: {name: trace.nodes[name]["value"] for name in self.deterministic_sites},
                               chunk_size, discrete)
 
-    def sample_discrete(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    def sample_discrete(self, z: torch.Tensor, chunk_size: int = 256) -> dict[str, torch.Tensor]:
         r"""
         Draws the enumerated discrete sites from their exact conditional given each continuous draw,
-        with :func:`~pyro.infer.infer_discrete` (temperature 1). Returns ``{site: (N, *shape)}``.
+        with :func:`~pyro.infer.infer_discrete` (temperature 1), ``chunk_size`` draws at once in a particle plate.
+        Returns ``{site: (N, *shape)}``.
         """
         if not self.enumerated_sites:
             return {}
-        values = self.constrain(z)
         out: dict[str, list] = {name: [] for name in self.enumerated_sites}
-        first_dim = -self.max_plate_nesting - 1
-        for i in range(z.shape[0]):
-            cond = {k: v[i] for k, v in values.items()}
-            model = infer_discrete(config_enumerate(poutine.condition(self.model, cond)), first_available_dim=first_dim,
-                                   temperature=1)
-            with poutine.block(), pyro.validation_enabled(False):
-                tr = poutine.trace(model).get_trace(*self.args, **self.kwargs)
+        m = self.max_plate_nesting
+        for chunk in z.split(chunk_size):
+            batch = max(chunk.shape[0], 2)  # a particle plate of size 1 would be dropped: draw for two copies
+            trace = self._plate_trace(self._plate_values(chunk.expand(batch, -1))[2], batch, True,
+                                      sample_discrete=True)
             for name in self.enumerated_sites:
-                out[name].append(tr.nodes[name]["value"].detach())
-        return {name: torch.stack(v) for name, v in out.items()}
+                shape = tuple(self.trace.nodes[name]["value"].shape)
+                value = trace.nodes[name]["value"].detach()
+                value = value.reshape((1,) * (m + 1 - value.dim()) + tuple(value.shape)).movedim(-m - 1, 0)
+                value = value.expand((batch,) + (1,) * (m - len(shape)) + shape).reshape((batch,) + shape)
+                out[name].append(value[: chunk.shape[0]])
+        return {name: torch.cat(v) for name, v in out.items()}
 
     def add_discrete(self, draws: list, distributed: DistributedContext | None = None) -> list:
         """``draws`` (one :class:`~pyro_osds.results.Draws` per chain, as many each) with draws of the enumerated

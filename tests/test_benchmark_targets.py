@@ -224,3 +224,19 @@ def test_mixture_model_evidence_by_enumeration_matches_quadrature():
     # the label switching: the potential is invariant under swapping the two locations
     x = torch.randn(5, 2, dtype=D64)
     torch.testing.assert_close(t.potential(x), t.potential(x.flip(-1)), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("model", ["mixture", "hmm"])
+def test_the_enumeration_benchmark_writes_one_model_twice(model):
+    # benchmarks.enumeration compares a model with enumerated sites to the same model summed out by hand: the two
+    # must have one potential (Pyro's enumeration of a pyro.markov chain against the forward algorithm)
+    from benchmarks.enumeration import MODELS
+    from pyro_osds.model import ModelTarget
+
+    data, with_enumeration, by_hand = MODELS[model]
+    y = data(30, 0)
+    enumerated = ModelTarget(with_enumeration, (y,), max_plate_nesting=1)
+    marginalised = ModelTarget(by_hand, (y,), max_plate_nesting=1)
+    assert [s.name for s in enumerated.sites] == [s.name for s in marginalised.sites]
+    z = enumerated.init + torch.randn(6, enumerated.dim, dtype=D64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(enumerated.potential(z), marginalised.potential(z), rtol=1e-10, atol=1e-9)

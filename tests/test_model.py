@@ -325,3 +325,64 @@ def test_a_dense_gaussian_prior_is_vectorised_by_a_plate_not_vmap():
     assert target._seconds("vmap", z) > target.FASTER_BY * target._seconds("plate", z)
     # `vectorize=` still forces a method
     assert ModelTarget(gp, (y,), vectorize="vmap").vectorize == "vmap"
+
+
+# ------------------------------------------------------------------------------------------------
+# draws of enumerated sites: a pyro.markov chain and a plate, against their exact conditionals
+def hmm(y):
+    trans = pyro.sample("trans", dist.Dirichlet(torch.ones(2, 2, dtype=D64)).to_event(1))
+    locs = pyro.sample("locs", dist.Normal(torch.zeros(2, dtype=D64), 5.0).to_event(1))
+    x = 0
+    for t in pyro.markov(range(len(y))):
+        x = pyro.sample(f"x_{t}", dist.Categorical(Vindex(trans)[..., x, :]), infer={"enumerate": "parallel"})
+        pyro.sample(f"y_{t}", dist.Normal(Vindex(locs)[..., x], 1.0), obs=y[t])
+
+
+def hmm_posterior(trans, locs, y):
+    """Exact ``P(x_t | y)`` ``(T, 2)`` and ``P(x_t = x_{t+1} | y)`` ``(T - 1,)`` by the forward-backward algorithm."""
+    lik = dist.Normal(locs, 1.0).log_prob(y[:, None]).exp()  # (T, 2)
+    fwd = [trans[0] * lik[0]]
+    for t in range(1, len(y)):
+        fwd.append((fwd[-1] @ trans) * lik[t])
+    bwd = [torch.ones(2, dtype=D64)]
+    for t in range(len(y) - 1, 0, -1):
+        bwd.insert(0, trans @ (lik[t] * bwd[0]))
+    z = fwd[-1].sum()
+    marginals = torch.stack([f * b for f, b in zip(fwd, bwd, strict=True)]) / z
+    pairs = torch.stack([(fwd[t][:, None] * trans * (lik[t + 1] * bwd[t + 1])[None, :]).diagonal().sum() / z
+                         for t in range(len(y) - 1)])
+    return marginals, pairs
+
+
+def test_enumerated_sites_are_drawn_from_their_exact_conditional_along_a_markov_chain():
+    y = torch.tensor([-1.0, 0.2, 1.5, 0.1, -0.4, 2.0], dtype=D64)
+    target = ModelTarget(hmm, (y,))
+    trans = torch.tensor([[0.7, 0.3], [0.2, 0.8]], dtype=D64)
+    locs = torch.tensor([-1.0, 1.0], dtype=D64)
+    z = target.unconstrain({"trans": trans[None], "locs": locs[None]})
+    n = 4000
+    pyro.set_rng_seed(0)
+    draws = target.sample_discrete(z.expand(n, -1), chunk_size=1500)  # chunks of 1500, 1500 and 1000
+    x = torch.stack([draws[f"x_{t}"] for t in range(len(y))], -1)
+    assert x.shape == (n, len(y)) and x.dtype == torch.long
+    marginals, pairs = hmm_posterior(trans, locs, y)
+    p = marginals[:, 1]
+    assert ((x.double().mean(0) - p).abs() <= Z * (p * (1 - p) / n).sqrt()).all(), (x.double().mean(0), p)
+    # the backward sampling keeps neighbours' dependence, not only the marginals
+    same = (x[:, 1:] == x[:, :-1]).double().mean(0)
+    assert ((same - pairs).abs() <= Z * (pairs * (1 - pairs) / n).sqrt()).all(), (same, pairs)
+    # one draw at a time gives the same shapes
+    assert target.sample_discrete(z)["x_0"].shape == (1,)
+
+
+def test_enumerated_sites_in_a_plate_are_drawn_from_their_exact_conditional():
+    data = torch.tensor([-2.0, 0.1, 2.5], dtype=D64)
+    target = ModelTarget(mixture, (data,), max_plate_nesting=1)
+    weights, locs = torch.tensor([0.4, 0.6], dtype=D64), torch.tensor([-1.0, 1.5], dtype=D64)
+    z = target.unconstrain({"weights": weights[None], "locs": locs[None]})
+    n = 3000
+    draws = target.sample_discrete(z.expand(n, -1))["z"]
+    assert draws.shape == (n, 3)
+    joint = weights.log() + dist.Normal(locs, 1.0).log_prob(data[:, None])
+    p = joint.softmax(-1)[:, 1]
+    assert ((draws.double().mean(0) - p).abs() <= Z * (p * (1 - p) / n).sqrt()).all()
