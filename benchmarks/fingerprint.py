@@ -276,10 +276,21 @@ def case_runner_potential(**options):
     return parts
 
 
-def case_runner_enumerated():
+def vindex_mixture_model(y):
+    import pyro
+    import pyro.distributions as dist
+    from pyro.ops.indexing import Vindex
+
+    locs = pyro.sample("locs", dist.Normal(torch.tensor([-1.0, 1.0]), 2.0).to_event(1))
+    with pyro.plate("data", y.shape[0]):
+        k = pyro.sample("k", dist.Categorical(torch.tensor([0.4, 0.6])), infer={"enumerate": "parallel"})
+        pyro.sample("obs", dist.Normal(Vindex(locs)[..., k], 0.5), obs=y)
+
+
+def case_runner_enumerated(model=mixture_model):
     y = torch.cat([torch.randn(20, generator=torch.Generator().manual_seed(0)) * 0.5 - 1.0,
                    torch.randn(30, generator=torch.Generator().manual_seed(1)) * 0.5 + 1.0])
-    osds = _runner(model=mixture_model, mode_search_starts=0)
+    osds = _runner(model=model, mode_search_starts=0, max_plate_nesting=1)
     _quiet(lambda: osds.run(y))
     return runner_parts(osds)
 
@@ -375,6 +386,8 @@ CASES = {
     "runner_model_processes": lambda: case_runner_model(chain_method="processes"),
     "runner_potential": lambda: case_runner_potential(chain_method="sequential"),
     "runner_enumerated": case_runner_enumerated,
+    # a model that batches in a particle plate: its potential and its discrete draws are vectorised
+    "runner_enumerated_batched": lambda: case_runner_enumerated(vindex_mixture_model),
     "runner_mixture": case_runner_mixture,
     "checkpoint": case_checkpoint,
     "distributed": case_distributed,

@@ -45,7 +45,7 @@ from .inputs import UnsupportedModelError, check_model, nonfinite_arguments
 from .target import FlatTarget, PotentialTarget, Site
 from .util import check_choice
 
-__all__ = ["ModelTarget", "UnsupportedModelError", "build_target", "posterior_predictive"]
+__all__ = ["ModelTarget", "UnsupportedModelError", "build_target", "posterior_predictive", "sample_discrete"]
 
 PARTICLE_PLATE = "_osds_particles"
 
@@ -413,26 +413,9 @@ class ModelTarget(FlatTarget):
                               chunk_size, discrete)
 
     def sample_discrete(self, z: torch.Tensor, chunk_size: int = 256) -> dict[str, torch.Tensor]:
-        r"""
-        Draws the enumerated discrete sites from their exact conditional given each continuous draw,
-        with :func:`~pyro.infer.infer_discrete` (temperature 1), ``chunk_size`` draws at once in a particle plate.
-        Returns ``{site: (N, *shape)}``.
-        """
-        if not self.enumerated_sites:
-            return {}
-        out: dict[str, list] = {name: [] for name in self.enumerated_sites}
-        m = self.max_plate_nesting
-        for chunk in z.split(chunk_size):
-            batch = max(chunk.shape[0], 2)  # a particle plate of size 1 would be dropped: draw for two copies
-            trace = self._plate_trace(self._plate_values(chunk.expand(batch, -1))[2], batch, True,
-                                      sample_discrete=True)
-            for name in self.enumerated_sites:
-                shape = tuple(self.trace.nodes[name]["value"].shape)
-                value = trace.nodes[name]["value"].detach()
-                value = value.reshape((1,) * (m + 1 - value.dim()) + tuple(value.shape)).movedim(-m - 1, 0)
-                value = value.expand((batch,) + (1,) * (m - len(shape)) + shape).reshape((batch,) + shape)
-                out[name].append(value[: chunk.shape[0]])
-        return {name: torch.cat(v) for name, v in out.items()}
+        """Draws of the enumerated discrete sites from their exact conditional given each continuous draw ``z``
+        (:func:`sample_discrete`). Returns ``{site: (N, *shape)}``."""
+        return sample_discrete(self, z, chunk_size)
 
     def add_discrete(self, draws: list, distributed: DistributedContext | None = None) -> list:
         """``draws`` (one :class:`~pyro_osds.results.Draws` per chain, as many each) with draws of the enumerated
@@ -447,6 +430,43 @@ class ModelTarget(FlatTarget):
             discrete = broadcast_object(discrete, distributed)
         return [d._replace(discrete={k: v[i * n:(i + 1) * n] for k, v in discrete.items()})
                 for i, d in enumerate(draws)]
+
+
+def sample_discrete(target: ModelTarget, z: torch.Tensor, chunk_size: int = 256) -> dict[str, torch.Tensor]:
+    r"""
+    Draws the enumerated discrete sites of ``target`` from their exact conditional given each continuous draw ``z``
+    ``(N, D)``, with :func:`~pyro.infer.infer_discrete` (temperature 1; forward filtering, backward sampling along
+    ``pyro.markov`` chains): ``chunk_size`` draws at once in a particle plate when the model's potential is
+    vectorised by one (:attr:`~pyro_osds.target.FlatTarget.vectorize` ``"plate"``), else one draw at a time (a model
+    that indexes with ``locs[k]`` rather than ``Vindex(locs)[..., k]`` does not batch). Returns
+    ``{site: (N, *shape)}``.
+    """
+    if not target.enumerated_sites:
+        return {}
+    out: dict[str, list] = {name: [] for name in target.enumerated_sites}
+    m, batched = target.max_plate_nesting, target.vectorize == "plate"
+    for chunk in z.split(chunk_size if batched else 1):
+        batch = max(chunk.shape[0], 2)  # a particle plate of size 1 would be dropped: draw for two copies
+        if batched:
+            trace = target._plate_trace(target._plate_values(chunk.expand(batch, -1))[2], batch, True,
+                                        sample_discrete=True)
+        else:
+            cond = {k: v[0] for k, v in target.constrain(chunk).items()}
+            model = infer_discrete(config_enumerate(poutine.condition(target.model, cond)), first_available_dim=-m - 1,
+                                   temperature=1)
+            with poutine.block(), pyro.validation_enabled(False):
+                trace = poutine.trace(model).get_trace(*target.args, **target.kwargs)
+        for name in target.enumerated_sites:
+            shape = tuple(target.trace.nodes[name]["value"].shape)
+            value = trace.nodes[name]["value"].detach()
+            if not batched:
+                out[name].append(value.reshape((1,) + shape))
+                continue
+            # the particle dim sits left of the model's plates: move it first, broadcast to the site's shape
+            value = value.reshape((1,) * (m + 1 - value.dim()) + tuple(value.shape)).movedim(-m - 1, 0)
+            value = value.expand((batch,) + (1,) * (m - len(shape)) + shape).reshape((batch,) + shape)
+            out[name].append(value[: chunk.shape[0]])
+    return {name: torch.cat(v) for name, v in out.items()}
 
 
 def posterior_predictive(target: ModelTarget, samples: dict, args: tuple, kwargs: dict, *,

@@ -386,3 +386,24 @@ def test_enumerated_sites_in_a_plate_are_drawn_from_their_exact_conditional():
     joint = weights.log() + dist.Normal(locs, 1.0).log_prob(data[:, None])
     p = joint.softmax(-1)[:, 1]
     assert ((draws.double().mean(0) - p).abs() <= Z * (p * (1 - p) / n).sqrt()).all()
+
+
+def test_enumerated_sites_of_a_model_that_does_not_batch_are_drawn_one_draw_at_a_time():
+    # `locs[k]` indexes the particle dimension in a particle plate, so the potential falls back to the loop and so
+    # do the discrete draws; they are still drawn from the exact conditional
+    def unbatchable(data):
+        locs = pyro.sample("locs", dist.Normal(torch.zeros(2, dtype=D64), 2.0).to_event(1))
+        with pyro.plate("data", data.shape[0]):
+            k = pyro.sample("k", dist.Categorical(torch.tensor([0.4, 0.6], dtype=D64)))
+            pyro.sample("obs", dist.Normal(locs[k], 1.0), obs=data)
+
+    data = torch.tensor([-2.0, 0.1, 2.5], dtype=D64)
+    with pytest.warns(UserWarning, match="loop"):
+        target = ModelTarget(unbatchable, (data,), max_plate_nesting=1)
+    assert target.vectorize == "loop"
+    locs = torch.tensor([-1.0, 1.5], dtype=D64)
+    n = 800
+    draws = target.sample_discrete(target.unconstrain({"locs": locs[None]}).expand(n, -1))["k"]
+    assert draws.shape == (n, 3)
+    p = (torch.tensor([0.4, 0.6], dtype=D64).log() + dist.Normal(locs, 1.0).log_prob(data[:, None])).softmax(-1)[:, 1]
+    assert ((draws.double().mean(0) - p).abs() <= Z * (p * (1 - p) / n).sqrt()).all()
