@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .ops.estimators import pool_estimates
+import torch
+
+from .ops.estimators import evidence
 from .results import Draws
 from .util import check_number, check_positive_int, warn
 
@@ -63,9 +65,9 @@ def draws_for(se: float, num_draws: int, target_se: float) -> int:
 
 
 def pooled_se(draws: list[Draws]) -> float:
-    """The standard error of the pooled log Z of ``draws`` (one per chain): that of the union of their weights
-    (:func:`~pyro_osds.ops.estimators.pool_estimates`)."""
-    return pool_estimates([d.log_weight for d in draws]).se
+    """The standard error of the pooled log Z of ``draws`` (one per chain): that of the union of their weights, as
+    :func:`~pyro_osds.ops.estimators.pool_estimates` gives it, without its per-chain tail fits."""
+    return evidence(torch.cat([d.log_weight for d in draws])).se
 
 
 def draw_to_target(draws: list[Draws], draw_more: Callable[[int], list[Draws]], budget: BudgetConfig,

@@ -115,8 +115,7 @@ def test_arviz_0x_functions(osds, tmp_path):
     for chain in range(2):
         _, k = az.psislw(idata.weighted_sample_stats["log_weight"].values[chain].copy(), reff=1.0)
         assert float(k) == pytest.approx(ev.chains[chain].k_hat, abs=1e-8)
-    _, k = az.psislw(idata.weighted_sample_stats["log_weight"].values.reshape(-1).copy(), reff=1.0)
-    assert float(k) == pytest.approx(ev.k_hat, abs=1e-8)  # the pooled tail: PSIS on the union of the chains
+    assert ev.k_hat == max(c.k_hat for c in ev.chains)
     path = tmp_path / "osds.nc"
     idata.to_netcdf(str(path))
     back = az.from_netcdf(str(path))

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from pyro_osds.ops.estimators import (
-    K_HAT_THRESHOLD,
     EvidenceError,
     evidence,
     forward_evidence,
@@ -112,35 +111,13 @@ def test_pooled_chains():
     pooled = pool_estimates([a, b], num_folded=3)
     assert pooled.num_draws == 600 and pooled.num_folded == 3
     assert pooled.log_z == pytest.approx(float(log_mean_exp(torch.cat([a, b]))))
-    # the union is one importance sample of (chain, point) pairs: its tail fit is PSIS's on all the weights
-    assert pooled.k_hat == pareto_k_hat(torch.cat([a, b]))
+    assert pooled.k_hat == pytest.approx(max(pareto_k_hat(a), pareto_k_hat(b)))
 
 
-def _gaussian_proposal_log_weights(scale: float, n: int, generator: torch.Generator) -> torch.Tensor:
-    # target N(0, 1), proposal N(0, scale^2): P(w > t) ~ t^(-1 / (1 - scale^2)), so the tail index is 1 - scale^2
-    # for scale < 1 (heavy: above 0.5 for scale < 0.71) and the weights are bounded for scale >= 1
-    x = scale * torch.randn(n, generator=generator, dtype=D64)
-    return -0.5 * x**2 + 0.5 * (x / scale) ** 2 + math.log(scale)
-
-
-def test_pooled_k_hat_flags_a_heavy_chain_but_not_the_noise_of_light_ones():
-    # chains of 2000 draws each. Two light chains (tail index 0.36): the largest per-chain fit crosses 0.5 far
-    # more often than the union's fit. A chain with tail index 0.75 beside a bounded one: the union is flagged.
-    def flag_rates(scale_a, scale_b, seeds=range(60)):
-        worst = union = 0
-        for seed in seeds:
-            gen = torch.Generator().manual_seed(seed)
-            a = _gaussian_proposal_log_weights(scale_a, 2000, gen)
-            b = _gaussian_proposal_log_weights(scale_b, 2000, gen)
-            worst += max(pareto_k_hat(a), pareto_k_hat(b)) > K_HAT_THRESHOLD
-            union += not pool_estimates([a, b]).tail_ok
-        return worst / len(seeds), union / len(seeds)
-
-    worst, union = flag_rates(0.8, 0.8)
-    assert union <= 0.1 and worst >= union + 0.05
-    _, union = flag_rates(1.2, 0.5)
-    assert union >= 0.75
-    # bounded weights with different maxima: light (k < 0) per chain and pooled
+def test_pooled_k_hat_is_the_worst_chain_not_a_fit_to_the_union():
+    # the verdict follows the heaviest chain: a fit to the union dilutes one chain's heavy tail with the other's
+    # draws and let misses through on the calibration targets (pool_estimates' docstring has the measurement)
     a = torch.linspace(-3.0, 0.0, 2000, dtype=D64)
     b = torch.linspace(-3.5, -0.8, 2000, dtype=D64)
-    assert pool_estimates([a, b]).k_hat < 0
+    pooled = pool_estimates([a, b])
+    assert pooled.k_hat == pytest.approx(max(pareto_k_hat(a), pareto_k_hat(b))) and pooled.k_hat < 0
