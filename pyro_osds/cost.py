@@ -36,6 +36,7 @@ class PhaseCost(NamedTuple):
     network_passes: int = 0
 
     def plus(self, other: PhaseCost) -> PhaseCost:
+        """Field by field sum."""
         return PhaseCost(*(a + b for a, b in zip(self, other, strict=True)))
 
 
@@ -86,8 +87,8 @@ class CostMeter:
     training is training).
     """
 
-    def __init__(self, cost: Cost | None = None):
-        self._totals = {name: list(phase) for name, phase in zip(Cost._fields, cost or Cost(), strict=True)}
+    def __init__(self):
+        self._totals = {name: [0.0, 0, 0] for name in Cost._fields}
         self._active: str | None = None
 
     def cost(self) -> Cost:

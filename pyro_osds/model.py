@@ -446,8 +446,8 @@ def sample_discrete(target: ModelTarget, z: torch.Tensor, chunk_size: int = 256)
     out: dict[str, list] = {name: [] for name in target.enumerated_sites}
     m, batched = target.max_plate_nesting, target.vectorize == "plate"
     for chunk in z.split(chunk_size if batched else 1):
-        batch = max(chunk.shape[0], 2)  # a particle plate of size 1 would be dropped: draw for two copies
         if batched:
+            batch = max(chunk.shape[0], 2)  # a particle plate of size 1 would be dropped: draw for two copies
             trace = target._plate_trace(target._plate_values(chunk.expand(batch, -1))[2], batch, True,
                                         sample_discrete=True)
         else:

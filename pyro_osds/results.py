@@ -121,8 +121,7 @@ class LogEvidence(NamedTuple):
     preconditioner): the flow then covers a few modes, and the evidence misses the others' mass. With the
     marginal mixture, found modes that the draws under-represent count in ``num_lost_modes``. The pooled ``k_hat`` is
     the largest over chains (:func:`~pyro_osds.ops.estimators.pool_estimates` says why); :attr:`reliable` is the
-    verdict
-    (the weights' own diagnostics, :attr:`~pyro_osds.ops.estimators.Estimates.reliable`, no lost mode
+    verdict (the weights' own diagnostics, :attr:`~pyro_osds.ops.estimators.Estimates.reliable`, no lost mode
     and no unenumerated modes). ``budget`` says what the run's evidence budget gave (:mod:`pyro_osds.budget`;
     ``None`` without one). ``cost`` is what the run had spent when the estimate was made: potential evaluations,
     network passes and seconds per phase, summed over chains (:class:`~pyro_osds.cost.Cost`).

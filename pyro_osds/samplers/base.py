@@ -256,12 +256,12 @@ class Chain(abc.ABC):
                 "no importance weights; estimate the evidence with num_steps=1 (exact one-step weights)."
             )
 
-    def _generator_state(self) -> dict:
+    def _common_state(self) -> dict:
         """The random streams and the cost so far, which every chain saves."""
         return {"generator": self.generator.get_state(), "draw_generator": self.draw_generator.get_state(),
                 "cost": self.meter.state()}
 
-    def _load_generator_state(self, state: dict) -> None:
+    def _load_common_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.draw_generator.set_state(state["draw_generator"])
         self.meter.load_state(state.get("cost"))

@@ -83,7 +83,7 @@ class ExactChain(Chain):
         return None
 
     def state_dict(self) -> dict:
-        return {"kind": "exact", "dim": 0, **self._generator_state()}
+        return {"kind": "exact", "dim": 0, **self._common_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._load_generator_state(state)
+        self._load_common_state(state)

@@ -341,7 +341,7 @@ class FlowSampler(Chain):
             "kind": "flow",
             "preconditioner": affine.state(),
             "trainers": [t.state_dict() for t in self.trainers],
-            **self._generator_state(),
+            **self._common_state(),
             "dim": self.dim,
             # the separated modes the mode search found (for the lost-mode check after loading)
             "modes": [(c.detach().clone(), float(m)) for c, m in self.report.modes],
@@ -361,5 +361,5 @@ class FlowSampler(Chain):
         self.trainers = []
         for phase, trainer_state in enumerate(state["trainers"]):
             self.trainer_for(phase).load_state_dict(trainer_state)
-        self._load_generator_state(state)
+        self._load_common_state(state)
 

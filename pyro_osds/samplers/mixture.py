@@ -142,7 +142,7 @@ class MixtureSampler(Chain):
             "components": [c.state_dict() for c in self.components],
             "weights": self.weights.clone(),
             "trained": [-1 if t is None else int(t) for t in self.trained],
-            **self._generator_state(),
+            **self._common_state(),
             "dim": self.dim,
         }
 
@@ -153,6 +153,6 @@ class MixtureSampler(Chain):
             component.load_state_dict(component_state)
         self.weights = state["weights"].to(torch.float64)
         self.trained = [None if t < 0 else bool(t) for t in state["trained"]]
-        self._load_generator_state(state)
+        self._load_common_state(state)
 
 
