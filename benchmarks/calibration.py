@@ -20,6 +20,7 @@ than 3 SE from the others. Writes ``<out>/calibration.json`` and ``<out>/calibra
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as dt
 import json
 import math
@@ -40,20 +41,21 @@ from .run import environment_info
 from .scaling import commands_text, results_commands
 from .targets import get_target
 
-__all__ = ["DEFAULT_TARGETS", "main", "run_one"]
+__all__ = ["DEFAULT_TARGETS", "main", "parse_options", "run_one"]
 
 DEFAULT_TARGETS = ("german_credit", "breast_cancer", "ionosphere", "sonar", "seeds", "brownian", "funnel10")
 
 
-def run_one(name: str, seed: int, *, draws: int, repeats: int) -> dict:
-    """The runner on ``name``'s Pyro model at ``seed`` (module docstring); returns its record."""
+def run_one(name: str, seed: int, *, draws: int, repeats: int, options: dict | None = None) -> dict:
+    """The runner on ``name``'s Pyro model at ``seed`` (module docstring), with the runner's ``options``;
+    returns its record."""
     target = get_target(name)
     log_z = _true_log_z(target)
     pyro.set_rng_seed(seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
-        osds = OSDS(target.model, num_samples=draws, disable_progbar=True).fit(*target.model_args)
+        osds = OSDS(target.model, num_samples=draws, disable_progbar=True, **(options or {})).fit(*target.model_args)
         fit_s = time.perf_counter() - t0
         records = []
         for _ in range(repeats):
@@ -66,8 +68,19 @@ def run_one(name: str, seed: int, *, draws: int, repeats: int) -> dict:
                 "chain_k_hat": [c.k_hat for c in ev.chains],
                 "chain_z": (a.log_z - b.log_z) / math.sqrt(a.se**2 + b.se**2) if a.se + b.se > 0 else math.nan,
             })
-    return {"target": name, "dim": target.dim, "seed": seed, "log_z_true": log_z, "fit_s": fit_s,
+    return {"target": name, "dim": target.dim, "seed": seed, "options": options or {}, "log_z_true": log_z, "fit_s": fit_s,
             "records": records, "warnings": sorted({f"{w.category.__name__}: {str(w.message)[:160]}" for w in caught})}
+
+
+def parse_options(pairs: Sequence[str]) -> dict:
+    """``["name=value", ...]`` as ``{name: value}``, each value a Python literal (``True``, ``400``, ``'single'``)."""
+    options = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--option takes NAME=VALUE, not {pair!r}")
+        options[name.strip()] = ast.literal_eval(value.strip())
+    return options
 
 
 def _reference_se(name: str) -> float:
@@ -129,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an OSDS option for every run (a Python literal), e.g. precondition_tails=True")
     parser.add_argument("--out", default="benchmarks/results/calibration")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the table from the JSON and stop")
     args = parser.parse_args(argv)
@@ -148,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = results_commands(previous, command)
     for name in args.targets:
         for seed in args.seeds:
-            record = run_one(name, seed, draws=args.draws, repeats=args.repeats)
+            record = run_one(name, seed, draws=args.draws, repeats=args.repeats, options=parse_options(args.option))
             results = [r for r in results if (r["target"], r["seed"]) != (name, seed)]
             results.append(record)
             zs = [x["z"] for x in record["records"]]

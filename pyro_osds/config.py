@@ -116,6 +116,9 @@ FLAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "components": ("preconditioner", "components"),
     "max_components": ("preconditioner", "max_components"),
     "marginal_components": ("preconditioner", "marginal_components"),
+    "gaussian_fit": ("preconditioner", "gaussian_fit"),
+    "natural_iterations": ("preconditioner", "natural_iterations"),
+    "precondition_tails": ("preconditioner", "tails"),
     # evaluation
     "num_steps": ("evaluation", "num_steps"),
     "eval_log_det": ("evaluation", "log_det"),
@@ -360,7 +363,7 @@ PRESETS: dict[str, dict] = {
         _PAPER_OBJECTIVE, grid_size=128, num_iterations=60_000, batch_size=1024, learning_rate=5e-4,
         weight_decay=0.1, ema_decay=0.999, sd_warmup=2500, chunk_size=8192, activation="gelu", dtype=None,
     ),
-    "smoke": dict(grid_size=16, num_iterations=30, batch_size=32, sd_warmup=10, precondition_iterations=50,
+    "smoke": dict(grid_size=16, num_iterations=30, batch_size=32, sd_warmup=10, precondition_iterations=50, natural_iterations=10,
                   hidden_dim=32, mode_search_starts=2, flow_kl_batch_size=64, consistency_iterations=30,
                   consistency_points=9),
 }

@@ -18,6 +18,7 @@ import torch
 
 from ..util import PotentialFn
 from .marginal import MarginalMixtureMap
+from .tails import TailAffineMap
 
 __all__ = ["AffineMap", "covering_gaussian", "preconditioner_from_state", "scale_from_hessian", "whiten_potential"]
 
@@ -71,10 +72,13 @@ def whiten_potential(potential_fn: PotentialFn, affine) -> PotentialFn:
 
 
 def preconditioner_from_state(state: dict, dtype=None, device=None):
-    """The preconditioner a checkpoint holds (:meth:`AffineMap.state`, :meth:`MarginalMixtureMap.state`)."""
+    """The preconditioner a checkpoint holds (:meth:`AffineMap.state`, :meth:`MarginalMixtureMap.state`,
+    :meth:`~pyro_osds.ops.tails.TailAffineMap.state`)."""
     if state.get("kind") == "marginal_mixture":
         fields = {k: v for k, v in state.items() if k != "kind"}
         return MarginalMixtureMap(**fields).to(dtype=dtype, device=device)
+    if state.get("kind") == "tail_affine":
+        return TailAffineMap(*(state[k] for k in TailAffineMap._fields)).to(dtype=dtype, device=device)
     return AffineMap(state["shift"], state["scale_tril"]).to(dtype=dtype, device=device)
 
 
