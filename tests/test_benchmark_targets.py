@@ -44,7 +44,7 @@ def _random_points(name, n=5):
 
 def test_registry():
     assert set(BAYESIAN_TARGETS) <= set(TARGETS)
-    assert len(TARGETS) == 22
+    assert len(TARGETS) == 24
     assert TARGETS["funnel10"] is get_target("funnel10")
     with pytest.raises(KeyError, match="unknown target"):
         get_target("nope")
@@ -113,6 +113,23 @@ def test_funnel_exact_samples_and_log_z():
     se = float(w.std() / w.mean()) / math.sqrt(len(w))
     log_z = float(torch.logsumexp(lw, 0) - math.log(len(lw)))
     assert abs(log_z) < 4 * se + 1e-3
+
+
+def test_gamma_poisson_log_z_by_quadrature_and_exact_draws():
+    # log Z independently: each coordinate's integral of exp(-U_i(u)) over the log rate by quadrature
+    t = get_target("gamma_poisson64")
+    y = t.model_args[0]
+    total = 0.0
+    for count in y.tolist():
+        def density(u, k=count):
+            return math.exp((2 + k) * u - 2 * math.exp(u) - math.lgamma(k + 1))
+        total += math.log(scipy.integrate.quad(density, -60, 6, epsabs=0, epsrel=1e-12, limit=200)[0])
+    assert t.log_z == pytest.approx(total, abs=1e-8)
+    # the exact draws' log weights -U - log p_exact are all log Z (p_exact: Gamma(2 + y, 2) on the log scale)
+    x = t.sample(500, generator=torch.Generator().manual_seed(0))
+    gamma = torch.distributions.Gamma(2.0 + y, 2.0)
+    log_p = (gamma.log_prob(x.exp()) + x).sum(-1)
+    torch.testing.assert_close(-t.potential(x) - log_p, torch.full((500,), t.log_z, dtype=D64), rtol=0, atol=1e-8)
 
 
 def test_many_well_log_z_by_quadrature():
