@@ -44,16 +44,11 @@ from .marginal import fit_marginal_mixture
 from .mode_search import ModeSearch, search_modes
 from .tails import TailAffineMap, tail_from_parameter
 
-__all__ = ["NATURAL_FIT_MAX_DIM", "PRECONDITIONERS", "PreconditionConfig", "SearchReport", "choose_preconditioner",
+__all__ = ["PRECONDITIONERS", "PreconditionConfig", "SearchReport", "choose_preconditioner",
            "elbo_on_draws", "fit_gaussian", "fit_gaussian_natural", "fit_gaussian_starts", "fit_laplace", "fit_tails",
            "gaussian_elbo", "refine_component"]
 
 PRECONDITIONERS = ("gaussian", "laplace", "diagonal_laplace", "none")
-
-#: the largest dimension whose ``"gaussian"`` preconditioner is fitted by natural-gradient steps by default: each
-#: step's Hessians cost O(D) potential gradients per draw (2.6 s per chain at D = 35 through a Pyro model, 10 s at
-#: D = 256, where Adam's 400 steps take 1-2 s)
-NATURAL_FIT_MAX_DIM = 64
 
 
 class SearchReport(NamedTuple):
@@ -329,7 +324,7 @@ def fit_gaussian_starts(
     best by the ELBO on common draws (the candidates themselves included). A Laplace fit is the wrong start when the
     mode is a spike: a hierarchical model's mode sits where a scale collapses (Brownian motion with unknown scales,
     the funnel), and a fit started there stays in the spike (Brownian motion: the fit from the Laplace fit 50 nats
-    below log Z, the fit from the identity 3.2), while on a regression both starts reach the same Gaussian.
+    below log Z, the fit from the identity 3.4), while on a regression both starts reach the same Gaussian.
 
     :returns: ``(AffineMap, info)`` with every start's fitted ELBO (``"start_elbos"``), the chosen start and its ELBO.
     """
@@ -373,7 +368,7 @@ def fit_tails(
     :math:`c`, :math:`s` and the tails' parameters (all zero at the start: the Gaussian itself) maximising the ELBO
     :math:`\mathbb E_y[-U(x) + \log|\det\partial x/\partial y|]` by Adam with reparameterised gradients; the
     parameters are averaged over the second half of the iterations (Polyak averaging: the noise of single steps
-    costs ELBO at every coordinate). Only :math:`3D` parameters: a free lower-triangular :math:`L` adds
+    costs ELBO at every coordinate). Only :math:`4D` parameters: a free lower-triangular :math:`L` adds
     :math:`D^2/2` noisy ones (on 256 independent log-Gamma posteriors the averaged fit with them ends 1.2 nats
     below the fit without, 0.08 nats from log Z).
 
@@ -438,10 +433,11 @@ class PreconditionConfig:
         with this many components per coordinate, fitted by importance-weighted EM from the modes found
         (:func:`~pyro_osds.ops.marginal.fit_marginal_mixture`; 4). 0: a Gaussian at the heaviest mode found, which
         keeps few of the modes.
-    :param str gaussian_fit: how the ``"gaussian"`` preconditioner is fitted: ``"natural"`` (natural-gradient
-        steps from every candidate, :func:`fit_gaussian_starts`), ``"adam"`` (Adam from the best candidate,
-        :func:`fit_gaussian`) or ``"auto"`` (default: natural up to :data:`NATURAL_FIT_MAX_DIM` dimensions, whose
-        Hessians cost :math:`O(D)` potential gradients per draw, Adam above).
+    :param str gaussian_fit: how the ``"gaussian"`` preconditioner of a single-mode chain is fitted: ``"adam"``
+        (default: Adam from the candidate with the best pilot ELBO, :func:`fit_gaussian`) or ``"natural"``
+        (natural-gradient steps from every candidate, the best kept, :func:`fit_gaussian_starts`: much closer to
+        hierarchical posteriors, whose Laplace fit is a spike Adam cannot leave, at :math:`O(D)` potential
+        gradients per draw for the Hessians; see the design notes for why it is not the default).
     :param int natural_iterations: steps of each natural-gradient fit (100).
     :param bool tails: the ``"gaussian"`` preconditioner gives every whitened coordinate its own left and right
         tail (:func:`fit_tails`, ``num_iterations`` Adam steps after the Gaussian fit): for skewed and heavy-tailed
@@ -455,7 +451,7 @@ class PreconditionConfig:
     components: str = "auto"
     max_components: int = 64
     marginal_components: int = 4
-    gaussian_fit: str = "auto"
+    gaussian_fit: str = "adam"
     natural_iterations: int = 100
     tails: bool = False
 
@@ -467,7 +463,7 @@ class PreconditionConfig:
         check_choice("components", self.components, ("auto", "single"))
         check_positive_int("max_components", self.max_components, minimum=2)
         check_positive_int("marginal_components", self.marginal_components, minimum=0)
-        check_choice("gaussian_fit", self.gaussian_fit, ("auto", "natural", "adam"))
+        check_choice("gaussian_fit", self.gaussian_fit, ("adam", "natural"))
         check_positive_int("natural_iterations", self.natural_iterations)
         if not isinstance(self.tails, bool):
             raise ValueError(f"`precondition_tails` must be True or False, not {self.tails!r}.")
@@ -563,7 +559,7 @@ def choose_preconditioner(
     candidates = laplace_fits + [identity]
     if config.kind in ("laplace", "diagonal_laplace"):
         return candidates[0], report  # the heaviest converged mode
-    if config.gaussian_fit == "natural" or (config.gaussian_fit == "auto" and dim <= NATURAL_FIT_MAX_DIM):
+    if config.gaussian_fit == "natural":
         affine, fit = fit_gaussian_starts(potential_fn, candidates, num_iterations=config.natural_iterations,
                                           generator=generator)
     else:
