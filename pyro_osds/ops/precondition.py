@@ -441,7 +441,10 @@ class PreconditionConfig:
     :param int natural_iterations: steps of each natural-gradient fit (100).
     :param bool tails: the ``"gaussian"`` preconditioner gives every whitened coordinate its own left and right
         tail (:func:`fit_tails`, ``num_iterations`` Adam steps after the Gaussian fit): for skewed and heavy-tailed
-        posteriors (positive parameters on the log scale, random-effect scales).
+        posteriors (positive parameters on the log scale, random-effect scales). Not where no Laplace fit converged
+        (a centred hierarchical model, fitted from the identity): on the centred eight schools, tails fitted there
+        raised the ELBO but left the trained map's weights worse (ESS/N 0.60 and 0.58 without, 0.01 and 0.38 with,
+        two seeds).
     """
 
     kind: str = "gaussian"
