@@ -363,7 +363,7 @@ PRESETS: dict[str, dict] = {
         _PAPER_OBJECTIVE, grid_size=128, num_iterations=60_000, batch_size=1024, learning_rate=5e-4,
         weight_decay=0.1, ema_decay=0.999, sd_warmup=2500, chunk_size=8192, activation="gelu", dtype=None,
     ),
-    "smoke": dict(grid_size=16, num_iterations=30, batch_size=32, sd_warmup=10, precondition_iterations=50, natural_iterations=10,
-                  hidden_dim=32, mode_search_starts=2, flow_kl_batch_size=64, consistency_iterations=30,
-                  consistency_points=9),
+    "smoke": dict(grid_size=16, num_iterations=30, batch_size=32, sd_warmup=10, precondition_iterations=50,
+                  natural_iterations=10, hidden_dim=32, mode_search_starts=2, flow_kl_batch_size=64,
+                  consistency_iterations=30, consistency_points=9),
 }

@@ -568,9 +568,7 @@ def choose_preconditioner(
     else:
         affine, fit = fit_gaussian(potential_fn, candidates, num_iterations=config.num_iterations,
                                    generator=generator)
-    if config.tails:
-        affine, tails_fit = fit_tails(potential_fn, affine, num_iterations=config.num_iterations, generator=generator)
-        fit = {**fit, "tails": tails_fit}
+    affine, fit = _with_tails(potential_fn, affine, fit, config, generator)
     return affine, report._replace(fit=fit)
 
 
@@ -579,13 +577,21 @@ def refine_component(potential_fn: PotentialFn, laplace: AffineMap, config: Prec
     """The preconditioner of a mixture component at one mode, from that mode's Laplace fit: the fit
     itself (``"laplace"``), its marginal scales (``"diagonal_laplace"``) or a Gaussian variational fit
     started there (``"gaussian"``; it stays at the mode it starts at, and is kept only if it improves), with its
-    tails (:func:`fit_tails`) when ``config.tails``. Returns ``(AffineMap or TailAffineMap, fit)``, ``fit`` the Gaussian fit's diagnostics (``None`` without one)."""
+    tails (:func:`fit_tails`) when ``config.tails``. Returns ``(AffineMap or TailAffineMap, fit)``, ``fit`` the
+    Gaussian fit's diagnostics (``None`` without one)."""
     if config.kind == "laplace":
         return laplace, None
     if config.kind == "diagonal_laplace":
         return _diagonal(laplace), None
     affine, fit = fit_gaussian(potential_fn, [laplace], num_iterations=config.num_iterations, generator=generator)
-    if config.tails:
-        affine, tails_fit = fit_tails(potential_fn, affine, num_iterations=config.num_iterations, generator=generator)
-        fit = {**fit, "tails": tails_fit}
-    return affine, fit
+    return _with_tails(potential_fn, affine, fit, config, generator)
+
+
+def _with_tails(potential_fn: PotentialFn, affine: AffineMap, fit: dict, config: PreconditionConfig,
+                generator: torch.Generator | None) -> tuple[AffineMap | TailAffineMap, dict]:
+    """The fitted Gaussian ``affine`` and its fit's diagnostics ``fit``, with the tails fitted on top
+    (:func:`fit_tails`, their diagnostics under ``"tails"``) when ``config.tails``."""
+    if not config.tails:
+        return affine, fit
+    affine, tails_fit = fit_tails(potential_fn, affine, num_iterations=config.num_iterations, generator=generator)
+    return affine, {**fit, "tails": tails_fit}

@@ -25,8 +25,8 @@ chosen by the sign of :math:`x` (:math:`g` keeps signs), and its log-determinant
 .. math:: \log\Big|\det\frac{\partial x}{\partial y}\Big| = \log|\det L| + \sum_i \Big[\log\cosh\big(
     \operatorname{asinh}(y_i)/\delta_i\big) - \tfrac12\log(1 + y_i^2)\Big].
 
-:func:`~pyro_osds.ops.precondition.fit_gaussian` fits the tails with the Gaussian (``tails=True``), by the same
-ELBO; the flow is then trained on the potential pulled back through the whole map. The tails are bounded,
+:func:`~pyro_osds.ops.precondition.fit_tails` fits the tails after the Gaussian (``precondition_tails=True``), by
+the same ELBO; the flow is then trained on the potential pulled back through the whole map. The tails are bounded,
 :math:`\delta \in [1/5, 5]`, smoothly (:func:`tail_from_parameter`).
 
 **References**
