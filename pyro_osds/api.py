@@ -182,7 +182,8 @@ class OSDS(WeightedPosterior):
             self.target, self.model_args, self.model_kwargs = build_target(
                 self.model, self.potential_fn, args, kwargs, initial_params=self.initial_params,
                 transforms=self.transforms, batched_potential=self.batched_potential,
-                max_plate_nesting=self.max_plate_nesting, init_strategy=self.init_strategy, device=self.device)
+                max_plate_nesting=self.max_plate_nesting, init_strategy=self.init_strategy, device=self.device,
+                noncentering=self.config.reparam)
         return self
 
     def fit(self, *args, **kwargs) -> OSDS:

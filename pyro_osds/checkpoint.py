@@ -27,7 +27,9 @@ FORMAT = "pyro_osds.OSDS/3"
 #: settings that may differ between a checkpoint and the run that resumes it
 RESUMABLE_CHANGES = frozenset({"num_iterations", "chunk_size", "eval_log_det", "exact_log_det_max_dim",
                                "eval_num_probes", "max_consecutive_skips", "sample_with_ema", "early_stopping",
-                               "eval_dtype", "sync_every", "target_se", "max_draws", "max_time"})
+                               "eval_dtype", "sync_every", "target_se", "max_draws", "max_time",
+                               # the sites' check guards the parameterisation: a saved choice is reused on loading
+                               "noncentering"})
 
 
 def is_plain(obj) -> bool:
@@ -95,6 +97,7 @@ def runner_state(osds) -> dict:
         "num_steps": osds.num_steps,
         "dim": osds.target.dim,
         "sites": _site_list(osds.target),
+        "noncentered_sites": list(osds.target.noncentered_sites),
         "chain_seeds": list(osds.chain_seeds),
         "samplers": [s.state_dict() for s in osds.samplers],
         "draws": [
@@ -156,8 +159,11 @@ def load(cls, path: str | os.PathLike, model=None, potential_fn=None, *, model_a
     if state["kind"] != kind:
         raise ValueError(f"The checkpoint was made for a {state['kind']}, not a {kind}.")
     init_params = kwargs.pop("initial_params", None) or state.get("initial_params")
+    config = OSDSConfig(**state["config"])
+    if kind == "model":  # the parameterisation the run chose, not a new choice (on another device, say)
+        config = config.replace(noncentering=tuple(state["noncentered_sites"]) or "none")
     osds = cls(model, potential_fn, initial_params=init_params, num_samples=state["num_samples"],
-               num_chains=state["num_chains"], config=OSDSConfig(**state["config"]), **kwargs)
+               num_chains=state["num_chains"], config=config, **kwargs)
     osds.num_steps = state["num_steps"]
     args, kw = (), {}
     if kind == "model":

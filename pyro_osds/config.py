@@ -15,6 +15,7 @@ part                class                                                    use
 ``preconditioner``  :class:`~pyro_osds.ops.precondition.PreconditionConfig`  the affine preconditioner
 ``evaluation``      :class:`~pyro_osds.transports.EvaluationConfig`          drawing and weighting
 ``budget``          :class:`~pyro_osds.budget.BudgetConfig`                  the runner's evidence budget
+``reparam``         :class:`~pyro_osds.reparam.NoncenteringConfig`           the model's parameterisation
 ==================  =======================================================  ==========================
 
 The flat keyword front door stays: ``OSDSConfig(num_iterations=3000, grid_size=64)``,
@@ -45,6 +46,7 @@ from .objectives import ConsistencyConfig, DiffusionConfig, FlowKLConfig, Object
 from .ops.nets import NetConfig
 from .ops.precondition import PreconditionConfig
 from .ops.reference import ReferenceProcess
+from .reparam import NoncenteringConfig
 from .train import OptimConfig
 from .transports import EvaluationConfig
 from .util import check_choice
@@ -130,10 +132,16 @@ FLAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "target_se": ("budget", "target_se"),
     "max_draws": ("budget", "max_draws"),
     "max_time": ("budget", "max_time"),
+    # the model's parameterisation
+    "noncentering": ("reparam", "sites"),
+    "noncentering_iterations": ("reparam", "num_iterations"),
+    "noncentering_batch_size": ("reparam", "batch_size"),
+    "noncentering_max_flips": ("reparam", "max_flips"),
 }
 
 _PARTS = {"process": ReferenceProcess, "net": NetConfig, "optim": OptimConfig, "objective": ObjectiveConfig,
-          "preconditioner": PreconditionConfig, "evaluation": EvaluationConfig, "budget": BudgetConfig}
+          "preconditioner": PreconditionConfig, "evaluation": EvaluationConfig, "budget": BudgetConfig,
+          "reparam": NoncenteringConfig}
 _SUB_PARTS = {"flow_kl": FlowKLConfig, "diffusion": DiffusionConfig, "consistency": ConsistencyConfig}
 
 
@@ -176,6 +184,7 @@ class OSDSConfig:
     :param PreconditionConfig preconditioner: the affine preconditioner.
     :param EvaluationConfig evaluation: drawing and weighting.
     :param BudgetConfig budget: the evidence budget (a target SE, a cap on the draws, a time limit).
+    :param NoncenteringConfig reparam: which hierarchical sites the model draws non-centred.
     :param options: flat options (:data:`FLAT_OPTIONS`), applied on top of the parts.
     """
 
@@ -187,14 +196,16 @@ class OSDSConfig:
     preconditioner: PreconditionConfig
     evaluation: EvaluationConfig
     budget: BudgetConfig
+    reparam: NoncenteringConfig
 
     def __init__(self, method: str = "osds", *, process: ReferenceProcess | None = None, net: NetConfig | None = None,
                  optim: OptimConfig | None = None, objective: ObjectiveConfig | None = None,
                  preconditioner: PreconditionConfig | None = None, evaluation: EvaluationConfig | None = None,
-                 budget: BudgetConfig | None = None, **options):
+                 budget: BudgetConfig | None = None, reparam: NoncenteringConfig | None = None, **options):
         check_option_names(options)
         given = {"process": process, "net": net, "optim": optim, "objective": objective,
-                 "preconditioner": preconditioner, "evaluation": evaluation, "budget": budget}
+                 "preconditioner": preconditioner, "evaluation": evaluation, "budget": budget,
+                 "reparam": reparam}
         for name, part in given.items():
             if part is not None and not isinstance(part, _PARTS[name]):
                 raise TypeError(f"`{name}` must be a {_PARTS[name].__name__}, got {type(part).__name__}.")

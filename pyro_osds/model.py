@@ -42,6 +42,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .distributed import DistributedContext, broadcast_object
 from .inputs import UnsupportedModelError, check_model, nonfinite_arguments
+from .reparam import NoncenteringConfig, choose_parameterization
 from .target import FlatTarget, PotentialTarget, Site
 from .util import check_choice
 
@@ -401,16 +402,17 @@ class ModelTarget(FlatTarget):
         return self._per_draw(
             z, lambda trace: {name: self._pointwise(trace.nodes[name]) for name in self.observed_sites}, chunk_size)
 
-    def deterministic(self, z: torch.Tensor, discrete: dict | None = None, chunk_size: int = 1024
-                      ) -> dict[str, torch.Tensor]:
+    def deterministic(self, z: torch.Tensor, discrete: dict | None = None, chunk_size: int = 1024, *,
+                      sites=None) -> dict[str, torch.Tensor]:
         r"""
-        The ``pyro.deterministic`` sites at draws ``z`` ``(N, D)`` (given the enumerated sites' draws
-        ``discrete``, ``{site: (N, ...)}``, for models that have them): ``{site: (N, *shape)}``.
+        The ``pyro.deterministic`` sites (or those of them named in ``sites``) at draws ``z`` ``(N, D)`` (given the
+        enumerated sites' draws ``discrete``, ``{site: (N, ...)}``, for models that have them): ``{site: (N, *shape)}``.
         """
-        if not self.deterministic_sites:
+        names = self.deterministic_sites if sites is None else [s for s in self.deterministic_sites if s in sites]
+        if not names:
             return {}
-        return self._per_draw(z, lambda trace: {name: trace.nodes[name]["value"] for name in self.deterministic_sites},
-                              chunk_size, discrete)
+        return self._per_draw(z, lambda trace: {name: trace.nodes[name]["value"] for name in names}, chunk_size,
+                              discrete)
 
     def sample_discrete(self, z: torch.Tensor, chunk_size: int = 256) -> dict[str, torch.Tensor]:
         """Draws of the enumerated discrete sites from their exact conditional given each continuous draw ``z``
@@ -486,18 +488,26 @@ def posterior_predictive(target: ModelTarget, samples: dict, args: tuple, kwargs
 
 def build_target(model=None, potential_fn=None, args=(), kwargs=None, *, initial_params=None, transforms=None,
                  batched_potential: bool = False, max_plate_nesting=None, init_strategy=None,
-                 device=None) -> tuple[FlatTarget, tuple, dict]:
+                 device=None, noncentering: NoncenteringConfig | None = None) -> tuple[FlatTarget, tuple, dict]:
     """
-    The flat target of ``model`` called with ``(args, kwargs)`` (moved to ``device`` when given), or of
-    ``potential_fn`` (which takes no arguments). Returns ``(target, args, kwargs)``, the arguments as
-    the target uses them.
+    The flat target of ``model`` called with ``(args, kwargs)`` (moved to ``device`` when given), in the
+    parameterisation ``noncentering`` chooses (:func:`~pyro_osds.reparam.choose_parameterization`; default: as
+    written), or of ``potential_fn`` (which takes no arguments). Returns ``(target, args, kwargs)``, the arguments
+    as the target uses them.
     """
     kwargs = dict(kwargs or {})
     if model is not None:
         if device is not None:
             args, kwargs = _map_tensors(args, lambda t: t.to(device)), _map_tensors(kwargs, lambda t: t.to(device))
-        target = ModelTarget(model, args, kwargs, max_plate_nesting=max_plate_nesting, init_strategy=init_strategy,
-                             transforms=transforms, initial_params=initial_params)
+
+        def make_target(m):
+            return ModelTarget(m, args, kwargs, max_plate_nesting=max_plate_nesting, init_strategy=init_strategy,
+                               transforms=transforms, initial_params=initial_params)
+
+        fixed = list(initial_params or {}) + list(transforms or {})
+        target, sites = choose_parameterization(model, args, kwargs, noncentering or NoncenteringConfig("none"),
+                                                make_target, fixed_sites=fixed)
+        target.noncentered_sites = sites
         return target, tuple(args), kwargs
     if args or kwargs:
         raise TypeError("`run()` takes no model arguments when OSDS wraps a `potential_fn`.")

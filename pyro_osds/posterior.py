@@ -97,9 +97,15 @@ class WeightedPosterior(LogWeightsMixin):
         values = self.target.unpack(flat) if unconstrained else self.target.constrain(flat)
         out = OrderedDict((name, values[name].reshape(lead + tuple(values[name].shape[1:])).detach())
                           for name in sorted(values))
+        discrete = {}
         for name in self.draws[0].discrete or {}:
             v = torch.cat([d.discrete[name] for d in self.draws])[idx.to(self.draws[0].discrete[name].device)]
+            discrete[name] = v.flatten(0, 1)
             out[name] = v.reshape(lead + tuple(v.shape[2:]))
+        if self.target.noncentered_sites:  # the model's own sites, functions of their non-centred draws
+            values = self.target.deterministic(flat, discrete or None, sites=self.target.noncentered_sites)
+            for name in sorted(values):
+                out[name] = values[name].reshape(lead + tuple(values[name].shape[1:])).detach()
         return out
 
     def predictive(self, *args, return_sites: list[str] | None = None, parallel: bool = False, **kwargs

@@ -77,6 +77,8 @@ class FlatTarget:
 
     #: how a site's value is called in error messages
     site_kind = "parameter"
+    #: the model's sites drawn in non-centred form (:mod:`pyro_osds.reparam`); reported as functions of the draws
+    noncentered_sites: tuple[str, ...] = ()
     sites: list[Site]
     transforms: dict
     init: torch.Tensor

@@ -1,0 +1,288 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+r"""
+Automatic non-centring of hierarchical models, through Pyro's own :mod:`pyro.infer.reparam`.
+
+A latent site whose scale depends on other latent sites, :math:`x \sim \mathcal N(\mu(\theta), \sigma(\theta))`,
+makes a *funnel*: where :math:`\sigma` is small the posterior of :math:`x` is a narrow neck, where it is large a wide
+mouth, and no single affine map (or one flow step started from one) fits both, so the importance weights of a
+one-step map have heavy tails (the funnel, Seeds, Brownian motion, eight schools). Its **non-centred** form draws
+the standardised value and computes the site from it,
+
+.. math::
+
+    \tilde x \sim \mathcal N(0, I), \qquad x = \mu(\theta) + \sigma(\theta)\,\tilde x,
+
+which is the same model (the change of variables is exact, so :math:`\log Z` is unchanged) and has no funnel in the
+prior; with strongly informative data the centred form is the easier one instead [1]. So the choice is made per
+model by the criterion of [1], the ELBO of the best mean-field Gaussian in each parameterisation
+(:func:`~pyro_osds.ops.meanfield.fit_mean_field`): both bound the same :math:`\log Z`, and the model keeps the
+form it was written in unless another is better by more than twice the standard error of the difference.
+
+* :func:`noncenterable_sites`: the continuous latent sites of a location-scale family with real support
+  (``Normal``, ``StudentT``, ``Cauchy``, ``Laplace``, ... as :class:`~pyro.infer.reparam.LocScaleReparam` takes
+  them) or a ``MultivariateNormal``, whose scale depends on another latent site;
+* :func:`noncentered`: the model with those sites non-centred by :class:`~pyro.infer.reparam.LocScaleReparam`
+  (``centered=0``) or :class:`MultivariateNormalReparam`; each original site stays in the model as a
+  ``pyro.deterministic`` site (reported with the posterior), the standardised values are the latent sites
+  ``<site>_decentered``;
+* :func:`choose_parameterization`: the target of the chosen form (:class:`NoncenteringConfig`).
+
+The choice never uses the global random stream (its draws come from their own generator and the alternative
+targets are built under :func:`torch.random.fork_rng`), so a model that keeps its form gives bit-identical results.
+
+**References**
+
+[1] `Automatic Reparameterisation of Probabilistic Programs`, M. I. Gorinova, D. Moore, M. D. Hoffman (2020), ICML.
+
+[2] `A General Framework for the Parametrization of Hierarchical Models`, O. Papaspiliopoulos, G. O. Roberts,
+    M. Sköld (2007), Statistical Science 22(1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.infer.reparam import LocScaleReparam
+from pyro.infer.reparam.reparam import Reparam
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from .ops.meanfield import fit_mean_field
+from .util import check_positive_int, seeded_generator
+
+__all__ = ["CHOICES", "MultivariateNormalReparam", "NoncenteringConfig", "choose_parameterization",
+           "noncenterable_sites", "noncentered"]
+
+#: the named settings of :attr:`NoncenteringConfig.sites`
+CHOICES = ("auto", "none", "all")
+#: the seed of the choice's own generator (the same model and data always get the same choice)
+CHOICE_SEED = 20070201
+
+
+@dataclass(frozen=True)
+class NoncenteringConfig:
+    r"""
+    How the model's hierarchical sites are parameterised (flat options ``noncentering`` and
+    ``noncentering_iterations``).
+
+    :param sites: ``"auto"`` (default: each model in the form, as written or with every candidate site
+        non-centred, whose mean-field ELBO is higher; then each candidate flipped in turn when there are several),
+        ``"none"`` (the model as written), ``"all"`` (every :func:`noncenterable_sites` site non-centred), or a
+        tuple of site names to non-centre.
+    :param int num_iterations: Adam iterations of each mean-field fit of the choice.
+    :param int batch_size: draws per iteration of each fit.
+    :param int max_flips: with ``"auto"``, at most this many candidate sites are flipped one at a time after the
+        first comparison (more sites: all or none).
+    """
+
+    sites: str | tuple[str, ...] = "auto"
+    num_iterations: int = 200
+    batch_size: int = 32
+    max_flips: int = 4
+
+    def __post_init__(self):
+        if isinstance(self.sites, str):
+            if self.sites not in CHOICES:
+                raise ValueError(f"`noncentering` must be one of {CHOICES} or a sequence of site names, got "
+                                 f"{self.sites!r}.")
+        elif isinstance(self.sites, Sequence) and all(isinstance(s, str) for s in self.sites):
+            object.__setattr__(self, "sites", tuple(self.sites))
+        else:
+            raise ValueError(f"`noncentering` must be one of {CHOICES} or a sequence of site names, got "
+                             f"{self.sites!r}.")
+        check_positive_int("noncentering_iterations", self.num_iterations)
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_int("max_flips", self.max_flips, minimum=0)
+
+
+class MultivariateNormalReparam(Reparam):
+    r"""
+    Non-centres a ``MultivariateNormal`` site: :math:`\tilde x \sim \mathcal N(0, I)` is drawn as
+    ``<site>_decentered`` and :math:`x = \mu + L\tilde x` with :math:`L` the distribution's ``scale_tril``
+    (:class:`~pyro.infer.reparam.LocScaleReparam` takes location-scale families only).
+    """
+
+    def apply(self, msg):
+        name, fn, value, is_observed = msg["name"], msg["fn"], msg["value"], msg["is_observed"]
+        fn, event_dim = self._unwrap(fn)
+        loc, scale_tril = fn.loc, fn.scale_tril
+        standard = None
+        if value is not None:  # the standardised value of a given one, differentiably
+            standard = torch.linalg.solve_triangular(scale_tril, (value - loc).unsqueeze(-1), upper=False).squeeze(-1)
+        standard = pyro.sample(f"{name}_decentered",
+                               self._wrap(dist.Normal(torch.zeros_like(loc), 1.0).to_event(1), event_dim),
+                               obs=standard, infer={"is_observed": is_observed})
+        if value is None:
+            value = loc + (scale_tril @ standard.unsqueeze(-1)).squeeze(-1)
+        return {"fn": dist.Delta(value, event_dim=event_dim).mask(False), "value": value, "is_observed": True}
+
+
+class _MarkDeterministic(Messenger):
+    """Marks the reparameterised sites as ``pyro.deterministic`` sites (what they are: functions of the latent
+    sites), so that they are reported with the posterior and never taken for data."""
+
+    def __init__(self, sites):
+        super().__init__()
+        self.sites = frozenset(sites)
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.sites:
+            msg["infer"] = {**msg["infer"], "_deterministic": True}
+
+
+def _base(fn):
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return fn
+
+
+def _real_support(fn) -> bool:
+    support = fn.support
+    while hasattr(support, "base_constraint"):
+        support = support.base_constraint
+    return support is constraints.real or support == constraints.real
+
+
+def _reparam_for(fn) -> Reparam | None:
+    """The non-centring reparameteriser of a site's distribution, or ``None`` for other families."""
+    base = _base(fn)
+    if isinstance(base, torch.distributions.MultivariateNormal):
+        return MultivariateNormalReparam()
+    params = set(getattr(base, "arg_constraints", {}))
+    if {"loc", "scale"} <= params and _real_support(base):
+        return LocScaleReparam(centered=0.0, shape_params=sorted(params - {"loc", "scale"}))
+    return None
+
+
+def _scale_of(fn) -> torch.Tensor:
+    base = _base(fn)
+    return base.scale_tril if isinstance(base, torch.distributions.MultivariateNormal) else base.scale
+
+
+def noncenterable_sites(model, args: tuple = (), kwargs: dict | None = None, *,
+                        values: dict[str, torch.Tensor] | None = None) -> list[str]:
+    r"""
+    The continuous latent sites of ``model`` that can be non-centred (module docstring) and whose scale depends on
+    another latent site, in the model's order. Found by one trace with the latent values (``values``, default a
+    draw of the model) as leaves that require gradients: a site's scale depends on a latent site iff it requires a
+    gradient. A site whose scale is fixed is left alone: non-centring it is a fixed affine map, which the
+    preconditioner already is.
+    """
+    kwargs = dict(kwargs or {})
+    with poutine.block(), pyro.validation_enabled(False), torch.random.fork_rng(devices=[]):
+        if values is None:
+            prototype = poutine.trace(model).get_trace(*args, **kwargs)
+            values = {name: site["value"] for name, site in prototype.nodes.items()
+                      if site["type"] == "sample" and not site["is_observed"]}
+        leaves = {name: v.detach().clone().requires_grad_(True) for name, v in values.items()
+                  if isinstance(v, torch.Tensor) and v.is_floating_point()}
+        with torch.enable_grad():
+            trace = poutine.trace(poutine.condition(model, leaves)).get_trace(*args, **kwargs)
+    found = []
+    for name, site in trace.nodes.items():
+        if name not in leaves or site["type"] != "sample" or site_is_subsample(site):
+            continue
+        fn = site["fn"]
+        if _reparam_for(fn) is None:
+            continue
+        if _scale_of(fn).requires_grad:
+            found.append(name)
+    return found
+
+
+def noncentered(model, sites: Sequence[str]):
+    """``model`` with ``sites`` non-centred (module docstring), the original sites kept as ``pyro.deterministic``
+    sites; ``model`` itself for no sites."""
+    if not sites:
+        return model
+    wanted = frozenset(sites)
+
+    def config(msg):
+        return _reparam_for(msg["fn"]) if msg["name"] in wanted else None
+
+    return _MarkDeterministic(wanted)(poutine.reparam(model, config=config))
+
+
+def _fork_rng(device: torch.device):
+    """:func:`torch.random.fork_rng` over the CPU and, for a CUDA target, its device."""
+    if device.type == "cuda":
+        return torch.random.fork_rng(devices=[device.index if device.index is not None else 0])
+    return torch.random.fork_rng(devices=[]) if device.type == "cpu" else contextlib.nullcontext()
+
+
+def choose_parameterization(model, args: tuple, kwargs: dict, config: NoncenteringConfig,
+                            make_target: Callable, *, fixed_sites: Sequence[str] = ()):
+    r"""
+    The target of ``model`` in the form :class:`NoncenteringConfig` asks for (module docstring).
+
+    :param make_target: builds the flat target of a model, ``make_target(model) -> ModelTarget``.
+    :param fixed_sites: sites the user addressed by name (``initial_params``, ``transforms``): ``"auto"`` leaves
+        them as written, and naming one of them raises ``ValueError``.
+    :returns: ``(target, sites)``: the target and the tuple of sites it non-centres (``()``: as written).
+    """
+    written = make_target(model)
+    if config.sites == "none" or not written.sites:
+        return written, ()
+    values = {site.name: written.prototype_trace.nodes[site.name]["value"] for site in written.sites}
+    candidates = noncenterable_sites(model, args, kwargs, values=values)
+    fixed = frozenset(fixed_sites)
+    if isinstance(config.sites, tuple):
+        unknown = [s for s in config.sites if s not in candidates or s in fixed]
+        if unknown:
+            raise ValueError(
+                f"`noncentering` names {unknown}, which cannot be non-centred: the sites that can are the latent "
+                f"sites of a location-scale family or MultivariateNormal whose scale depends on another latent "
+                f"site, here {candidates}" + (f", and not those given in `initial_params` / `transforms` "
+                                              f"({sorted(fixed)})" if fixed else "") + ".")
+        wanted = tuple(config.sites)
+    else:
+        wanted = tuple(s for s in candidates if s not in fixed)
+    if not wanted:
+        return written, ()
+    device = written.init.device
+    with _fork_rng(device):
+        if config.sites != "auto":
+            return make_target(noncentered(model, wanted)), wanted
+        return _auto_choice(model, written, wanted, config, make_target)
+
+
+def _auto_choice(model, written, candidates: tuple, config: NoncenteringConfig, make_target: Callable):
+    """The ELBO comparison of :func:`choose_parameterization` (as written, all non-centred, then single flips)."""
+
+    def score(target):
+        generator = seeded_generator(target.init.device, CHOICE_SEED)
+        try:
+            fit = fit_mean_field(target.potential, target.init, num_iterations=config.num_iterations,
+                                 batch_size=config.batch_size, generator=generator)
+        except (RuntimeError, ValueError):  # e.g. a potential that fails far from its initial point
+            return -math.inf, 0.0
+        return fit.elbo, fit.se
+
+    def better(new, old) -> bool:
+        (a, sa), (b, sb) = new, old
+        if not math.isfinite(a):
+            return False
+        return not math.isfinite(b) or a - b > 2.0 * math.sqrt(sa**2 + sb**2)
+
+    best_sites, best_target, best_score = (), written, score(written)
+    target = make_target(noncentered(model, candidates))
+    value = score(target)
+    if better(value, best_score):
+        best_sites, best_target, best_score = candidates, target, value
+    if 1 < len(candidates) <= config.max_flips:
+        for site in candidates:
+            trial = tuple(s for s in candidates if (s in best_sites) != (s == site))
+            target = make_target(noncentered(model, trial))
+            value = score(target)
+            if better(value, best_score):
+                best_sites, best_target, best_score = trial, target, value
+    return best_target, best_sites
