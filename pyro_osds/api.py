@@ -180,10 +180,9 @@ class OSDS(WeightedPosterior):
         """Builds the flat target of the model called with these arguments (:meth:`fit` does this first)."""
         with poutine.block():
             self.target, self.model_args, self.model_kwargs = build_target(
-                self.model, self.potential_fn, args, kwargs, initial_params=self.initial_params,
-                transforms=self.transforms, batched_potential=self.batched_potential,
-                max_plate_nesting=self.max_plate_nesting, init_strategy=self.init_strategy, device=self.device,
-                noncentering=self.config.reparam)
+                self.model, self.potential_fn, args, kwargs, initial_params=self.initial_params, device=self.device,
+                transforms=self.transforms, batched_potential=self.batched_potential, noncentering=self.config.reparam,
+                max_plate_nesting=self.max_plate_nesting, init_strategy=self.init_strategy)
         return self
 
     def fit(self, *args, **kwargs) -> OSDS:
@@ -265,7 +264,7 @@ class OSDS(WeightedPosterior):
                 self.hook_fn(chain, step, info)
         options = dict(generator=seeded_generator(self.target.device, self.chain_seeds[chain]),
                        hook_fn=None if self.hook_fn is None else hook,
-                       on_iteration=on_iteration,
+                       on_iteration=on_iteration, start=self.target.gaussian_start,
                        disable_progbar=self.disable_progbar or not self._is_main, distributed=self.distributed,
                        desc=f"OSDS chain {chain}" if self.num_chains > 1 else "OSDS")
         # no effect handler here: chains may build in threads, and Pyro's handler stack is global (the callers

@@ -16,7 +16,7 @@ the standardised value and computes the site from it,
 which is the same model (the change of variables is exact, so :math:`\log Z` is unchanged) and has no funnel in the
 prior; with strongly informative data the centred form is the easier one instead [1]. So the choice is made per
 model by the criterion of [1], the ELBO of the best mean-field Gaussian in each parameterisation
-(:func:`~pyro_osds.ops.meanfield.fit_mean_field`): both bound the same :math:`\log Z`, and the model keeps the
+(:func:`~pyro_osds.ops.variational.fit_mean_field`): both bound the same :math:`\log Z`, and the model keeps the
 form it was written in unless another is better by more than twice the standard error of the difference.
 
 * :func:`noncenterable_sites`: the continuous latent sites of a location-scale family with real support
@@ -56,7 +56,8 @@ from pyro.infer.reparam.reparam import Reparam
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from .ops.meanfield import fit_mean_field
+from .ops.affine import AffineMap
+from .ops.variational import fit_mean_field
 from .util import check_positive_int, seeded_generator
 
 __all__ = ["CHOICES", "MultivariateNormalReparam", "NoncenteringConfig", "choose_parameterization",
@@ -227,13 +228,18 @@ def choose_parameterization(model, args: tuple, kwargs: dict, config: Noncenteri
     :param make_target: builds the flat target of a model, ``make_target(model) -> ModelTarget``.
     :param fixed_sites: sites the user addressed by name (``initial_params``, ``transforms``): ``"auto"`` leaves
         them as written, and naming one of them raises ``ValueError``.
-    :returns: ``(target, sites)``: the target and the tuple of sites it non-centres (``()``: as written).
+    :returns: ``(target, sites, start)``: the target, the tuple of sites it non-centres (``()``: as written) and,
+        when the choice compared forms, the chosen form's mean-field fit as an :class:`~pyro_osds.ops.affine.AffineMap`
+        (a start for the preconditioner's Gaussian fit: on a 1002-latent random-effects model non-centred, the Laplace
+        fit at its mode is 1400 nats below log Z, Adam from there 330, the mean-field fit 1.2), else ``None``.
     """
     written = make_target(model)
     if config.sites == "none" or not written.sites:
-        return written, ()
+        return written, (), None
     values = {site.name: written.prototype_trace.nodes[site.name]["value"] for site in written.sites}
-    candidates = noncenterable_sites(model, args, kwargs, values=values)
+    device = written.init.device
+    with _fork_rng(device):  # a trace draws the model's discrete sites
+        candidates = noncenterable_sites(model, args, kwargs, values=values)
     fixed = frozenset(fixed_sites)
     if isinstance(config.sites, tuple):
         unknown = [s for s in config.sites if s not in candidates or s in fixed]
@@ -247,11 +253,10 @@ def choose_parameterization(model, args: tuple, kwargs: dict, config: Noncenteri
     else:
         wanted = tuple(s for s in candidates if s not in fixed)
     if not wanted:
-        return written, ()
-    device = written.init.device
+        return written, (), None
     with _fork_rng(device):
         if config.sites != "auto":
-            return make_target(noncentered(model, wanted)), wanted
+            return make_target(noncentered(model, wanted)), wanted, None
         return _auto_choice(model, written, wanted, config, make_target)
 
 
@@ -264,11 +269,11 @@ def _auto_choice(model, written, candidates: tuple, config: NoncenteringConfig, 
             fit = fit_mean_field(target.potential, target.init, num_iterations=config.num_iterations,
                                  batch_size=config.batch_size, generator=generator)
         except (RuntimeError, ValueError):  # e.g. a potential that fails far from its initial point
-            return -math.inf, 0.0
-        return fit.elbo, fit.se
+            return -math.inf, 0.0, None
+        return fit.elbo, fit.se, AffineMap(fit.loc, torch.diag(fit.scale)) if math.isfinite(fit.elbo) else None
 
     def better(new, old) -> bool:
-        (a, sa), (b, sb) = new, old
+        (a, sa, _), (b, sb, _) = new, old
         if not math.isfinite(a):
             return False
         return not math.isfinite(b) or a - b > 2.0 * math.sqrt(sa**2 + sb**2)
@@ -285,4 +290,4 @@ def _auto_choice(model, written, candidates: tuple, config: NoncenteringConfig, 
             value = score(target)
             if better(value, best_score):
                 best_sites, best_target, best_score = trial, target, value
-    return best_target, best_sites
+    return best_target, best_sites, best_score[2]

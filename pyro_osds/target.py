@@ -79,6 +79,9 @@ class FlatTarget:
     site_kind = "parameter"
     #: the model's sites drawn in non-centred form (:mod:`pyro_osds.reparam`); reported as functions of the draws
     noncentered_sites: tuple[str, ...] = ()
+    #: a Gaussian (:class:`~pyro_osds.ops.affine.AffineMap`) the preconditioner's fit may start from, in the flat
+    #: space (the mean-field fit of the parameterisation choice), or ``None``
+    gaussian_start = None
     sites: list[Site]
     transforms: dict
     init: torch.Tensor
@@ -191,10 +194,14 @@ class FlatTarget:
                 working.append(name)
             else:
                 reasons[name] = reason
+        seconds = {}
+        for name in working:  # also a check at a batch's size: 3 probe rows can pass by a coincidence of shapes
+            try:
+                seconds[name] = self._seconds(name, probe)
+            except (RuntimeError, ValueError, IndexError) as err:
+                reasons[name] = f"fails on {self.TIMING_ROWS} rows ({type(err).__name__}: {str(err)[:200]})"
+        working = [name for name in working if name in seconds]
         if working:
-            if len(working) == 1:
-                return working[0]
-            seconds = {name: self._seconds(name, probe) for name in working}
             fastest = min(working, key=seconds.get)
             return fastest if seconds[working[0]] > self.FASTER_BY * seconds[fastest] else working[0]
         if forced:

@@ -72,6 +72,15 @@ def test_every_tensor_the_package_makes_names_its_device():
         osds.summary_dict()
         osds.diagnostics()
         compare({"a": osds, "b": osds})
+
+        def hierarchical(y):  # the non-centring choice: its candidates' trace, both mean-field fits, its reports
+            s = pyro.sample("s", dist.HalfNormal(y.new_ones(())))
+            pyro.sample("walk", dist.MultivariateNormal(y.new_zeros(3), scale_tril=s * torch.eye(3, dtype=y.dtype)))
+            with pyro.plate("groups", y.shape[0]):
+                theta = pyro.sample("theta", dist.Normal(y.new_zeros(()), s))
+                pyro.sample("obs", dist.Normal(theta, 1.0), obs=y)
+
+        OSDS(hierarchical, num_samples=20, num_chains=1, preset="smoke", disable_progbar=True).run(y[:5]).get_samples()
         # a mixture of flows (the mixture transport's component choice and order), CDDS, the marginal mixture
         mixture = OSDS(potential_fn=lambda p: gaussian_mixture_potential([[-4.0, 0.0], [4.0, 0.0]], [0.3, 0.7])(
             p["x"]), initial_params={"x": torch.zeros(2, dtype=D64)}, num_samples=60, num_iterations=5,

@@ -139,3 +139,18 @@ def test_a_noncentred_model_predicts_with_pyro():
     assert noncentered(assorted, ()) is assorted
     predictions = osds.predictive(Y)
     assert predictions["y"].shape == (20, 3)
+
+
+def test_a_potential_that_passes_the_three_probe_rows_by_a_coincidence_of_shapes_is_not_chosen():
+    """``s * eye(3)`` broadcasts with a particle plate of 3 rows but not 16: the plate candidate must not be chosen
+    on the probe alone (it crashed at the first batch)."""
+
+    def model(y):
+        s = pyro.sample("s", dist.HalfNormal(torch.tensor(1.0, dtype=D64)))
+        pyro.sample("walk", dist.MultivariateNormal(torch.zeros(3, dtype=D64), scale_tril=s * torch.eye(3, dtype=D64)))
+        pyro.sample("obs", dist.Normal(s, 1.0), obs=y)
+
+    pyro.set_rng_seed(0)
+    for sites in ("none", "all"):
+        target, _, _ = build_target(model, args=(torch.tensor(0.5, dtype=D64),), noncentering=NoncenteringConfig(sites))
+        assert target.potential(torch.zeros(16, target.dim, dtype=D64)).shape == (16,)

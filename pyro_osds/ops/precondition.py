@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,10 +44,10 @@ from .jacobian import potential_score_hessian
 from .marginal import fit_marginal_mixture
 from .mode_search import ModeSearch, search_modes
 from .tails import TailAffineMap, tail_from_parameter
+from .variational import elbo_on_draws, gaussian_elbo
 
 __all__ = ["PRECONDITIONERS", "PreconditionConfig", "SearchReport", "choose_preconditioner",
-           "elbo_on_draws", "fit_gaussian", "fit_gaussian_natural", "fit_gaussian_starts", "fit_laplace", "fit_tails",
-           "gaussian_elbo", "refine_component"]
+           "fit_gaussian", "fit_gaussian_natural", "fit_gaussian_starts", "fit_laplace", "fit_tails", "refine_component"]
 
 PRECONDITIONERS = ("gaussian", "laplace", "diagonal_laplace", "none")
 
@@ -141,29 +142,6 @@ def fit_laplace(
     info = {"map": x_map[0], "potential": float(potential[0]), "hessian": hessian, "converged": converged,
             "iterations": iterations}
     return AffineMap(x_map[0].clone(), scale), info
-
-
-def gaussian_elbo(
-    potential_fn: PotentialFn, affine, num_samples: int, *, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    r"""Monte-Carlo ELBO of the preconditioner's push-forward :math:`q` of :math:`\mathcal N(0, I)` (for an
-    :class:`AffineMap`, :math:`q = \mathcal N(m, LL^\top)`): :math:`\mathbb E_q[-U(x)] + \mathbb H[q]` (non-finite
-    draws give :math:`-\infty`)."""
-    dim = affine.shift.numel()
-    eps = torch.randn(num_samples, dim, dtype=affine.shift.dtype, device=affine.shift.device, generator=generator)
-    return elbo_on_draws(potential_fn, affine, eps)
-
-
-def elbo_on_draws(potential_fn: PotentialFn, preconditioner, eps: torch.Tensor) -> torch.Tensor:
-    r"""The ELBO of :func:`gaussian_elbo` on the given standard normal draws ``eps`` ``(N, D)``: common draws
-    compare fits, not noise."""
-    with torch.no_grad():
-        x, log_abs_det = preconditioner.forward_and_log_abs_det(eps)
-        u = potential_fn(x)
-    log_q = -0.5 * (eps * eps).sum(-1) - 0.5 * eps.shape[-1] * math.log(2 * math.pi) - log_abs_det
-    log_w = -u - log_q
-    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
-    return log_w.mean()
 
 
 def fit_gaussian(
@@ -496,6 +474,7 @@ def choose_preconditioner(
     *,
     search: ModeSearch | None = None,
     generator: torch.Generator | None = None,
+    starts: Sequence[AffineMap] = (),
 ) -> tuple[AffineMap, SearchReport]:
     r"""
     The affine preconditioner of one flow that :class:`PreconditionConfig` asks for, fitted on
@@ -509,8 +488,8 @@ def choose_preconditioner(
     3. else the Laplace fit of the mode found (the heaviest, when the search could not enumerate them: one
        flow holds few modes, and over a cover of a sample of them it settles on an arbitrary one), or from
        ``init``, diagonalised for
-       ``"diagonal_laplace"``, and the identity at ``init`` are the candidates: ``"laplace"`` takes the
-       first, ``"gaussian"`` runs :func:`fit_gaussian` from the best of them.
+       ``"diagonal_laplace"``, the given ``starts`` (e.g. a mean-field fit) and the identity at ``init`` are the
+       candidates: ``"laplace"`` takes the first, ``"gaussian"`` runs :func:`fit_gaussian` from the best of them.
 
     :returns: ``(AffineMap, SearchReport)``.
     :raises ValueError: ``"laplace"``/``"diagonal_laplace"`` when no Laplace fit converged.
@@ -559,7 +538,7 @@ def choose_preconditioner(
              "fitting the Gaussian preconditioner from the identity by natural-gradient steps.", RuntimeWarning)
         affine, fit = fit_gaussian_natural(potential_fn, identity, generator=generator)
         return affine, report._replace(fit=fit)
-    candidates = laplace_fits + [identity]
+    candidates = laplace_fits + [s.to(dtype=init.dtype, device=init.device) for s in starts] + [identity]
     if config.kind in ("laplace", "diagonal_laplace"):
         return candidates[0], report  # the heaviest converged mode
     if config.gaussian_fit == "natural":

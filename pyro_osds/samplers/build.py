@@ -36,13 +36,14 @@ def build_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSCon
     """
     config = OSDSConfig() if config is None else config
     init = torch.as_tensor(init)
+    start = kwargs.pop("start", None)  # a single flow's Gaussian start (FlatTarget.gaussian_start)
     generator = seeded_generator(init.device) if generator is None else generator
     kwargs.setdefault("meter", CostMeter())
     if init.numel() == 0:  # nothing to sample: the evidence is exact
         return ExactChain(potential_fn, init, config, generator=generator, **kwargs)
     pre = config.preconditioner
     if pre.kind == "none" or pre.mode_search_starts == 0:
-        return FlowSampler(potential_fn, init, config, generator=generator, **kwargs)
+        return FlowSampler(potential_fn, init, config, generator=generator, start=start, **kwargs)
     ctx, meter = kwargs.get("distributed"), kwargs["meter"]
     with meter.phase("search"), stage_report(kwargs.get("desc", "OSDS"),
                                              f"mode search ({pre.mode_search_starts} starts per round)",
@@ -55,13 +56,14 @@ def build_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSCon
         search = search._replace(modes=[(a.to(device=init.device), w) for a, w in search.modes])
     if pre.wants_components(search):
         return MixtureSampler(potential_fn, init, config, search, generator=generator, **kwargs)
-    return FlowSampler(potential_fn, init, config, search=search, generator=generator, **kwargs)
+    return FlowSampler(potential_fn, init, config, search=search, generator=generator, start=start, **kwargs)
 
 
 def restore_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSConfig, state: dict, *,
                     generator: torch.Generator | None = None, **kwargs) -> Chain:
     """The chain saved as ``state`` (:meth:`FlowSampler.state_dict` or :meth:`MixtureSampler.state_dict`),
     rebuilt without searching or fitting again."""
+    kwargs.pop("start", None)  # nothing is fitted again
     if state.get("kind") == "exact":
         sampler = ExactChain(potential_fn, init, config, generator=generator, **kwargs)
     elif state.get("kind") == "mixture":

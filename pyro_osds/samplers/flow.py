@@ -71,6 +71,7 @@ class FlowSampler(Chain):
         *,
         preconditioner: AffineMap | None = None,
         search: ModeSearch | None = None,
+        start: AffineMap | None = None,
         generator: torch.Generator | None = None,
         hook_fn: Callable | None = None,
         on_iteration: Callable | None = None,
@@ -91,6 +92,8 @@ class FlowSampler(Chain):
         self._trained_steps = flow_kl_train_steps(config.objective.flow_kl, config.evaluation.num_steps)
         self.preconditioner = None if preconditioner is None else preconditioner.to(dtype=self.dtype)
         self.search = search
+        #: a Gaussian the preconditioner's fit may start from (the target's, e.g. its parameterisation choice's fit)
+        self.start = start
         #: the untrained map's pilot (stream seed, ELBO) and network state, kept from the start of a training
         #: until it ends (and in checkpoints), to give the network back if training lowered the pilot ELBO
         self.untrained: tuple[int, float, tuple] | None = None
@@ -109,7 +112,8 @@ class FlowSampler(Chain):
             with self.meter.phase("preconditioner"), stage_report(
                     self.desc, f"fitting the {self.config.preconditioner.kind!r} preconditioner", self.disable_progbar):
                 affine, report = choose_preconditioner(self.potential_fn, self.init, self.config.preconditioner,
-                                                       search=self.search, generator=self.generator)
+                                                       search=self.search, generator=self.generator,
+                                                       starts=() if self.start is None else (self.start,))
             if self.distributed is not None:  # every rank takes rank 0's fit and random stream
                 affine, report = self.from_rank_zero(affine, report)
             self.report = report

@@ -1,7 +1,9 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
 r"""
-A quick mean-field Gaussian variational fit, used to **compare parameterisations** of one model by their ELBO.
+The ELBO of a map pushed forward from :math:`\mathcal N(0, I)` (:func:`gaussian_elbo`, :func:`elbo_on_draws`), and a
+quick mean-field Gaussian variational fit (:func:`fit_mean_field`), used to **compare parameterisations** of one
+model by their ELBO and as a start of the preconditioner's Gaussian fit.
 
 Two parameterisations of the same model (e.g. centred and non-centred random effects) have the same evidence
 :math:`\log Z`, so the one whose best diagonal Gaussian :math:`q = \mathcal N(m, \mathrm{diag}(s^2))` reaches the
@@ -24,14 +26,36 @@ standard error on fresh draws.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-from ..util import check_positive_int
+from ..util import PotentialFn, check_positive_int
 
-__all__ = ["MeanFieldFit", "fit_mean_field"]
+__all__ = ["MeanFieldFit", "elbo_on_draws", "fit_mean_field", "gaussian_elbo"]
+
+
+def gaussian_elbo(
+    potential_fn: PotentialFn, affine, num_samples: int, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    r"""Monte-Carlo ELBO of the preconditioner's push-forward :math:`q` of :math:`\mathcal N(0, I)` (for an
+    :class:`AffineMap`, :math:`q = \mathcal N(m, LL^\top)`): :math:`\mathbb E_q[-U(x)] + \mathbb H[q]` (non-finite
+    draws give :math:`-\infty`)."""
+    dim = affine.shift.numel()
+    eps = torch.randn(num_samples, dim, dtype=affine.shift.dtype, device=affine.shift.device, generator=generator)
+    return elbo_on_draws(potential_fn, affine, eps)
+
+
+def elbo_on_draws(potential_fn: PotentialFn, preconditioner, eps: torch.Tensor) -> torch.Tensor:
+    r"""The ELBO of :func:`gaussian_elbo` on the given standard normal draws ``eps`` ``(N, D)``: common draws
+    compare fits, not noise."""
+    with torch.no_grad():
+        x, log_abs_det = preconditioner.forward_and_log_abs_det(eps)
+        u = potential_fn(x)
+    log_q = -0.5 * (eps * eps).sum(-1) - 0.5 * eps.shape[-1] * math.log(2 * math.pi) - log_abs_det
+    log_w = -u - log_q
+    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+    return log_w.mean()
 
 
 class MeanFieldFit(NamedTuple):
@@ -45,7 +69,7 @@ class MeanFieldFit(NamedTuple):
 
 
 def fit_mean_field(
-    potential_fn: Callable[[torch.Tensor], torch.Tensor],
+    potential_fn: PotentialFn,
     init: torch.Tensor,
     *,
     init_scale: float = 0.1,
