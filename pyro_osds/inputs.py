@@ -16,7 +16,7 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-__all__ = ["UnsupportedModelError", "check_model", "nonfinite_arguments"]
+__all__ = ["UnsupportedModelError", "check_model", "is_computed", "nonfinite_arguments"]
 
 
 class UnsupportedModelError(ValueError):
@@ -116,6 +116,17 @@ def _check_observed(name: str, site: dict) -> None:
             "(labels coded 0/1 for a Bernoulli, non-negative counts for a Poisson, ...) or the distribution.")
 
 
+def is_computed(site: dict) -> bool:
+    """Whether a sample site is a function of the latent sites, not data: a ``pyro.deterministic`` site, or what a
+    Pyro reparameteriser (``poutine.reparam``, e.g. ``LocScaleReparam``) leaves of the site it reparameterises,
+    an observed ``Delta`` masked out (the same site without the ``_deterministic`` flag)."""
+    if site["infer"].get("_deterministic", False):
+        return True
+    fn = site["fn"]
+    return (site["is_observed"] and isinstance(fn, pyro.distributions.MaskedDistribution) and fn._mask is False
+            and isinstance(fn.base_dist, pyro.distributions.Delta))
+
+
 def check_model(model, args: tuple, kwargs: dict) -> poutine.Trace:
     """Traces ``model(*args, **kwargs)`` once and refuses, before anything is trained, what OSDS cannot sample and
     data its likelihood cannot take (module docstring); returns the trace."""
@@ -138,7 +149,7 @@ def check_model(model, args: tuple, kwargs: dict) -> poutine.Trace:
                     "the plate (OSDS, like NUTS, needs the full-data potential)."
                 )
         if site["is_observed"]:
-            if not site["infer"].get("_deterministic", False) and not site["infer"].get("is_auxiliary", False):
+            if not is_computed(site) and not site["infer"].get("is_auxiliary", False):
                 _check_observed(name, site)
             continue
         masks = [site["mask"]]

@@ -41,7 +41,7 @@ from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import site_is_subsample
 
 from .distributed import DistributedContext, broadcast_object
-from .inputs import UnsupportedModelError, check_model, nonfinite_arguments
+from .inputs import UnsupportedModelError, check_model, is_computed, nonfinite_arguments
 from .reparam import NoncenteringConfig, choose_parameterization
 from .target import FlatTarget, PotentialTarget, Site
 from .util import check_choice
@@ -157,11 +157,11 @@ class ModelTarget(FlatTarget):
             name for name, site in self.trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"] and site["fn"].has_enumerate_support
         ]
-        #: ``pyro.deterministic`` sites: Pyro records them as observed sample sites; they are functions of the
-        #: latent sites, reported with the posterior, never as data or likelihood
+        #: ``pyro.deterministic`` sites and sites reparameterised by ``poutine.reparam`` (:func:`~pyro_osds.inputs.is_computed`): Pyro
+        #: records them as observed sample sites; they are functions of the latent sites, reported with the
+        #: posterior, never as data or likelihood
         self.deterministic_sites = [
-            name for name, site in self.trace.nodes.items()
-            if site["type"] == "sample" and site["infer"].get("_deterministic", False)
+            name for name, site in self.trace.nodes.items() if site["type"] == "sample" and is_computed(site)
         ]
         #: the observed sites, the data and pointwise likelihoods of ``az.loo``: not the ``pyro.deterministic``
         #: sites, nor the ``pyro.factor`` sites (auxiliary, with no data: a factor adds to the density, which may be

@@ -53,7 +53,6 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer.reparam import LocScaleReparam
 from pyro.infer.reparam.reparam import Reparam
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .ops.affine import AffineMap
@@ -127,19 +126,6 @@ class MultivariateNormalReparam(Reparam):
         return {"fn": dist.Delta(value, event_dim=event_dim).mask(False), "value": value, "is_observed": True}
 
 
-class _MarkDeterministic(Messenger):
-    """Marks the reparameterised sites as ``pyro.deterministic`` sites (what they are: functions of the latent
-    sites), so that they are reported with the posterior and never taken for data."""
-
-    def __init__(self, sites):
-        super().__init__()
-        self.sites = frozenset(sites)
-
-    def _pyro_sample(self, msg):
-        if msg["name"] in self.sites:
-            msg["infer"] = {**msg["infer"], "_deterministic": True}
-
-
 def _base(fn):
     while isinstance(fn, torch.distributions.Independent):
         fn = fn.base_dist
@@ -201,8 +187,9 @@ def noncenterable_sites(model, args: tuple = (), kwargs: dict | None = None, *,
 
 
 def noncentered(model, sites: Sequence[str]):
-    """``model`` with ``sites`` non-centred (module docstring), the original sites kept as ``pyro.deterministic``
-    sites; ``model`` itself for no sites."""
+    """``model`` with ``sites`` non-centred (module docstring); each original site stays as the observed, masked-out
+    ``Delta`` Pyro's reparameterisers leave, which :func:`~pyro_osds.inputs.is_computed` reports like a
+    ``pyro.deterministic`` site; ``model`` itself for no sites."""
     if not sites:
         return model
     wanted = frozenset(sites)
@@ -210,7 +197,7 @@ def noncentered(model, sites: Sequence[str]):
     def config(msg):
         return _reparam_for(msg["fn"]) if msg["name"] in wanted else None
 
-    return _MarkDeterministic(wanted)(poutine.reparam(model, config=config))
+    return poutine.reparam(model, config=config)
 
 
 def _fork_rng(device: torch.device):

@@ -172,3 +172,19 @@ def test_the_choice_fit_is_a_start_of_the_preconditioner():
 
     plain = OSDS(regression, preset="smoke", num_samples=20, num_chains=1, disable_progbar=True).run(Y[0])
     assert plain.target.gaussian_start is None and len(plain.samplers[0].report.fit["pilot_elbos"]) == 2
+
+
+def test_a_model_the_user_reparameterised_reports_the_site_and_not_as_data():
+    """``poutine.reparam(model, {"theta": LocScaleReparam(0)})``, Pyro's own idiom for NUTS: ``theta`` becomes an
+    observed, masked-out Delta without the deterministic flag; it is reported with the posterior, never as data or as
+    a pointwise likelihood (``az.loo``)."""
+    from pyro import poutine
+    from pyro.infer.reparam import LocScaleReparam
+
+    model = poutine.reparam(assorted, config={"theta": LocScaleReparam(centered=0.0)})
+    pyro.set_rng_seed(0)
+    osds = OSDS(model, preset="smoke", num_samples=20, num_chains=1, noncentering="none", disable_progbar=True).run(Y)
+    assert osds.target.observed_sites == ["y"] and "theta" in osds.target.deterministic_sites
+    idata = osds.to_inference_data()
+    assert "theta" in idata.posterior and "theta_decentered" in idata.posterior
+    assert set(idata.observed_data.data_vars) == {"y"} and set(idata.log_likelihood.data_vars) == {"y"}
