@@ -157,9 +157,9 @@ class ModelTarget(FlatTarget):
             name for name, site in self.trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"] and site["fn"].has_enumerate_support
         ]
-        #: ``pyro.deterministic`` sites and sites reparameterised by ``poutine.reparam`` (:func:`~pyro_osds.inputs.is_computed`): Pyro
-        #: records them as observed sample sites; they are functions of the latent sites, reported with the
-        #: posterior, never as data or likelihood
+        #: ``pyro.deterministic`` sites and sites reparameterised by ``poutine.reparam``
+        #: (:func:`~pyro_osds.inputs.is_computed`): Pyro records them as observed sample sites; they are functions of
+        #: the latent sites, reported with the posterior, never as data or likelihood
         self.deterministic_sites = [
             name for name, site in self.trace.nodes.items() if site["type"] == "sample" and is_computed(site)
         ]

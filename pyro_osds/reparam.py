@@ -23,9 +23,9 @@ form it was written in unless another is better by more than twice the standard 
   (``Normal``, ``StudentT``, ``Cauchy``, ``Laplace``, ... as :class:`~pyro.infer.reparam.LocScaleReparam` takes
   them) or a ``MultivariateNormal``, whose scale depends on another latent site;
 * :func:`noncentered`: the model with those sites non-centred by :class:`~pyro.infer.reparam.LocScaleReparam`
-  (``centered=0``) or :class:`MultivariateNormalReparam`; each original site stays in the model as a
-  ``pyro.deterministic`` site (reported with the posterior), the standardised values are the latent sites
-  ``<site>_decentered``;
+  (``centered=0``) or :class:`MultivariateNormalReparam`; each original site stays in the model as the masked-out
+  ``Delta`` Pyro's reparameterisers leave, reported with the posterior like a ``pyro.deterministic`` site
+  (:func:`~pyro_osds.inputs.is_computed`), the standardised values are the latent sites ``<site>_decentered``;
 * :func:`choose_parameterization`: the target of the chosen form (:class:`NoncenteringConfig`).
 
 The choice never uses the global random stream (its draws come from their own generator and the alternative
@@ -55,7 +55,6 @@ from pyro.infer.reparam import LocScaleReparam
 from pyro.infer.reparam.reparam import Reparam
 from pyro.poutine.util import site_is_subsample
 
-from .ops.affine import AffineMap
 from .ops.variational import fit_mean_field
 from .util import check_positive_int, seeded_generator
 
@@ -71,8 +70,8 @@ CHOICE_SEED = 20070201
 @dataclass(frozen=True)
 class NoncenteringConfig:
     r"""
-    How the model's hierarchical sites are parameterised (flat options ``noncentering`` and
-    ``noncentering_iterations``).
+    How the model's hierarchical sites are parameterised (flat options ``noncentering``, ``noncentering_iterations``,
+    ``noncentering_batch_size`` and ``noncentering_max_flips``).
 
     :param sites: ``"auto"`` (default: each model in the form, as written or with every candidate site
         non-centred, whose mean-field ELBO is higher; then each candidate flipped in turn when there are several),
@@ -100,8 +99,8 @@ class NoncenteringConfig:
             raise ValueError(f"`noncentering` must be one of {CHOICES} or a sequence of site names, got "
                              f"{self.sites!r}.")
         check_positive_int("noncentering_iterations", self.num_iterations)
-        check_positive_int("batch_size", self.batch_size)
-        check_positive_int("max_flips", self.max_flips, minimum=0)
+        check_positive_int("noncentering_batch_size", self.batch_size)
+        check_positive_int("noncentering_max_flips", self.max_flips, minimum=0)
 
 
 class MultivariateNormalReparam(Reparam):
@@ -257,7 +256,7 @@ def _auto_choice(model, written, candidates: tuple, config: NoncenteringConfig, 
                                  batch_size=config.batch_size, generator=generator)
         except (RuntimeError, ValueError):  # e.g. a potential that fails far from its initial point
             return -math.inf, 0.0, None
-        return fit.elbo, fit.se, AffineMap(fit.loc, torch.diag(fit.scale)) if math.isfinite(fit.elbo) else None
+        return fit.elbo, fit.se, fit.affine if math.isfinite(fit.elbo) else None
 
     def better(new, old) -> bool:
         (a, sa, _), (b, sb, _) = new, old

@@ -31,8 +31,9 @@ from typing import NamedTuple
 import torch
 
 from ..util import PotentialFn, check_positive_int
+from .affine import AffineMap
 
-__all__ = ["MeanFieldFit", "elbo_on_draws", "fit_mean_field", "gaussian_elbo"]
+__all__ = ["MeanFieldFit", "elbo_on_draws", "fit_mean_field", "gaussian_elbo", "log_weights_on_draws"]
 
 
 def gaussian_elbo(
@@ -46,16 +47,22 @@ def gaussian_elbo(
     return elbo_on_draws(potential_fn, affine, eps)
 
 
-def elbo_on_draws(potential_fn: PotentialFn, preconditioner, eps: torch.Tensor) -> torch.Tensor:
-    r"""The ELBO of :func:`gaussian_elbo` on the given standard normal draws ``eps`` ``(N, D)``: common draws
-    compare fits, not noise."""
+def log_weights_on_draws(potential_fn: PotentialFn, preconditioner, eps: torch.Tensor) -> torch.Tensor:
+    r"""The log-weights :math:`-U(x) - \log q(x)` ``(N,)`` of the preconditioner's push-forward :math:`q` at
+    :math:`x = T(\varepsilon)` for the given standard normal draws ``eps`` ``(N, D)`` (non-finite ones
+    :math:`-\infty`)."""
     with torch.no_grad():
         x, log_abs_det = preconditioner.forward_and_log_abs_det(eps)
         u = potential_fn(x)
     log_q = -0.5 * (eps * eps).sum(-1) - 0.5 * eps.shape[-1] * math.log(2 * math.pi) - log_abs_det
     log_w = -u - log_q
-    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
-    return log_w.mean()
+    return torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+
+
+def elbo_on_draws(potential_fn: PotentialFn, preconditioner, eps: torch.Tensor) -> torch.Tensor:
+    r"""The ELBO of :func:`gaussian_elbo` on the given standard normal draws ``eps`` ``(N, D)``: common draws
+    compare fits, not noise."""
+    return log_weights_on_draws(potential_fn, preconditioner, eps).mean()
 
 
 class MeanFieldFit(NamedTuple):
@@ -66,6 +73,11 @@ class MeanFieldFit(NamedTuple):
     scale: torch.Tensor
     elbo: float
     se: float
+
+    @property
+    def affine(self) -> AffineMap:
+        """The fit as an :class:`~pyro_osds.ops.affine.AffineMap` (a diagonal ``scale_tril``)."""
+        return AffineMap(self.loc, torch.diag(self.scale))
 
 
 def fit_mean_field(
@@ -113,13 +125,10 @@ def fit_mean_field(
             sum_loc += loc.detach()
             sum_log_scale += log_scale.detach()
             count += 1
-    mean_loc, mean_log_scale = sum_loc / count, sum_log_scale / count
+    fit = MeanFieldFit(sum_loc / count, (sum_log_scale / count).exp(), -math.inf, 0.0)
     eps = torch.randn(num_check_draws, dim, dtype=loc.dtype, device=loc.device, generator=generator)
-    with torch.no_grad():
-        u = potential_fn(mean_loc + mean_log_scale.exp() * eps)
-    log_w = -u + mean_log_scale.sum() + 0.5 * (eps * eps).sum(-1) + 0.5 * dim * math.log(2 * math.pi)
+    log_w = log_weights_on_draws(potential_fn, fit.affine, eps)
     if not bool(torch.isfinite(log_w).all()):
-        return MeanFieldFit(mean_loc, mean_log_scale.exp(), -math.inf, 0.0)
+        return fit
     log_w = log_w.to(torch.float64)
-    return MeanFieldFit(mean_loc, mean_log_scale.exp(), float(log_w.mean()),
-                        float(log_w.std() / math.sqrt(num_check_draws)))
+    return fit._replace(elbo=float(log_w.mean()), se=float(log_w.std() / math.sqrt(num_check_draws)))
