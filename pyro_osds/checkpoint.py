@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = frozenset({"num_iterations", "chunk_size", "eval_log_det", "
                                "eval_num_probes", "max_consecutive_skips", "sample_with_ema", "early_stopping",
                                "eval_dtype", "sync_every", "target_se", "max_draws", "max_time",
                                # the sites' check guards the parameterisation: a saved choice is reused on loading
-                               "noncentering"})
+                               "noncentering", "whitening"})
 
 
 def is_plain(obj) -> bool:
@@ -98,6 +98,7 @@ def runner_state(osds) -> dict:
         "dim": osds.target.dim,
         "sites": _site_list(osds.target),
         "noncentered_sites": list(osds.target.noncentered_sites),
+        "whitened_sites": list(osds.target.whitened_sites),
         "chain_seeds": list(osds.chain_seeds),
         "samplers": [s.state_dict() for s in osds.samplers],
         "draws": [
@@ -161,7 +162,8 @@ def load(cls, path: str | os.PathLike, model=None, potential_fn=None, *, model_a
     init_params = kwargs.pop("initial_params", None) or state.get("initial_params")
     config = OSDSConfig(**state["config"])
     if kind == "model":  # the parameterisation the run chose, not a new choice (on another device, say)
-        config = config.replace(noncentering=tuple(state["noncentered_sites"]) or "none")
+        config = config.replace(noncentering=tuple(state["noncentered_sites"]) or "none",
+                                whitening=tuple(state.get("whitened_sites", ())) or "none")
     osds = cls(model, potential_fn, initial_params=init_params, num_samples=state["num_samples"],
                num_chains=state["num_chains"], config=config, **kwargs)
     osds.num_steps = state["num_steps"]

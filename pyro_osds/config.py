@@ -137,6 +137,8 @@ FLAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "noncentering_iterations": ("reparam", "num_iterations"),
     "noncentering_batch_size": ("reparam", "batch_size"),
     "noncentering_max_flips": ("reparam", "max_flips"),
+    "whitening": ("reparam", "whitening"),
+    "whitening_max_dim": ("reparam", "whitening_max_dim"),
 }
 
 _PARTS = {"process": ReferenceProcess, "net": NetConfig, "optim": OptimConfig, "objective": ObjectiveConfig,
@@ -184,7 +186,8 @@ class OSDSConfig:
     :param PreconditionConfig preconditioner: the affine preconditioner.
     :param EvaluationConfig evaluation: drawing and weighting.
     :param BudgetConfig budget: the evidence budget (a target SE, a cap on the draws, a time limit).
-    :param NoncenteringConfig reparam: which hierarchical sites the model draws non-centred.
+    :param NoncenteringConfig reparam: which hierarchical sites the model draws non-centred, and which
+        conditionally Gaussian ones whitened.
     :param options: flat options (:data:`FLAT_OPTIONS`), applied on top of the parts.
     """
 

@@ -85,11 +85,15 @@ class CostMeter:
     :meth:`~pyro_osds.ops.nets.ControlNetwork.pass_counter` layer, and :meth:`phase` attributes what happens within
     it, and its wall time, to a phase; a phase entered within another is part of the outer one (a pilot draw in
     training is training).
+
+    :param int evaluations_per_row: the model's potential evaluations in one row of the counted potential (a
+        :class:`~pyro_osds.whitening.WhitenedTarget`'s rows each take its block's gradient rows; default 1).
     """
 
-    def __init__(self):
+    def __init__(self, evaluations_per_row: int = 1):
         self._totals = {name: [0.0, 0, 0] for name in Cost._fields}
         self._active: str | None = None
+        self.evaluations_per_row = int(evaluations_per_row)
 
     def cost(self) -> Cost:
         """What was spent so far."""
@@ -116,7 +120,7 @@ class CostMeter:
     def counted(self, potential_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         """``potential_fn`` (batched, ``(batch, D) -> (batch,)``), counting the rows of every call."""
         def potential(z: torch.Tensor) -> torch.Tensor:
-            self._add(1, z.shape[0] if z.dim() > 1 else 1)
+            self._add(1, (z.shape[0] if z.dim() > 1 else 1) * self.evaluations_per_row)
             return potential_fn(z)
 
         return potential

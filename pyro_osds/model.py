@@ -505,8 +505,9 @@ def build_target(model=None, potential_fn=None, args=(), kwargs=None, *, initial
                                transforms=transforms, initial_params=initial_params)
 
         fixed = list(initial_params or {}) + list(transforms or {})
-        target, sites, start = choose_parameterization(model, args, kwargs, noncentering or NoncenteringConfig("none"),
-                                                       make_target, fixed_sites=fixed)
+        as_written = NoncenteringConfig("none", whitening="none")
+        target, sites, start = choose_parameterization(model, args, kwargs, noncentering or as_written, make_target,
+                                                       fixed_sites=fixed)
         target.noncentered_sites, target.gaussian_start = sites, start
         return target, tuple(args), kwargs
     if args or kwargs:

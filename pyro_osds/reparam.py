@@ -71,7 +71,7 @@ CHOICE_SEED = 20070201
 class NoncenteringConfig:
     r"""
     How the model's hierarchical sites are parameterised (flat options ``noncentering``, ``noncentering_iterations``,
-    ``noncentering_batch_size`` and ``noncentering_max_flips``).
+    ``noncentering_batch_size``, ``noncentering_max_flips``, ``whitening`` and ``whitening_max_dim``).
 
     :param sites: ``"auto"`` (default: each model in the form, as written or with every candidate site
         non-centred, whose mean-field ELBO is higher; then each candidate flipped in turn when there are several),
@@ -81,12 +81,20 @@ class NoncenteringConfig:
     :param int batch_size: draws per iteration of each fit.
     :param int max_flips: with ``"auto"``, at most this many candidate sites are flipped one at a time after the
         first comparison (more sites: all or none).
+    :param whitening: ``"auto"`` (default: the sites in which the potential of the form chosen above is quadratic,
+        :func:`~pyro_osds.whitening.conditionally_gaussian_sites`, are drawn whitened given the others,
+        :class:`~pyro_osds.whitening.WhitenedTarget`, when that form's mean-field ELBO is higher by more than twice
+        the SE of the difference), ``"none"``, or a tuple of site names to whiten.
+    :param int whitening_max_dim: the most coordinates whitened together (each potential evaluation of the whitened
+        form costs this many more gradient rows).
     """
 
     sites: str | tuple[str, ...] = "auto"
     num_iterations: int = 200
     batch_size: int = 32
     max_flips: int = 4
+    whitening: str | tuple[str, ...] = "auto"
+    whitening_max_dim: int = 64
 
     def __post_init__(self):
         if isinstance(self.sites, str):
@@ -101,6 +109,16 @@ class NoncenteringConfig:
         check_positive_int("noncentering_iterations", self.num_iterations)
         check_positive_int("noncentering_batch_size", self.batch_size)
         check_positive_int("noncentering_max_flips", self.max_flips, minimum=0)
+        if isinstance(self.whitening, str):
+            if self.whitening not in ("auto", "none"):
+                raise ValueError(f"`whitening` must be 'auto', 'none' or a sequence of site names, got "
+                                 f"{self.whitening!r}.")
+        elif isinstance(self.whitening, Sequence) and all(isinstance(w, str) for w in self.whitening):
+            object.__setattr__(self, "whitening", tuple(self.whitening))
+        else:
+            raise ValueError(f"`whitening` must be 'auto', 'none' or a sequence of site names, got "
+                             f"{self.whitening!r}.")
+        check_positive_int("whitening_max_dim", self.whitening_max_dim)
 
 
 class MultivariateNormalReparam(Reparam):
@@ -209,73 +227,108 @@ def _fork_rng(device: torch.device):
 def choose_parameterization(model, args: tuple, kwargs: dict, config: NoncenteringConfig,
                             make_target: Callable, *, fixed_sites: Sequence[str] = ()):
     r"""
-    The target of ``model`` in the form :class:`NoncenteringConfig` asks for (module docstring).
+    The target of ``model`` in the form :class:`NoncenteringConfig` asks for (module docstring): as written or with
+    sites non-centred, then with its conditionally Gaussian sites whitened or not
+    (:class:`~pyro_osds.whitening.WhitenedTarget`; its sites are ``target.whitened_sites``).
 
     :param make_target: builds the flat target of a model, ``make_target(model) -> ModelTarget``.
     :param fixed_sites: sites the user addressed by name (``initial_params``, ``transforms``): ``"auto"`` leaves
         them as written, and naming one of them raises ``ValueError``.
     :returns: ``(target, sites, start)``: the target, the tuple of sites it non-centres (``()``: as written) and,
-        when the choice non-centred some, that form's mean-field fit as an :class:`~pyro_osds.ops.affine.AffineMap`
+        when the choice changed the form, that form's mean-field fit as an :class:`~pyro_osds.ops.affine.AffineMap`
         (a start for the preconditioner's Gaussian fit: on a 1002-latent random-effects model non-centred, the
         Laplace fit at its mode is 1400 nats below log Z, Adam from there 330, the mean-field fit 1.2), else ``None``.
     """
     written = make_target(model)
-    if config.sites == "none" or not written.sites:
+    if not written.sites:
         return written, (), None
-    values = {site.name: written.prototype_trace.nodes[site.name]["value"] for site in written.sites}
     device = written.init.device
-    with _fork_rng(device):  # a trace draws the model's discrete sites
-        candidates = noncenterable_sites(model, args, kwargs, values=values)
     fixed = frozenset(fixed_sites)
-    if isinstance(config.sites, tuple):
-        unknown = [s for s in config.sites if s not in candidates or s in fixed]
-        if unknown:
-            raise ValueError(
-                f"`noncentering` names {unknown}, which cannot be non-centred: the sites that can are the latent "
-                f"sites of a location-scale family or MultivariateNormal whose scale depends on another latent "
-                f"site, here {candidates}" + (f", and not those given in `initial_params` / `transforms` "
-                                              f"({sorted(fixed)})" if fixed else "") + ".")
-        wanted = tuple(config.sites)
-    else:
-        wanted = tuple(s for s in candidates if s not in fixed)
-    if not wanted:
-        return written, (), None
+    target, sites, start, score = written, (), None, None
+    if config.sites != "none":
+        values = {site.name: written.prototype_trace.nodes[site.name]["value"] for site in written.sites}
+        with _fork_rng(device):  # a trace draws the model's discrete sites
+            candidates = noncenterable_sites(model, args, kwargs, values=values)
+        if isinstance(config.sites, tuple):
+            unknown = [s for s in config.sites if s not in candidates or s in fixed]
+            if unknown:
+                raise ValueError(
+                    f"`noncentering` names {unknown}, which cannot be non-centred: the sites that can are the latent "
+                    f"sites of a location-scale family or MultivariateNormal whose scale depends on another latent "
+                    f"site, here {candidates}" + (f", and not those given in `initial_params` / `transforms` "
+                                                  f"({sorted(fixed)})" if fixed else "") + ".")
+            wanted = tuple(config.sites)
+        else:
+            wanted = tuple(s for s in candidates if s not in fixed)
+        if wanted:
+            with _fork_rng(device):
+                if config.sites != "auto":
+                    target, sites = make_target(noncentered(model, wanted)), wanted
+                else:
+                    target, sites, start, score = _auto_choice(model, written, wanted, config, make_target)
+    if config.whitening == "none":
+        return target, sites, start
     with _fork_rng(device):
-        if config.sites != "auto":
-            return make_target(noncentered(model, wanted)), wanted, None
-        return _auto_choice(model, written, wanted, config, make_target)
+        return _with_whitening(target, sites, start, score, config, fixed)
+
+
+def _score(target, config: NoncenteringConfig):
+    """``(elbo, se, affine)`` of ``target``'s best mean-field Gaussian (the choice's criterion)."""
+    generator = seeded_generator(target.init.device, CHOICE_SEED)
+    try:
+        fit = fit_mean_field(target.potential, target.init, num_iterations=config.num_iterations,
+                             batch_size=config.batch_size, generator=generator)
+    except (RuntimeError, ValueError):  # e.g. a potential that fails far from its initial point
+        return -math.inf, 0.0, None
+    return fit.elbo, fit.se, fit.affine if math.isfinite(fit.elbo) else None
+
+
+def _better(new, old) -> bool:
+    """Whether score ``new`` beats ``old`` by more than twice the SE of the difference."""
+    (a, sa, _), (b, sb, _) = new, old
+    if not math.isfinite(a):
+        return False
+    return not math.isfinite(b) or a - b > 2.0 * math.sqrt(sa**2 + sb**2)
+
+
+def _with_whitening(target, sites, start, score, config: NoncenteringConfig, fixed: frozenset):
+    """``(target, sites, start)`` with the conditionally Gaussian sites whitened when :attr:`~NoncenteringConfig.
+    whitening` asks for it (a tuple: those sites; ``"auto"``: when the whitened form's mean-field ELBO is higher)."""
+    from .whitening import WhitenedTarget, conditionally_gaussian_sites
+
+    names = [site.name for site in target.sites]
+    if isinstance(config.whitening, tuple):
+        unknown = [w for w in config.whitening if w not in names or w in fixed]
+        if unknown:
+            raise ValueError(f"`whitening` names {unknown}, which are not latent sites of the model ({names})"
+                             + (f" or are given in `initial_params` / `transforms` ({sorted(fixed)})" if fixed else "")
+                             + ".")
+        return WhitenedTarget(target, config.whitening), sites, None
+    whitened = conditionally_gaussian_sites(target, max_dim=config.whitening_max_dim, seed=CHOICE_SEED, exclude=fixed)
+    if not whitened:
+        return target, sites, start
+    candidate = WhitenedTarget(target, whitened)
+    value = _score(candidate, config)
+    if not _better(value, score if score is not None else _score(target, config)):
+        return target, sites, start
+    return candidate, sites, value[2]
 
 
 def _auto_choice(model, written, candidates: tuple, config: NoncenteringConfig, make_target: Callable):
-    """The ELBO comparison of :func:`choose_parameterization` (as written, all non-centred, then single flips)."""
-
-    def score(target):
-        generator = seeded_generator(target.init.device, CHOICE_SEED)
-        try:
-            fit = fit_mean_field(target.potential, target.init, num_iterations=config.num_iterations,
-                                 batch_size=config.batch_size, generator=generator)
-        except (RuntimeError, ValueError):  # e.g. a potential that fails far from its initial point
-            return -math.inf, 0.0, None
-        return fit.elbo, fit.se, fit.affine if math.isfinite(fit.elbo) else None
-
-    def better(new, old) -> bool:
-        (a, sa, _), (b, sb, _) = new, old
-        if not math.isfinite(a):
-            return False
-        return not math.isfinite(b) or a - b > 2.0 * math.sqrt(sa**2 + sb**2)
-
-    best_sites, best_target, best_score = (), written, score(written)
+    """The ELBO comparison of :func:`choose_parameterization` (as written, all non-centred, then single flips).
+    Returns ``(target, sites, start, score)``."""
+    best_sites, best_target, best_score = (), written, _score(written, config)
     target = make_target(noncentered(model, candidates))
-    value = score(target)
-    if better(value, best_score):
+    value = _score(target, config)
+    if _better(value, best_score):
         best_sites, best_target, best_score = candidates, target, value
     if 1 < len(candidates) <= config.max_flips:
         for site in candidates:
             trial = tuple(s for s in candidates if (s in best_sites) != (s == site))
             target = make_target(noncentered(model, trial))
-            value = score(target)
-            if better(value, best_score):
+            value = _score(target, config)
+            if _better(value, best_score):
                 best_sites, best_target, best_score = trial, target, value
     # the written form keeps the preconditioner's own starts (and bit-identical results): on Brownian motion, kept
     # centred, the mean-field start made the errors no smaller (sd of z 2.13 vs 1.73, 10 seeds x 3 draw sets)
-    return best_target, best_sites, best_score[2] if best_sites else None
+    return best_target, best_sites, best_score[2] if best_sites else None, best_score

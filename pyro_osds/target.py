@@ -79,6 +79,10 @@ class FlatTarget:
     site_kind = "parameter"
     #: the model's sites drawn in non-centred form (:mod:`pyro_osds.reparam`); reported as functions of the draws
     noncentered_sites: tuple[str, ...] = ()
+    #: the model's sites drawn whitened given the others (:mod:`pyro_osds.whitening`); reported in the model's form
+    whitened_sites: tuple[str, ...] = ()
+    #: the model's potential evaluations in one row of :meth:`potential` (:attr:`~pyro_osds.cost.Cost` counts them)
+    evaluations_per_row: int = 1
     #: a Gaussian (:class:`~pyro_osds.ops.affine.AffineMap`) the preconditioner's fit may start from, in the flat
     #: space (the mean-field fit of the parameterisation choice), or ``None``
     gaussian_start = None

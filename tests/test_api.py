@@ -368,7 +368,7 @@ def test_ctrl_c_stops_every_chain_training_in_processes():
 
     x, y = torch.arange(5, dtype=D64), torch.tensor([0.3, -1.2, 0.8, 2.0, 0.1], dtype=D64)
     pyro.set_rng_seed(0)
-    runner = OSDS(_small_pyro_model, num_iterations=100_000, batch_size=16, num_samples=100,
+    runner = OSDS(_small_pyro_model, num_iterations=100_000, batch_size=16, num_samples=100, early_stopping=False,
                   chain_method="processes", disable_progbar=True)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # see the test above
     sender = threading.Thread(target=ctrl_c)

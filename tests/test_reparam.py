@@ -56,8 +56,8 @@ def test_the_noncentred_potential_is_the_exact_change_of_variables():
     """U_nc(theta, eps) = U(theta, x(theta, eps)) - log|det dx/deps| at random points, in float64."""
     pyro.set_rng_seed(1)
     sites = ("heavy", "walk", "theta")
-    centred, _, _ = build_target(assorted, args=(Y,), noncentering=NoncenteringConfig("none"))
-    target, _, _ = build_target(assorted, args=(Y,), noncentering=NoncenteringConfig(sites))
+    centred, _, _ = build_target(assorted, args=(Y,), noncentering=NoncenteringConfig("none", whitening="none"))
+    target, _, _ = build_target(assorted, args=(Y,), noncentering=NoncenteringConfig(sites, whitening="none"))
     assert target.noncentered_sites == sites
     assert {s.name for s in target.sites} == {"s", "m", "fixed", "positive", "heavy_decentered", "walk_decentered",
                                               "theta_decentered"}
@@ -170,7 +170,8 @@ def test_the_choice_fit_is_a_start_of_the_preconditioner():
         w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=D64), 1.0).to_event(1))
         pyro.sample("y", dist.Normal(w.sum(-1), 1.0), obs=y)
 
-    plain = OSDS(regression, preset="smoke", num_samples=20, num_chains=1, disable_progbar=True).run(Y[0])
+    plain = OSDS(regression, preset="smoke", num_samples=20, num_chains=1, whitening="none",
+                 disable_progbar=True).run(Y[0])
     assert plain.target.gaussian_start is None and len(plain.samplers[0].report.fit["pilot_elbos"]) == 2
 
 

@@ -13,6 +13,8 @@ What it shows:
    so their log evidences must agree (a free consistency check of the estimator); OSDS itself draws the
    centred model's ``theta`` in non-centred form when that form's mean-field ELBO is higher
    (``noncentering="auto"``, the default; ``"none"`` keeps the model as written), and reports ``theta``;
+   given ``tau`` the model is Gaussian in ``mu`` and ``theta``, so OSDS also draws those sites whitened by their
+   exact conditional (``whitening="auto"``), leaving only ``tau``'s marginal to learn;
 3. an exact reference: given ``tau`` the model is Gaussian, so ``log p(y)`` is a one-dimensional integral
    over ``tau`` that quadrature computes to high accuracy;
 4. the Bayes factor of the hierarchical model against complete pooling (``tau = 0``).
@@ -84,8 +86,10 @@ for name, model in [("centered", centered), ("non_centered", non_centered), ("co
     print(f"\n{name}:\n{fits[name].log_evidence()}")
 
 # %% The two parameterisations agree with each other and with the quadrature. The centred model was drawn
-# non-centred (its own choice), its ``theta`` computed from the standardised draws ``theta_decentered``.
+# non-centred (its own choice), its ``theta`` computed from the standardised draws ``theta_decentered``, and the
+# sites that are Gaussian given ``tau`` whitened by their exact conditional.
 print(f"sites OSDS non-centred in the centred model: {fits['centered'].target.noncentered_sites}")
+print(f"sites OSDS whitened given the others: {fits['centered'].target.whitened_sites}")
 for name in ("centered", "non_centered"):
     ev = fits[name].log_evidence()
     print(f"{name:>13}: log Z = {ev.log_z:.3f} +- {ev.se:.3f} (exact {exact_hierarchical:.3f}, "

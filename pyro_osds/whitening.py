@@ -1,0 +1,163 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+r"""
+Conditionally Gaussian sites drawn whitened (:mod:`pyro_osds.ops.conditional`).
+
+A model whose potential is quadratic in some latent sites given the others (Gaussian random effects with a Gaussian
+likelihood under learned scales, a linear-Gaussian state-space model with unknown noise, the centred eight schools)
+has an exactly Gaussian conditional for them. :class:`WhitenedTarget` is the model's flat target in the coordinates
+:math:`(s, \varepsilon)` in which that conditional is standard normal: its potential is the exact change of
+variables, every reported value (``get_samples()``, ArviZ, deterministic sites, log-likelihoods) is the model's own
+at :math:`(s, x(s, \varepsilon))`, and the sampler only has to learn the marginal of the other sites. The
+parameterisation choice (:func:`~pyro_osds.reparam.choose_parameterization`) takes it when its mean-field ELBO is
+higher than the form it would otherwise keep.
+
+* :func:`conditionally_gaussian_sites`: the latent sites (at most ``whitening_max_dim`` coordinates together, see
+  :class:`~pyro_osds.reparam.NoncenteringConfig`) in which the potential is jointly quadratic at points around the
+  initial point, with a positive definite curvature there and a cost of at most :data:`MAX_COLOURS` gradient rows
+  per draw (a sparse curvature, as a random walk's, costs three whatever its length);
+* :class:`WhitenedTarget`: the target in whitened coordinates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ops.conditional import WhiteningBlock, is_quadratic, unwhiten, whiten, whitened_potential
+from .target import FlatTarget
+from .util import seeded_generator
+
+__all__ = ["WhitenedTarget", "conditionally_gaussian_sites"]
+
+#: points around the initial point at which a block must be quadratic
+NUM_CHECK_POINTS = 4
+#: the seed of the points at which the curvature's sparsity is read
+PATTERN_SEED = 1974
+#: the most colours of a whitened block's curvature columns (:func:`~pyro_osds.ops.conditional.colour_columns`):
+#: each costs one more gradient row per draw in every evaluation of the whitened potential
+MAX_COLOURS = 16
+
+
+def _check_points(target: FlatTarget, seed: int) -> torch.Tensor:
+    generator = seeded_generator(target.init.device, seed)
+    noise = torch.randn(NUM_CHECK_POINTS, target.dim, dtype=torch.float64, device=generator.device,
+                        generator=generator)
+    return target.init + noise.to(dtype=target.dtype, device=target.device)
+
+
+def _indices(target: FlatTarget, sites) -> list[int]:
+    return [i for site in target.sites if site.name in sites for i in range(site.start, site.stop)]
+
+
+def conditionally_gaussian_sites(target: FlatTarget, *, max_dim: int = 64, seed: int = 0,
+                                 exclude=()) -> tuple[str, ...]:
+    """
+    The latent sites of ``target`` (not those in ``exclude``) in which its potential is jointly quadratic
+    (:func:`~pyro_osds.ops.conditional.is_quadratic` at :data:`NUM_CHECK_POINTS` points ``init + N(0, I)``), taken
+    site by site in order while the union stays quadratic, within ``max_dim`` coordinates, with a positive definite
+    curvature at every point and at most :data:`MAX_COLOURS` colours of its columns (the gradient rows each
+    evaluation of the whitened potential costs per draw); ``()`` if none.
+    """
+    points = _check_points(target, seed)
+    generator = seeded_generator(target.init.device, seed + 1)
+    chosen: list[str] = []
+    for site in target.sites:
+        trial = chosen + [site.name]
+        index = _indices(target, trial)
+        if site.name in exclude or len(index) > max_dim:
+            continue
+        if not (is_quadratic(target.potential, points, range(site.start, site.stop), generator=generator)
+                and is_quadratic(target.potential, points, index, generator=generator)):
+            continue
+        hessian = _hessian_at(target, points, WhiteningBlock.of(target.dim, index, target.init[index]))
+        if not bool(torch.isfinite(hessian).all()) or not bool((torch.linalg.cholesky_ex(hessian)[1] == 0).all()):
+            continue
+        if WhiteningBlock.of(target.dim, index, target.init[index], _pattern(hessian)).num_colours > MAX_COLOURS:
+            continue
+        chosen = trial
+    return tuple(chosen)
+
+
+def _pattern(hessian: torch.Tensor) -> torch.Tensor:
+    """Where curvatures ``(P, d, d)`` are non-zero at any point (relative to their largest entry)."""
+    return (hessian.abs() > 1e-12 * hessian.abs().amax()).any(0)
+
+
+def _hessian_at(target: FlatTarget, points: torch.Tensor, block: WhiteningBlock) -> torch.Tensor:
+    """The symmetrised gradient-difference curvature of the block at ``points`` (for the positive definite check)."""
+    dx = block.x_index.numel()
+    eye = torch.eye(dx, dtype=points.dtype, device=points.device)
+    with torch.enable_grad():
+        rows = points.unsqueeze(1).repeat(1, dx + 1, 1)
+        rows[:, 1:, block.x_index] += eye
+        rows = rows.reshape(-1, points.shape[-1]).detach().requires_grad_(True)
+        (grads,) = torch.autograd.grad(target.potential(rows).sum(), rows)
+    grads = grads.reshape(points.shape[0], dx + 1, -1)[..., block.x_index]
+    hessian = grads[:, 1:] - grads[:, :1]
+    return 0.5 * (hessian + hessian.transpose(-1, -2))
+
+
+def _sparsity(target: FlatTarget, index: list[int]) -> torch.Tensor | None:
+    """Where the block's curvature is non-zero at any of the check points (``None``, dense, if not finite there):
+    a zero at every point is a zero of the model's structure (a random walk's steps couple neighbours only)."""
+    points = _check_points(target, PATTERN_SEED)
+    hessian = _hessian_at(target, points, WhiteningBlock.of(target.dim, index, target.init[index]))
+    return _pattern(hessian) if bool(torch.isfinite(hessian).all()) else None
+
+
+class WhitenedTarget(FlatTarget):
+    r"""
+    ``base`` (a :class:`~pyro_osds.model.ModelTarget`) with the sites ``sites`` whitened given the others (module
+    docstring). The flat layout is ``base``'s, the coordinates of ``sites`` hold :math:`\varepsilon`; everything a
+    draw is reported by (:meth:`constrain`, :meth:`unpack`, :meth:`deterministic`, :meth:`log_likelihood`,
+    :meth:`add_discrete`) maps it to ``base``'s coordinates first, and every other attribute is ``base``'s.
+    """
+
+    def __init__(self, base: FlatTarget, sites):
+        self.base = base
+        self.whitened_sites = tuple(sites)
+        index = _indices(base, self.whitened_sites)
+        self.block = WhiteningBlock.of(base.dim, index, base.init[index], _sparsity(base, index))
+        self.noncentered_sites = base.noncentered_sites
+        self.gaussian_start = None
+        self.init = self.whiten(base.init.unsqueeze(0))[0]
+        self.vectorize = base.vectorize
+        #: model evaluations per row of :meth:`potential` (one gradient per colour of the curvature's columns, one
+        #: at the reference point, and the value)
+        self.evaluations_per_row = self.block.num_colours + 2
+
+    def __getattr__(self, name):
+        if name == "base" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def potential(self, z: torch.Tensor) -> torch.Tensor:
+        return whitened_potential(self.base.potential, z, self.block)
+
+    def to_base(self, z: torch.Tensor) -> torch.Tensor:
+        """Whitened ``(N, D)`` -> ``base``'s coordinates."""
+        with torch.no_grad():
+            return unwhiten(self.base.potential, z, self.block)[0].detach()
+
+    def whiten(self, z: torch.Tensor) -> torch.Tensor:
+        """``base``'s coordinates ``(N, D)`` -> whitened."""
+        return whiten(self.base.potential, z, self.block)
+
+    def unpack(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.base.unpack(self.to_base(z))
+
+    def constrain(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.base.constrain(self.to_base(z))
+
+    def unconstrain(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.whiten(self.base.unconstrain(values))
+
+    def deterministic(self, z: torch.Tensor, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return self.base.deterministic(self.to_base(z), *args, **kwargs)
+
+    def log_likelihood(self, z: torch.Tensor, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return self.base.log_likelihood(self.to_base(z), *args, **kwargs)
+
+    def add_discrete(self, draws: list, distributed=None) -> list:
+        based = self.base.add_discrete([d._replace(x=self.to_base(d.x)) for d in draws], distributed)
+        return [b._replace(x=d.x) for b, d in zip(based, draws, strict=True)]

@@ -1,0 +1,157 @@
+# Copyright Contributors to the pyro_osds project.
+# SPDX-License-Identifier: Apache-2.0
+"""Tests of pyro_osds.ops.conditional: the conditional whitening map, its log-determinant, inverse, potential and the
+quadratic-block check (float64)."""
+
+import math
+
+import torch
+
+from pyro_osds.ops.conditional import (
+    WhiteningBlock,
+    colour_columns,
+    conditional_gaussian,
+    is_quadratic,
+    unwhiten,
+    whiten,
+    whitened_potential,
+)
+from tests.common import D64
+
+DIM, DX = 5, 3  # z = (s_0, x_0, s_1, x_1, x_2): the whitened coordinates are not a contiguous block
+X_INDEX = [1, 3, 4]
+S_INDEX = [0, 2]
+
+
+def split(z):
+    return z[:, S_INDEX], z[:, X_INDEX]
+
+
+def quadratic(z):
+    """U = 1/2 (x - a(s))^T A(s) (x - a(s)) + c(s), A(s) positive definite and a(s), c(s) non-linear in s."""
+    s, x = split(z)
+    base = torch.tensor([[2.0, 0.3, 0.0], [0.3, 1.0, 0.2], [0.0, 0.2, 0.5]], dtype=z.dtype)
+    scale = torch.exp(s[:, :1]).unsqueeze(-1)  # e^{s_0}
+    a_matrix = scale * base + torch.diag_embed(torch.sigmoid(s[:, 1:2]).expand(-1, DX))
+    a = torch.stack([torch.sin(s[:, 0]), s[:, 1] ** 2, s[:, 0] * s[:, 1]], -1)
+    r = (x - a).unsqueeze(-1)
+    c = 0.5 * (s**2).sum(-1) + torch.cos(s[:, 1])
+    return 0.5 * (r.transpose(-1, -2) @ a_matrix @ r).reshape(-1) + c, a_matrix, a, c
+
+
+def quadratic_potential(z):
+    return quadratic(z)[0]
+
+
+def quartic_potential(z):
+    s, x = split(z)
+    return quadratic_potential(z) + 0.1 * (x**4).sum(-1) + 0.05 * (s[:, :1] * x).pow(3).sum(-1)
+
+
+def block(potential=None):
+    return WhiteningBlock.of(DIM, X_INDEX, torch.tensor([0.2, -0.1, 0.3], dtype=D64))
+
+
+def points(n=6, seed=0):
+    return torch.randn(n, DIM, dtype=D64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_map_is_the_exact_conditional_of_a_quadratic_potential():
+    z = points()
+    s, _ = split(z)
+    mean, chol = conditional_gaussian(quadratic_potential, s, block())
+    _, a_matrix, a, _ = quadratic(z)
+    torch.testing.assert_close(mean, a, rtol=0, atol=1e-12)  # the conditional mean, whatever x_ref
+    torch.testing.assert_close(chol @ chol.transpose(-1, -2), a_matrix, rtol=0, atol=1e-12)
+    # U'(s, eps) - |eps|^2 / 2 = c(s) + 1/2 log det A(s): a function of s alone
+    expected = quadratic(z)[3] + 0.5 * torch.logdet(a_matrix)
+    eps = split(z)[1]
+    torch.testing.assert_close(whitened_potential(quadratic_potential, z, block()) - 0.5 * (eps**2).sum(-1), expected,
+                               rtol=0, atol=1e-10)
+
+
+def test_log_det_matches_slogdet_of_the_jacobian_and_the_inverse_round_trips():
+    for potential in (quadratic_potential, quartic_potential):  # exact whatever the potential
+        z = points(seed=1)
+        base, log_det = unwhiten(potential, z, block())
+        for i in range(z.shape[0]):
+            jac = torch.autograd.functional.jacobian(lambda v, u=potential: unwhiten(u, v[None], block())[0][0], z[i])
+            sign, logabs = torch.linalg.slogdet(jac)
+            assert float(sign) == 1.0
+            torch.testing.assert_close(log_det[i], logabs, rtol=0, atol=1e-10)
+        torch.testing.assert_close(whiten(potential, base, block()), z, rtol=0, atol=1e-10)
+        torch.testing.assert_close(base[:, S_INDEX], z[:, S_INDEX], rtol=0, atol=0)
+
+
+def test_whitened_potential_is_the_change_of_variables_and_its_gradient_goes_through_the_map():
+    z = points(seed=2)
+    base, log_det = unwhiten(quartic_potential, z, block())
+    torch.testing.assert_close(whitened_potential(quartic_potential, z, block()), quartic_potential(base) - log_det,
+                               rtol=0, atol=1e-12)
+    # the gradient includes the derivatives of m(s) and C(s) (second derivatives of U): central differences
+    zz = z.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(whitened_potential(quartic_potential, zz, block()).sum(), zz)
+    h = 1e-5
+    numeric = torch.empty_like(z)
+    for j in range(DIM):
+        step = torch.zeros(DIM, dtype=D64)
+        step[j] = h
+        numeric[:, j] = (whitened_potential(quartic_potential, z + step, block())
+                         - whitened_potential(quartic_potential, z - step, block())) / (2 * h)
+    torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-6)
+
+
+def test_a_block_without_positive_curvature_still_gets_an_invertible_map():
+    def saddle(z):
+        s, x = split(z)
+        return -0.5 * (x**2).sum(-1) * torch.exp(s[:, 0]) + (s**2).sum(-1)
+
+    z = points(seed=3)
+    base, log_det = unwhiten(saddle, z, block())
+    assert torch.isfinite(base).all() and torch.isfinite(log_det).all()
+    torch.testing.assert_close(log_det, torch.zeros_like(log_det), rtol=0, atol=0)  # C = I there
+    torch.testing.assert_close(whiten(saddle, base, block()), z, rtol=0, atol=1e-12)
+
+
+def test_is_quadratic_tells_quadratic_blocks_from_others():
+    gen = torch.Generator().manual_seed(0)
+    at = points(4, seed=4)
+    assert is_quadratic(quadratic_potential, at, X_INDEX, generator=gen)
+    assert is_quadratic(quadratic_potential, at, X_INDEX[:1], generator=gen)
+    assert not is_quadratic(quadratic_potential, at, S_INDEX, generator=gen)  # e^{s} and sin(s) terms
+    assert not is_quadratic(quartic_potential, at, X_INDEX, generator=gen)
+
+    def logistic(z):
+        return torch.nn.functional.softplus(z @ torch.linspace(-1, 1, DIM, dtype=D64)) + 0.5 * (z**2).sum(-1)
+
+    assert not is_quadratic(logistic, at, X_INDEX, generator=gen)
+
+    def infinite(z):
+        return quadratic_potential(z) + math.inf
+
+    assert not is_quadratic(infinite, at, X_INDEX, generator=gen)
+
+
+def test_a_sparse_curvature_is_read_from_one_difference_per_colour():
+    """A random walk's curvature is tridiagonal: three colours whatever its length, and the same m(s), C(s) as the
+    dense reading."""
+    steps = 12
+
+    def walk(z):
+        s, x = z[:, :1], z[:, 1:]
+        increments = torch.cat([x[:, :1], x[:, 1:] - x[:, :-1]], -1) * torch.exp(-s)
+        return 0.5 * (increments**2).sum(-1) + steps * s[:, 0] + 0.5 * ((x[:, ::3] - 1.0) ** 2).sum(-1) + s[:, 0] ** 2
+
+    pattern = torch.zeros(steps, steps, dtype=torch.bool)
+    for i in range(steps):
+        pattern[i, max(i - 1, 0):i + 2] = True
+    assert colour_columns(pattern).max() == 2
+    assert colour_columns(torch.ones(4, 4, dtype=torch.bool)).tolist() == [0, 1, 2, 3]
+    assert colour_columns(torch.eye(5, dtype=torch.bool)).tolist() == [0] * 5
+    x_ref = torch.linspace(-1, 1, steps, dtype=D64)
+    dense = WhiteningBlock.of(steps + 1, range(1, steps + 1), x_ref)
+    sparse = WhiteningBlock.of(steps + 1, range(1, steps + 1), x_ref, pattern)
+    assert sparse.num_colours == 3 and dense.num_colours == steps
+    s = torch.randn(5, 1, dtype=D64, generator=torch.Generator().manual_seed(5))
+    for got, want in zip(conditional_gaussian(walk, s, sparse), conditional_gaussian(walk, s, dense), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
