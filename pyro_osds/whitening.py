@@ -33,6 +33,8 @@ __all__ = ["WhitenedTarget", "conditionally_gaussian_sites"]
 NUM_CHECK_POINTS = 4
 #: the seed of the points at which the curvature's sparsity is read
 PATTERN_SEED = 1974
+#: rows mapped at once between the whitened and the model's coordinates (each takes a block's gradient rows)
+CHUNK_SIZE = 1024
 #: the most colours of a whitened block's curvature columns (:func:`~pyro_osds.ops.conditional.colour_columns`):
 #: each costs one more gradient row per draw in every evaluation of the whitened potential
 MAX_COLOURS = 16
@@ -135,13 +137,22 @@ class WhitenedTarget(FlatTarget):
         return whitened_potential(self.base.potential, z, self.block)
 
     def to_base(self, z: torch.Tensor) -> torch.Tensor:
-        """Whitened ``(N, D)`` -> ``base``'s coordinates."""
+        """Whitened ``(N, D)`` (or ``(D,)``) -> ``base``'s coordinates, :data:`CHUNK_SIZE` rows at a time."""
+        if z.dim() == 1:
+            return self.to_base(z.unsqueeze(0))[0]
         with torch.no_grad():
-            return unwhiten(self.base.potential, z, self.block)[0].detach()
+            return torch.cat([unwhiten(self.base.potential, chunk, self.block)[0].detach()
+                              for chunk in z.split(CHUNK_SIZE)]) if z.shape[0] else z.detach()
 
     def whiten(self, z: torch.Tensor) -> torch.Tensor:
-        """``base``'s coordinates ``(N, D)`` -> whitened."""
-        return whiten(self.base.potential, z, self.block)
+        """``base``'s coordinates ``(N, D)`` (or ``(D,)``) -> whitened, :data:`CHUNK_SIZE` rows at a time."""
+        if z.dim() == 1:
+            return self.whiten(z.unsqueeze(0))[0]
+        return torch.cat([whiten(self.base.potential, chunk, self.block) for chunk in z.split(CHUNK_SIZE)]) \
+            if z.shape[0] else z.detach()
+
+    def pack(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.whiten(self.base.pack(params))
 
     def unpack(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.base.unpack(self.to_base(z))

@@ -78,6 +78,8 @@ def test_the_whitened_target_is_the_exact_change_of_variables_and_reports_the_mo
     torch.testing.assert_close(values["mu"], base[:, [s.name for s in target.sites].index("mu")])
     assert (values["tau"] > 0).all()
     torch.testing.assert_close(white.unconstrain(values), z, rtol=0, atol=1e-10)
+    torch.testing.assert_close(white.pack(white.unpack(z)), z, rtol=0, atol=1e-10)
+    torch.testing.assert_close(white.to_base(z[0]), base[0])
     assert set(white.log_likelihood(z)) == {"y"}
 
 
