@@ -124,6 +124,10 @@ def check_compatible(state: dict, osds) -> None:
     if sites != saved_sites:
         raise ValueError(f"The checkpoint's latent sites {saved_sites} do not match this model's {sites}; "
                          "it was saved from a different model.")
+    whitened, saved_whitened = list(osds.target.whitened_sites), list(state.get("whitened_sites", []))
+    if whitened != saved_whitened:  # same sites, other coordinates: the saved draws would be read through another map
+        raise ValueError(f"The checkpoint's sites drawn whitened {saved_whitened} differ from this run's {whitened}; "
+                         f"resume with `whitening={tuple(saved_whitened) or 'none'!r}`, or load it with `OSDS.load`.")
     mine = osds.config.as_dict()
     diffs = {k: (state["config"].get(k), v) for k, v in mine.items()
              if k not in RESUMABLE_CHANGES and state["config"].get(k) != v}

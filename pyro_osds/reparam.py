@@ -86,7 +86,8 @@ class NoncenteringConfig:
         :class:`~pyro_osds.whitening.WhitenedTarget`, when that form's mean-field ELBO is higher by more than twice
         the SE of the difference), ``"none"``, or a tuple of site names to whiten.
     :param int whitening_max_dim: the most coordinates whitened together (each potential evaluation of the whitened
-        form costs this many more gradient rows).
+        form costs one more gradient row per draw for each colour of the block's curvature columns, at most 16, and
+        a Cholesky factorisation of this size).
     """
 
     sites: str | tuple[str, ...] = "auto"
@@ -114,7 +115,7 @@ class NoncenteringConfig:
                 raise ValueError(f"`whitening` must be 'auto', 'none' or a sequence of site names, got "
                                  f"{self.whitening!r}.")
         elif isinstance(self.whitening, Sequence) and all(isinstance(w, str) for w in self.whitening):
-            object.__setattr__(self, "whitening", tuple(self.whitening))
+            object.__setattr__(self, "whitening", tuple(self.whitening) or "none")
         else:
             raise ValueError(f"`whitening` must be 'auto', 'none' or a sequence of site names, got "
                              f"{self.whitening!r}.")
@@ -300,9 +301,10 @@ def _with_whitening(target, sites, start, score, config: NoncenteringConfig, fix
     if isinstance(config.whitening, tuple):
         unknown = [w for w in config.whitening if w not in names or w in fixed]
         if unknown:
-            raise ValueError(f"`whitening` names {unknown}, which are not latent sites of the model ({names})"
-                             + (f" or are given in `initial_params` / `transforms` ({sorted(fixed)})" if fixed else "")
-                             + ".")
+            raise ValueError(f"`whitening` names {unknown}, which are not latent sites of the model as drawn ({names}: "
+                             "after any non-centring, whose sites are `<site>_decentered`; `noncentering='none'` keeps "
+                             "the written ones)" + (f" or are given in `initial_params` / `transforms` ({sorted(fixed)})"
+                                                    if fixed else "") + ".")
         return WhitenedTarget(target, config.whitening), sites, None
     whitened = conditionally_gaussian_sites(target, max_dim=config.whitening_max_dim, seed=CHOICE_SEED, exclude=fixed)
     if not whitened:

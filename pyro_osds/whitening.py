@@ -40,15 +40,23 @@ CHUNK_SIZE = 1024
 MAX_COLOURS = 16
 
 
-def _check_points(target: FlatTarget, seed: int) -> torch.Tensor:
+def _check_points(target: FlatTarget, seed: int, *, around_init: bool = True) -> torch.Tensor:
+    """:data:`NUM_CHECK_POINTS` points ``init + N(0, I)`` (or ``N(0, I)``), from a generator seeded with ``seed``."""
     generator = seeded_generator(target.init.device, seed)
     noise = torch.randn(NUM_CHECK_POINTS, target.dim, dtype=torch.float64, device=generator.device,
-                        generator=generator)
-    return target.init + noise.to(dtype=target.dtype, device=target.device)
+                        generator=generator).to(dtype=target.dtype, device=target.device)
+    return target.init + noise if around_init else noise
 
 
 def _indices(target: FlatTarget, sites) -> list[int]:
+    """The flat coordinates of ``sites``, in the target's site order."""
     return [i for site in target.sites if site.name in sites for i in range(site.start, site.stop)]
+
+
+def _reference(target: FlatTarget, index: list[int]) -> torch.Tensor:
+    """:math:`x_0` of a block: zero, fixed whatever the initial point (which Pyro's init strategy draws from the
+    global random stream), so a run reloaded later or elsewhere applies the map its weights were computed for."""
+    return target.init.new_zeros(len(index))
 
 
 def conditionally_gaussian_sites(target: FlatTarget, *, max_dim: int = 64, seed: int = 0,
@@ -68,13 +76,16 @@ def conditionally_gaussian_sites(target: FlatTarget, *, max_dim: int = 64, seed:
         index = _indices(target, trial)
         if site.name in exclude or len(index) > max_dim:
             continue
-        if not (is_quadratic(target.potential, points, range(site.start, site.stop), generator=generator)
-                and is_quadratic(target.potential, points, index, generator=generator)):
+        try:  # a potential that fails at a perturbed point (a Cholesky of the model's own) has no block here
+            if not is_quadratic(target.potential, points, index, generator=generator):
+                continue
+            hessian = _hessian_at(target, points, index)
+        except (RuntimeError, ValueError):
             continue
-        hessian = _hessian_at(target, points, WhiteningBlock.of(target.dim, index, target.init[index]))
         if not bool(torch.isfinite(hessian).all()) or not bool((torch.linalg.cholesky_ex(hessian)[1] == 0).all()):
             continue
-        if WhiteningBlock.of(target.dim, index, target.init[index], _pattern(hessian)).num_colours > MAX_COLOURS:
+        if WhiteningBlock.of(target.dim, index, _reference(target, index), _pattern(hessian)).num_colours \
+                > MAX_COLOURS:
             continue
         chosen = trial
     return tuple(chosen)
@@ -85,25 +96,29 @@ def _pattern(hessian: torch.Tensor) -> torch.Tensor:
     return (hessian.abs() > 1e-12 * hessian.abs().amax()).any(0)
 
 
-def _hessian_at(target: FlatTarget, points: torch.Tensor, block: WhiteningBlock) -> torch.Tensor:
-    """The symmetrised gradient-difference curvature of the block at ``points`` (for the positive definite check)."""
-    dx = block.x_index.numel()
-    eye = torch.eye(dx, dtype=points.dtype, device=points.device)
+def _hessian_at(target: FlatTarget, points: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """The symmetrised gradient-difference curvature ``(P, d, d)`` of the coordinates ``index`` at ``points``
+    ``(P, D)`` (the same reading as :func:`~pyro_osds.ops.conditional.conditional_gaussian`, at every column)."""
+    dx = len(index)
+    index = torch.as_tensor(index, dtype=torch.long, device=points.device)
     with torch.enable_grad():
         rows = points.unsqueeze(1).repeat(1, dx + 1, 1)
-        rows[:, 1:, block.x_index] += eye
+        rows[:, 1:, index] += torch.eye(dx, dtype=points.dtype, device=points.device)
         rows = rows.reshape(-1, points.shape[-1]).detach().requires_grad_(True)
         (grads,) = torch.autograd.grad(target.potential(rows).sum(), rows)
-    grads = grads.reshape(points.shape[0], dx + 1, -1)[..., block.x_index]
+    grads = grads.reshape(points.shape[0], dx + 1, -1)[..., index]
     hessian = grads[:, 1:] - grads[:, :1]
     return 0.5 * (hessian + hessian.transpose(-1, -2))
 
 
 def _sparsity(target: FlatTarget, index: list[int]) -> torch.Tensor | None:
-    """Where the block's curvature is non-zero at any of the check points (``None``, dense, if not finite there):
-    a zero at every point is a zero of the model's structure (a random walk's steps couple neighbours only)."""
-    points = _check_points(target, PATTERN_SEED)
-    hessian = _hessian_at(target, points, WhiteningBlock.of(target.dim, index, target.init[index]))
+    """Where the block's curvature is non-zero at any of :data:`NUM_CHECK_POINTS` fixed points ``N(0, I)`` (not
+    around the initial point: the same pattern on every load; ``None``, dense, if not finite there): a zero at every
+    point is a zero of the model's structure (a random walk's steps couple neighbours only)."""
+    try:
+        hessian = _hessian_at(target, _check_points(target, PATTERN_SEED, around_init=False), index)
+    except (RuntimeError, ValueError):
+        return None
     return _pattern(hessian) if bool(torch.isfinite(hessian).all()) else None
 
 
@@ -112,17 +127,20 @@ class WhitenedTarget(FlatTarget):
     ``base`` (a :class:`~pyro_osds.model.ModelTarget`) with the sites ``sites`` whitened given the others (module
     docstring). The flat layout is ``base``'s, the coordinates of ``sites`` hold :math:`\varepsilon`; everything a
     draw is reported by (:meth:`constrain`, :meth:`unpack`, :meth:`deterministic`, :meth:`log_likelihood`,
-    :meth:`add_discrete`) maps it to ``base``'s coordinates first, and every other attribute is ``base``'s.
+    :meth:`add_discrete`, :meth:`sample_discrete`) maps it to ``base``'s coordinates first, and every other attribute
+    is ``base``'s. A draw's potential is :math:`U'`, the density of the whitened coordinates (ArviZ's ``lp``), as a
+    non-centred model's is that of its standardised values. The map is fixed by the sites and the model alone
+    (:math:`x_0 = 0`, the sparsity read at fixed points), so a reloaded run applies the map of its weights.
     """
 
     def __init__(self, base: FlatTarget, sites):
         self.base = base
-        self.whitened_sites = tuple(sites)
+        self.whitened_sites = tuple(site.name for site in base.sites if site.name in sites)  # the site order
         index = _indices(base, self.whitened_sites)
-        self.block = WhiteningBlock.of(base.dim, index, base.init[index], _sparsity(base, index))
+        self.block = WhiteningBlock.of(base.dim, index, _reference(base, index), _sparsity(base, index))
         self.noncentered_sites = base.noncentered_sites
         self.gaussian_start = None
-        self.init = self.whiten(base.init.unsqueeze(0))[0]
+        self.init = self.from_base(base.init)
         self.vectorize = base.vectorize
         #: model evaluations per row of :meth:`potential` (one gradient per colour of the curvature's columns, one
         #: at the reference point, and the value)
@@ -144,15 +162,15 @@ class WhitenedTarget(FlatTarget):
             return torch.cat([unwhiten(self.base.potential, chunk, self.block)[0].detach()
                               for chunk in z.split(CHUNK_SIZE)]) if z.shape[0] else z.detach()
 
-    def whiten(self, z: torch.Tensor) -> torch.Tensor:
+    def from_base(self, z: torch.Tensor) -> torch.Tensor:
         """``base``'s coordinates ``(N, D)`` (or ``(D,)``) -> whitened, :data:`CHUNK_SIZE` rows at a time."""
         if z.dim() == 1:
-            return self.whiten(z.unsqueeze(0))[0]
+            return self.from_base(z.unsqueeze(0))[0]
         return torch.cat([whiten(self.base.potential, chunk, self.block) for chunk in z.split(CHUNK_SIZE)]) \
             if z.shape[0] else z.detach()
 
     def pack(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.whiten(self.base.pack(params))
+        return self.from_base(self.base.pack(params))
 
     def unpack(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.base.unpack(self.to_base(z))
@@ -161,13 +179,16 @@ class WhitenedTarget(FlatTarget):
         return self.base.constrain(self.to_base(z))
 
     def unconstrain(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.whiten(self.base.unconstrain(values))
+        return self.from_base(self.base.unconstrain(values))
 
     def deterministic(self, z: torch.Tensor, *args, **kwargs) -> dict[str, torch.Tensor]:
         return self.base.deterministic(self.to_base(z), *args, **kwargs)
 
     def log_likelihood(self, z: torch.Tensor, *args, **kwargs) -> dict[str, torch.Tensor]:
         return self.base.log_likelihood(self.to_base(z), *args, **kwargs)
+
+    def sample_discrete(self, z: torch.Tensor, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return self.base.sample_discrete(self.to_base(z), *args, **kwargs)
 
     def add_discrete(self, draws: list, distributed=None) -> list:
         based = self.base.add_discrete([d._replace(x=self.to_base(d.x)) for d in draws], distributed)

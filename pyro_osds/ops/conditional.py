@@ -33,7 +33,7 @@ variables rather than an approximation; [2] discusses such reparameterisations o
 one difference serves each colour of columns that share no row (:func:`colour_columns`, [3]: three for a random
 walk of any length); a row
 whose :math:`H` is not positive definite (a block that is not quadratic there) takes :math:`C = I` and one gradient
-step (none where the gradient is not finite), still an invertible map. Derivatives of :math:`U'` with respect to
+step (none where the gradient is not finite or the step overflows), still an invertible map. Derivatives of :math:`U'` with respect to
 :math:`s` go through :math:`m` and :math:`C` (second derivatives of :math:`U`), so training sees the whole map.
 
 * :func:`conditional_gaussian`: :math:`m(s)` and :math:`C(s)` for a batch of :math:`s`;
@@ -94,6 +94,7 @@ class WhiteningBlock:
 
     @property
     def num_colours(self) -> int:
+        """The gradient differences one reading of :math:`H` takes (one per colour)."""
         return int(self.colour.max()) + 1 if self.colour.numel() else 0
 
 
@@ -148,12 +149,16 @@ def conditional_gaussian(potential_fn: PotentialFn, s: torch.Tensor, block: Whit
     hessian = differences[:, block.colour].transpose(-1, -2) * block.pattern  # H_ij from column j's colour, row i
     hessian = 0.5 * (hessian + hessian.transpose(-1, -2))
     chol, info = torch.linalg.cholesky_ex(hessian)
+    eye = torch.eye(dx, dtype=dtype, device=device).expand(batch, dx, dx)
     bad = (info != 0) | ~torch.isfinite(chol).flatten(1).all(-1)
     if bool(bad.any()):  # not positive definite there: one gradient step and C = I, still an invertible map
-        eye = torch.eye(dx, dtype=dtype, device=device).expand(batch, dx, dx)
         chol = torch.where(bad[:, None, None], eye, torch.nan_to_num(chol))
         g0 = torch.nan_to_num(g0, nan=0.0, posinf=0.0, neginf=0.0)  # x_0 itself where U has no gradient there
     mean = block.x_ref - torch.cholesky_solve(g0.unsqueeze(-1), chol).squeeze(-1)
+    lost = ~torch.isfinite(mean).all(-1) | ~torch.isfinite(torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1))
+    if bool(lost.any()):  # a step that overflows (a nearly singular H): x_0 and C = I, so no s loses its mass
+        chol = torch.where(lost[:, None, None], eye, chol)
+        mean = torch.where(lost.unsqueeze(-1), block.x_ref.expand_as(mean), torch.nan_to_num(mean))
     return mean, chol
 
 
