@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .ops.conditional import WhiteningBlock, is_quadratic, unwhiten, whiten, whitened_potential
+from .ops.jacobian import potential_score_hessian
 from .target import FlatTarget
 from .util import seeded_generator
 
@@ -97,18 +98,10 @@ def _pattern(hessian: torch.Tensor) -> torch.Tensor:
 
 
 def _hessian_at(target: FlatTarget, points: torch.Tensor, index: list[int]) -> torch.Tensor:
-    """The symmetrised gradient-difference curvature ``(P, d, d)`` of the coordinates ``index`` at ``points``
-    ``(P, D)`` (the same reading as :func:`~pyro_osds.ops.conditional.conditional_gaussian`, at every column)."""
-    dx = len(index)
+    """The curvature ``(P, d, d)`` of the coordinates ``index`` at ``points`` ``(P, D)``: their block of the
+    potential's Hessian (:func:`~pyro_osds.ops.jacobian.potential_score_hessian`, as the mode search reads it)."""
     index = torch.as_tensor(index, dtype=torch.long, device=points.device)
-    with torch.enable_grad():
-        rows = points.unsqueeze(1).repeat(1, dx + 1, 1)
-        rows[:, 1:, index] += torch.eye(dx, dtype=points.dtype, device=points.device)
-        rows = rows.reshape(-1, points.shape[-1]).detach().requires_grad_(True)
-        (grads,) = torch.autograd.grad(target.potential(rows).sum(), rows)
-    grads = grads.reshape(points.shape[0], dx + 1, -1)[..., index]
-    hessian = grads[:, 1:] - grads[:, :1]
-    return 0.5 * (hessian + hessian.transpose(-1, -2))
+    return potential_score_hessian(target.potential, points)[2][:, index][:, :, index]
 
 
 def _sparsity(target: FlatTarget, index: list[int]) -> torch.Tensor | None:
@@ -141,7 +134,6 @@ class WhitenedTarget(FlatTarget):
         self.noncentered_sites = base.noncentered_sites
         self.gaussian_start = None
         self.init = self.from_base(base.init)
-        self.vectorize = base.vectorize
         #: model evaluations per row of :meth:`potential` (one gradient per colour of the curvature's columns, one
         #: at the reference point, and the value)
         self.evaluations_per_row = self.block.num_colours + 2
