@@ -127,9 +127,10 @@ def is_computed(site: dict) -> bool:
             and isinstance(fn.base_dist, pyro.distributions.Delta))
 
 
-def check_model(model, args: tuple, kwargs: dict) -> poutine.Trace:
+def check_model(model, args: tuple, kwargs: dict, transforms: dict | None = None) -> poutine.Trace:
     """Traces ``model(*args, **kwargs)`` once and refuses, before anything is trained, what OSDS cannot sample and
-    data its likelihood cannot take (module docstring); returns the trace."""
+    data its likelihood cannot take (module docstring), ``transforms`` the user's for some latent sites; returns the
+    trace."""
     last = _LastSite()
     try:
         with poutine.block(), pyro.validation_enabled(False), last:
@@ -169,7 +170,29 @@ def check_model(model, args: tuple, kwargs: dict) -> poutine.Trace:
                 "cannot be enumerated. Marginalise it by hand, make it continuous, or condition on it "
                 f"(e.g. `pyro.condition(model, data={{{name!r}: value}})`)."
             )
+        if not support.is_discrete and name not in (transforms or {}):
+            _check_support_transform(name, site)
     return trace
+
+
+def _check_support_transform(name: str, site: dict) -> None:
+    """A continuous latent site is drawn unconstrained through ``biject_to(support)``: refuse, naming the site and the
+    fix, a support torch registers no bijection for (a ``MixtureSameFamily``'s)."""
+    support = site["fn"].support
+    try:
+        torch.distributions.biject_to(support)
+    except NotImplementedError:
+        base = getattr(support, "base_constraint", None)
+        hint = ""
+        if base is not None:
+            hint = (f" Its components' support is {base}: `transforms={{{name!r}: "
+                    "torch.distributions.biject_to(<that constraint>).inv}`, e.g. "
+                    "`torch.distributions.transforms.identity_transform` for components on the real line.")
+        raise UnsupportedModelError(
+            f"Latent site {name!r} ({type(site['fn']).__name__}) has a support ({type(support).__name__}) for which "
+            "torch registers no bijection to the real line (`torch.distributions.biject_to`), and OSDS draws every "
+            f"continuous site unconstrained. Give one: `OSDS(model, transforms={{{name!r}: T}})` with T the map from "
+            f"the site's support to the real line.{hint}") from None
 
 
 def nonfinite_arguments(args: tuple, kwargs: dict) -> list[str]:

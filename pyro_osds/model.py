@@ -128,7 +128,7 @@ class ModelTarget(FlatTarget):
         self.model = model
         self.args = tuple(model_args)
         self.kwargs = dict(model_kwargs or {})
-        self.trace = check_model(model, self.args, self.kwargs)
+        self.trace = check_model(model, self.args, self.kwargs, transforms)
         if max_plate_nesting is None:  # the deepest vectorised plate of the model's trace, as Pyro guesses it
             dims = [frame.dim for site in self.trace.nodes.values() if site["type"] == "sample"
                     for frame in site["cond_indep_stack"] if frame.vectorized]

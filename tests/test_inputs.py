@@ -117,3 +117,38 @@ def test_good_data_pass_and_cost_one_trace():
 
     trace = check_model(counted, (X, torch.zeros(6)), {})
     assert len(calls) == 1 and trace.nodes["y"]["is_observed"]
+
+
+MIX_WEIGHTS, MIX_LOCS, MIX_SCALE = torch.tensor([0.3, 0.7], dtype=D64), torch.tensor([-2.0, 2.0], dtype=D64), 0.5
+MIX_DATA = torch.tensor([0.5, 1.0, -0.2], dtype=D64)
+
+
+def mixture_prior(y):
+    """A latent site drawn from a MixtureSameFamily, whose support torch has no bijection for."""
+    mixing = dist.Categorical(MIX_WEIGHTS)
+    mu = pyro.sample("mu", dist.MixtureSameFamily(mixing, dist.Normal(MIX_LOCS, MIX_SCALE)))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def test_a_support_without_a_registered_bijection_is_refused_naming_the_site_and_the_fix():
+    with pytest.raises(UnsupportedModelError, match="Latent site 'mu' \\(MixtureSameFamily\\).*transforms=\\{'mu'"
+                                                    ".*identity_transform"):
+        OSDS(mixture_prior, preset="smoke", disable_progbar=True).run(MIX_DATA)
+    trace = check_model(mixture_prior, (MIX_DATA,), {}, {"mu": torch.distributions.transforms.identity_transform})
+    assert "mu" in trace.nodes
+
+
+def test_the_mixture_prior_with_the_transform_given_gives_the_exact_evidence():
+    """Statistical: y | mu ~ N(mu, 1), mu from a two-component Normal mixture: exact log Z = logsumexp over the
+    components of log w_k + log N(y; m_k 1, I + s^2 1 1^T). Tolerance 4 SE + 0.01."""
+    pyro.set_rng_seed(0)
+    osds = OSDS(mixture_prior, num_samples=1000, disable_progbar=True,
+                transforms={"mu": torch.distributions.transforms.identity_transform}).run(MIX_DATA)
+    n = MIX_DATA.shape[0]
+    cov = torch.eye(n, dtype=D64) + MIX_SCALE**2 * torch.ones(n, n, dtype=D64)
+    terms = [math.log(float(w)) + float(dist.MultivariateNormal(m * torch.ones(n, dtype=D64), cov).log_prob(MIX_DATA))
+             for w, m in zip(MIX_WEIGHTS, MIX_LOCS, strict=True)]
+    truth = float(torch.logsumexp(torch.tensor(terms), 0))
+    ev = osds.log_evidence()
+    assert abs(ev.log_z - truth) < 4 * ev.se + 0.01, (ev.log_z, truth, ev.se)
