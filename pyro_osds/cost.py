@@ -88,12 +88,15 @@ class CostMeter:
 
     :param int evaluations_per_row: the model's potential evaluations in one row of the counted potential (a
         :class:`~pyro_osds.whitening.WhitenedTarget`'s rows each take its block's gradient rows; default 1).
+    :param evaluations: where the number varies (the Laplace form's Newton steps stop once converged), a function
+        returning the model evaluations of the calling thread's last call of the counted potential, read after each.
     """
 
-    def __init__(self, evaluations_per_row: int = 1):
+    def __init__(self, evaluations_per_row: int = 1, evaluations: Callable[[], int] | None = None):
         self._totals = {name: [0.0, 0, 0] for name in Cost._fields}
         self._active: str | None = None
         self.evaluations_per_row = int(evaluations_per_row)
+        self.evaluations = evaluations
 
     def cost(self) -> Cost:
         """What was spent so far."""
@@ -120,6 +123,10 @@ class CostMeter:
     def counted(self, potential_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         """``potential_fn`` (batched, ``(batch, D) -> (batch,)``), counting the rows of every call."""
         def potential(z: torch.Tensor) -> torch.Tensor:
+            if self.evaluations is not None:
+                out = potential_fn(z)
+                self._add(1, self.evaluations())
+                return out
             self._add(1, (z.shape[0] if z.dim() > 1 else 1) * self.evaluations_per_row)
             return potential_fn(z)
 

@@ -84,7 +84,11 @@ class NoncenteringConfig:
     :param whitening: ``"auto"`` (default: the sites in which the potential of the form chosen above is quadratic,
         :func:`~pyro_osds.whitening.conditionally_gaussian_sites`, are drawn whitened given the others,
         :class:`~pyro_osds.whitening.WhitenedTarget`, when that form's mean-field ELBO is higher by more than twice
-        the SE of the difference), ``"none"``, or a tuple of site names to whiten.
+        the SE of the difference), ``"laplace"`` (as ``"auto"``, then those and the vector-valued sites with a
+        log-concave conditional, :func:`~pyro_osds.whitening.log_concave_sites`, such as random effects under a
+        logistic or Poisson likelihood, in their Laplace form when its ELBO is higher again: each evaluation of the
+        potential then takes several gradient readings, so training costs two to four times as much), ``"none"``,
+        or a tuple of site names to whiten (those that are not quadratic in their Laplace form).
     :param int whitening_max_dim: the most coordinates whitened together (each potential evaluation of the whitened
         form costs one more gradient row per draw for each colour of the block's curvature columns, at most 16, and
         a Cholesky factorisation of this size).
@@ -111,13 +115,13 @@ class NoncenteringConfig:
         check_positive_int("noncentering_batch_size", self.batch_size)
         check_positive_int("noncentering_max_flips", self.max_flips, minimum=0)
         if isinstance(self.whitening, str):
-            if self.whitening not in ("auto", "none"):
-                raise ValueError(f"`whitening` must be 'auto', 'none' or a sequence of site names, got "
+            if self.whitening not in ("auto", "laplace", "none"):
+                raise ValueError(f"`whitening` must be 'auto', 'laplace', 'none' or a sequence of site names, got "
                                  f"{self.whitening!r}.")
         elif isinstance(self.whitening, Sequence) and all(isinstance(w, str) for w in self.whitening):
             object.__setattr__(self, "whitening", tuple(self.whitening) or "none")
         else:
-            raise ValueError(f"`whitening` must be 'auto', 'none' or a sequence of site names, got "
+            raise ValueError(f"`whitening` must be 'auto', 'laplace', 'none' or a sequence of site names, got "
                              f"{self.whitening!r}.")
         check_positive_int("whitening_max_dim", self.whitening_max_dim)
 
@@ -295,7 +299,7 @@ def _better(new, old) -> bool:
 def _with_whitening(target, sites, start, score, config: NoncenteringConfig, fixed: frozenset):
     """``(target, sites, start)`` with the conditionally Gaussian sites whitened when :attr:`~NoncenteringConfig.
     whitening` asks for it (a tuple: those sites; ``"auto"``: when the whitened form's mean-field ELBO is higher)."""
-    from .whitening import WhitenedTarget, conditionally_gaussian_sites
+    from .whitening import WhitenedTarget, conditionally_gaussian_sites, log_concave_sites
 
     names = [site.name for site in target.sites]
     if isinstance(config.whitening, tuple):
@@ -306,14 +310,19 @@ def _with_whitening(target, sites, start, score, config: NoncenteringConfig, fix
                              "the written ones)" + (f" or are given in `initial_params` / `transforms` ({sorted(fixed)})"
                                                     if fixed else "") + ".")
         return WhitenedTarget(target, config.whitening), sites, None
-    whitened = conditionally_gaussian_sites(target, max_dim=config.whitening_max_dim, seed=CHOICE_SEED, exclude=fixed)
-    if not whitened:
-        return target, sites, start
-    candidate = WhitenedTarget(target, whitened)
-    value = _score(candidate, config)
-    if not _better(value, score if score is not None else _score(target, config)):
-        return target, sites, start
-    return candidate, sites, value[2]
+    quadratic = conditionally_gaussian_sites(target, max_dim=config.whitening_max_dim, seed=CHOICE_SEED,
+                                             exclude=fixed)
+    extended = () if config.whitening != "laplace" else log_concave_sites(
+        target, quadratic, max_dim=config.whitening_max_dim, seed=CHOICE_SEED, exclude=fixed)
+    best, best_score = target, score if score is not None else None
+    for whitened in dict.fromkeys(w for w in (quadratic, extended) if w):  # the cheaper (exact) form first
+        candidate = WhitenedTarget(target, whitened)
+        value = _score(candidate, config)
+        if best_score is None:
+            best_score = _score(target, config)
+        if _better(value, best_score):
+            best, best_score = candidate, value
+    return (best, sites, best_score[2]) if best is not target else (target, sites, start)
 
 
 def _auto_choice(model, written, candidates: tuple, config: NoncenteringConfig, make_target: Callable):

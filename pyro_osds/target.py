@@ -83,6 +83,9 @@ class FlatTarget:
     whitened_sites: tuple[str, ...] = ()
     #: the model's potential evaluations in one row of :meth:`potential` (:attr:`~pyro_osds.cost.Cost` counts them)
     evaluations_per_row: int = 1
+    #: where that number varies, a function returning the model evaluations of this thread's last call of
+    #: :meth:`potential` (:class:`~pyro_osds.cost.CostMeter`), else ``None``
+    last_evaluations = None
     #: a Gaussian (:class:`~pyro_osds.ops.affine.AffineMap`) the preconditioner's fit may start from, in the flat
     #: space (the mean-field fit of the parameterisation choice), or ``None``
     gaussian_start = None

@@ -61,9 +61,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["WhiteningBlock", "colour_columns", "conditional_gaussian", "is_quadratic", "unwhiten", "whiten", "whitened_potential"]
+__all__ = ["WhiteningBlock", "colour_columns", "colour_symmetric", "conditional_gaussian", "is_quadratic", "unwhiten", "whiten", "whitened_potential"]
 
 PotentialFn = Callable[[torch.Tensor], torch.Tensor]
+
+#: the cap on a Laplace block's Newton step, in conditional standard deviations :math:`H_{ii}^{-1/2}` (smooth, by
+#: :math:`\tanh`): a step from far off the mode (a Poisson rate at a large count) moves at most this far
+TRUST_RADIUS = 5.0
+#: a Laplace block's Newton steps stop early once every row's step is below this many conditional standard
+#: deviations (what the remaining steps would move is rounding: the map is the same whatever rows share a batch)
+CONVERGED_STEP = 1e-9
 
 
 @dataclass(frozen=True)
@@ -78,10 +85,16 @@ class WhiteningBlock:
     x_ref: torch.Tensor
     pattern: torch.Tensor
     colour: torch.Tensor
+    newton_steps: int = 1
+    difference_step: float = 1.0
+    dense: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, dim: int, x_index, x_ref: torch.Tensor, pattern: torch.Tensor | None = None) -> WhiteningBlock:
-        """The block of ``x_index`` in ``dim`` coordinates; ``pattern`` ``None``: a dense curvature."""
+    def of(cls, dim: int, x_index, x_ref: torch.Tensor, pattern: torch.Tensor | None = None, *,
+           newton_steps: int = 1) -> WhiteningBlock:
+        r"""The block of ``x_index`` in ``dim`` coordinates; ``pattern`` ``None``: a dense curvature.
+        ``newton_steps`` 1: a quadratic block (gradient differences of unit step, exact there); more: the Laplace
+        form of a block that is not quadratic (differences of step :math:`\epsilon^{1/3}` of the dtype)."""
         device = x_ref.device
         x_index = torch.as_tensor(list(x_index), dtype=torch.long, device=device)
         keep = torch.ones(dim, dtype=torch.bool, device=device)
@@ -90,7 +103,10 @@ class WhiteningBlock:
         if pattern is None:
             pattern = torch.ones(dx, dx, dtype=torch.bool, device=device)
         pattern = pattern.to(device) | pattern.to(device).T | torch.eye(dx, dtype=torch.bool, device=device)
-        return cls(torch.nonzero(keep).squeeze(-1), x_index, x_ref.detach(), pattern, colour_columns(pattern))
+        step = 1.0 if newton_steps == 1 else float(torch.finfo(x_ref.dtype).eps) ** (1.0 / 3.0)
+        colour, dense = colour_symmetric(pattern)
+        return cls(torch.nonzero(keep).squeeze(-1), x_index, x_ref.detach(), pattern, colour, newton_steps, step,
+                   dense if bool(dense.any()) else None)
 
     @property
     def num_colours(self) -> int:
@@ -120,6 +136,33 @@ def colour_columns(pattern: torch.Tensor) -> torch.Tensor:
     return colour
 
 
+def colour_symmetric(pattern: torch.Tensor, *, max_dense: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    A colouring of a symmetric sparsity ``pattern`` ``(d, d)`` that reads the rows of a few *dense* columns (a
+    hierarchy's location, coupled to every effect it centres) from those columns themselves: each dense column has a
+    colour of its own, which gives :math:`H_{ij}` for every row :math:`i`, and so :math:`H_{ji}` by symmetry; the
+    other columns are coloured by :func:`colour_columns` on the rows that are not dense. An arrow (one location and
+    its effects) then takes two colours instead of :math:`d`. The dense columns are the ``k`` of highest degree for
+    the ``k <= max_dense`` that gives the fewest colours (``k = 0``, plain :func:`colour_columns`, unless fewer).
+    Returns ``(colour, dense)``: ``(d,)`` ``long`` and ``(d,)`` ``bool``.
+    """
+    dx = pattern.shape[0]
+    best_colour, best_dense = colour_columns(pattern), torch.zeros(dx, dtype=torch.bool, device=pattern.device)
+    order = torch.argsort(pattern.sum(0), descending=True, stable=True)
+    for k in range(1, min(max_dense, dx - 1) + 1):
+        if k + 1 >= int(best_colour.max()) + 1:  # no fewer colours possible
+            break
+        dense = torch.zeros(dx, dtype=torch.bool, device=pattern.device)
+        dense[order[:k]] = True
+        rest = torch.nonzero(~dense).squeeze(-1)
+        colour = torch.empty(dx, dtype=torch.long, device=pattern.device)
+        colour[order[:k]] = torch.arange(k, device=pattern.device)
+        colour[rest] = k + colour_columns(pattern[rest][:, rest])
+        if int(colour.max()) < int(best_colour.max()):
+            best_colour, best_dense = colour, dense
+    return best_colour, best_dense
+
+
 def _assemble(block: WhiteningBlock, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The flat ``(..., D)`` vector with ``s`` and ``x`` at their coordinates."""
     dim = block.s_index.numel() + block.x_index.numel()
@@ -128,33 +171,101 @@ def _assemble(block: WhiteningBlock, s: torch.Tensor, x: torch.Tensor) -> torch.
     return z.index_copy(-1, block.x_index, x)
 
 
-def conditional_gaussian(potential_fn: PotentialFn, s: torch.Tensor, block: WhiteningBlock, *,
-                         create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""
-    :math:`m(s)` ``(B, d_x)`` and the lower Cholesky factor :math:`C(s)` of :math:`H(s)` ``(B, d_x, d_x)`` for a batch
-    of ``s`` ``(B, d_s)`` (module docstring), differentiable in ``s`` when ``create_graph``.
-    """
+def _gradient_and_curvature(potential_fn: PotentialFn, s: torch.Tensor, x: torch.Tensor, block: WhiteningBlock, *,
+                            create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`\nabla_x U(s, x)` ``(B, d_x)`` and the symmetrised :math:`H(s, x)` ``(B, d_x, d_x)`` from gradient
+    differences of step ``block.difference_step``, one per colour, all gradients in one batched call."""
     batch, dx, colours = s.shape[0], block.x_index.numel(), block.num_colours
     dtype, device = block.x_ref.dtype, block.x_ref.device
     seeds = (block.colour == torch.arange(colours, device=device).unsqueeze(-1)).to(dtype)  # (colours, d_x)
     offsets = torch.cat([torch.zeros(1, dx, dtype=dtype, device=device), seeds])
     with torch.enable_grad():
-        points = (block.x_ref + offsets).expand(batch, colours + 1, dx).detach().requires_grad_(True)
+        if block.newton_steps == 1:  # the quadratic block: unit differences at x_0 (bit for bit as first released)
+            points = (x + offsets).expand(batch, colours + 1, dx).detach().requires_grad_(True)
+        else:
+            points = x.unsqueeze(1) + block.difference_step * offsets
+            if not points.requires_grad:
+                points = points.detach().requires_grad_(True)
         rows = _assemble(block, s.unsqueeze(1).expand(batch, colours + 1, s.shape[-1]), points)
         (grads,) = torch.autograd.grad(potential_fn(rows.reshape(batch * (colours + 1), -1)).sum(), points,
                                        create_graph=create_graph)
     grads = grads.reshape(batch, colours + 1, dx)
     g0 = grads[:, 0]
     differences = grads[:, 1:] - g0.unsqueeze(1)  # (B, colours, d_x): H times each colour's seed
-    hessian = differences[:, block.colour].transpose(-1, -2) * block.pattern  # H_ij from column j's colour, row i
-    hessian = 0.5 * (hessian + hessian.transpose(-1, -2))
+    if block.newton_steps != 1:
+        differences = differences / block.difference_step
+    hessian = differences[:, block.colour].transpose(-1, -2)  # H_ij from column j's colour, row i
+    if block.dense is not None:  # a dense row i from its own column, by symmetry (colour_symmetric)
+        hessian = torch.where(block.dense.unsqueeze(-1), hessian.transpose(-1, -2), hessian)
+    hessian = hessian * block.pattern
+    return g0, 0.5 * (hessian + hessian.transpose(-1, -2))
+
+
+def _gradient(potential_fn: PotentialFn, s: torch.Tensor, x: torch.Tensor, block: WhiteningBlock, *,
+              create_graph: bool) -> torch.Tensor:
+    r""":math:`\nabla_x U(s, x)` ``(B, d_x)``, differentiable in ``s`` and ``x`` when ``create_graph``."""
+    with torch.enable_grad():
+        points = x if x.requires_grad else x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(potential_fn(_assemble(block, s, points)).sum(), points, create_graph=create_graph)
+    return grad
+
+
+def _factor(hessian: torch.Tensor, gradient: torch.Tensor, eye: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lower Cholesky factor of each curvature ``(B, d, d)`` and the rows where it failed or the gradient is not
+    finite (``(B,)``), whose factor is the identity."""
     chol, info = torch.linalg.cholesky_ex(hessian)
+    bad = (info != 0) | ~torch.isfinite(chol).flatten(1).all(-1) | ~torch.isfinite(gradient).all(-1)
+    return torch.where(bad[:, None, None], eye, torch.nan_to_num(chol)), bad
+
+
+def conditional_gaussian(potential_fn: PotentialFn, s: torch.Tensor, block: WhiteningBlock, *,
+                         create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    :math:`m(s)` ``(B, d_x)`` and the lower Cholesky factor :math:`C(s)` of :math:`H(s)` ``(B, d_x, d_x)`` for a batch
+    of ``s`` ``(B, d_s)`` (module docstring), differentiable in ``s`` when ``create_graph``. A block with
+    ``newton_steps`` :math:`K > 1` takes the Laplace form of a block that is not quadratic: up to :math:`K` damped
+    Newton steps from :math:`x_0` (fewer once every row has converged, :data:`CONVERGED_STEP`),
+    :math:`m_{k+1} = m_k - \alpha_k H(m_k)^{-1}\nabla_x U(m_k)` with :math:`\alpha_k = \tanh(\rho_k)/\rho_k`,
+    :math:`\rho_k` the 8-norm of the Newton step in units of :data:`TRUST_RADIUS` conditional standard deviations
+    :math:`H_{ii}^{-1/2}` (a smooth cap on a step far from the mode), without derivatives; then one full step
+    :math:`m = m_K - H(m_{K-1})^{-1}\nabla_x U(s, m_K)` with derivatives in :math:`s` (at the mode they are the
+    implicit function theorem's, :math:`dm/ds = -H^{-1}\partial_s\nabla_x U`, whatever the iterates did) and
+    :math:`C` the factor of :math:`H(s, m)`. The map is exact whatever the steps reach; only the derivatives assume
+    the mode reached. A row whose curvature is not positive definite (or gradient not finite) at an iterate takes no
+    step there, and :math:`C = I` where it is not at :math:`m`.
+    """
+    batch, dx = s.shape[0], block.x_index.numel()
+    dtype, device = block.x_ref.dtype, block.x_ref.device
     eye = torch.eye(dx, dtype=dtype, device=device).expand(batch, dx, dx)
-    bad = (info != 0) | ~torch.isfinite(chol).flatten(1).all(-1)
-    if bool(bad.any()):  # not positive definite there: one gradient step and C = I, still an invertible map
-        chol = torch.where(bad[:, None, None], eye, torch.nan_to_num(chol))
-        g0 = torch.nan_to_num(g0, nan=0.0, posinf=0.0, neginf=0.0)  # x_0 itself where U has no gradient there
-    mean = block.x_ref - torch.cholesky_solve(g0.unsqueeze(-1), chol).squeeze(-1)
+    if block.newton_steps == 1:
+        g0, hessian = _gradient_and_curvature(potential_fn, s, block.x_ref, block, create_graph=create_graph)
+        chol, info = torch.linalg.cholesky_ex(hessian)
+        bad = (info != 0) | ~torch.isfinite(chol).flatten(1).all(-1)
+        if bool(bad.any()):  # not positive definite there: one gradient step and C = I, still an invertible map
+            chol = torch.where(bad[:, None, None], eye, torch.nan_to_num(chol))
+            g0 = torch.nan_to_num(g0, nan=0.0, posinf=0.0, neginf=0.0)  # x_0 itself where U has no gradient there
+        mean = block.x_ref - torch.cholesky_solve(g0.unsqueeze(-1), chol).squeeze(-1)
+    else:
+        with torch.no_grad():  # the damped Newton steps: their derivative is not needed (below)
+            mean, s_fixed = block.x_ref.expand(batch, dx), s.detach()
+            for _ in range(block.newton_steps):
+                gradient, hessian = _gradient_and_curvature(potential_fn, s_fixed, mean, block, create_graph=False)
+                chol, bad = _factor(hessian, gradient, eye)
+                newton = torch.cholesky_solve(torch.nan_to_num(gradient).unsqueeze(-1), chol).squeeze(-1)
+                scale = torch.nan_to_num(torch.diagonal(hessian, dim1=-2, dim2=-1), nan=1.0).clamp_min(1e-30).rsqrt()
+                reach = torch.linalg.vector_norm(newton / (TRUST_RADIUS * scale), ord=8, dim=-1, keepdim=True)
+                step = newton * torch.where(reach > 1e-6, torch.tanh(reach) / reach.clamp_min(1e-6), 1.0)
+                step = torch.where(bad.unsqueeze(-1) | ~torch.isfinite(step), torch.zeros_like(step), step)
+                mean = mean - step
+                if float((step / scale).abs().amax()) < CONVERGED_STEP:  # every row at its mode: the rest are no-ops
+                    break
+        # a last, full Newton step with the curvature of the last reading held fixed: near the mode its derivative
+        # is the implicit function theorem's, dm/ds = -H^{-1} d(grad_x U)/ds, whatever the iterates did
+        gradient = _gradient(potential_fn, s, mean, block, create_graph=create_graph)
+        step = torch.cholesky_solve(torch.nan_to_num(gradient).unsqueeze(-1), chol).squeeze(-1)
+        mean = mean - torch.where(bad.unsqueeze(-1) | ~torch.isfinite(step), torch.zeros_like(step), step)
+        chol = _factor(*_gradient_and_curvature(potential_fn, s, mean, block, create_graph=create_graph)[::-1],
+                       eye)[0]
     lost = ~torch.isfinite(mean).all(-1) | ~torch.isfinite(torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1))
     if bool(lost.any()):  # a step that overflows (a nearly singular H): x_0 and C = I, so no s loses its mass
         chol = torch.where(lost[:, None, None], eye, chol)

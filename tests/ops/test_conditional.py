@@ -1,7 +1,7 @@
 # Copyright Contributors to the pyro_osds project.
 # SPDX-License-Identifier: Apache-2.0
 """Tests of pyro_osds.ops.conditional: the conditional whitening map, its log-determinant, inverse, potential and the
-quadratic-block check (float64)."""
+quadratic-block check, the colourings, and the Laplace form of a block that is not quadratic (float64)."""
 
 import math
 
@@ -10,6 +10,7 @@ import torch
 from pyro_osds.ops.conditional import (
     WhiteningBlock,
     colour_columns,
+    colour_symmetric,
     conditional_gaussian,
     is_quadratic,
     unwhiten,
@@ -155,3 +156,90 @@ def test_a_sparse_curvature_is_read_from_one_difference_per_colour():
     s = torch.randn(5, 1, dtype=D64, generator=torch.Generator().manual_seed(5))
     for got, want in zip(conditional_gaussian(walk, s, sparse), conditional_gaussian(walk, s, dense), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_an_arrow_is_read_from_two_colours_by_symmetry():
+    """A location coupled to every effect it centres (an arrow): its column has a colour of its own and its row is
+    read from it, so the effects share one colour; the same m(s), C(s) as the dense reading."""
+    effects = 9
+
+    def hierarchy(z):
+        s, mu, b = z[:, :1], z[:, 1:2], z[:, 2:]
+        scale = torch.exp(s)
+        data = torch.linspace(-2.0, 3.0, effects, dtype=z.dtype)
+        return (0.5 * ((b - mu) / scale) ** 2).sum(-1) + effects * s[:, 0] + 0.5 * ((b - data) ** 2).sum(-1) \
+            + 0.5 * mu[:, 0] ** 2 / 9.0 + 0.5 * s[:, 0] ** 2
+
+    pattern = torch.eye(effects + 1, dtype=torch.bool)
+    pattern[0, :] = pattern[:, 0] = True
+    colour, dense = colour_symmetric(pattern)
+    assert int(colour.max()) == 1 and dense.tolist() == [True] + [False] * effects
+    assert colour_columns(pattern).max() == effects  # one colour per column without the symmetry
+    ring = torch.eye(6, dtype=torch.bool) | torch.eye(6, dtype=torch.bool).roll(1, 0) | torch.eye(6, dtype=torch.bool).roll(-1, 0)
+    assert not colour_symmetric(ring)[1].any()  # no dense column: the plain colouring
+    x_ref = torch.linspace(-1, 1, effects + 1, dtype=D64)
+    sparse = WhiteningBlock.of(effects + 2, range(1, effects + 2), x_ref, pattern)
+    full = WhiteningBlock.of(effects + 2, range(1, effects + 2), x_ref)
+    assert sparse.num_colours == 2 and full.num_colours == effects + 1
+    s = torch.randn(4, 1, dtype=D64, generator=torch.Generator().manual_seed(6))
+    for got, want in zip(conditional_gaussian(hierarchy, s, sparse), conditional_gaussian(hierarchy, s, full),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+COUNTS = torch.tensor([3.0, 11.0, 0.0], dtype=D64)
+TRIALS = torch.tensor([12.0, 14.0, 9.0], dtype=D64)
+
+
+def effects_logistic(z):
+    """Binomial counts with logits x given a scale e^{s_0} and an offset s_1: x ~ N(s_1, e^{2 s_0}) (log-concave in
+    x, not quadratic), plus a prior on s."""
+    s, x = split(z)
+    prior = 0.5 * ((x - s[:, 1:2]) * torch.exp(-s[:, :1])) ** 2 + s[:, :1]
+    likelihood = TRIALS * torch.nn.functional.softplus(x) - COUNTS * x
+    return (prior + likelihood).sum(-1) + 0.5 * (s**2).sum(-1)
+
+
+def laplace_block(newton_steps=8):
+    return WhiteningBlock.of(DIM, X_INDEX, torch.zeros(DX, dtype=D64), torch.eye(DX, dtype=torch.bool),
+                             newton_steps=newton_steps)
+
+
+def test_the_laplace_form_centres_a_log_concave_block_at_its_conditional_mode():
+    """The damped Newton steps reach the conditional mode (the gradient vanishes there) and C is the factor of the
+    curvature there, also from scales far from the data's (a zero count under a wide prior, whose mode is far out,
+    takes the most steps)."""
+    block = laplace_block(newton_steps=8)
+    assert block.newton_steps == 8 and block.difference_step < 1e-4
+    s = torch.tensor([[-2.0, 0.0], [0.0, 1.0], [1.5, -3.0], [3.0, 4.0]], dtype=D64)
+    mean, chol = conditional_gaussian(effects_logistic, s, block)
+    z = torch.zeros(4, DIM, dtype=D64)
+    z[:, S_INDEX], z[:, X_INDEX] = s, mean
+    z.requires_grad_(True)
+    (grad,) = torch.autograd.grad(effects_logistic(z).sum(), z)
+    assert grad[:, X_INDEX].abs().max() < 1e-6, grad
+    hessian = torch.autograd.functional.hessian(lambda v: effects_logistic(v[None])[0], z[1].detach())
+    curvature = hessian[X_INDEX][:, X_INDEX]
+    torch.testing.assert_close(chol[1] @ chol[1].T, curvature, rtol=1e-5, atol=1e-6)
+
+
+def test_the_laplace_form_is_an_exact_change_of_variables_with_the_implicit_gradient():
+    """Whatever the Newton steps leave, the map is triangular: its log-determinant is the autograd Jacobian's, the
+    inverse recovers the input, U' = U(x) - log|det|; the gradient of U' (the implicit function theorem's derivative
+    of the conditional mode) matches central differences of U'."""
+    block = laplace_block()
+    z = torch.randn(4, DIM, dtype=D64, generator=torch.Generator().manual_seed(7))
+    base, log_det = unwhiten(effects_logistic, z, block)
+    torch.testing.assert_close(whiten(effects_logistic, base, block), z, rtol=0, atol=1e-9)
+    for i in range(4):
+        jac = torch.autograd.functional.jacobian(lambda v: unwhiten(effects_logistic, v[None], block)[0][0], z[i])
+        torch.testing.assert_close(log_det[i], torch.linalg.slogdet(jac)[1], rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(whitened_potential(effects_logistic, z, block), effects_logistic(base) - log_det)
+    point = z.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(whitened_potential(effects_logistic, point, block).sum(), point)
+    h = 1e-5
+    for j in range(DIM):
+        e = torch.zeros(DIM, dtype=D64)
+        e[j] = h
+        central = (whitened_potential(effects_logistic, z + e, block) - whitened_potential(effects_logistic, z - e, block)) / (2 * h)
+        torch.testing.assert_close(grad[:, j], central, rtol=1e-5, atol=1e-5)
