@@ -99,6 +99,7 @@ def runner_state(osds) -> dict:
         "sites": _site_list(osds.target),
         "noncentered_sites": list(osds.target.noncentered_sites),
         "whitened_sites": list(osds.target.whitened_sites),
+        "whitening_form": _whitening_form(osds.target),
         "chain_seeds": list(osds.chain_seeds),
         "samplers": [s.state_dict() for s in osds.samplers],
         "draws": [
@@ -115,6 +116,26 @@ def runner_state(osds) -> dict:
     return state
 
 
+def _whitening_form(target) -> str | None:
+    """How a target's whitened block is mapped: ``"quadratic"`` (one reading of its curvature), ``"laplace"`` (Newton
+    steps to the conditional mode) or ``None`` (no block)."""
+    block = getattr(target, "block", None)
+    if not target.whitened_sites or block is None:
+        return None
+    return "quadratic" if block.newton_steps == 1 else "laplace"
+
+
+def _check_whitening_form(state: dict, target) -> None:
+    """Raises ``ValueError`` unless ``target`` maps its whitened block as the run saved in ``state`` did (a checkpoint
+    from before the Laplace form whitened quadratic blocks only), so saved draws are read through their own map."""
+    saved = state.get("whitening_form", "quadratic" if state.get("whitened_sites") else None)
+    mine = _whitening_form(target)
+    if saved != mine:
+        raise ValueError(f"The checkpoint's whitened sites {state.get('whitened_sites', [])} were drawn in the "
+                         f"{saved} form, this model's in the {mine} form (the model changed, or the checkpoint comes "
+                         "from another version of pyro_osds): its draws cannot be read through this map.")
+
+
 def check_compatible(state: dict, osds) -> None:
     """Raises ``ValueError`` unless ``osds`` (with its target built) can resume from ``state``."""
     if state["kind"] != _kind(osds):
@@ -128,6 +149,7 @@ def check_compatible(state: dict, osds) -> None:
     if whitened != saved_whitened:  # same sites, other coordinates: the saved draws would be read through another map
         raise ValueError(f"The checkpoint's sites drawn whitened {saved_whitened} differ from this run's {whitened}; "
                          f"resume with `whitening={tuple(saved_whitened) or 'none'!r}`, or load it with `OSDS.load`.")
+    _check_whitening_form(state, osds.target)
     mine = osds.config.as_dict()
     diffs = {k: (state["config"].get(k), v) for k, v in mine.items()
              if k not in RESUMABLE_CHANGES and state["config"].get(k) != v}

@@ -136,6 +136,8 @@ class ModelTarget(FlatTarget):
         self.max_plate_nesting = int(max_plate_nesting)
         default_init = init_strategy is None
         init_strategy = init_to_median(num_samples=15) if default_init else init_strategy
+        if transforms:  # Pyro's initialize_model makes none for the sites left out of a given dict
+            transforms = {**_support_transforms(self.trace, skip=transforms), **transforms}
         try:
             with pyro.validation_enabled(False):
                 init_params, self._pyro_potential, self.transforms, self.prototype_trace = initialize_model(
@@ -484,6 +486,14 @@ def posterior_predictive(target: ModelTarget, samples: dict, args: tuple, kwargs
     predictive = Predictive(model, posterior_samples=samples, return_sites=sites, parallel=parallel)
     with poutine.block():
         return {name: v.detach() for name, v in predictive(*args, **kwargs).items()}
+
+
+def _support_transforms(trace, skip=()) -> dict:
+    """``biject_to(support).inv`` of every continuous latent site of ``trace`` but those in ``skip`` (what Pyro makes
+    when it is given no transforms at all)."""
+    return {name: torch.distributions.biject_to(site["fn"].support).inv for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+            and not site["fn"].has_enumerate_support and name not in skip}
 
 
 def build_target(model=None, potential_fn=None, args=(), kwargs=None, *, initial_params=None, transforms=None,

@@ -316,7 +316,10 @@ def _with_whitening(target, sites, start, score, config: NoncenteringConfig, fix
         target, quadratic, max_dim=config.whitening_max_dim, seed=CHOICE_SEED, exclude=fixed)
     best, best_score = target, score if score is not None else None
     for whitened in dict.fromkeys(w for w in (quadratic, extended) if w):  # the cheaper (exact) form first
-        candidate = WhitenedTarget(target, whitened)
+        try:  # a model that fails where the map's Newton steps take it (mapping its initial point) loses
+            candidate = WhitenedTarget(target, whitened)
+        except (RuntimeError, ValueError):
+            continue
         value = _score(candidate, config)
         if best_score is None:
             best_score = _score(target, config)

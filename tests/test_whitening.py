@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pyro_osds import OSDS
+from pyro_osds import checkpoint as ckpt
 from pyro_osds.model import build_target
 from pyro_osds.ops.conditional import unwhiten
 from pyro_osds.reparam import NoncenteringConfig
@@ -115,6 +116,14 @@ def test_whitening_is_saved_with_the_run_and_reused_on_loading(tmp_path):
     assert torch.equal(loaded.target.block.pattern, osds.target.block.pattern)
     assert math.isclose(loaded.log_evidence().log_z, osds.log_evidence().log_z, rel_tol=1e-12)
     assert torch.equal(loaded.get_samples()["theta"], osds.get_samples()["theta"])
+    # a checkpoint whose block was mapped in another form (another version, another model) is refused
+    state = ckpt.read(path)
+    assert state["whitening_form"] == "quadratic"
+    ckpt.atomic_save({**state, "whitening_form": "laplace"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="drawn in the laplace form, this model's in the quadratic form"):
+        OSDS.load(tmp_path / "other.pt", schools, model_args=(SIGMA, Y))
+    ckpt.atomic_save({k: v for k, v in state.items() if k != "whitening_form"}, tmp_path / "older.pt")
+    assert OSDS.load(tmp_path / "older.pt", schools, model_args=(SIGMA, Y)).target.whitened_sites == ("theta",)
     # resuming with another choice would read the saved draws through another map: refused, naming the fix
     with pytest.raises(ValueError, match="whitening=\\('theta',\\)"):
         OSDS(schools, preset="smoke", num_samples=50, noncentering="none", whitening="none", checkpoint=path,

@@ -68,8 +68,8 @@ PotentialFn = Callable[[torch.Tensor], torch.Tensor]
 #: the cap on a Laplace block's Newton step, in conditional standard deviations :math:`H_{ii}^{-1/2}` (smooth, by
 #: :math:`\tanh`): a step from far off the mode (a Poisson rate at a large count) moves at most this far
 TRUST_RADIUS = 5.0
-#: a Laplace block's Newton steps stop early once every row's step is below this many conditional standard
-#: deviations (what the remaining steps would move is rounding: the map is the same whatever rows share a batch)
+#: a row of a Laplace block stops its Newton steps once its step is below this many conditional standard deviations
+#: (row by row, so a row's map does not depend on the rows it shares a batch with)
 CONVERGED_STEP = 1e-9
 
 
@@ -94,7 +94,9 @@ class WhiteningBlock:
            newton_steps: int = 1) -> WhiteningBlock:
         r"""The block of ``x_index`` in ``dim`` coordinates; ``pattern`` ``None``: a dense curvature.
         ``newton_steps`` 1: a quadratic block (gradient differences of unit step, exact there); more: the Laplace
-        form of a block that is not quadratic (differences of step :math:`\epsilon^{1/3}` of the dtype)."""
+        form of a block that is not quadratic (forward differences of step :math:`h = \epsilon^{1/3}` of the dtype:
+        their truncation error is :math:`O(h)`, their rounding :math:`O(\epsilon/h)`, and training differentiates
+        them once more, so a step above :math:`\sqrt\epsilon` keeps that rounding small)."""
         device = x_ref.device
         x_index = torch.as_tensor(list(x_index), dtype=torch.long, device=device)
         keep = torch.ones(dim, dtype=torch.bool, device=device)
@@ -180,7 +182,7 @@ def _gradient_and_curvature(potential_fn: PotentialFn, s: torch.Tensor, x: torch
     seeds = (block.colour == torch.arange(colours, device=device).unsqueeze(-1)).to(dtype)  # (colours, d_x)
     offsets = torch.cat([torch.zeros(1, dx, dtype=dtype, device=device), seeds])
     with torch.enable_grad():
-        if block.newton_steps == 1:  # the quadratic block: unit differences at x_0 (bit for bit as first released)
+        if block.newton_steps == 1:  # the quadratic block: unit differences at x_0 (as first released)
             points = (x + offsets).expand(batch, colours + 1, dx).detach().requires_grad_(True)
         else:
             points = x.unsqueeze(1) + block.difference_step * offsets
@@ -212,9 +214,13 @@ def _gradient(potential_fn: PotentialFn, s: torch.Tensor, x: torch.Tensor, block
 
 def _factor(hessian: torch.Tensor, gradient: torch.Tensor, eye: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The lower Cholesky factor of each curvature ``(B, d, d)`` and the rows where it failed or the gradient is not
-    finite (``(B,)``), whose factor is the identity."""
-    chol, info = torch.linalg.cholesky_ex(hessian)
-    bad = (info != 0) | ~torch.isfinite(chol).flatten(1).all(-1) | ~torch.isfinite(gradient).all(-1)
+    finite (``(B,)``), whose factor is the identity (their curvature replaced before a factorisation with
+    derivatives, whose backward pass would otherwise meet the failed factor)."""
+    with torch.no_grad():
+        chol, info = torch.linalg.cholesky_ex(hessian)
+        bad = (info != 0) | ~torch.isfinite(chol).flatten(1).all(-1) | ~torch.isfinite(gradient).all(-1)
+    if hessian.requires_grad:
+        return torch.linalg.cholesky_ex(torch.where(bad[:, None, None], eye, hessian))[0], bad
     return torch.where(bad[:, None, None], eye, torch.nan_to_num(chol)), bad
 
 
@@ -247,20 +253,27 @@ def conditional_gaussian(potential_fn: PotentialFn, s: torch.Tensor, block: Whit
         mean = block.x_ref - torch.cholesky_solve(g0.unsqueeze(-1), chol).squeeze(-1)
     else:
         with torch.no_grad():  # the damped Newton steps: their derivative is not needed (below)
-            mean, s_fixed = block.x_ref.expand(batch, dx), s.detach()
-            for _ in range(block.newton_steps):
-                gradient, hessian = _gradient_and_curvature(potential_fn, s_fixed, mean, block, create_graph=False)
-                chol, bad = _factor(hessian, gradient, eye)
-                newton = torch.cholesky_solve(torch.nan_to_num(gradient).unsqueeze(-1), chol).squeeze(-1)
+            mean, s_fixed = block.x_ref.expand(batch, dx).clone(), s.detach()
+            chol, bad = eye.clone(), torch.zeros(batch, dtype=torch.bool, device=device)
+            active = torch.ones(batch, dtype=torch.bool, device=device)
+            for _ in range(block.newton_steps):  # each row until its own step is negligible: no row depends on others
+                rows = torch.nonzero(active).squeeze(-1)
+                gradient, hessian = _gradient_and_curvature(potential_fn, s_fixed[rows], mean[rows], block,
+                                                            create_graph=False)
+                factor, failed = _factor(hessian, gradient, eye[rows])
+                newton = torch.cholesky_solve(torch.nan_to_num(gradient).unsqueeze(-1), factor).squeeze(-1)
                 scale = torch.nan_to_num(torch.diagonal(hessian, dim1=-2, dim2=-1), nan=1.0).clamp_min(1e-30).rsqrt()
                 reach = torch.linalg.vector_norm(newton / (TRUST_RADIUS * scale), ord=8, dim=-1, keepdim=True)
                 step = newton * torch.where(reach > 1e-6, torch.tanh(reach) / reach.clamp_min(1e-6), 1.0)
-                step = torch.where(bad.unsqueeze(-1) | ~torch.isfinite(step), torch.zeros_like(step), step)
-                mean = mean - step
-                if float((step / scale).abs().amax()) < CONVERGED_STEP:  # every row at its mode: the rest are no-ops
+                step = torch.where(failed.unsqueeze(-1) | ~torch.isfinite(step), torch.zeros_like(step), step)
+                mean[rows], chol[rows], bad[rows] = mean[rows] - step, factor, failed
+                active[rows] = (step / scale).abs().amax(-1) >= CONVERGED_STEP
+                if not bool(active.any()):
                     break
-        # a last, full Newton step with the curvature of the last reading held fixed: near the mode its derivative
-        # is the implicit function theorem's, dm/ds = -H^{-1} d(grad_x U)/ds, whatever the iterates did
+        # a last, full Newton step with the curvature of each row's last reading held fixed: near the mode its
+        # derivative is the implicit function theorem's, dm/ds = -H^{-1} d(grad_x U)/ds, whatever the iterates did;
+        # a row whose last reading failed takes no derivative through the map (a NaN there would reach the gradient)
+        s = torch.where(bad.unsqueeze(-1), s.detach(), s) if create_graph else s
         gradient = _gradient(potential_fn, s, mean, block, create_graph=create_graph)
         step = torch.cholesky_solve(torch.nan_to_num(gradient).unsqueeze(-1), chol).squeeze(-1)
         mean = mean - torch.where(bad.unsqueeze(-1) | ~torch.isfinite(step), torch.zeros_like(step), step)

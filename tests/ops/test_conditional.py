@@ -243,3 +243,16 @@ def test_the_laplace_form_is_an_exact_change_of_variables_with_the_implicit_grad
         e[j] = h
         central = (whitened_potential(effects_logistic, z + e, block) - whitened_potential(effects_logistic, z - e, block)) / (2 * h)
         torch.testing.assert_close(grad[:, j], central, rtol=1e-5, atol=1e-5)
+
+
+def test_each_row_of_the_laplace_form_is_mapped_whatever_rows_share_its_batch():
+    """Rows stop their Newton steps one by one (a far mode takes more), so a row maps to the same point alone or
+    with others: the map applied to the weights is the one the draws are reported through (to the rounding of
+    batched linear algebra, 1e-16, times the difference quotient's 1 / h)."""
+    block = laplace_block()
+    z = 2.0 * torch.randn(12, DIM, dtype=D64, generator=torch.Generator().manual_seed(8))
+    together, log_det = unwhiten(effects_logistic, z, block)
+    for i in range(12):
+        alone, alone_log_det = unwhiten(effects_logistic, z[i:i + 1], block)
+        torch.testing.assert_close(alone[0], together[i], rtol=0, atol=1e-9)
+        torch.testing.assert_close(alone_log_det[0], log_det[i], rtol=0, atol=1e-9)
