@@ -163,16 +163,32 @@ def check_model(model, args: tuple, kwargs: dict, transforms: dict | None = None
                 f"Latent site {name!r} has a masked (or zero-scaled) prior, which makes it improper (flat): the "
                 "evidence of a model with an improper prior is undefined, so OSDS cannot estimate it. Give the site "
                 "a proper prior (e.g. a wide Normal) instead of masking its density out.")
+        if isinstance(_base_distribution(site["fn"]), pyro.distributions.Delta):
+            raise UnsupportedModelError(
+                f"Latent site {name!r} is a Delta (a point mass), which has no density to sample: its value is a "
+                f"function of others. Record it with `pyro.deterministic({name!r}, value)` instead (it is then "
+                "reported with the draws), or observe it (`obs=`).")
         support = site["fn"].support
-        if support.is_discrete and not site["fn"].has_enumerate_support:
+        try:
+            discrete = support.is_discrete
+        except NotImplementedError:  # a dependent support, which neither OSDS nor Pyro's NUTS can map
+            discrete = False
+        if discrete and not site["fn"].has_enumerate_support:
             raise UnsupportedModelError(
                 f"Latent site {name!r} is discrete with infinite support ({type(site['fn']).__name__}), which "
                 "cannot be enumerated. Marginalise it by hand, make it continuous, or condition on it "
                 f"(e.g. `pyro.condition(model, data={{{name!r}: value}})`)."
             )
-        if not support.is_discrete and name not in (transforms or {}):
+        if not discrete and name not in (transforms or {}):
             _check_support_transform(name, site)
     return trace
+
+
+def _base_distribution(fn):
+    """``fn`` without its ``Independent`` / masking wrappers."""
+    while isinstance(fn, (torch.distributions.Independent, pyro.distributions.MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
 
 
 def _check_support_transform(name: str, site: dict) -> None:

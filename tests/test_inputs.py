@@ -159,3 +159,20 @@ def test_the_mixture_prior_with_the_transform_given_gives_the_exact_evidence():
     truth = float(top + torch.log(torch.trapezoid((log_f - top).exp(), v)))
     ev = osds.log_evidence()
     assert abs(ev.log_z - truth) < 4 * ev.se + 0.01, (ev.log_z, truth, ev.se)
+
+
+def point_mass(y, event=False):
+    a = pyro.sample("a", dist.Normal(torch.tensor(0.0, dtype=D64), 1.0))
+    fn = dist.Delta(a.expand(2)).to_event(1) if event else dist.Delta(a)
+    b = pyro.sample("b", fn)
+    pyro.sample("y", dist.Normal(b.sum(), 1.0), obs=y)
+
+
+@pytest.mark.parametrize("event", [False, True])
+def test_a_latent_point_mass_is_refused_naming_the_site_and_pyro_deterministic(event):
+    """A latent Delta has no density (the potential is infinite almost everywhere): refused before any initial point
+    is tried, naming the site and `pyro.deterministic`, instead of 'NaN or infinite at every initial point'."""
+    with pytest.raises(UnsupportedModelError, match="Latent site 'b' is a Delta.*pyro.deterministic\\('b', value\\)"):
+        OSDS(point_mass, preset="smoke", disable_progbar=True).run(torch.tensor(0.3, dtype=D64), event=event)
+    observed = poutine.condition(point_mass, data={"b": torch.tensor(0.1, dtype=D64)})
+    assert "b" in check_model(observed, (torch.tensor(0.3, dtype=D64),), {}).nodes  # observed: a likelihood term
