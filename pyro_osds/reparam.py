@@ -314,7 +314,7 @@ def _with_whitening(target, sites, start, score, config: NoncenteringConfig, fix
                                              exclude=fixed)
     extended = () if config.whitening != "laplace" else log_concave_sites(
         target, quadratic, max_dim=config.whitening_max_dim, seed=CHOICE_SEED, exclude=fixed)
-    best, best_score = target, score if score is not None else None
+    best, best_score = target, score
     for whitened in dict.fromkeys(w for w in (quadratic, extended) if w):  # the cheaper (exact) form first
         try:  # a model that fails where the map's Newton steps take it (mapping its initial point) loses
             candidate = WhitenedTarget(target, whitened)

@@ -124,7 +124,7 @@ def log_concave_sites(target: FlatTarget, start=(), *, max_dim: int = 64, seed: 
 
 
 class _Curvature:
-    """The potential's Hessian at check points, read once (:func:`_hessian_at`) for every block tried."""
+    """The potential's Hessian at check points, read once for every block tried."""
 
     def __init__(self, target: FlatTarget, points: torch.Tensor):
         self.target, self.points, self._hessian = target, points, None
@@ -134,7 +134,7 @@ class _Curvature:
         :data:`MAX_COLOURS` colours."""
         if self._hessian is None:
             try:  # a potential that fails at a perturbed point (a Cholesky of the model's own) has no block here
-                self._hessian = _hessian_at(self.target, self.points, list(range(self.target.dim)))
+                self._hessian = potential_score_hessian(self.target.potential, self.points)[2]
             except (RuntimeError, ValueError):
                 self._hessian = torch.full((1, 1, 1), torch.nan)
         if self._hessian.shape[-1] != self.target.dim:
