@@ -89,9 +89,11 @@ class NoncenteringConfig:
         logistic or Poisson likelihood, in their Laplace form when its ELBO is higher again: each evaluation of the
         potential then takes several gradient readings, so training costs two to four times as much), ``"none"``,
         or a tuple of site names to whiten (those that are not quadratic in their Laplace form).
-    :param int whitening_max_dim: the most coordinates whitened together (each potential evaluation of the whitened
-        form costs one more gradient row per draw for each colour of the block's curvature columns, at most 16, and
-        a Cholesky factorisation of this size).
+    :param int whitening_max_dim: the most coordinates whitened together that the curvature couples (each potential
+        evaluation of the whitened form costs one more gradient row per draw for each colour of the block's curvature
+        columns, at most 16, and a Cholesky factorisation of this size); a block whose curvature splits into
+        independent groups of equal size (a plate of random effects given their scale) may hold any number of groups
+        of at most this size, factorised group by group.
     """
 
     sites: str | tuple[str, ...] = "auto"

@@ -12,8 +12,8 @@ at :math:`(s, x(s, \varepsilon))`, and the sampler only has to learn the margina
 parameterisation choice (:func:`~pyro_osds.reparam.choose_parameterization`) takes it when its mean-field ELBO is
 higher than the form it would otherwise keep.
 
-* :func:`conditionally_gaussian_sites`: the latent sites (at most ``whitening_max_dim`` coordinates together, see
-  :class:`~pyro_osds.reparam.NoncenteringConfig`) in which the potential is jointly quadratic at points around the
+* :func:`conditionally_gaussian_sites`: the latent sites (at most ``whitening_max_dim`` coordinates coupled together,
+  see :class:`~pyro_osds.reparam.NoncenteringConfig`; a plate of independent groups may hold any number) in which the potential is jointly quadratic at points around the
   initial point, with a positive definite curvature there and a cost of at most :data:`MAX_COLOURS` gradient rows
   per draw (a sparse curvature, as a random walk's, costs three whatever its length);
 * :func:`log_concave_sites`: with ``whitening="laplace"``, those and the vector-valued sites whose conditional is
@@ -74,28 +74,44 @@ def conditionally_gaussian_sites(target: FlatTarget, *, max_dim: int = 64, seed:
                                  exclude=()) -> tuple[str, ...]:
     """
     The latent sites of ``target`` (not those in ``exclude``) in which its potential is jointly quadratic
-    (:func:`~pyro_osds.ops.conditional.is_quadratic` at :data:`NUM_CHECK_POINTS` points ``init + N(0, I)``), taken
-    site by site in order while the union stays quadratic, within ``max_dim`` coordinates, with a positive definite
-    curvature at every point and at most :data:`MAX_COLOURS` colours of its columns (the gradient rows each
-    evaluation of the whitened potential costs per draw); ``()`` if none.
+    (:func:`~pyro_osds.ops.conditional.is_quadratic` at :data:`NUM_CHECK_POINTS` points ``init + N(0, I)``), with a
+    positive definite curvature at every point, at most :data:`MAX_COLOURS` colours of its columns (the gradient rows
+    each evaluation of the whitened potential costs per draw) and at most ``max_dim`` coordinates coupled together (a
+    block-diagonal curvature, a plate of random effects given their scale, may hold any number of such groups,
+    :func:`~pyro_osds.ops.conditional.independent_groups`); ``()`` if none. Sites are taken one by one while the
+    union qualifies, in site order and largest first, keeping the one with more coordinates (site order on a tie):
+    a hierarchy's location taken first would couple a thousand effects into one block, taken last it stays outside.
     """
     points = _check_points(target, seed)
     generator = seeded_generator(target.init.device, seed + 1)
     curvature = _Curvature(target, points)
-    chosen: list[str] = []
-    for site in target.sites:
-        trial = chosen + [site.name]
-        index = _indices(target, trial)
-        if site.name in exclude or len(index) > max_dim:
-            continue
+
+    def admits(index: list[int]) -> bool:
         try:  # a potential that fails at a perturbed point (a Cholesky of the model's own) has no block here
             if not is_quadratic(target.potential, points, index, generator=generator):
-                continue
+                return False
         except (RuntimeError, ValueError):
-            continue
-        if curvature.admits(index):
-            chosen = trial
-    return tuple(chosen)
+            return False
+        return curvature.admits(index, max_dim)
+
+    sites = [site for site in target.sites if site.name not in exclude]
+    chosen = max((_greedy(target, order, admits) for order in (sites, _largest_first(sites))),
+                 key=lambda names: len(_indices(target, names)))  # the first (site order) on a tie
+    return tuple(site.name for site in target.sites if site.name in chosen)
+
+
+def _largest_first(sites: list) -> list:
+    """``sites`` by decreasing size, in site order among equals."""
+    return sorted(sites, key=lambda site: site.start - site.stop)
+
+
+def _greedy(target: FlatTarget, sites, admits, start=()) -> list[str]:
+    """``start`` and the ``sites`` added one by one while ``admits`` the union's coordinates."""
+    chosen = list(start)
+    for site in sites:
+        if admits(_indices(target, chosen + [site.name])):
+            chosen.append(site.name)
+    return chosen
 
 
 def log_concave_sites(target: FlatTarget, start=(), *, max_dim: int = 64, seed: int = 0,
@@ -105,21 +121,16 @@ def log_concave_sites(target: FlatTarget, start=(), *, max_dim: int = 64, seed: 
     effects, fields; a scalar hyper-parameter coupled to all of them would cost a colour and slow the Newton steps:
     on Seeds, whitening three scalar coefficients with the effects took the mean-field ELBO from -75.99 to -76.61,
     the Newton iterates swinging) added to it, largest first, while the union's curvature is positive definite at the points of :func:`conditionally_gaussian_sites`
-    (a log-concave conditional there: random effects under a logistic or Poisson likelihood), within ``max_dim``
-    coordinates and :data:`MAX_COLOURS` colours, and at least one coordinate is left outside it (whitening every
+    (a log-concave conditional there: random effects under a logistic or Poisson likelihood), with at most
+    ``max_dim`` coordinates coupled together and :data:`MAX_COLOURS` colours, and at least one coordinate is left outside it (whitening every
     coordinate is the preconditioner's affine map, not a conditional); in site order. Such a block is drawn in its
     Laplace form (:class:`WhitenedTarget`).
     """
     curvature = _Curvature(target, _check_points(target, seed))
-    chosen = list(start)
-    by_size = sorted((site for site in target.sites
-                      if site.stop - site.start > 1 and site.name not in chosen and site.name not in exclude),
-                     key=lambda site: site.start - site.stop)  # largest first, site order among equals
-    for site in by_size:
-        trial = chosen + [site.name]
-        index = _indices(target, trial)
-        if len(index) <= min(max_dim, target.dim - 1) and curvature.admits(index):
-            chosen = trial
+    vectors = _largest_first([site for site in target.sites
+                              if site.stop - site.start > 1 and site.name not in start and site.name not in exclude])
+    chosen = _greedy(target, vectors, lambda index: len(index) < target.dim and curvature.admits(index, max_dim),
+                     start)
     return tuple(site.name for site in target.sites if site.name in chosen)
 
 
@@ -129,9 +140,10 @@ class _Curvature:
     def __init__(self, target: FlatTarget, points: torch.Tensor):
         self.target, self.points, self._hessian = target, points, None
 
-    def admits(self, index: list[int]) -> bool:
-        """Whether the block ``index`` has a finite, positive definite curvature at every point and at most
-        :data:`MAX_COLOURS` colours."""
+    def admits(self, index: list[int], max_dim: int) -> bool:
+        """Whether the block ``index`` has a finite, positive definite curvature at every point, at most
+        :data:`MAX_COLOURS` colours and at most ``max_dim`` coordinates coupled together (the size of its groups,
+        :attr:`~pyro_osds.ops.conditional.WhiteningBlock.group_size`)."""
         if self._hessian is None:
             try:  # a potential that fails at a perturbed point (a Cholesky of the model's own) has no block here
                 self._hessian = potential_score_hessian(self.target.potential, self.points)[2]
@@ -144,7 +156,7 @@ class _Curvature:
         if not bool(torch.isfinite(hessian).all()) or not bool((torch.linalg.cholesky_ex(hessian)[1] == 0).all()):
             return False
         block = WhiteningBlock.of(self.target.dim, index, _reference(self.target, index), _pattern(hessian))
-        return block.num_colours <= MAX_COLOURS
+        return block.num_colours <= MAX_COLOURS and block.group_size <= max_dim
 
 
 def _pattern(hessian: torch.Tensor) -> torch.Tensor:
@@ -209,7 +221,10 @@ class WhitenedTarget(FlatTarget):
                                        newton_steps=newton_steps)
         self.noncentered_sites = base.noncentered_sites
         self.gaussian_start = None
-        self.init = self.from_base(base.init)
+        # the other sites as the model's initial point, the whitened ones at their conditional mean (eps = 0): from
+        # eps = C^T (x_init - m) far out (a norm of 18 over 120 effects), the choice's 200-iteration mean-field fit
+        # came out a nat short and the choice turned the whitening down
+        self.init = self.from_base(base.init).index_fill(-1, self.block.x_index, 0.0)
         #: model evaluations per row of :meth:`potential` (per reading of the curvature one gradient per colour of
         #: its columns and one at the point read; then the value): a quadratic block's one reading; a Laplace
         #: block's Newton steps stop once converged, and its evaluations are counted call by call

@@ -61,7 +61,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["WhiteningBlock", "colour_columns", "colour_symmetric", "conditional_gaussian", "is_quadratic", "unwhiten", "whiten", "whitened_potential"]
+from . import small_cholesky
+
+__all__ = ["WhiteningBlock", "block_diagonal", "colour_columns", "colour_symmetric", "conditional_gaussian", "independent_groups",
+           "is_quadratic", "unwhiten", "whiten", "whitened_potential"]
 
 PotentialFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -78,7 +81,11 @@ class WhiteningBlock:
     """The split :math:`z = (s, x)`: ``x_index`` the whitened coordinates, ``s_index`` the rest (both ``long``
     tensors on the target's device), ``x_ref`` :math:`x_0`, the point the gradients are taken at ``(d_x,)``, and
     the curvature's sparsity: ``pattern`` ``(d_x, d_x)`` (``True`` where :math:`H_{ij}` may be non-zero) and a
-    ``colour`` per column (:func:`colour_columns`): one gradient difference per colour gives every column of it."""
+    ``colour`` per column (:func:`colour_columns`): one gradient difference per colour gives every column of it.
+    ``groups`` :math:`n > 1`: the curvature is block diagonal, :math:`n` independent groups of :math:`k = d_x / n`
+    coordinates each (:func:`independent_groups`; ``x_index`` in group order, the :math:`j`-th coordinate of every
+    group of colour :math:`j`), so it is read, factorised and solved as :math:`n` matrices :math:`k \times k`: a plate
+    of random effects given their hyper-parameters costs :math:`O(d_x)`, not :math:`O(d_x^3)`."""
 
     s_index: torch.Tensor
     x_index: torch.Tensor
@@ -88,6 +95,7 @@ class WhiteningBlock:
     newton_steps: int = 1
     difference_step: float = 1.0
     dense: torch.Tensor | None = None
+    groups: int = 1
 
     @classmethod
     def of(cls, dim: int, x_index, x_ref: torch.Tensor, pattern: torch.Tensor | None = None, *,
@@ -106,14 +114,65 @@ class WhiteningBlock:
             pattern = torch.ones(dx, dx, dtype=torch.bool, device=device)
         pattern = pattern.to(device) | pattern.to(device).T | torch.eye(dx, dtype=torch.bool, device=device)
         step = 1.0 if newton_steps == 1 else float(torch.finfo(x_ref.dtype).eps) ** (1.0 / 3.0)
+        s_index = torch.nonzero(keep).squeeze(-1)
+        order, groups = independent_groups(pattern)
+        if groups > 1:  # a cross-group zero stays zero in the Cholesky factor: the same map, group by group
+            order = order.to(device)
+            colour = torch.arange(dx // groups, device=device).repeat(groups)
+            return cls(s_index, x_index[order], x_ref.detach()[order], pattern[order][:, order], colour, newton_steps,
+                       step, None, groups)
         colour, dense = colour_symmetric(pattern)
-        return cls(torch.nonzero(keep).squeeze(-1), x_index, x_ref.detach(), pattern, colour, newton_steps, step,
+        return cls(s_index, x_index, x_ref.detach(), pattern, colour, newton_steps, step,
                    dense if bool(dense.any()) else None)
 
     @property
     def num_colours(self) -> int:
         """The gradient differences one reading of :math:`H` takes (one per colour)."""
         return int(self.colour.max()) + 1 if self.colour.numel() else 0
+
+    @property
+    def group_size(self) -> int:
+        """:math:`k`, the coordinates of each independent group (all of them for a connected curvature)."""
+        return self.x_index.numel() // self.groups
+
+
+def block_diagonal(factors: torch.Tensor) -> torch.Tensor:
+    """The ``(B, n, k, k)`` matrices of each row's groups as one block-diagonal matrix ``(B, n k, n k)`` (the block's
+    order, :attr:`WhiteningBlock.x_index`)."""
+    batch, groups, size = factors.shape[:3]
+    out = factors.new_zeros(batch, groups, size, groups, size)
+    out.diagonal(dim1=1, dim2=3).copy_(factors.permute(0, 2, 3, 1))
+    return out.reshape(batch, groups * size, groups * size)
+
+
+def independent_groups(pattern: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """
+    The connected components of a symmetric sparsity ``pattern`` ``(d, d)``: ``(order, n)``, the coordinates ordered
+    by component (components by their first coordinate, each in its own order) and their number, when there are
+    several and all have the same size (a plate of conditionally independent random effects, or of vectors of them);
+    else ``(arange(d), 1)``. A Cholesky factor has no fill-in between components, so a block-diagonal curvature is
+    factorised group by group with the same result.
+    """
+    dx = pattern.shape[0]
+    parent = list(range(dx))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    rows, cols = torch.nonzero(torch.triu(pattern, 1), as_tuple=True)
+    for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+        a, b = root(i), root(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # the root is the component's first coordinate
+    members: dict[int, list[int]] = {}
+    for i in range(dx):
+        members.setdefault(root(i), []).append(i)
+    if len(members) < 2 or len({len(m) for m in members.values()}) != 1:
+        return torch.arange(dx), 1
+    return torch.tensor([i for first in sorted(members) for i in members[first]]), len(members)
 
 
 def colour_columns(pattern: torch.Tensor) -> torch.Tensor:
@@ -175,8 +234,9 @@ def _assemble(block: WhiteningBlock, s: torch.Tensor, x: torch.Tensor) -> torch.
 
 def _gradient_and_curvature(potential_fn: PotentialFn, s: torch.Tensor, x: torch.Tensor, block: WhiteningBlock, *,
                             create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    r""":math:`\nabla_x U(s, x)` ``(B, d_x)`` and the symmetrised :math:`H(s, x)` ``(B, d_x, d_x)`` from gradient
-    differences of step ``block.difference_step``, one per colour, all gradients in one batched call."""
+    r""":math:`\nabla_x U(s, x)` ``(B, d_x)`` and the symmetrised :math:`H(s, x)`, group by group ``(B, n, k, k)``
+    (``n = block.groups``), from gradient differences of step ``block.difference_step``, one per colour, all gradients
+    in one batched call."""
     batch, dx, colours = s.shape[0], block.x_index.numel(), block.num_colours
     dtype, device = block.x_ref.dtype, block.x_ref.device
     seeds = (block.colour == torch.arange(colours, device=device).unsqueeze(-1)).to(dtype)  # (colours, d_x)
@@ -196,10 +256,16 @@ def _gradient_and_curvature(potential_fn: PotentialFn, s: torch.Tensor, x: torch
     differences = grads[:, 1:] - g0.unsqueeze(1)  # (B, colours, d_x): H times each colour's seed
     if block.newton_steps != 1:
         differences = differences / block.difference_step
-    hessian = differences[:, block.colour].transpose(-1, -2)  # H_ij from column j's colour, row i
-    if block.dense is not None:  # a dense row i from its own column, by symmetry (colour_symmetric)
-        hessian = torch.where(block.dense.unsqueeze(-1), hessian.transpose(-1, -2), hessian)
-    hessian = hessian * block.pattern
+    if block.groups > 1:  # row i of group g holds H_{gi, gj} in colour j's difference
+        groups, size = block.groups, block.group_size
+        hessian = differences.reshape(batch, size, groups, size).permute(0, 2, 3, 1)
+        pattern = block.pattern.reshape(groups, size, groups, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        hessian = hessian * pattern
+    else:
+        hessian = differences[:, block.colour].transpose(-1, -2)  # H_ij from column j's colour, row i
+        if block.dense is not None:  # a dense row i from its own column, by symmetry (colour_symmetric)
+            hessian = torch.where(block.dense.unsqueeze(-1), hessian.transpose(-1, -2), hessian)
+        hessian = (hessian * block.pattern).unsqueeze(1)
     return g0, 0.5 * (hessian + hessian.transpose(-1, -2))
 
 
@@ -212,76 +278,118 @@ def _gradient(potential_fn: PotentialFn, s: torch.Tensor, x: torch.Tensor, block
     return grad
 
 
-def _factor(hessian: torch.Tensor, gradient: torch.Tensor, eye: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The lower Cholesky factor of each curvature ``(B, d, d)`` and the rows where it failed or the gradient is not
-    finite (``(B,)``), whose factor is the identity (their curvature replaced before a factorisation with
-    derivatives, whose backward pass would otherwise meet the failed factor)."""
+def _grouped(v: torch.Tensor, block: WhiteningBlock) -> torch.Tensor:
+    """``(B, d_x)`` -> ``(B, n, k)``, group by group."""
+    return v.reshape(v.shape[0], block.groups, block.group_size)
+
+
+def _cholesky_ex(hessian: torch.Tensor, block: WhiteningBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`torch.linalg.cholesky_ex` of each group's curvature; many small groups entry by entry
+    (:mod:`~pyro_osds.ops.small_cholesky`, a LAPACK call per matrix costing more than the arithmetic)."""
+    return small_cholesky.cholesky_ex(hessian) if block.groups > 1 else torch.linalg.cholesky_ex(hessian)
+
+
+def _solve(chol: torch.Tensor, v: torch.Tensor, block: WhiteningBlock) -> torch.Tensor:
+    """:math:`H^{-1} v` ``(B, d_x)`` for ``H = chol chol^T`` group by group."""
+    if block.groups > 1:
+        return small_cholesky.cholesky_solve(chol, _grouped(v, block)).reshape(v.shape)
+    return torch.cholesky_solve(v.unsqueeze(-1), chol[:, 0]).reshape(v.shape)
+
+
+def _solve_transposed(chol: torch.Tensor, v: torch.Tensor, block: WhiteningBlock) -> torch.Tensor:
+    """:math:`C^{-T} v` ``(B, d_x)`` group by group."""
+    if block.groups > 1:
+        return small_cholesky.solve_lower_transposed(chol, _grouped(v, block)).reshape(v.shape)
+    return torch.linalg.solve_triangular(chol[:, 0].transpose(-1, -2), v.unsqueeze(-1), upper=True).reshape(v.shape)
+
+
+def _times_transposed(chol: torch.Tensor, v: torch.Tensor, block: WhiteningBlock) -> torch.Tensor:
+    """:math:`C^T v` ``(B, d_x)`` group by group."""
+    if block.groups > 1:
+        return (chol * _grouped(v, block).unsqueeze(-1)).sum(-2).reshape(v.shape)
+    return (chol[:, 0].transpose(-1, -2) @ v.unsqueeze(-1)).reshape(v.shape)
+
+
+def _per_coordinate(flags: torch.Tensor, block: WhiteningBlock) -> torch.Tensor:
+    """Flags of the groups ``(B, n)`` -> of their coordinates ``(B, d_x)``."""
+    return flags.repeat_interleave(block.group_size, dim=-1)
+
+
+def _factor(hessian: torch.Tensor, gradient: torch.Tensor, eye: torch.Tensor, block: WhiteningBlock
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lower Cholesky factor of each group's curvature ``(B, n, k, k)`` and the groups where it failed or their
+    gradient is not finite (``(B, n)``), whose factor is the identity (their curvature replaced before a
+    factorisation with derivatives, whose backward pass would otherwise meet the failed factor)."""
     with torch.no_grad():
-        chol, info = torch.linalg.cholesky_ex(hessian)
-        bad = (info != 0) | ~torch.isfinite(chol).flatten(1).all(-1) | ~torch.isfinite(gradient).all(-1)
+        chol, info = _cholesky_ex(hessian, block)
+        bad = (info != 0) | ~torch.isfinite(chol).flatten(2).all(-1) | ~torch.isfinite(_grouped(gradient, block)).flatten(2).all(-1)
     if hessian.requires_grad:
-        return torch.linalg.cholesky_ex(torch.where(bad[:, None, None], eye, hessian))[0], bad
-    return torch.where(bad[:, None, None], eye, torch.nan_to_num(chol)), bad
+        return _cholesky_ex(torch.where(bad[..., None, None], eye, hessian), block)[0], bad
+    return torch.where(bad[..., None, None], eye, torch.nan_to_num(chol)), bad
 
 
 def conditional_gaussian(potential_fn: PotentialFn, s: torch.Tensor, block: WhiteningBlock, *,
                          create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
-    :math:`m(s)` ``(B, d_x)`` and the lower Cholesky factor :math:`C(s)` of :math:`H(s)` ``(B, d_x, d_x)`` for a batch
-    of ``s`` ``(B, d_s)`` (module docstring), differentiable in ``s`` when ``create_graph``. A block with
+    :math:`m(s)` ``(B, d_x)`` and the lower Cholesky factor :math:`C(s)` of :math:`H(s)`, group by group
+    ``(B, n, k, k)`` (:attr:`WhiteningBlock.groups`; ``n = 1`` for a connected curvature), for a batch of ``s``
+    ``(B, d_s)`` (module docstring), differentiable in ``s`` when ``create_graph``. A block with
     ``newton_steps`` :math:`K > 1` takes the Laplace form of a block that is not quadratic: up to :math:`K` damped
     Newton steps from :math:`x_0` (fewer once every row has converged, :data:`CONVERGED_STEP`),
     :math:`m_{k+1} = m_k - \alpha_k H(m_k)^{-1}\nabla_x U(m_k)` with :math:`\alpha_k = \tanh(\rho_k)/\rho_k`,
-    :math:`\rho_k` the 8-norm of the Newton step in units of :data:`TRUST_RADIUS` conditional standard deviations
-    :math:`H_{ii}^{-1/2}` (a smooth cap on a step far from the mode), without derivatives; then one full step
-    :math:`m = m_K - H(m_{K-1})^{-1}\nabla_x U(s, m_K)` with derivatives in :math:`s` (at the mode they are the
+    :math:`\rho_k` the 8-norm of each group's Newton step in units of :data:`TRUST_RADIUS` conditional standard
+    deviations :math:`H_{ii}^{-1/2}` (a smooth cap on a step far from the mode), without derivatives; then one full
+    step :math:`m = m_K - H(m_{K-1})^{-1}\nabla_x U(s, m_K)` with derivatives in :math:`s` (at the mode they are the
     implicit function theorem's, :math:`dm/ds = -H^{-1}\partial_s\nabla_x U`, whatever the iterates did) and
     :math:`C` the factor of :math:`H(s, m)`. The map is exact whatever the steps reach; only the derivatives assume
-    the mode reached. A row whose curvature is not positive definite (or gradient not finite) at an iterate takes no
-    step there, and :math:`C = I` where it is not at :math:`m`.
+    the mode reached. A group whose curvature is not positive definite (or gradient not finite) at an iterate takes
+    no step there, and :math:`C = I` where it is not at :math:`m`.
     """
     batch, dx = s.shape[0], block.x_index.numel()
+    groups, size = block.groups, block.group_size
     dtype, device = block.x_ref.dtype, block.x_ref.device
-    eye = torch.eye(dx, dtype=dtype, device=device).expand(batch, dx, dx)
+    eye = torch.eye(size, dtype=dtype, device=device).expand(batch, groups, size, size)
     if block.newton_steps == 1:
         g0, hessian = _gradient_and_curvature(potential_fn, s, block.x_ref, block, create_graph=create_graph)
-        chol, info = torch.linalg.cholesky_ex(hessian)
-        bad = (info != 0) | ~torch.isfinite(chol).flatten(1).all(-1)
+        chol, info = _cholesky_ex(hessian, block)
+        bad = (info != 0) | ~torch.isfinite(chol).flatten(2).all(-1)
         if bool(bad.any()):  # not positive definite there: one gradient step and C = I, still an invertible map
-            chol = torch.where(bad[:, None, None], eye, torch.nan_to_num(chol))
+            chol = torch.where(bad[..., None, None], eye, torch.nan_to_num(chol))
             g0 = torch.nan_to_num(g0, nan=0.0, posinf=0.0, neginf=0.0)  # x_0 itself where U has no gradient there
-        mean = block.x_ref - torch.cholesky_solve(g0.unsqueeze(-1), chol).squeeze(-1)
+        mean = block.x_ref - _solve(chol, g0, block)
     else:
         with torch.no_grad():  # the damped Newton steps: their derivative is not needed (below)
             mean, s_fixed = block.x_ref.expand(batch, dx).clone(), s.detach()
-            chol, bad = eye.clone(), torch.zeros(batch, dtype=torch.bool, device=device)
+            chol, bad = eye.clone(), torch.zeros(batch, groups, dtype=torch.bool, device=device)
             active = torch.ones(batch, dtype=torch.bool, device=device)
             for _ in range(block.newton_steps):  # each row until its own step is negligible: no row depends on others
                 rows = torch.nonzero(active).squeeze(-1)
                 gradient, hessian = _gradient_and_curvature(potential_fn, s_fixed[rows], mean[rows], block,
                                                             create_graph=False)
-                factor, failed = _factor(hessian, gradient, eye[rows])
-                newton = torch.cholesky_solve(torch.nan_to_num(gradient).unsqueeze(-1), factor).squeeze(-1)
+                factor, failed = _factor(hessian, gradient, eye[rows], block)
+                newton = _solve(factor, torch.nan_to_num(gradient), block)
                 scale = torch.nan_to_num(torch.diagonal(hessian, dim1=-2, dim2=-1), nan=1.0).clamp_min(1e-30).rsqrt()
+                newton, scale = newton.reshape(scale.shape), scale  # (R, n, k)
                 reach = torch.linalg.vector_norm(newton / (TRUST_RADIUS * scale), ord=8, dim=-1, keepdim=True)
-                step = newton * torch.where(reach > 1e-6, torch.tanh(reach) / reach.clamp_min(1e-6), 1.0)
-                step = torch.where(failed.unsqueeze(-1) | ~torch.isfinite(step), torch.zeros_like(step), step)
+                step = (newton * torch.where(reach > 1e-6, torch.tanh(reach) / reach.clamp_min(1e-6), 1.0)).flatten(1)
+                step = torch.where(_per_coordinate(failed, block) | ~torch.isfinite(step), torch.zeros_like(step), step)
                 mean[rows], chol[rows], bad[rows] = mean[rows] - step, factor, failed
-                active[rows] = (step / scale).abs().amax(-1) >= CONVERGED_STEP
+                active[rows] = (step / scale.flatten(1)).abs().amax(-1) >= CONVERGED_STEP
                 if not bool(active.any()):
                     break
         # a last, full Newton step with the curvature of each row's last reading held fixed: near the mode its
         # derivative is the implicit function theorem's, dm/ds = -H^{-1} d(grad_x U)/ds, whatever the iterates did;
         # a row whose last reading failed takes no derivative through the map (a NaN there would reach the gradient)
-        s = torch.where(bad.unsqueeze(-1), s.detach(), s) if create_graph else s
+        s = torch.where(bad.any(-1, keepdim=True), s.detach(), s) if create_graph else s
         gradient = _gradient(potential_fn, s, mean, block, create_graph=create_graph)
-        step = torch.cholesky_solve(torch.nan_to_num(gradient).unsqueeze(-1), chol).squeeze(-1)
-        mean = mean - torch.where(bad.unsqueeze(-1) | ~torch.isfinite(step), torch.zeros_like(step), step)
+        step = _solve(chol, torch.nan_to_num(gradient), block)
+        mean = mean - torch.where(_per_coordinate(bad, block) | ~torch.isfinite(step), torch.zeros_like(step), step)
         chol = _factor(*_gradient_and_curvature(potential_fn, s, mean, block, create_graph=create_graph)[::-1],
-                       eye)[0]
-    lost = ~torch.isfinite(mean).all(-1) | ~torch.isfinite(torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1))
+                       eye, block)[0]
+    log_diagonal = torch.diagonal(chol, dim1=-2, dim2=-1).log().sum((-1, -2))
+    lost = ~torch.isfinite(mean).all(-1) | ~torch.isfinite(log_diagonal)
     if bool(lost.any()):  # a step that overflows (a nearly singular H): x_0 and C = I, so no s loses its mass
-        chol = torch.where(lost[:, None, None], eye, chol)
+        chol = torch.where(lost[:, None, None, None], eye, chol)
         mean = torch.where(lost.unsqueeze(-1), block.x_ref.expand_as(mean), torch.nan_to_num(mean))
     return mean, chol
 
@@ -292,8 +400,8 @@ def unwhiten(potential_fn: PotentialFn, z: torch.Tensor, block: WhiteningBlock, 
     log-determinant :math:`-\sum_i \log C_{ii}(s)` ``(B,)``."""
     s, eps = z[:, block.s_index], z[:, block.x_index]
     mean, chol = conditional_gaussian(potential_fn, s, block, create_graph=create_graph)
-    x = mean + torch.linalg.solve_triangular(chol.transpose(-1, -2), eps.unsqueeze(-1), upper=True).squeeze(-1)
-    log_det = -torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    x = mean + _solve_transposed(chol, eps, block)
+    log_det = -torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum((-1, -2))
     return _assemble(block, s, x), log_det
 
 
@@ -301,7 +409,7 @@ def whiten(potential_fn: PotentialFn, z: torch.Tensor, block: WhiteningBlock) ->
     r"""The inverse map: :math:`(s, x) \mapsto (s, C(s)^\top (x - m(s)))` of ``z`` ``(B, D)``."""
     s, x = z[:, block.s_index], z[:, block.x_index]
     mean, chol = conditional_gaussian(potential_fn, s, block)
-    eps = (chol.transpose(-1, -2) @ (x - mean).unsqueeze(-1)).squeeze(-1)
+    eps = _times_transposed(chol, x - mean, block)
     return _assemble(block, s, eps).detach()
 
 
