@@ -265,7 +265,7 @@ class OSDS(WeightedPosterior):
                 self.hook_fn(chain, step, info)
         options = dict(generator=seeded_generator(self.target.device, self.chain_seeds[chain]),
                        hook_fn=None if self.hook_fn is None else hook, meter=CostMeter(self.target.evaluations_per_row, self.target.last_evaluations),
-                       on_iteration=on_iteration, start=self.target.gaussian_start,
+                       on_iteration=on_iteration, start=self.target.gaussian_start, standard=self.target.standard_coordinates,
                        disable_progbar=self.disable_progbar or not self._is_main, distributed=self.distributed,
                        desc=f"OSDS chain {chain}" if self.num_chains > 1 else "OSDS")
         # no effect handler here: chains may build in threads, and Pyro's handler stack is global (the callers

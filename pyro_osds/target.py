@@ -89,6 +89,10 @@ class FlatTarget:
     #: a Gaussian (:class:`~pyro_osds.ops.affine.AffineMap`) the preconditioner's fit may start from, in the flat
     #: space (the mean-field fit of the parameterisation choice), or ``None``
     gaussian_start = None
+    #: the coordinates (``long``) in which :meth:`potential` is :math:`\tfrac12 z_i^2` plus a function of the others
+    #: (exactly for a conditionally Gaussian block drawn whitened, to second order for one in its Laplace form:
+    #: :class:`~pyro_osds.whitening.WhitenedTarget`), which the mode search holds at 0, or ``None``
+    standard_coordinates = None
     sites: list[Site]
     transforms: dict
     init: torch.Tensor

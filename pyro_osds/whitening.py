@@ -220,7 +220,9 @@ class WhitenedTarget(FlatTarget):
         self.block = WhiteningBlock.of(base.dim, index, _reference(base, index), _sparsity(base, index),
                                        newton_steps=newton_steps)
         self.noncentered_sites = base.noncentered_sites
-        self.gaussian_start = None
+        # U'(s, eps) = |eps|^2 / 2 + g(s): exactly for a quadratic block (where its curvature is positive definite),
+        # to second order at the conditional mode for a Laplace block; the mode search holds eps at 0
+        self.gaussian_start, self.standard_coordinates = None, self.block.x_index
         # the other sites as the model's initial point, the whitened ones at their conditional mean (eps = 0): from
         # eps = C^T (x_init - m) far out (a norm of 18 over 120 effects), the choice's 200-iteration mean-field fit
         # came out a nat short and the choice turned the whitening down

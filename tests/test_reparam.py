@@ -175,6 +175,8 @@ def test_the_choice_fit_is_a_start_of_the_preconditioner():
     assert plain.target.gaussian_start is None and len(plain.samplers[0].report.fit["pilot_elbos"]) == 2
 
 
+# a smoke run of 20 draws: how well its weights fit is not what this test checks (its random stream decides it)
+@pytest.mark.filterwarnings("ignore:Resampled draws carry only:RuntimeWarning")
 def test_a_model_the_user_reparameterised_reports_the_site_and_not_as_data():
     """``poutine.reparam(model, {"theta": LocScaleReparam(0)})``, Pyro's own idiom for NUTS: ``theta`` becomes an
     observed, masked-out Delta without the deterministic flag; it is reported with the posterior, never as data or as

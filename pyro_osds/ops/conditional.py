@@ -171,8 +171,8 @@ def independent_groups(pattern: torch.Tensor) -> tuple[torch.Tensor, int]:
     for i in range(dx):
         members.setdefault(root(i), []).append(i)
     if len(members) < 2 or len({len(m) for m in members.values()}) != 1:
-        return torch.arange(dx), 1
-    return torch.tensor([i for first in sorted(members) for i in members[first]]), len(members)
+        return torch.arange(dx, device=pattern.device), 1
+    return torch.tensor([i for first in sorted(members) for i in members[first]], device=pattern.device), len(members)
 
 
 def colour_columns(pattern: torch.Tensor) -> torch.Tensor:

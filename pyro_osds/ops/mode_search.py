@@ -178,6 +178,7 @@ def search_modes(
     min_mass: float = 1e-3,
     same: float = 0.1,
     generator: torch.Generator | None = None,
+    standard: torch.Tensor | None = None,
 ) -> ModeSearch:
     r"""
     A multi-start search for the separated modes of :math:`\rho = e^{-U}` around ``init``.
@@ -194,8 +195,19 @@ def search_modes(
     *saturated* when it stops because new starts stopped finding new modes; it stops unsaturated after
     ``max_starts`` starts (e.g. a product of many bimodal factors, whose modes cannot be enumerated).
 
+    ``standard``: coordinates (``long``) in which the potential is known to be :math:`\tfrac12 x_i^2` plus a function
+    of the others (a conditionally Gaussian block in whitened coordinates,
+    :attr:`~pyro_osds.target.FlatTarget.standard_coordinates`; for a block in its Laplace form, to second order):
+    the search runs over the others with those at 0, and each mode's Laplace fit is the identity there, so its
+    Hessians have the others' size (a 1000-group hierarchy's: 2 x 2, not 1002 x 1002). What the search returns
+    only starts the preconditioner's fit: the weights never depend on it.
+
     :returns: :class:`ModeSearch`; modes lighter than ``min_mass`` times the heaviest are dropped and counted.
     """
+    if standard is not None and 0 < standard.numel() < init.numel():
+        return _search_given_standard(potential_fn, init, standard, starts_per_round=starts_per_round,
+                                      initial_scale=initial_scale, max_scale=max_scale, max_starts=max_starts,
+                                      min_mass=min_mass, same=same, generator=generator)
     max_scale = initial_scale * 2**10 if max_scale is None else max_scale
     init = init.detach()
     centres, trils, log_masses = [], [], []  # the distinct minima found so far
@@ -245,6 +257,28 @@ def search_modes(
     modes = sorted(((a, w / total) for a, w in kept), key=lambda t: -t[1])
     light = () if saturated else tuple((a, w / total) for (a, w), keep in zip(every, is_kept, strict=True) if not keep)
     return ModeSearch(modes, len(found) - len(kept), saturated, num_starts, light)
+
+
+def _search_given_standard(potential_fn: PotentialFn, init: torch.Tensor, standard: torch.Tensor,
+                           **options) -> ModeSearch:
+    """:func:`search_modes` over the coordinates outside ``standard`` (those held at 0), its modes embedded back:
+    centres 0 and Laplace scales 1 on ``standard`` (lower triangular still: the others keep their order)."""
+    dim = init.numel()
+    keep = torch.ones(dim, dtype=torch.bool, device=init.device)
+    keep[standard.to(init.device)] = False
+    rest = torch.nonzero(keep).squeeze(-1)
+
+    def reduced(s: torch.Tensor) -> torch.Tensor:
+        return potential_fn(s.new_zeros(s.shape[:-1] + (dim,)).index_copy(-1, rest, s))
+
+    def embedded(affine: AffineMap) -> AffineMap:
+        tril = torch.eye(dim, dtype=affine.scale_tril.dtype, device=affine.scale_tril.device)
+        tril[rest.unsqueeze(-1), rest] = affine.scale_tril
+        return AffineMap(affine.shift.new_zeros(dim).index_copy(0, rest, affine.shift), tril)
+
+    found = search_modes(reduced, init[rest], **options)
+    return found._replace(modes=[(embedded(a), w) for a, w in found.modes],
+                          light=tuple((embedded(a), w) for a, w in found.light))
 
 
 class LaplacePartition:

@@ -450,10 +450,11 @@ class PreconditionConfig:
             raise ValueError(f"`precondition_tails` must be True or False, not {self.tails!r}.")
 
     def search(self, potential_fn: PotentialFn, init: torch.Tensor, *,
-               generator: torch.Generator | None = None) -> ModeSearch:
-        """The mode search these settings ask for (:func:`search_modes`)."""
+               generator: torch.Generator | None = None, standard: torch.Tensor | None = None) -> ModeSearch:
+        """The mode search these settings ask for (:func:`search_modes`; ``standard``: its coordinates known to be
+        standard normal and independent of the others)."""
         return search_modes(potential_fn, init, starts_per_round=self.mode_search_starts,
-                            initial_scale=self.mode_search_scale, generator=generator)
+                            initial_scale=self.mode_search_scale, generator=generator, standard=standard)
 
     def wants_components(self, search: ModeSearch) -> bool:
         """Whether ``search`` calls for one mixture component per mode (class docstring)."""

@@ -32,11 +32,15 @@ def build_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSCon
     :class:`MixtureSampler` with a component per mode when it found several separated ones
     (:meth:`~pyro_osds.ops.precondition.PreconditionConfig.wants_components`), else a :class:`FlowSampler`
     preconditioned from the search's result. ``kwargs`` go to the sampler (``hook_fn``, ``disable_progbar``,
-    ``desc``, ``distributed``, ``meter``: what counts its cost, the search's included).
+    ``desc``, ``distributed``, ``meter``: what counts its cost, the search's included), but ``start`` (a single
+    flow's Gaussian start) and ``standard`` (the coordinates in which the potential is known to be standard normal
+    and independent of the rest, :attr:`~pyro_osds.target.FlatTarget.standard_coordinates`: the search holds them
+    at 0).
     """
     config = OSDSConfig() if config is None else config
     init = torch.as_tensor(init)
     start = kwargs.pop("start", None)  # a single flow's Gaussian start (FlatTarget.gaussian_start)
+    standard = kwargs.pop("standard", None)  # coordinates the search may hold at 0 (FlatTarget.standard_coordinates)
     generator = seeded_generator(init.device) if generator is None else generator
     kwargs.setdefault("meter", CostMeter())
     if init.numel() == 0:  # nothing to sample: the evidence is exact
@@ -50,7 +54,7 @@ def build_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSCon
                                              kwargs.get("disable_progbar", False)):
         search = None
         if ctx is None or ctx.is_main:
-            search = pre.search(meter.counted(potential_fn), init.detach(), generator=generator)
+            search = pre.search(meter.counted(potential_fn), init.detach(), generator=generator, standard=standard)
     if ctx is not None:  # rank 0 searches; every rank takes its modes and its random stream
         search = from_rank_zero(search, generator, ctx)
         search = search._replace(modes=[(a.to(device=init.device), w) for a, w in search.modes])
@@ -63,7 +67,8 @@ def restore_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSC
                     generator: torch.Generator | None = None, **kwargs) -> Chain:
     """The chain saved as ``state`` (:meth:`FlowSampler.state_dict` or :meth:`MixtureSampler.state_dict`),
     rebuilt without searching or fitting again."""
-    kwargs.pop("start", None)  # nothing is fitted again
+    kwargs.pop("start", None)  # nothing is fitted or searched again
+    kwargs.pop("standard", None)
     if state.get("kind") == "exact":
         sampler = ExactChain(potential_fn, init, config, generator=generator, **kwargs)
     elif state.get("kind") == "mixture":

@@ -155,6 +155,30 @@ def test_mode_search_finds_both_modes_with_their_masses():
     assert float(cov[0, 0]) == pytest.approx(0.25 + 9.0 - 1.44, rel=1e-4)
 
 
+def test_the_mode_search_holds_standard_coordinates_at_zero():
+    """Coordinates known to be standard normal and independent of the rest (a whitened conditionally Gaussian
+    block): the search runs over the others, and finds the full search's modes, masses and Laplace scales, with
+    centre 0 and scale 1 on those coordinates; the Laplace scales stay lower triangular in the flat order."""
+    standard = torch.tensor([0, 2, 3, 5], dtype=torch.long)
+    other = torch.tensor([1, 4], dtype=torch.long)
+
+    def potential(z):
+        return two_mode_potential(z[:, other]) + 0.5 * (z[:, standard] ** 2).sum(-1)
+
+    options = dict(starts_per_round=8, generator=torch.Generator().manual_seed(0))
+    full = search_modes(potential, torch.zeros(6, dtype=D64), **options)
+    options["generator"] = torch.Generator().manual_seed(0)
+    reduced = search_modes(potential, torch.zeros(6, dtype=D64), standard=standard, **options)
+    assert reduced.saturated and len(reduced.modes) == len(full.modes) == 2
+    for (a, w), (b, v) in zip(reduced.modes, full.modes, strict=True):
+        torch.testing.assert_close(a.shift, b.shift, rtol=0, atol=1e-5)
+        assert (a.shift[standard] == 0).all() and w == pytest.approx(v, abs=1e-6)
+        cov, full_cov = a.scale_tril @ a.scale_tril.T, b.scale_tril @ b.scale_tril.T
+        torch.testing.assert_close(cov, full_cov, rtol=0, atol=1e-6)
+        assert torch.equal(a.scale_tril, torch.tril(a.scale_tril))
+        torch.testing.assert_close(a.scale_tril[standard][:, standard], torch.eye(4, dtype=D64), rtol=0, atol=0)
+
+
 def test_mode_search_merges_a_single_mode():
     potential, mean, _, _ = gaussian_target()
     search = search_modes(potential, torch.zeros(3, dtype=D64), starts_per_round=4,
