@@ -30,7 +30,7 @@ import threading
 
 import torch
 
-from .ops.conditional import WhiteningBlock, is_quadratic, unwhiten, whiten, whitened_potential
+from .ops.conditional import WhiteningBlock, independent_groups, is_quadratic, unwhiten, whiten, whitened_potential
 from .ops.jacobian import potential_score_hessian
 from .target import FlatTarget
 from .util import seeded_generator
@@ -155,7 +155,12 @@ class _Curvature:
         hessian = self._hessian[:, select][:, :, select]
         if not bool(torch.isfinite(hessian).all()) or not bool((torch.linalg.cholesky_ex(hessian)[1] == 0).all()):
             return False
-        block = WhiteningBlock.of(self.target.dim, index, _reference(self.target, index), _pattern(hessian))
+        pattern = _pattern(hessian)
+        if len(index) > max_dim:  # only as independent groups: decided before the colourings (O(d^2) each)
+            groups = independent_groups(pattern | pattern.T)[1]
+            if groups == 1 or len(index) // groups > max_dim:
+                return False
+        block = WhiteningBlock.of(self.target.dim, index, _reference(self.target, index), pattern)
         return block.num_colours <= MAX_COLOURS and block.group_size <= max_dim
 
 

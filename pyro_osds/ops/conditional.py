@@ -84,7 +84,7 @@ class WhiteningBlock:
     ``colour`` per column (:func:`colour_columns`): one gradient difference per colour gives every column of it.
     ``groups`` :math:`n > 1`: the curvature is block diagonal, :math:`n` independent groups of :math:`k = d_x / n`
     coordinates each (:func:`independent_groups`; ``x_index`` in group order, the :math:`j`-th coordinate of every
-    group of colour :math:`j`), so it is read, factorised and solved as :math:`n` matrices :math:`k \times k`: a plate
+    group coloured alike, by one colouring of the groups' patterns together), so it is read, factorised and solved as :math:`n` matrices :math:`k \times k`: a plate
     of random effects given their hyper-parameters costs :math:`O(d_x)`, not :math:`O(d_x^3)`."""
 
     s_index: torch.Tensor
@@ -117,10 +117,13 @@ class WhiteningBlock:
         s_index = torch.nonzero(keep).squeeze(-1)
         order, groups = independent_groups(pattern)
         if groups > 1:  # a cross-group zero stays zero in the Cholesky factor: the same map, group by group
-            order = order.to(device)
-            colour = torch.arange(dx // groups, device=device).repeat(groups)
-            return cls(s_index, x_index[order], x_ref.detach()[order], pattern[order][:, order], colour, newton_steps,
-                       step, None, groups)
+            order, size = order.to(device), dx // groups
+            pattern = pattern[order][:, order]
+            # one colouring of the groups' patterns together serves them all: two columns of one group share a colour
+            # only if they share no row in any group (two random walks: three colours, not their length)
+            colour = colour_columns(_within_groups(pattern, groups, size).any(0)).repeat(groups)
+            return cls(s_index, x_index[order], x_ref.detach()[order], pattern, colour, newton_steps, step, None,
+                       groups)
         colour, dense = colour_symmetric(pattern)
         return cls(s_index, x_index, x_ref.detach(), pattern, colour, newton_steps, step,
                    dense if bool(dense.any()) else None)
@@ -256,17 +259,21 @@ def _gradient_and_curvature(potential_fn: PotentialFn, s: torch.Tensor, x: torch
     differences = grads[:, 1:] - g0.unsqueeze(1)  # (B, colours, d_x): H times each colour's seed
     if block.newton_steps != 1:
         differences = differences / block.difference_step
-    if block.groups > 1:  # row i of group g holds H_{gi, gj} in colour j's difference
+    if block.groups > 1:  # H_{gi, gj} is row gi of column j's colour's difference (the colour of j in every group)
         groups, size = block.groups, block.group_size
-        hessian = differences.reshape(batch, size, groups, size).permute(0, 2, 3, 1)
-        pattern = block.pattern.reshape(groups, size, groups, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-        hessian = hessian * pattern
+        hessian = differences.reshape(batch, colours, groups, size)[:, block.colour[:size]].permute(0, 2, 3, 1)
+        hessian = hessian * _within_groups(block.pattern, groups, size)
     else:
         hessian = differences[:, block.colour].transpose(-1, -2)  # H_ij from column j's colour, row i
         if block.dense is not None:  # a dense row i from its own column, by symmetry (colour_symmetric)
             hessian = torch.where(block.dense.unsqueeze(-1), hessian.transpose(-1, -2), hessian)
         hessian = (hessian * block.pattern).unsqueeze(1)
     return g0, 0.5 * (hessian + hessian.transpose(-1, -2))
+
+
+def _within_groups(pattern: torch.Tensor, groups: int, size: int) -> torch.Tensor:
+    """The diagonal blocks ``(n, k, k)`` of a pattern ``(n k, n k)`` in group order."""
+    return pattern.reshape(groups, size, groups, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
 def _gradient(potential_fn: PotentialFn, s: torch.Tensor, x: torch.Tensor, block: WhiteningBlock, *,

@@ -337,3 +337,27 @@ def test_the_laplace_form_of_independent_groups_is_exact_and_reaches_each_condit
     dense_mean, _ = conditional_gaussian(potential, s, dense)
     order = [dense.x_index.tolist().index(i) for i in grouped.x_index.tolist()]
     torch.testing.assert_close(mean, dense_mean[:, order], rtol=0, atol=1e-7)
+
+
+def test_groups_sparse_within_are_read_with_the_colours_of_one_group():
+    """Two independent random walks of 30 steps given their log-scale: two groups, read with three colours (one
+    colouring of the groups' patterns together, not one colour per coordinate of a group), the dense block's map."""
+    steps = 30
+
+    def walks(z):
+        s, out = z[:, :1], 0.5 * z[:, 0] ** 2
+        for walk in (z[:, 1:steps + 1], z[:, steps + 1:]):
+            increments = torch.cat([walk[:, :1], walk[:, 1:] - walk[:, :-1]], -1) * torch.exp(-s)
+            out = out + 0.5 * (increments**2).sum(-1) + steps * s[:, 0] + 0.5 * ((walk[:, ::4] - 1.0) ** 2).sum(-1)
+        return out
+
+    chain = torch.eye(steps, dtype=torch.bool) | torch.eye(steps, dtype=torch.bool).roll(1, 0) \
+        | torch.eye(steps, dtype=torch.bool).roll(-1, 0)
+    chain[0, -1] = chain[-1, 0] = False  # a walk, not a ring
+    x_ref = torch.zeros(2 * steps, dtype=D64)
+    grouped = WhiteningBlock.of(2 * steps + 1, range(1, 2 * steps + 1), x_ref, torch.block_diag(chain, chain))
+    dense = WhiteningBlock.of(2 * steps + 1, range(1, 2 * steps + 1), x_ref)
+    assert grouped.groups == 2 and grouped.num_colours == 3 and dense.num_colours == 2 * steps
+    z = torch.randn(4, 2 * steps + 1, dtype=D64, generator=torch.Generator().manual_seed(12))
+    for got, want in zip(unwhiten(walks, z, grouped), unwhiten(walks, z, dense), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
