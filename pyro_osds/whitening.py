@@ -228,10 +228,10 @@ class WhitenedTarget(FlatTarget):
         # U'(s, eps) = |eps|^2 / 2 + g(s): exactly for a quadratic block (where its curvature is positive definite),
         # to second order at the conditional mode for a Laplace block; the mode search holds eps at 0
         self.gaussian_start, self.standard_coordinates = None, self.block.x_index
-        # the other sites as the model's initial point, the whitened ones at their conditional mean (eps = 0): from
-        # eps = C^T (x_init - m) far out (a norm of 18 over 120 effects), the choice's 200-iteration mean-field fit
-        # came out a nat short and the choice turned the whitening down
-        self.init = self.from_base(base.init).index_fill(-1, self.block.x_index, 0.0)
+        # the model's initial point, mapped (putting the whitened sites at their conditional mean instead, eps = 0,
+        # makes the choice's mean-field fit of this form converge, so the choice takes the whitening wherever it is
+        # better, also where it only costs: a 7-D linear regression fitted in 15.6 s instead of 4.7 s, both right)
+        self.init = self.from_base(base.init)
         #: model evaluations per row of :meth:`potential` (per reading of the curvature one gradient per colour of
         #: its columns and one at the point read; then the value): a quadratic block's one reading; a Laplace
         #: block's Newton steps stop once converged, and its evaluations are counted call by call
