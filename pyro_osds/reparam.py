@@ -301,7 +301,7 @@ def _better(new, old) -> bool:
 def _with_whitening(target, sites, start, score, config: NoncenteringConfig, fixed: frozenset):
     """``(target, sites, start)`` with the conditionally Gaussian sites whitened when :attr:`~NoncenteringConfig.
     whitening` asks for it (a tuple: those sites; ``"auto"``: when the whitened form's mean-field ELBO is higher)."""
-    from .whitening import MAX_COLOURS, WhitenedTarget, conditionally_gaussian_sites, log_concave_sites
+    from .whitening import WhitenedTarget, conditionally_gaussian_sites, log_concave_sites, within_limits
 
     names = [site.name for site in target.sites]
     if isinstance(config.whitening, tuple):
@@ -322,7 +322,7 @@ def _with_whitening(target, sites, start, score, config: NoncenteringConfig, fix
             candidate = WhitenedTarget(target, whitened)
         except (RuntimeError, ValueError):
             continue
-        if candidate.block.group_size > config.whitening_max_dim or candidate.block.num_colours > MAX_COLOURS:
+        if not within_limits(candidate.block, config.whitening_max_dim):
             continue  # its curvature's sparsity at the fixed points is not the one the sites were chosen by
         value = _score(candidate, config)
         if best_score is None:

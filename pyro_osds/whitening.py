@@ -13,8 +13,8 @@ parameterisation choice (:func:`~pyro_osds.reparam.choose_parameterization`) tak
 higher than the form it would otherwise keep.
 
 * :func:`conditionally_gaussian_sites`: the latent sites (at most ``whitening_max_dim`` coordinates coupled together,
-  see :class:`~pyro_osds.reparam.NoncenteringConfig`; a plate of independent groups may hold any number) in which the potential is jointly quadratic at points around the
-  initial point, with a positive definite curvature there and a cost of at most :data:`MAX_COLOURS` gradient rows
+  see :class:`~pyro_osds.reparam.NoncenteringConfig`; a plate of independent groups may hold any number) in which
+  the potential is jointly quadratic at points around the initial point, with a positive definite curvature there and a cost of at most :data:`MAX_COLOURS` gradient rows
   per draw (a sparse curvature, as a random walk's, costs three whatever its length);
 * :func:`log_concave_sites`: with ``whitening="laplace"``, those and the vector-valued sites whose conditional is
   log-concave at those points (random effects under a logistic, binomial or Poisson likelihood), which
@@ -35,7 +35,7 @@ from .ops.jacobian import potential_score_hessian
 from .target import FlatTarget
 from .util import seeded_generator
 
-__all__ = ["WhitenedTarget", "conditionally_gaussian_sites", "log_concave_sites"]
+__all__ = ["WhitenedTarget", "conditionally_gaussian_sites", "log_concave_sites", "within_limits"]
 
 #: points around the initial point at which a block must be quadratic
 NUM_CHECK_POINTS = 4
@@ -49,6 +49,12 @@ MAX_COLOURS = 16
 #: the most damped Newton steps (each a reading of the curvature) of a block that is not quadratic (its Laplace
 #: form; fewer once every draw is at its conditional mode)
 NEWTON_STEPS = 8
+
+
+def within_limits(block: WhiteningBlock, max_dim: int) -> bool:
+    """Whether a block costs at most :data:`MAX_COLOURS` gradient rows per reading and couples at most ``max_dim``
+    coordinates together (:attr:`~pyro_osds.ops.conditional.WhiteningBlock.group_size`)."""
+    return block.num_colours <= MAX_COLOURS and block.group_size <= max_dim
 
 
 def _check_points(target: FlatTarget, seed: int, *, around_init: bool = True) -> torch.Tensor:
@@ -122,8 +128,8 @@ def log_concave_sites(target: FlatTarget, start=(), *, max_dim: int = 64, seed: 
     on Seeds, whitening three scalar coefficients with the effects took the mean-field ELBO from -75.99 to -76.61,
     the Newton iterates swinging) added to it, largest first, while the union's curvature is positive definite at the points of :func:`conditionally_gaussian_sites`
     (a log-concave conditional there: random effects under a logistic or Poisson likelihood), with at most
-    ``max_dim`` coordinates coupled together and :data:`MAX_COLOURS` colours, and at least one coordinate is left outside it (whitening every
-    coordinate is the preconditioner's affine map, not a conditional); in site order. Such a block is drawn in its
+    ``max_dim`` coordinates coupled together and :data:`MAX_COLOURS` colours, and at least one coordinate is left
+    outside it (whitening every coordinate is the preconditioner's affine map, not a conditional); in site order. Such a block is drawn in its
     Laplace form (:class:`WhitenedTarget`).
     """
     curvature = _Curvature(target, _check_points(target, seed))
@@ -160,8 +166,7 @@ class _Curvature:
             groups = independent_groups(pattern | pattern.T)[1]
             if groups == 1 or len(index) // groups > max_dim:
                 return False
-        block = WhiteningBlock.of(self.target.dim, index, _reference(self.target, index), pattern)
-        return block.num_colours <= MAX_COLOURS and block.group_size <= max_dim
+        return within_limits(WhiteningBlock.of(self.target.dim, index, _reference(self.target, index), pattern), max_dim)
 
 
 def _pattern(hessian: torch.Tensor) -> torch.Tensor:

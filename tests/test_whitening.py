@@ -125,7 +125,8 @@ def test_a_plate_of_effects_beyond_the_dense_limit_is_whitened_group_by_group():
 
     gen = torch.Generator().manual_seed(3)
     sigma = 0.5 + torch.rand(GROUPS, dtype=D64, generator=gen)
-    y = 1.0 + 0.8 * torch.randn(GROUPS, dtype=D64, generator=gen) + sigma * torch.randn(GROUPS, dtype=D64, generator=gen)
+    y = (1.0 + 0.8 * torch.randn(GROUPS, dtype=D64, generator=gen)
+         + sigma * torch.randn(GROUPS, dtype=D64, generator=gen))
     pyro.set_rng_seed(0)
     osds = OSDS(many_groups, num_samples=2000, num_chains=1, disable_progbar=True).run(sigma, y)
     block = osds.target.block

@@ -63,8 +63,8 @@ import torch
 
 from . import small_cholesky
 
-__all__ = ["WhiteningBlock", "block_diagonal", "colour_columns", "colour_symmetric", "conditional_gaussian", "independent_groups",
-           "is_quadratic", "unwhiten", "whiten", "whitened_potential"]
+__all__ = ["WhiteningBlock", "block_diagonal", "colour_columns", "colour_symmetric", "conditional_gaussian",
+           "independent_groups", "is_quadratic", "unwhiten", "whiten", "whitened_potential"]
 
 PotentialFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -84,8 +84,9 @@ class WhiteningBlock:
     ``colour`` per column (:func:`colour_columns`): one gradient difference per colour gives every column of it.
     ``groups`` :math:`n > 1`: the curvature is block diagonal, :math:`n` independent groups of :math:`k = d_x / n`
     coordinates each (:func:`independent_groups`; ``x_index`` in group order, the :math:`j`-th coordinate of every
-    group coloured alike, by one colouring of the groups' patterns together), so it is read, factorised and solved as :math:`n` matrices :math:`k \times k`: a plate
-    of random effects given their hyper-parameters costs :math:`O(d_x)`, not :math:`O(d_x^3)`."""
+    group coloured alike, by one colouring of the groups' patterns together), so it is read, factorised and solved
+    as :math:`n` matrices :math:`k \times k`: a plate of random effects given their hyper-parameters costs
+    :math:`O(d_x)`, not :math:`O(d_x^3)`."""
 
     s_index: torch.Tensor
     x_index: torch.Tensor
@@ -175,7 +176,8 @@ def independent_groups(pattern: torch.Tensor) -> tuple[torch.Tensor, int]:
         members.setdefault(root(i), []).append(i)
     if len(members) < 2 or len({len(m) for m in members.values()}) != 1:
         return torch.arange(dx, device=pattern.device), 1
-    return torch.tensor([i for first in sorted(members) for i in members[first]], device=pattern.device), len(members)
+    order = [i for first in sorted(members) for i in members[first]]
+    return torch.tensor(order, device=pattern.device), len(members)
 
 
 def colour_columns(pattern: torch.Tensor) -> torch.Tensor:
@@ -329,7 +331,7 @@ def _factor(hessian: torch.Tensor, gradient: torch.Tensor, eye: torch.Tensor, bl
     factorisation with derivatives, whose backward pass would otherwise meet the failed factor)."""
     with torch.no_grad():
         chol, info = _cholesky_ex(hessian, block)
-        bad = (info != 0) | ~torch.isfinite(chol).flatten(2).all(-1) | ~torch.isfinite(_grouped(gradient, block)).flatten(2).all(-1)
+        bad = (info != 0) | ~torch.isfinite(chol).flatten(2).all(-1) | ~torch.isfinite(_grouped(gradient, block)).all(-1)
     if hessian.requires_grad:
         return _cholesky_ex(torch.where(bad[..., None, None], eye, hessian), block)[0], bad
     return torch.where(bad[..., None, None], eye, torch.nan_to_num(chol)), bad
@@ -376,7 +378,7 @@ def conditional_gaussian(potential_fn: PotentialFn, s: torch.Tensor, block: Whit
                 factor, failed = _factor(hessian, gradient, eye[rows], block)
                 newton = _solve(factor, torch.nan_to_num(gradient), block)
                 scale = torch.nan_to_num(torch.diagonal(hessian, dim1=-2, dim2=-1), nan=1.0).clamp_min(1e-30).rsqrt()
-                newton, scale = newton.reshape(scale.shape), scale  # (R, n, k)
+                newton = newton.reshape(scale.shape)  # (R, n, k)
                 reach = torch.linalg.vector_norm(newton / (TRUST_RADIUS * scale), ord=8, dim=-1, keepdim=True)
                 step = (newton * torch.where(reach > 1e-6, torch.tanh(reach) / reach.clamp_min(1e-6), 1.0)).flatten(1)
                 step = torch.where(_per_coordinate(failed, block) | ~torch.isfinite(step), torch.zeros_like(step), step)
