@@ -31,7 +31,7 @@ from .chains import (
     out_of_memory_advice,
     warn_interrupted,
 )
-from .checks import check_draws, warn_untrained_step_count
+from .checks import check_draws, diagnostic_references, warn_untrained_step_count
 from .config import OSDSConfig
 from .cost import CostMeter
 from .distributed import DistributedContext, broadcast_object
@@ -315,11 +315,11 @@ class OSDS(WeightedPosterior):
             with poutine.block(), out_of_memory_advice("drawing", self.config, self.checkpoint):
                 draws = [s.draw_sharded(n, num_steps, log_det=log_det) for s in self.samplers]
                 return self.target.add_discrete(draws, self.distributed)
-
         draws, budget, note = draw(num_samples), self.config.budget, None
         if budget.target_se is not None and all(d.weighted for d in draws):  # draw until log Z's SE is met
             deadline, self._deadline = self._deadline or budget.deadline(time.time()), None
-            draws, note = draw_to_target(draws, draw, budget, deadline)
+            draws, note = draw_to_target(draws, draw, budget, deadline,
+                                         diagnostic_references(self.samplers, draws, num_steps))
         self.draws, self.num_samples, self.num_steps = tuple(draws), num_samples, num_steps
         self._draw_report = check_draws(self.samplers, self.draws, num_steps, note)
         self._draw_report.warn(self.config.objective)

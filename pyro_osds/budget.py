@@ -64,25 +64,27 @@ def draws_for(se: float, num_draws: int, target_se: float) -> int:
     return math.ceil(1.1 * num_draws * (se / target_se) ** 2)
 
 
-def pooled_se(draws: list[Draws]) -> float:
+def pooled_se(draws: list[Draws], references: list | None = None) -> float:
     """The standard error of the pooled log Z of ``draws`` (one per chain): that of the union of their weights, as
-    :func:`~pyro_osds.ops.estimators.pool_estimates` gives it, without its per-chain tail fits."""
-    return evidence(torch.cat([d.log_weight for d in draws])).se
+    :func:`~pyro_osds.ops.estimators.pool_estimates` gives it (``references``: per chain, its diagnostic draws'
+    log-weights or ``None``), without its per-chain tail fits."""
+    given = [r for r in references or () if r is not None]
+    return evidence(torch.cat([d.log_weight for d in draws]), reference=torch.cat(given) if given else None).se
 
 
 def draw_to_target(draws: list[Draws], draw_more: Callable[[int], list[Draws]], budget: BudgetConfig,
-                   deadline: float | None = None) -> tuple[list[Draws], str]:
+                   deadline: float | None = None, references: list | None = None) -> tuple[list[Draws], str]:
     """
     ``draws`` (one :class:`~pyro_osds.results.Draws` per chain) with further draws until the standard error of the
-    pooled log Z (:func:`pooled_se`) is at most ``budget.target_se``, every chain drawing as many more
-    (``draw_more(n)``, a list per chain), within ``budget.max_draws`` and ``deadline``. Returns the draws and a
-    sentence saying what the budget gave.
+    pooled log Z (:func:`pooled_se`, with the chains' diagnostic draws' ``references``) is at most
+    ``budget.target_se``, every chain drawing as many more (``draw_more(n)``, a list per chain), within
+    ``budget.max_draws`` and ``deadline``. Returns the draws and a sentence saying what the budget gave.
     """
     target = budget.target_se
     num_chains = len(draws)
     first = sum(d.x.shape[0] for d in draws)
     cap = budget.max_draws if budget.max_draws is not None else 100 * first
-    se = pooled_se(draws)
+    se = pooled_se(draws, references)
     while True:
         total = sum(d.x.shape[0] for d in draws)
         if not se > target:
@@ -96,4 +98,4 @@ def draw_to_target(draws: list[Draws], draw_more: Callable[[int], list[Draws]], 
             return draws, note
         more = -(-(min(draws_for(se, total, target), cap) - total) // num_chains)
         draws = [Draws.cat([d, new]) for d, new in zip(draws, draw_more(max(more, 1)), strict=True)]
-        se = pooled_se(draws)
+        se = pooled_se(draws, references)

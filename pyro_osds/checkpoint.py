@@ -26,8 +26,8 @@ __all__ = ["FORMAT", "RESUMABLE_CHANGES", "atomic_save", "check_compatible", "is
 FORMAT = "pyro_osds.OSDS/3"
 #: settings that may differ between a checkpoint and the run that resumes it
 RESUMABLE_CHANGES = frozenset({"num_iterations", "chunk_size", "eval_log_det", "exact_log_det_max_dim",
-                               "eval_num_probes", "max_consecutive_skips", "sample_with_ema", "early_stopping",
-                               "eval_dtype", "sync_every", "target_se", "max_draws", "max_time",
+                               "eval_num_probes", "diagnostic_draws", "max_consecutive_skips", "sample_with_ema",
+                               "early_stopping", "eval_dtype", "sync_every", "target_se", "max_draws", "max_time",
                                # the sites' check guards the parameterisation: a saved choice is reused on loading
                                "noncentering", "whitening"})
 

@@ -11,17 +11,20 @@ modes, modes too many to enumerate).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
+
+import torch
 
 from .cost import Cost
 from .modes import ModeCheck, warn_lost_modes
 from .objectives import ObjectiveConfig
-from .ops.estimators import K_HAT_THRESHOLD
+from .ops.estimators import K_HAT_THRESHOLD, NEAR_CONSTANT_ESS, kish_ess
 from .results import Draws, LogEvidence, UnreliableEvidenceWarning
 from .util import warn
 
-__all__ = ["DrawReport", "check_draws", "warn_untrained_step_count"]
+__all__ = ["DrawReport", "check_draws", "diagnostic_references", "warn_untrained_step_count"]
 
 
 class DrawReport(NamedTuple):
@@ -77,9 +80,26 @@ def warn_untrained_step_count(trained: tuple[int, ...] | None, num_steps: int) -
              "objective (`preset='paper-cpu'`), which trains every step size.")
 
 
+def diagnostic_references(chains: Sequence, draws: Sequence[Draws], num_steps: int) -> list:
+    """
+    Per chain of ``chains``, the log-weights of its diagnostic draws
+    (:meth:`~pyro_osds.samplers.Chain.diagnostic_log_weights`) where its ``draws`` need them, else ``None``: draws
+    fewer than ``diagnostic_draws`` whose weights are not nearly constant (ESS/N below
+    :data:`~pyro_osds.ops.estimators.NEAR_CONSTANT_ESS`, where the verdict does not read the tail).
+    """
+    references = []
+    for chain, d in zip(chains, draws, strict=True):
+        log_w = d.log_weight[~(torch.isnan(d.log_weight) | (d.log_weight == math.inf))]
+        wanted = (d.weighted and 0 < log_w.numel() < chain.config.evaluation.diagnostic_draws
+                  and not float(kish_ess(log_w)) >= NEAR_CONSTANT_ESS * log_w.numel())
+        references.append(chain.diagnostic_log_weights(num_steps, d.log_det) if wanted else None)
+    return references
+
+
 def check_draws(chains: Sequence, draws: Sequence[Draws], num_steps: int, budget: str | None = None) -> DrawReport:
     """The :class:`DrawReport` of ``draws``, one per chain of ``chains`` (:class:`~pyro_osds.samplers.Chain`),
-    drawn with ``num_steps`` steps (``budget``: what the evidence budget gave, for the evidence)."""
+    drawn with ``num_steps`` steps (``budget``: what the evidence budget gave, for the evidence); the evidence
+    reads the weights' tail from the chains' diagnostic draws too (:func:`diagnostic_references`)."""
     draws = tuple(draws)
     if not all(d.weighted for d in draws):
         return DrawReport(draws, num_steps, tuple(ModeCheck() for _ in draws), None)
@@ -87,5 +107,6 @@ def check_draws(chains: Sequence, draws: Sequence[Draws], num_steps: int, budget
     evidence = LogEvidence.from_draws(draws, num_steps, mixtures=[chain.mixture for chain in chains],
                                       num_lost_modes=sum(len(m.lost) for m in modes),
                                       too_many_modes=any(chain.too_many_modes for chain in chains), budget=budget,
-                                      cost=Cost.sum(chain.cost for chain in chains))
+                                      cost=Cost.sum(chain.cost for chain in chains),
+                                      references=diagnostic_references(chains, draws, num_steps))
     return DrawReport(draws, num_steps, modes, evidence)

@@ -128,6 +128,7 @@ FLAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "eval_num_probes": ("evaluation", "num_probes"),
     "chunk_size": ("evaluation", "chunk_size"),
     "eval_dtype": ("evaluation", "dtype"),
+    "diagnostic_draws": ("evaluation", "diagnostic_draws"),
     # the evidence budget
     "target_se": ("budget", "target_se"),
     "max_draws": ("budget", "max_draws"),

@@ -79,15 +79,16 @@ class Draws(NamedTuple):
         folded = self.folded
         return 0 if folded is None else int(folded.sum())
 
-    def evidence(self) -> Estimates:
-        """The evidence estimates of these draws (:func:`~pyro_osds.ops.estimators.evidence`)."""
+    def evidence(self, reference: torch.Tensor | None = None) -> Estimates:
+        """The evidence estimates of these draws (:func:`~pyro_osds.ops.estimators.evidence`; ``reference``: the log-weights
+        of further draws of the same map, their chain's diagnostic draws, which the tail is read from too)."""
         if not self.weighted:
             raise EvidenceError(
                 "These draws carry no importance weights: they were drawn without a volume (`log_det='none'`) or by "
                 "a map without a tractable density (multi-step consistency sampling re-noises between steps). "
                 "Draw with a volume (for CDDS, `num_steps=1`) to estimate the evidence."
             )
-        return evidence(self.log_weight, num_folded=self.num_folded, log_det=self.log_det)
+        return evidence(self.log_weight, num_folded=self.num_folded, log_det=self.log_det, reference=reference)
 
 
 class ComponentEstimate(NamedTuple):
@@ -119,7 +120,9 @@ class LogEvidence(NamedTuple):
     budget ran out (too many to give each a component) and the chain has no marginal-mixture
     preconditioner (:mod:`pyro_osds.ops.marginal`; ``marginal_components=0`` or a ``"laplace"``
     preconditioner): the flow then covers a few modes, and the evidence misses the others' mass. With the
-    marginal mixture, found modes that the draws under-represent count in ``num_lost_modes``. The pooled ``k_hat`` is
+    marginal mixture, found modes that the draws under-represent count in ``num_lost_modes``. Each chain's ``k_hat``
+    and the SE read the weights' tail from the draws together with the chain's diagnostic draws, where the runner
+    makes them (:meth:`~pyro_osds.samplers.Chain.diagnostic_log_weights`); the pooled ``k_hat`` is
     the largest over chains (:func:`~pyro_osds.ops.estimators.pool_estimates` says why); :attr:`reliable` is the
     verdict (the weights' own diagnostics, :attr:`~pyro_osds.ops.estimators.Estimates.reliable`, no lost mode
     and no unenumerated modes). ``budget`` says what the run's evidence budget gave (:mod:`pyro_osds.budget`;
@@ -138,15 +141,19 @@ class LogEvidence(NamedTuple):
 
     @classmethod
     def from_draws(cls, draws, num_steps: int, *, mixtures=None, num_lost_modes: int = 0,
-                   too_many_modes: bool = False, budget: str | None = None, cost: Cost | None = None) -> LogEvidence:
+                   too_many_modes: bool = False, budget: str | None = None, cost: Cost | None = None,
+                   references=None) -> LogEvidence:
         """
         Per-chain and pooled estimates of a sequence of :class:`Draws` (one per chain); ``mixtures`` gives,
         per chain, ``(locations, weights)`` of its mixture components (or ``None`` for a single flow);
-        ``num_lost_modes`` and ``too_many_modes`` are the mode checks' findings (class docstring).
+        ``num_lost_modes`` and ``too_many_modes`` are the mode checks' findings (class docstring); ``references``:
+        per chain, its diagnostic draws' log-weights or ``None``
+        (:func:`~pyro_osds.ops.estimators.pool_estimates`).
         """
-        chains = tuple(d.evidence() for d in draws)
+        references = list(references) if references is not None else [None] * len(draws)
+        chains = tuple(d.evidence(r) for d, r in zip(draws, references, strict=True))
         pooled = pool_estimates([d.log_weight for d in draws], num_folded=sum(c.num_folded for c in chains),
-                                log_det=draws[0].log_det)
+                                log_det=draws[0].log_det, references=references)
         components = []
         for chain, (d, mixture) in enumerate(zip(draws, mixtures or [None] * len(draws), strict=True)):
             if mixture is None or d.component is None:

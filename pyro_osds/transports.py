@@ -61,6 +61,11 @@ class EvaluationConfig:
         refuses them).
     :param int num_probes: Hutchinson probes per step (``eval_num_probes``, 16).
     :param int chunk_size: draws per batch when drawing and weighting (2048).
+    :param int diagnostic_draws: weighted draws each chain makes once per trained state, besides the user's, to read
+        its weights' tail from (``diagnostic_draws``, 16384; 0: each set of draws alone): the Pareto :math:`\hat k`
+        behind :attr:`~pyro_osds.results.LogEvidence.reliable` and the relative variance behind the SE
+        (:func:`~pyro_osds.ops.estimators.evidence`'s ``reference``). Made only for draws that are fewer and not
+        nearly constant in weight (ESS/N below 0.99).
     :param dtype: the arithmetic of drawing and weighting (``eval_dtype``): ``"float64"`` (default) carries the
         base draws through a float64 copy of the trained network, so the weights are exact for the map applied
         to the last bits (a float32 flow rounds its shared diagonal the same way in every coordinate, a bias the
@@ -73,6 +78,7 @@ class EvaluationConfig:
     num_probes: int = 16
     chunk_size: int = 2048
     dtype: str | None = "float64"
+    diagnostic_draws: int = 16384
 
     def __post_init__(self):
         check_choice("eval_log_det", self.log_det, LOG_DET_METHODS)
@@ -83,6 +89,7 @@ class EvaluationConfig:
             check_positive_int("exact_log_det_max_dim", self.exact_log_det_max_dim)
         for name, value in (("eval_num_probes", self.num_probes), ("chunk_size", self.chunk_size)):
             check_positive_int(name, value)
+        check_positive_int("diagnostic_draws", self.diagnostic_draws, minimum=0)
 
     def torch_dtype(self, flow_dtype: torch.dtype) -> torch.dtype:
         """The dtype draws are made in, for a flow trained in ``flow_dtype``."""

@@ -3,12 +3,14 @@
 """Tests of pyro_osds.checks: a set of draws is checked once into a DrawReport that the warnings, the evidence and
 reloaded runners read."""
 
+import pyro
 import pytest
 import torch
 
 from pyro_osds import OSDS, EvidenceError
 from pyro_osds.checks import check_draws
 from pyro_osds.config import OSDSConfig
+from pyro_osds.ops.estimators import pareto_k_hat
 from pyro_osds.samplers import build_sampler
 from tests.common import D64, batched, gaussian_mixture_potential, make
 
@@ -45,3 +47,28 @@ def test_the_runner_checks_each_set_of_draws_once_and_reloaded_draws_when_asked(
     osds.save(tmp_path / "run.pt")
     loaded = OSDS.load(tmp_path / "run.pt", potential_fn=osds.potential_fn)
     assert loaded.draw_report.evidence == osds.draw_report.evidence  # the restored draws checked on demand
+
+
+def test_the_evidence_reads_the_tail_from_each_chains_diagnostic_draws_too(tmp_path):
+    pyro.set_rng_seed(0)
+    osds = make(num_iterations=5, diagnostic_draws=3000).run()
+    pyro.set_rng_seed(0)
+    plain = make(num_iterations=5, diagnostic_draws=0).run()
+    for a, b in zip(osds.draws, plain.draws, strict=True):
+        assert torch.equal(a.x, b.x) and torch.equal(a.log_weight, b.log_weight)  # a stream of their own
+    ev, ev_plain = osds.log_evidence(), plain.log_evidence()
+    references = [chain.diagnostic_log_weights(1, "exact") for chain in osds.samplers]
+    assert all(r.shape == (3000,) for r in references)
+    assert osds.samplers[0].diagnostic_log_weights(1, "exact") is references[0]  # drawn once per trained state
+    for chain, d, r in zip(ev.chains, osds.draws, references, strict=True):
+        assert chain.k_hat == pareto_k_hat(torch.cat([d.log_weight, r])) and chain.log_z == d.evidence().log_z
+    assert ev.log_z == ev_plain.log_z and ev.se >= ev_plain.se and ev_plain.chains[0].k_hat == \
+        pareto_k_hat(plain.draws[0].log_weight)
+    osds.save(tmp_path / "run.pt")
+    loaded = OSDS.load(tmp_path / "run.pt", potential_fn=osds.potential_fn)
+    assert torch.equal(loaded.samplers[1].diagnostic_log_weights(1, "exact"), references[1])  # the same again
+    osds.continue_training(8)
+    assert not torch.equal(osds.samplers[0].diagnostic_log_weights(1, "exact"), references[0])  # trained further
+    # nearly constant weights need no diagnostic draws: none are made
+    exact = make(potential_fn=lambda p: batched(p["x"]), num_iterations=3, diagnostic_draws=3000).run()
+    assert exact.log_evidence().ess_per_draw >= 0.99 and all(not c._diagnostic_cache for c in exact.samplers)

@@ -74,6 +74,9 @@ class Chain(abc.ABC):
         self.generator = seeded_generator(self.device) if generator is None else generator
         # drawing has its own stream, so that sampling never perturbs (resumed) training
         self.draw_generator = seeded_generator(self.device, derive_seed(self.generator))
+        # the diagnostic draws' stream: seeded from a copy of the drawing stream, which it leaves as it is
+        self._diagnostic_seed = derive_seed(_copy_generator(self.draw_generator))
+        self._diagnostic_cache: dict[tuple, torch.Tensor] = {}
         self._distributed = distributed
         #: what the mode search found and the preconditioner fit did (set when the preconditioner is fitted)
         self.report = SearchReport()
@@ -185,23 +188,45 @@ class Chain(abc.ABC):
                         log_det=log_det, chunk_size=chunk_size or evaluation.chunk_size,
                         generator=self.draw_generator if generator is None else generator)
 
-    def draw_sharded(self, num_samples: int, num_steps: int = 1, *, log_det: str | None = None) -> Draws:
+    def draw_sharded(self, num_samples: int, num_steps: int = 1, *, log_det: str | None = None,
+                     generator: torch.Generator | None = None) -> Draws:
         """
         ``num_samples`` draws shared out over the process group (:mod:`pyro_osds.distributed`): each rank draws
-        its share from its own stream (seeded from the chain's drawing stream and the rank) and every rank gets
-        the union, in rank order, so that every estimate is computed on all the draws. One process: :meth:`draw`.
+        its share from its own stream (seeded from the chain's drawing stream, or ``generator``, and the rank) and
+        every rank gets the union, in rank order, so that every estimate is computed on all the draws. One process:
+        :meth:`draw`.
         """
         ctx = self.distributed
         if ctx is None:
-            return self.draw(num_samples, num_steps, log_det=log_det)
+            return self.draw(num_samples, num_steps, log_det=log_det, generator=generator)
         if num_samples < ctx.world_size:
             raise ValueError(f"`num_samples`={num_samples} is fewer than the {ctx.world_size} ranks drawing them.")
         rows = shard(num_samples, ctx)
-        stream = seeded_generator(self.device, (derive_seed(self.draw_generator) + ctx.rank) % 2**63)
+        base = self.draw_generator if generator is None else generator
+        stream = seeded_generator(self.device, (derive_seed(base) + ctx.rank) % 2**63)
         mine = self.draw(rows.stop - rows.start, num_steps, log_det=log_det, generator=stream)
         gather = lambda t: None if t is None else all_gather_rows(t, ctx)  # noqa: E731
         return Draws(gather(mine.x), gather(mine.potential), gather(mine.log_q), gather(mine.log_weight),
                      gather(mine.orientation), mine.log_det, component=gather(mine.component))
+
+    def diagnostic_log_weights(self, num_steps: int = 1, log_det: str | None = None) -> torch.Tensor | None:
+        """
+        The log-weights of the chain's diagnostic draws: ``config.evaluation.diagnostic_draws`` weighted draws of the
+        ``num_steps``-step map, made once per trained state (the same ones again after :meth:`load_state_dict`) from
+        a stream of their own, so they never change what :meth:`draw` draws. Evidence estimates read the weights'
+        tail from them together with the draws' own (:func:`~pyro_osds.ops.estimators.evidence`'s ``reference``).
+        ``None`` with ``diagnostic_draws=0``.
+        """
+        num_draws = self.config.evaluation.diagnostic_draws
+        if num_draws == 0:
+            return None
+        log_det = self.config.evaluation.default_log_det(self.dim) if log_det is None else log_det
+        key = (num_steps, log_det, self.iteration)
+        if key not in self._diagnostic_cache:
+            stream = seeded_generator(self.device, self._diagnostic_seed)
+            log_w = self.draw_sharded(num_draws, num_steps, log_det=log_det, generator=stream).log_weight
+            self._diagnostic_cache = {key: log_w.detach()}  # the latest trained state's only
+        return self._diagnostic_cache[key]
 
     def log_q(self, x: torch.Tensor, num_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """The chain's log density at given points ``x`` by the exact inverse of its map; returns ``(log_q, ok)``,
@@ -259,9 +284,18 @@ class Chain(abc.ABC):
     def _common_state(self) -> dict:
         """The random streams and the cost so far, which every chain saves."""
         return {"generator": self.generator.get_state(), "draw_generator": self.draw_generator.get_state(),
-                "cost": self.meter.state()}
+                "diagnostic_seed": self._diagnostic_seed, "cost": self.meter.state()}
 
     def _load_common_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.draw_generator.set_state(state["draw_generator"])
+        self._diagnostic_seed = int(state.get("diagnostic_seed", self._diagnostic_seed))
+        self._diagnostic_cache = {}
         self.meter.load_state(state.get("cost"))
+
+
+def _copy_generator(generator: torch.Generator) -> torch.Generator:
+    """A new generator on ``generator``'s device in its current state."""
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy
