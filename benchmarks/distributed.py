@@ -8,7 +8,8 @@ iterations of a fixed global batch, then a fixed number of draws) runs in one pr
 and in N processes of one (``gloo`` on CPUs, spawned here; ``--backend nccl`` on as many GPUs), one torch thread
 each, all in the same run. Reported: training iterations per second, draws (with exact weights) per second, both
 as ratios of N ranks to one process, and the log Z each run gives (the N-rank one is computed on the union of
-the ranks' draws), so that "the same evidence" can be read off.
+the ranks' draws), so that "the same evidence" can be read off. The chains' diagnostic draws are off
+(``diagnostic_draws=0``), so the draws timed are the ones asked for.
 
     OMP_NUM_THREADS=1 python -m benchmarks.distributed --ranks 2 --dims 35 256
     python -m benchmarks.distributed --markdown-only
@@ -63,7 +64,7 @@ def worker(rank: int, world_size: int, init_file: str, out_file: str, dim: int, 
         torch.manual_seed(settings["seed"])
         osds = OSDS(logistic_model, num_chains=1, num_samples=settings["num_samples"],
                     num_iterations=settings["num_iterations"], batch_size=settings["batch_size"],
-                    early_stopping=False, disable_progbar=True, device=device,
+                    early_stopping=False, diagnostic_draws=0, disable_progbar=True, device=device,
                     hook_fn=lambda chain, step, info: stamps.append(time.perf_counter()))
         osds.fit(x, y)
         if world_size > 1:

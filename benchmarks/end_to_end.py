@@ -7,8 +7,8 @@ Faster than NUTS end to end? Everyday Pyro models, both samplers with their defa
 
     OMP_NUM_THREADS=1 python -m benchmarks.end_to_end --out benchmarks/results/end_to_end
 
-*OSDS* (two chains, the defaults, so trained at once in two forked processes): the time to fit, plus the draw-and-weight time of the draws that give a
-Kish ESS of 1000. *NUTS* (Pyro, one chain, ``--nuts-warmup`` + ``--nuts-samples``, ``jit_compile=False``):
+*OSDS* (two chains, the defaults, so trained at once in two forked processes): the time to fit, plus the chains' diagnostic
+draws (one pass per trained sampler), plus the draw-and-weight time of the draws that give a Kish ESS of 1000. *NUTS* (Pyro, one chain, ``--nuts-warmup`` + ``--nuts-samples``, ``jit_compile=False``):
 the wall clock, warm-up included, times 1000 over the smallest bulk ESS over coordinates. Both are measured
 in the same run, one after the other, one torch thread each; the ratio is what to read (these machines
 are noisy). The models, with their reference :math:`\log Z`:

@@ -104,9 +104,9 @@ def check_draws(chains: Sequence, draws: Sequence[Draws], num_steps: int, budget
     if not all(d.weighted for d in draws):
         return DrawReport(draws, num_steps, tuple(ModeCheck() for _ in draws), None)
     modes = tuple(chain.check_modes(d, num_steps) for chain, d in zip(chains, draws, strict=True))
+    references = diagnostic_references(chains, draws, num_steps)  # before the cost, which counts them
     evidence = LogEvidence.from_draws(draws, num_steps, mixtures=[chain.mixture for chain in chains],
                                       num_lost_modes=sum(len(m.lost) for m in modes),
                                       too_many_modes=any(chain.too_many_modes for chain in chains), budget=budget,
-                                      cost=Cost.sum(chain.cost for chain in chains),
-                                      references=diagnostic_references(chains, draws, num_steps))
+                                      cost=Cost.sum(chain.cost for chain in chains), references=references)
     return DrawReport(draws, num_steps, modes, evidence)

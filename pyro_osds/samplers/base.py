@@ -212,8 +212,8 @@ class Chain(abc.ABC):
     def diagnostic_log_weights(self, num_steps: int = 1, log_det: str | None = None) -> torch.Tensor | None:
         """
         The log-weights of the chain's diagnostic draws: ``config.evaluation.diagnostic_draws`` weighted draws of the
-        ``num_steps``-step map, made once per trained state (the same ones again after :meth:`load_state_dict`) from
-        a stream of their own, so they never change what :meth:`draw` draws. Evidence estimates read the weights'
+        ``num_steps``-step map, made once per trained state (and saved with it) from a stream of their own, so they
+        never change what :meth:`draw` draws. Evidence estimates read the weights'
         tail from them together with the draws' own (:func:`~pyro_osds.ops.estimators.evidence`'s ``reference``).
         ``None`` with ``diagnostic_draws=0``.
         """
@@ -284,13 +284,15 @@ class Chain(abc.ABC):
     def _common_state(self) -> dict:
         """The random streams and the cost so far, which every chain saves."""
         return {"generator": self.generator.get_state(), "draw_generator": self.draw_generator.get_state(),
-                "diagnostic_seed": self._diagnostic_seed, "cost": self.meter.state()}
+                "diagnostic_seed": self._diagnostic_seed, "cost": self.meter.state(),
+                "diagnostic_draws": [[*key, log_w.cpu()] for key, log_w in self._diagnostic_cache.items()]}
 
     def _load_common_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.draw_generator.set_state(state["draw_generator"])
         self._diagnostic_seed = int(state.get("diagnostic_seed", self._diagnostic_seed))
-        self._diagnostic_cache = {}
+        self._diagnostic_cache = {(int(num_steps), str(log_det), int(iteration)): log_w.to(self.device)
+                                  for num_steps, log_det, iteration, log_w in state.get("diagnostic_draws", ())}
         self.meter.load_state(state.get("cost"))
 
 
