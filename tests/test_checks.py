@@ -69,7 +69,9 @@ def test_the_evidence_reads_the_tail_from_each_chains_diagnostic_draws_too(tmp_p
     assert torch.equal(loaded.samplers[1].diagnostic_log_weights(1, "exact"), references[1])  # saved with the chain
     loaded.samplers[1]._diagnostic_cache.clear()
     assert torch.equal(loaded.samplers[1].diagnostic_log_weights(1, "exact"), references[1])  # and drawn the same again
+    assert loaded.samplers[1]._num_fits == osds.samplers[1]._num_fits == 1
     osds.continue_training(8)
+    assert osds.samplers[0]._num_fits == 2 and not osds.samplers[0]._diagnostic_cache  # every fit: a new state
     assert not torch.equal(osds.samplers[0].diagnostic_log_weights(1, "exact"), references[0])  # trained further
     # nearly constant weights need no diagnostic draws: none are made
     exact = make(potential_fn=lambda p: batched(p["x"]), num_iterations=3, diagnostic_draws=3000).run()

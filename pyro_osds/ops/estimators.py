@@ -5,7 +5,8 @@ Evidence and importance-weight estimators on log-weights :math:`\log w_i = \log\
 
 * :math:`\log\hat Z = \log\frac1N\sum_i w_i` with delta-method standard error
   :math:`\operatorname{SE}(\log\hat Z) = \sqrt{\widehat{\operatorname{Var}}(w)/N}\,/\,\bar w
-  \approx \sqrt{1/\mathrm{ESS} - 1/N}`;
+  \approx \sqrt{1/\mathrm{ESS} - 1/N}` (with further draws of the same sampler, :func:`evidence`'s ``reference``,
+  the larger of this and the relative variance of the union);
 * :math:`\mathrm{ELBO} = \frac1N\sum_i \log w_i` (a lower bound of :math:`\log Z` in expectation
   when the weights are exact), with standard error :math:`\operatorname{sd}(\log w)/\sqrt N`;
 * Kish effective sample size :math:`\mathrm{ESS} = (\sum w)^2 / \sum w^2 \in [1, N]`;
@@ -70,8 +71,8 @@ class Estimates(NamedTuple):
     Importance-sampling evidence estimates from :math:`N` draws.
 
     ``log_z`` / ``se``: :math:`\log\hat Z` and its standard error; ``elbo`` / ``elbo_se``;
-    ``ess`` (Kish) and ``ess_per_draw`` (= ESS/N); ``k_hat`` (Pareto tail index, NaN if
-    :math:`N < 20`); ``num_draws`` (usable draws); ``num_nonfinite`` (NaN/+inf log-weights
+    ``ess`` (Kish) and ``ess_per_draw`` (= ESS/N); ``k_hat`` (Pareto tail index, of the draws and the reference
+    where one is given; NaN if fewer than 20); ``num_draws`` (usable draws); ``num_nonfinite`` (NaN/+inf log-weights
     excluded); ``num_folded`` (draws whose flow Jacobian had a non-positive determinant);
     ``log_det`` (volume method behind the weights).
 

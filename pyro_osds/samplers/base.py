@@ -74,9 +74,11 @@ class Chain(abc.ABC):
         self.generator = seeded_generator(self.device) if generator is None else generator
         # drawing has its own stream, so that sampling never perturbs (resumed) training
         self.draw_generator = seeded_generator(self.device, derive_seed(self.generator))
-        # the diagnostic draws' stream: seeded from a copy of the drawing stream, which it leaves as it is
-        self._diagnostic_seed = derive_seed(_copy_generator(self.draw_generator))
+        # the diagnostic draws' stream: seeded from a copy of the drawing stream, which it leaves as it is (salted, so
+        # that it is not the seed the next sharded draw derives from that stream)
+        self._diagnostic_seed = (derive_seed(_copy_generator(self.draw_generator)) ^ 0x2545F4914F6CDD1D) % 2**62
         self._diagnostic_cache: dict[tuple, torch.Tensor] = {}
+        self._num_fits = 0  # fit() calls so far: a new trained state each (the diagnostic draws' key)
         self._distributed = distributed
         #: what the mode search found and the preconditioner fit did (set when the preconditioner is fitted)
         self.report = SearchReport()
@@ -212,21 +214,32 @@ class Chain(abc.ABC):
     def diagnostic_log_weights(self, num_steps: int = 1, log_det: str | None = None) -> torch.Tensor | None:
         """
         The log-weights of the chain's diagnostic draws: ``config.evaluation.diagnostic_draws`` weighted draws of the
-        ``num_steps``-step map, made once per trained state (and saved with it) from a stream of their own, so they
-        never change what :meth:`draw` draws. Evidence estimates read the weights'
+        ``num_steps``-step map, made once per trained state (each :meth:`fit` starts a new one; saved with the chain)
+        from a stream of their own, so they never change what :meth:`draw` draws. Evidence estimates read the weights'
         tail from them together with the draws' own (:func:`~pyro_osds.ops.estimators.evidence`'s ``reference``).
         ``None`` with ``diagnostic_draws=0``.
         """
-        num_draws = self.config.evaluation.diagnostic_draws
+        evaluation = self.config.evaluation
+        num_draws = evaluation.diagnostic_draws
         if num_draws == 0:
             return None
-        log_det = self.config.evaluation.default_log_det(self.dim) if log_det is None else log_det
-        key = (num_steps, log_det, self.iteration)
+        log_det = evaluation.default_log_det(self.dim) if log_det is None else log_det
+        # the trained state (fits, iterations) and the settings that change the map drawn or the draws' number
+        key = (num_steps, log_det, self._num_fits, self.iteration, num_draws, evaluation.dtype,
+               self.config.optim.sample_with_ema, evaluation.num_probes)
         if key not in self._diagnostic_cache:
             stream = seeded_generator(self.device, self._diagnostic_seed)
-            log_w = self.draw_sharded(num_draws, num_steps, log_det=log_det, generator=stream).log_weight
-            self._diagnostic_cache = {key: log_w.detach()}  # the latest trained state's only
+            chunk = evaluation.chunk_size  # only the log-weights are kept
+            log_w = torch.cat([self.draw_sharded(min(chunk, num_draws - start), num_steps, log_det=log_det,
+                                                 generator=stream).log_weight.detach()
+                               for start in range(0, num_draws, chunk)])
+            self._diagnostic_cache = {key: log_w}  # the latest state's only
         return self._diagnostic_cache[key]
+
+    def _start_fit(self) -> None:
+        """Called by every :meth:`fit` first: what follows is a new trained state (mixture weights included)."""
+        self._num_fits += 1
+        self._diagnostic_cache = {}
 
     def log_q(self, x: torch.Tensor, num_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """The chain's log density at given points ``x`` by the exact inverse of its map; returns ``(log_q, ok)``,
@@ -285,14 +298,15 @@ class Chain(abc.ABC):
         """The random streams and the cost so far, which every chain saves."""
         return {"generator": self.generator.get_state(), "draw_generator": self.draw_generator.get_state(),
                 "diagnostic_seed": self._diagnostic_seed, "cost": self.meter.state(),
-                "diagnostic_draws": [[*key, log_w.cpu()] for key, log_w in self._diagnostic_cache.items()]}
+                "num_fits": self._num_fits,
+                "diagnostic_draws": [[list(key), log_w.cpu()] for key, log_w in self._diagnostic_cache.items()]}
 
     def _load_common_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.draw_generator.set_state(state["draw_generator"])
         self._diagnostic_seed = int(state.get("diagnostic_seed", self._diagnostic_seed))
-        self._diagnostic_cache = {(int(num_steps), str(log_det), int(iteration)): log_w.to(self.device)
-                                  for num_steps, log_det, iteration, log_w in state.get("diagnostic_draws", ())}
+        self._num_fits = int(state.get("num_fits", 0))
+        self._diagnostic_cache = {tuple(key): log_w.to(self.device) for key, log_w in state.get("diagnostic_draws", ())}
         self.meter.load_state(state.get("cost"))
 
 

@@ -57,6 +57,7 @@ class ExactChain(Chain):
 
     def fit(self, num_iterations: int | None = None, *, until: int | None = None) -> dict[str, list]:
         """Nothing to fit or train."""
+        self._start_fit()
         self.report = SearchReport()
         return {key: [] for key in COMMON_KEYS}
 

@@ -225,6 +225,7 @@ class FlowSampler(Chain):
         lower pilot ELBO than the untrained map's (the same base draws) gives the untrained network back:
         training never leaves the sampler worse than its preconditioner.
         """
+        self._start_fit()
         self.fit_preconditioner()
         with self.meter.phase("training"):
             return self._train_phases(num_iterations, until)

@@ -93,6 +93,7 @@ class MixtureSampler(Chain):
     def fit(self, num_iterations: int | None = None, *, until: int | None = None) -> dict[str, list]:
         """Fits the components' preconditioners, trains the components that need it (class docstring)
         and sets the mixture weights; returns the training history, concatenated over components."""
+        self._start_fit()
         self.fit_preconditioner()
         history: dict[str, list] = {key: [] for key in COMMON_KEYS}
         with self.meter.phase("training"):
