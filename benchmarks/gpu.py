@@ -79,7 +79,7 @@ def run_osds(name: str, device: torch.device, *, seed: int, draws: int, chains: 
 
     from pyro_osds import OSDS
 
-    from .scaling import get_scaling_target
+    from .scaling import get_scaling_target, time_draws
 
     target = get_scaling_target(name, seed)
     model_args = _to(target.model_args, device)
@@ -94,16 +94,7 @@ def run_osds(name: str, device: torch.device, *, seed: int, draws: int, chains: 
         runner.fit(*model_args)
         synchronize(device)
         fit_s = time.perf_counter() - start
-        start = time.perf_counter()
-        runner.sample(draws)  # the first draws also make the chains' diagnostic draws, once per trained state
-        synchronize(device)
-        first_s = time.perf_counter() - start
-        start = time.perf_counter()
-        runner.sample(draws)
-        synchronize(device)
-        draw_s = time.perf_counter() - start
-    made = any(getattr(chain, "_diagnostic_cache", None) for chain in runner.samplers)
-    diagnostic_s = max(first_s - draw_s, 0.0) if made else 0.0  # none for nearly constant weights
+        draw_s, diagnostic_s = time_draws(runner, draws, lambda: synchronize(device))
     ev = runner.log_evidence()
     total = draws * chains
     draws_to_1000 = 1000.0 * total / ev.pooled.ess if ev.pooled.ess > 0 else math.inf

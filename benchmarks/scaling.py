@@ -271,6 +271,20 @@ def get_scaling_target(name: str, seed: int = 0) -> ScalingTarget:
 # The two samplers
 
 
+def time_draws(runner: OSDS, draws: int, synchronize=lambda: None) -> tuple[float, float]:
+    """Seconds of ``runner.sample(draws)`` on a fitted runner, and of its chains' diagnostic draws: the first
+    ``sample`` makes them too (once per trained state), a second one does not; none are made for nearly constant
+    weights. ``synchronize``: waits for the device's queued work."""
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        runner.sample(draws)
+        synchronize()
+        times.append(time.perf_counter() - start)
+    made = any(getattr(chain, "_diagnostic_cache", None) for chain in runner.samplers)
+    return times[1], max(times[0] - times[1], 0.0) if made else 0.0
+
+
 def run_osds(target: ScalingTarget, *, seed: int, draws: int, num_chains: int = 1) -> dict:
     """OSDS with its defaults: fit time, draw-and-weight time, evidence, time to 1000 (Kish) ESS (the fit, the
     diagnostic draws' one pass and the draws that give 1000 ESS)."""
@@ -281,14 +295,7 @@ def run_osds(target: ScalingTarget, *, seed: int, draws: int, num_chains: int = 
         warnings.simplefilter("always")
         runner.fit(*target.model_args)
         fit_s = time.perf_counter() - start
-        start = time.perf_counter()
-        runner.sample(draws)  # the first draws also make the chains' diagnostic draws, once per trained state
-        first_s = time.perf_counter() - start
-        start = time.perf_counter()
-        runner.sample(draws)
-        draw_s = time.perf_counter() - start
-    made = any(getattr(chain, "_diagnostic_cache", None) for chain in runner.samplers)
-    diagnostic_s = max(first_s - draw_s, 0.0) if made else 0.0  # none for nearly constant weights
+        draw_s, diagnostic_s = time_draws(runner, draws)
     ev = runner.log_evidence()
     ess = ev.pooled.ess
     total = draws * num_chains

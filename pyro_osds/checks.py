@@ -11,16 +11,13 @@ modes, modes too many to enumerate).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
-
-import torch
 
 from .cost import Cost
 from .modes import ModeCheck, warn_lost_modes
 from .objectives import ObjectiveConfig
-from .ops.estimators import K_HAT_THRESHOLD, NEAR_CONSTANT_ESS, kish_ess
+from .ops.estimators import K_HAT_THRESHOLD, nearly_constant, usable_log_weights
 from .results import Draws, LogEvidence, UnreliableEvidenceWarning
 from .util import warn
 
@@ -89,9 +86,9 @@ def diagnostic_references(chains: Sequence, draws: Sequence[Draws], num_steps: i
     """
     references = []
     for chain, d in zip(chains, draws, strict=True):
-        log_w = d.log_weight[~(torch.isnan(d.log_weight) | (d.log_weight == math.inf))]
+        log_w = usable_log_weights(d.log_weight)
         wanted = (d.weighted and 0 < log_w.numel() < chain.config.evaluation.diagnostic_draws
-                  and not float(kish_ess(log_w)) >= NEAR_CONSTANT_ESS * log_w.numel())
+                  and not nearly_constant(log_w))
         references.append(chain.diagnostic_log_weights(num_steps, d.log_det) if wanted else None)
     return references
 

@@ -47,8 +47,10 @@ __all__ = [
     "forward_evidence",
     "kish_ess",
     "log_mean_exp",
+    "nearly_constant",
     "pareto_k_hat",
     "pool_estimates",
+    "usable_log_weights",
 ]
 
 
@@ -132,18 +134,30 @@ def log_mean_exp(log_w: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])
 
 
-def _clean(log_w: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
+def usable_log_weights(log_w: torch.Tensor) -> torch.Tensor:
+    r"""``log_w`` flattened to float64 without its NaN and :math:`+\infty` entries (:math:`-\infty`, a zero weight,
+    is usable)."""
     log_w = torch.as_tensor(log_w).detach().reshape(-1).to(torch.float64)
-    bad = torch.isnan(log_w) | (log_w == math.inf)
-    num_bad = int(bad.sum())
+    return log_w[~(torch.isnan(log_w) | (log_w == math.inf))]
+
+
+def nearly_constant(clean: torch.Tensor) -> bool:
+    """Whether usable log-weights (:func:`usable_log_weights`) are nearly constant: ESS/N at least
+    :data:`NEAR_CONSTANT_ESS`, where their tail fit is noise."""
+    return clean.numel() > 0 and _kish(clean) >= NEAR_CONSTANT_ESS * clean.numel()
+
+
+def _clean(log_w: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
+    total = torch.as_tensor(log_w).numel()
+    log_w = usable_log_weights(log_w)
+    num_bad = total - log_w.numel()
     if num_bad:
         warnings.warn(
-            f"{num_bad} of {log_w.numel()} {what} are NaN or +inf (the potential or the flow is not finite "
+            f"{num_bad} of {total} {what} are NaN or +inf (the potential or the flow is not finite "
             "there); they are excluded from the estimate.",
             RuntimeWarning,
             stacklevel=3,
         )
-        log_w = log_w[~bad]
     if log_w.numel() == 0 or not bool(torch.isfinite(log_w).any()):
         raise EvidenceError(
             f"No finite {what}: every draw has zero or undefined weight, so log Z cannot be estimated. "
@@ -189,10 +203,13 @@ def pareto_k_hat(log_w: torch.Tensor) -> float:
     return k
 
 
-def _relative_variance(clean: torch.Tensor) -> float:
-    r"""The unbiased estimate of :math:`\operatorname{Var}(w)/\bar w^2` from clean log-weights (by the Kish ESS)."""
-    n = clean.numel()
-    ess = float(n) if bool((clean == clean[0]).all()) else float(kish_ess(clean))
+def _kish(clean: torch.Tensor) -> float:
+    """The Kish ESS of non-empty clean log-weights, exactly N for equal weights."""
+    return float(clean.numel()) if bool((clean == clean[0]).all()) else float(kish_ess(clean))
+
+
+def _relative_variance(n: int, ess: float) -> float:
+    r"""The unbiased estimate of :math:`\operatorname{Var}(w)/\bar w^2` from ``n`` weights of Kish ESS ``ess``."""
     return max(n / ess - 1.0, 0.0) * n / max(n - 1, 1)
 
 
@@ -218,14 +235,13 @@ def evidence(
     else:
         log_z, ess = float(log_mean_exp(clean)), float(kish_ess(clean))
     # delta method with the unbiased variance: SE^2 = Var(w) / (N wbar^2)
-    rel_var = max(n / ess - 1.0, 0.0) * n / max(n - 1, 1)
+    rel_var = _relative_variance(n, ess)
     tail = clean
     if reference is not None:
-        ref = torch.as_tensor(reference).detach().reshape(-1).to(device=clean.device, dtype=torch.float64)
-        ref = ref[~(torch.isnan(ref) | (ref == math.inf))]
+        ref = usable_log_weights(reference).to(clean.device)
         if ref.numel() and bool(torch.isfinite(ref).any()):
             tail = torch.cat([clean, ref])
-            rel_var = max(rel_var, _relative_variance(tail))
+            rel_var = max(rel_var, _relative_variance(tail.numel(), _kish(tail)))
     se = math.sqrt(rel_var / n)
     elbo = float(clean.mean())
     elbo_se = float(clean.std()) / math.sqrt(n) if n > 1 and math.isfinite(elbo) else math.nan
@@ -251,7 +267,7 @@ def forward_evidence(log_w_forward: torch.Tensor) -> ForwardEstimates:
     neg = -clean
     log_inv_z = float(log_mean_exp(neg))
     ess = float(kish_ess(neg))
-    rel_var = max(n / ess - 1.0, 0.0) * n / max(n - 1, 1)
+    rel_var = _relative_variance(n, ess)
     return ForwardEstimates(
         eubo=float(clean.mean()),
         eubo_se=float(clean.std()) / math.sqrt(n) if n > 1 else math.nan,
