@@ -21,7 +21,11 @@ NUTS (Pyro, one chain, ``--nuts-warmup`` + ``--nuts-samples``, one CPU thread ea
 its best on these models) runs at the same time in separate processes on the machine's other CPU cores, one per
 target of ``--nuts-targets``, so that the ratio OSDS / NUTS is measured in the same run.
 
-Writes ``<out>/gpu.json`` and ``<out>/gpu.md`` (the GPU's name, torch and CUDA versions, the commit).
+Writes ``<out>/gpu.json`` and ``<out>/gpu.md`` (the GPU's name, torch and CUDA versions, the commit), rewritten
+after every target and every NUTS result, so that a run cut short by its time limit keeps what it measured (NUTS is
+waited for until ``--deadline`` seconds after the start). ``--profile`` targets get a :mod:`torch.profiler` table of
+``--iterations`` training iterations (the operators by device time and by host time, with the host's reads of the
+device: ``aten::_local_scalar_dense``, ``cudaStreamSynchronize``, device-to-host copies) in ``<out>/profile.txt``.
 
 Installing on a GPU machine without internet access: carry the missing packages as wheels (``pyro-ppl``,
 ``pyro-api``, ``arviz``, ``xarray-einstats``, ``h5netcdf``, ``platformdirs``; ``benchmarks/gpu_check.sh`` shows
@@ -73,8 +77,34 @@ def _to(args, device):
     return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def run_osds(name: str, device: torch.device, *, seed: int, draws: int, chains: int, iterations: int) -> dict:
-    """OSDS with its defaults on ``device`` (module docstring)."""
+def profile_iterations(trainer, device: torch.device, iterations: int) -> str:
+    """A :mod:`torch.profiler` table of ``iterations`` training iterations on ``device`` (module docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        trainer.train(iterations)
+        synchronize(device)
+    averages = prof.key_averages()
+    host_reads = ("aten::_local_scalar_dense", "aten::item", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+                  "cudaMemcpyAsync", "cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch")
+    lines = [f"{iterations} iterations; calls per iteration: " + ", ".join(
+        f"{e.key} {e.count / iterations:.1f}" for e in averages if e.key in host_reads)]
+    for key in (("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()) + (
+            "self_cpu_time_total",):
+        try:
+            lines += [f"sorted by {key}", averages.table(sort_by=key, row_limit=30, max_name_column_width=60)]
+        except (AttributeError, KeyError, ValueError, RuntimeError):
+            continue
+        if key != "self_cpu_time_total":
+            break
+    return "\n".join(lines)
+
+
+def run_osds(name: str, device: torch.device, *, seed: int, draws: int, chains: int, iterations: int,
+             profile: Path | None = None) -> dict:
+    """OSDS with its defaults on ``device`` (module docstring); with ``profile``, appends a profile there."""
     import pyro
 
     from pyro_osds import OSDS
@@ -106,6 +136,9 @@ def run_osds(name: str, device: torch.device, *, seed: int, draws: int, chains: 
         trainer.train(iterations)
         synchronize(device)
         per_iteration = (time.perf_counter() - start) / iterations
+        if profile is not None:
+            with profile.open("a") as fh:
+                fh.write(f"## {name} (D = {target.dim}) on {device}\n{profile_iterations(trainer, device, iterations)}\n\n")
     return {
         "device": str(device), "dim": target.dim, "fit_s": fit_s, "draw_s": draw_s, "draws": total,
         "diagnostic_s": diagnostic_s, "time_to_1000_ess_s": fit_s + diagnostic_s + draw_s * draws_to_1000 / total,
@@ -157,6 +190,15 @@ def write_report(results: dict, out: Path) -> None:
     (out / "gpu.md").write_text("\n".join(lines) + "\n")
 
 
+def _save(results: dict, out: Path) -> None:
+    """Writes the JSON and the Markdown report of what was measured so far (failed targets last)."""
+    rows = [r for r in results["rows"] if "osds" in r]
+    (out / "gpu.json").write_text(json.dumps({**results, "rows": rows + [r for r in results["rows"]
+                                                                         if "osds" not in r]},
+                                             indent=1, default=str))
+    write_report({**results, "rows": rows}, out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
     parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS))
@@ -170,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a dry run: few draws, short NUTS")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/gpu")
+    parser.add_argument("--profile", nargs="*", default=[], help="targets whose training iterations are profiled")
+    parser.add_argument("--deadline", type=float, default=math.inf,
+                        help="seconds from the start after which NUTS is no longer waited for")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the report from the JSON and stop")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -184,32 +229,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "seed": args.seed,
                "environment": environment(device), "settings": vars(args), "rows": []}
     refs = references()
+    started = time.perf_counter()
+    profile_path = out / "profile.txt"
+    if args.profile:
+        profile_path.unlink(missing_ok=True)
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max(1, len(nuts_targets)), mp_context=context) as pool:
-        nuts = {name: pool.submit(_nuts_job, name, args.seed, args.nuts_warmup, args.nuts_samples)
-                for name in nuts_targets}
-        for name in args.targets:
-            row = {"name": name, "reference": refs.get(name)}
+    pool = concurrent.futures.ProcessPoolExecutor(max(1, len(nuts_targets)), mp_context=context)
+    nuts = {name: pool.submit(_nuts_job, name, args.seed, args.nuts_warmup, args.nuts_samples)
+            for name in nuts_targets}
+    for name in args.targets:
+        row = {"name": name, "reference": refs.get(name)}
+        try:
+            row["osds"] = run_osds(name, device, seed=args.seed, draws=args.draws, chains=args.chains,
+                                   iterations=args.iterations,
+                                   profile=profile_path if name in args.profile else None)
+        except Exception as err:  # noqa: BLE001 - a failing target is reported, the others still run
+            row["error"] = f"{type(err).__name__}: {err}"
+        o = row.get("osds")
+        print(f"[{name}] " + (row["error"] if o is None else
+                              f"log Z {o['log_z']:.3f} +- {o['se']:.3f}, fit {o['fit_s']:.1f} s, "
+                              f"{1000 * o['seconds_per_iteration']:.1f} ms/iteration, to 1000 ESS "
+                              f"{o['time_to_1000_ess_s']:.1f} s"), flush=True)
+        results["rows"].append(row)
+        _save(results, out)
+    for row in results["rows"]:
+        if row["name"] in nuts:
+            remaining = args.deadline - (time.perf_counter() - started)
             try:
-                row["osds"] = run_osds(name, device, seed=args.seed, draws=args.draws, chains=args.chains,
-                                       iterations=args.iterations)
-            except Exception as err:  # noqa: BLE001 - a failing target is reported, the others still run
-                row["error"] = f"{type(err).__name__}: {err}"
-            o = row.get("osds")
-            print(f"[{name}] " + (row["error"] if o is None else
-                                  f"log Z {o['log_z']:.3f} +- {o['se']:.3f}, fit {o['fit_s']:.1f} s, "
-                                  f"{1000 * o['seconds_per_iteration']:.1f} ms/iteration, to 1000 ESS "
-                                  f"{o['time_to_1000_ess_s']:.1f} s"), flush=True)
-            results["rows"].append(row)
-        for row in results["rows"]:
-            if row["name"] in nuts:
-                try:
-                    row["nuts"] = nuts[row["name"]].result()
-                except Exception as err:  # noqa: BLE001
-                    row["nuts"] = {"error": f"{type(err).__name__}: {err}"}
-    results["rows"] = [r for r in results["rows"] if "osds" in r] + [r for r in results["rows"] if "osds" not in r]
-    (out / "gpu.json").write_text(json.dumps(results, indent=1, default=str))
-    write_report({**results, "rows": [r for r in results["rows"] if "osds" in r]}, out)
+                row["nuts"] = nuts[row["name"]].result(timeout=max(remaining, 0.0) if remaining < 1e9 else None)
+            except concurrent.futures.TimeoutError:
+                row["nuts"] = {"error": f"not finished {args.deadline:.0f} s after the start"}
+            except Exception as err:  # noqa: BLE001
+                row["nuts"] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"[{row['name']}] NUTS {row['nuts'].get('time_to_1000_ess_s', row['nuts'].get('error'))}",
+                  flush=True)
+            _save(results, out)
+    pool.shutdown(wait=False, cancel_futures=True)
+    if not all(f.done() for f in nuts.values()):  # past the deadline: end the NUTS processes, not wait at exit
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
     return 0
 
 

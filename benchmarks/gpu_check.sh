@@ -17,7 +17,8 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import torch, pyro, arviz; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'pyro', pyro.__version__, 'arviz', arviz.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
-timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py tests/test_devices.py 2>&1 \
-    | tee "$OUT/tests.log"
-timeout 330 python3 -m benchmarks.gpu --out "$OUT" 2>&1 | tee "$OUT/benchmark.log"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" --durations=12 tests/test_gpu.py tests/test_devices.py \
+    2>&1 | tee "$OUT/tests.log"
+timeout 330 python3 -m benchmarks.gpu --out "$OUT" --deadline 310 --profile logreg256 lgcp1600 2>&1 \
+    | tee "$OUT/benchmark.log"
 ls -l "$OUT"
