@@ -48,13 +48,17 @@ OUT_OF_TIME = "the run's time limit (`max_time`) ran out"
 CHAIN_METHODS = ("auto", "sequential", "threads", "processes")
 
 
+_NO_FORK = ("`chain_method='processes'` forks this process, which this platform cannot (no 'fork' start method) or "
+            "must not (CUDA is initialised here: a forked copy can use neither CUDA nor autograd); use "
+            "`chain_method='threads'` (or 'auto').")
+
+
 def check_chain_method(chain_method: str, *, hook_fn: Callable | None = None, checkpoint=None) -> None:
     """Raises ``ValueError`` unless ``chain_method`` is one of :data:`CHAIN_METHODS` and can be used with a
     ``hook_fn`` and a ``checkpoint``."""
     check_choice("chain_method", chain_method, CHAIN_METHODS)
     if chain_method == "processes" and not can_fork():
-        raise ValueError("`chain_method='processes'` needs the 'fork' start method, which this platform lacks; use "
-                         "`chain_method='threads'` (or 'auto').")
+        raise ValueError(_NO_FORK)
     if chain_method == "processes" and hook_fn is not None:
         raise ValueError("`hook_fn` cannot be called from chains training in processes (it would run in their "
                          "copies of this program); use `chain_method='threads'`.")
@@ -74,6 +78,8 @@ def choose_chain_method(chain_method: str, num_chains: int, *, device: torch.dev
     """
     if num_chains == 1 or chain_method == "sequential" or distributed is not None:
         return "sequential", 1
+    if chain_method == "processes" and not can_fork():  # CUDA initialised since the runner was made
+        raise ValueError(_NO_FORK)
     if chain_method != "auto":
         return chain_method, num_chains
     if checkpoint is not None or device.type != "cpu":

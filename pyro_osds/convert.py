@@ -57,6 +57,7 @@ import torch
 import xarray as xr
 
 from ._version import __version__
+from .util import tensor_on_its_device
 
 __all__ = ["to_datatree", "to_inference_data"]
 
@@ -100,7 +101,7 @@ def _predictive_arrays(samples: dict, num_chains: int, num_draws: int) -> dict[s
     """Posterior predictive draws ``{site: (C*M, ...) or (C, M, ...)}`` as ``(C, M, ...)`` arrays."""
     out = {}
     for name, value in samples.items():
-        value = torch.as_tensor(value)
+        value = tensor_on_its_device(value)
         if value.shape[:2] == (num_chains, num_draws):
             out[name] = _numpy(value)
         elif value.dim() >= 1 and value.shape[0] == num_chains * num_draws:

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from .util import warn
+from .util import tensor_on_its_device, warn
 
 __all__ = ["FlatTarget", "PotentialTarget", "Site", "pack", "unpack"]
 
@@ -59,7 +59,7 @@ def pack(entries, values: dict, *, what: str = "parameter") -> torch.Tensor:
         raise ValueError(f"Missing {what}s {missing}; expected {[e.name for e in entries]}.")
     parts = []
     for e in entries:
-        v = torch.as_tensor(values[e.name])
+        v = tensor_on_its_device(values[e.name])
         if tuple(v.shape[1:]) != tuple(e.shape):
             raise ValueError(f"{what.capitalize()} {e.name!r} must have shape (batch, {', '.join(map(str, e.shape))}), "
                              f"got {tuple(v.shape)}.")
@@ -136,7 +136,7 @@ class FlatTarget:
 
     def unconstrain(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """dict of constrained ``(batch, *shape)`` -> ``(batch, D)``."""
-        return self.pack({s.name: (self.transforms[s.name](torch.as_tensor(values[s.name]))
+        return self.pack({s.name: (self.transforms[s.name](tensor_on_its_device(values[s.name]))
                                    if s.name in self.transforms else values[s.name]) for s in self.sites})
 
     # ------------------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ class PotentialTarget(FlatTarget):
     def _loop(self, z: torch.Tensor) -> torch.Tensor:
         values = []
         for row in z:
-            value = torch.as_tensor(self._single(row))
+            value = tensor_on_its_device(self._single(row))
             if value.numel() != 1:
                 raise ValueError(
                     f"`potential_fn` must return a scalar (0-d tensor) for unbatched inputs, got shape "

@@ -37,7 +37,7 @@ from .ops.integrate import LOG_DET_METHODS, count_folded, flow
 from .ops.inverse import inverse_flow
 from .ops.reference import ReferenceProcess
 from .results import Draws
-from .util import PotentialFn, check_choice, check_positive_int
+from .util import PotentialFn, check_choice, check_positive_int, tensor_on_its_device
 
 __all__ = ["ConsistencyTransport", "EvaluationConfig", "FlowTransport", "MixtureTransport", "Transport",
            "TransportOutput", "draw"]
@@ -314,7 +314,7 @@ class MixtureTransport:
 
     def __init__(self, components, weights, *, partition=None):
         self.components = list(components)
-        weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+        weights = tensor_on_its_device(weights, dtype=torch.float64).reshape(-1)
         if len(self.components) != weights.numel() or not bool((weights >= 0).all()) or float(weights.sum()) <= 0:
             raise ValueError(f"`weights` must be {len(self.components)} non-negative numbers, not all zero, got "
                              f"{weights.tolist()}.")

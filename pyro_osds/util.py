@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 Small helpers every layer uses: argument checks with one wording, user-facing warnings that point
-at the user's code, and random generators seeded from a parent stream. This module imports nothing
+at the user's code, random generators seeded from a parent stream, and tensors that stay on their device. This module imports nothing
 from the rest of the package.
 """
 
@@ -22,6 +22,7 @@ __all__ = [
     "check_positive_int",
     "derive_seed",
     "seeded_generator",
+    "tensor_on_its_device",
     "warn",
 ]
 
@@ -86,3 +87,12 @@ def seeded_generator(device, seed: int | None = None) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(derive_seed() if seed is None else seed)
     return generator
+
+
+def tensor_on_its_device(value, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``value`` as a tensor: a tensor stays on its device (``torch.as_tensor`` would move it to the default device
+    under ``torch.set_default_device``, which inserts a ``device`` into every factory call that names none); Python
+    numbers and lists go to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value if dtype is None else value.to(dtype)
+    return torch.as_tensor(value, dtype=dtype, device="cpu")

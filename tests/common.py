@@ -127,7 +127,8 @@ def assert_same_training(a, b):
 
 def gaussian_mixture_potential(locs, weights, scale=1.0):
     """The potential of a normalised Gaussian mixture (log Z = 0) with isotropic components."""
-    locs, log_weights = torch.as_tensor(locs, dtype=D64), torch.as_tensor(weights, dtype=D64).log()
+    locs = torch.as_tensor(locs, dtype=D64, device="cpu")
+    log_weights = torch.as_tensor(weights, dtype=D64, device="cpu").log()
 
     def potential(x):
         comp = torch.distributions.Normal(locs, scale).log_prob(x[..., None, :]).sum(-1)

@@ -9,7 +9,13 @@ import warnings
 import pytest
 import torch
 
-from pyro_osds.chains import check_chain_method, map_chains, out_of_memory_advice, warn_interrupted
+from pyro_osds.chains import (
+    check_chain_method,
+    choose_chain_method,
+    map_chains,
+    out_of_memory_advice,
+    warn_interrupted,
+)
 from pyro_osds.config import OSDSConfig
 from pyro_osds.parallel import can_fork
 
@@ -99,6 +105,21 @@ def test_bad_methods_and_combinations_are_refused():
         check_chain_method("processes", checkpoint="run.pt")
     with pytest.raises(ValueError, match="Unknown chain method"):
         map_chains(lambda chain: Trained(chain), 2, "auto")
+
+
+def test_no_chain_forks_a_process_that_has_initialised_cuda(monkeypatch):
+    # on a GPU machine, CPU chains after a GPU run: a forked copy could use neither CUDA nor autograd (seen on an
+    # H100: "Unable to handle autograd's threading in combination with fork-based multiprocessing")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert not can_fork()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert choose_chain_method("auto", 2, device=cpu) == ("threads", 2)
+    with pytest.raises(ValueError, match="CUDA is initialised"):
+        check_chain_method("processes")
+    with pytest.raises(ValueError, match="CUDA is initialised"):
+        choose_chain_method("processes", 2, device=cpu)
 
 
 def test_out_of_memory_errors_say_what_to_change():

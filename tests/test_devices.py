@@ -11,6 +11,7 @@ stage, must name its device, and every generator the package makes must name its
 
 import ast
 import collections
+import math
 import os
 import sys
 import warnings
@@ -30,12 +31,19 @@ from tests.common import D64, gaussian_mixture_potential
 PACKAGE = Path(pyro_osds.__file__).parent
 FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.randn, torch.rand, torch.randint, torch.randperm,
              torch.arange, torch.eye, torch.linspace, torch.logspace, torch.tensor, torch.normal, torch.empty_strided,
-             torch.scalar_tensor}
+             torch.scalar_tensor, torch.as_tensor, torch.asarray}
+try:  # the functions into which `torch.set_default_device` inserts its device (torch's own list, where it has one)
+    from torch.utils._device import _device_constructors
+
+    FACTORIES |= set(_device_constructors())
+except ImportError:
+    pass
 
 
 class DeviceLessFactories(TorchFunctionMode):
-    """Records the tensor factories (and ``torch.as_tensor`` of Python data) that the package's own code calls
-    without ``device=``, by file, line and function."""
+    """Records the tensor factories that the package's own code calls without ``device=``, by file, line and
+    function: ``torch.as_tensor`` of a tensor too, which ``torch.set_default_device`` turns into a move to the
+    default device (the GPU's data were moved to the CPU so)."""
 
     def __init__(self):
         super().__init__()
@@ -43,8 +51,7 @@ class DeviceLessFactories(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        factory = func in FACTORIES or (func is torch.as_tensor and args and not isinstance(args[0], torch.Tensor))
-        if factory and "device" not in kwargs:
+        if func in FACTORIES and kwargs.get("device") is None:
             caller = sys._getframe(1).f_code.co_filename
             if caller.startswith(str(PACKAGE) + os.sep):
                 self.calls[(os.path.relpath(caller, PACKAGE), sys._getframe(1).f_lineno, func.__name__)] += 1
@@ -65,44 +72,63 @@ def test_every_tensor_the_package_makes_names_its_device():
     guard = DeviceLessFactories()
     with warnings.catch_warnings(), guard:
         warnings.simplefilter("ignore")
-        pyro.set_rng_seed(0)
-        # a Pyro model: the target's probe, the mode search, training, drawing, resampling, predictive and ArviZ
-        osds = OSDS(model, num_samples=60, preset="smoke", chain_method="sequential", disable_progbar=True).run(X, y)
-        osds.to_datatree(posterior_predictive=osds.predictive())
-        osds.summary_dict()
-        osds.diagnostics()
-        compare({"a": osds, "b": osds})
-
-        def hierarchical(y):  # the non-centring choice: its candidates' trace, both mean-field fits, its reports
-            s = pyro.sample("s", dist.HalfNormal(y.new_ones(())))
-            pyro.sample("walk", dist.MultivariateNormal(y.new_zeros(3), scale_tril=s * torch.eye(3, dtype=y.dtype)))
-            with pyro.plate("groups", y.shape[0]):
-                theta = pyro.sample("theta", dist.Normal(y.new_zeros(()), s))
-                pyro.sample("obs", dist.Normal(theta, 1.0), obs=y)
-
-        OSDS(hierarchical, num_samples=20, num_chains=1, preset="smoke", disable_progbar=True).run(y[:5]).get_samples()
-        # a mixture of flows (the mixture transport's component choice and order), CDDS, the marginal mixture
-        mixture = OSDS(potential_fn=lambda p: gaussian_mixture_potential([[-4.0, 0.0], [4.0, 0.0]], [0.3, 0.7])(
-            p["x"]), initial_params={"x": torch.zeros(2, dtype=D64)}, num_samples=60, num_iterations=5,
-            chain_method="sequential", disable_progbar=True).run()
-        mixture.get_samples()
-        cdds = FlowSampler(lambda x: 0.5 * (x**2).sum(-1), torch.zeros(2, dtype=D64),
-                           OSDSConfig.for_method("cdds", OSDSConfig.preset("smoke"), num_iterations=3,
-                                                 consistency_iterations=3), disable_progbar=True)
-        cdds.fit()
-        cdds.draw(20)
-
-        def wells(x):  # 2^10 modes: more than the search enumerates, so a marginal mixture preconditions
-            return -torch.logaddexp(-0.5 * (x + 3.5) ** 2 + torch.log(torch.tensor(0.25, dtype=x.dtype, device=x.device)),
-                                    -0.5 * (x - 3.5) ** 2 + torch.log(torch.tensor(0.75, dtype=x.dtype,
-                                                                                    device=x.device))).sum(-1)
-
-        marginal = FlowSampler(wells, torch.zeros(10, dtype=D64), OSDSConfig(num_iterations=3), disable_progbar=True)
-        marginal.fit()
-        marginal.check_modes(marginal.draw(100))
+        marginal, mixture = _pyro_model_stages(X, y), None
+        # and with another default device than the data's (as `torch.set_default_device` may leave it): a tensor
+        # made there by the package, or by Pyro or torch on the package's behalf (Pyro's Pareto fit on the CPU's
+        # log-weights, seen on a GPU), fails the run. (A Pyro model's own trace makes tensors on the default device.)
+        torch.set_default_device("meta")
+        try:
+            marginal, mixture = _potential_stages()
+        finally:
+            torch.set_default_device(None)
     assert marginal.report.marginal_mixture and len(mixture.samplers[0].components) == 2
+    assert mixture.draws[0].x.device.type == "cpu" and math.isfinite(mixture.log_evidence().log_z)
     assert not guard.calls, "tensor factories without a device: " + ", ".join(
         f"{path}:{line} {name}" for path, line, name in sorted(guard.calls))
+
+
+def _pyro_model_stages(X, y):
+    """A Pyro model: the target's probe, the mode search, training, drawing, resampling, predictive, ArviZ, and the
+    non-centring choice."""
+    pyro.set_rng_seed(0)
+    osds = OSDS(model, num_samples=60, preset="smoke", chain_method="sequential", disable_progbar=True).run(X, y)
+    osds.to_datatree(posterior_predictive=osds.predictive())
+    osds.summary_dict()
+    osds.diagnostics()
+    compare({"a": osds, "b": osds})
+
+    def hierarchical(y):  # the non-centring choice: its candidates' trace, both mean-field fits, its reports
+        s = pyro.sample("s", dist.HalfNormal(y.new_ones(())))
+        pyro.sample("walk", dist.MultivariateNormal(y.new_zeros(3), scale_tril=s * torch.eye(3, dtype=y.dtype)))
+        with pyro.plate("groups", y.shape[0]):
+            theta = pyro.sample("theta", dist.Normal(y.new_zeros(()), s))
+            pyro.sample("obs", dist.Normal(theta, 1.0), obs=y)
+
+    OSDS(hierarchical, num_samples=20, num_chains=1, preset="smoke", disable_progbar=True).run(y[:5]).get_samples()
+
+
+def _potential_stages():
+    """A mixture of flows (the mixture transport's component choice and order) with its evidence and draws, CDDS,
+    the marginal mixture."""
+    mixture = OSDS(potential_fn=lambda p: gaussian_mixture_potential([[-4.0, 0.0], [4.0, 0.0]], [0.3, 0.7])(p["x"]),
+                   initial_params={"x": torch.zeros(2, dtype=D64, device="cpu")}, num_samples=60, num_iterations=5,
+                   chain_method="sequential", disable_progbar=True).run()
+    mixture.get_samples()
+    mixture.to_datatree()
+    cdds = FlowSampler(lambda x: 0.5 * (x**2).sum(-1), torch.zeros(2, dtype=D64, device="cpu"),
+                       OSDSConfig.for_method("cdds", OSDSConfig.preset("smoke"), num_iterations=3,
+                                             consistency_iterations=3), disable_progbar=True)
+    cdds.fit()
+    cdds.draw(20)
+
+    def wells(x):  # 2^10 modes: more than the search enumerates, so a marginal mixture preconditions
+        return -torch.logaddexp(-0.5 * (x + 3.5) ** 2 + math.log(0.25), -0.5 * (x - 3.5) ** 2 + math.log(0.75)).sum(-1)
+
+    marginal = FlowSampler(wells, torch.zeros(10, dtype=D64, device="cpu"), OSDSConfig(num_iterations=3),
+                           disable_progbar=True)
+    marginal.fit()
+    marginal.check_modes(marginal.draw(100))
+    return marginal, mixture
 
 
 def test_every_generator_the_package_makes_names_its_device():

@@ -23,9 +23,9 @@ SMOKE = dict(preset="smoke", disable_progbar=True)
 
 
 def data(device, n=120, d=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g)
-    y = (torch.rand(n, generator=g) < torch.sigmoid(X @ torch.linspace(-1.0, 1.0, d))).float()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    X = torch.randn(n, d, generator=g, device="cpu")
+    y = (torch.rand(n, generator=g, device="cpu") < torch.sigmoid(X @ torch.linspace(-1.0, 1.0, d, device="cpu"))).float()
     return X.to(device), y.to(device)
 
 
@@ -60,23 +60,28 @@ def test_a_model_with_data_on_the_device_trains_and_samples_there(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_set_default_device_puts_the_whole_run_there(device):
-    previous = torch.get_default_device()
-    torch.set_default_device(device)
+@pytest.mark.parametrize("default", ["data", "cpu"])
+def test_set_default_device_puts_the_whole_run_there(device, default):
+    # default "data": the model makes its tensors with no device (`torch.set_default_device(device)`); "cpu": the
+    # default device is the CPU's, explicitly, and the data elsewhere (on an H100 the package's `torch.as_tensor`
+    # calls moved the GPU's data to the CPU so)
+    torch.set_default_device(device if default == "data" else "cpu")
     try:
         X, y = data(device)
         pyro.set_rng_seed(0)
-        osds = OSDS(default_device_model, num_samples=200, num_chains=1, **SMOKE).run(X, y)
+        osds = OSDS(default_device_model if default == "data" else plated, num_samples=200, num_chains=1,
+                    **SMOKE).run(X, y)
         assert osds.samplers[0].device.type == device and math.isfinite(osds.log_evidence().log_z)
-        assert osds.get_samples()["w"].shape == (200, 4)
+        assert osds.get_samples()["w"].shape == (200, 4) and osds.get_samples()["w"].device.type == device
     finally:
-        torch.set_default_device(previous)
+        torch.set_default_device(None)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_enumerated_discrete_sites_on_the_device(device):
-    y = torch.cat([torch.randn(15, generator=torch.Generator().manual_seed(0)) - 2.0,
-                   torch.randn(15, generator=torch.Generator().manual_seed(1)) + 2.0]).to(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    y = torch.cat([torch.randn(15, generator=g, device="cpu") - 2.0, torch.randn(15, generator=g, device="cpu") + 2.0])
+    y = y.to(device)
 
     def mixture(y):
         locs = pyro.sample("locs", dist.Normal(y.new_tensor([-1.0, 1.0]), 2.0).to_event(1))

@@ -38,6 +38,8 @@ from typing import NamedTuple
 import torch
 from pyro.ops.stats import fit_generalized_pareto
 
+from ..util import tensor_on_its_device
+
 __all__ = [
     "EXACT_WEIGHT_METHODS",
     "EvidenceError",
@@ -137,7 +139,7 @@ def log_mean_exp(log_w: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def usable_log_weights(log_w: torch.Tensor) -> torch.Tensor:
     r"""``log_w`` flattened to float64 without its NaN and :math:`+\infty` entries (:math:`-\infty`, a zero weight,
     is usable)."""
-    log_w = torch.as_tensor(log_w).detach().reshape(-1).to(torch.float64)
+    log_w = tensor_on_its_device(log_w).detach().reshape(-1).to(torch.float64)
     return log_w[~(torch.isnan(log_w) | (log_w == math.inf))]
 
 
@@ -148,7 +150,7 @@ def nearly_constant(clean: torch.Tensor) -> bool:
 
 
 def _clean(log_w: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
-    total = torch.as_tensor(log_w).numel()
+    total = tensor_on_its_device(log_w).numel()
     log_w = usable_log_weights(log_w)
     num_bad = total - log_w.numel()
     if num_bad:
@@ -186,7 +188,7 @@ def pareto_k_hat(log_w: torch.Tensor) -> float:
     NaN if fewer than 20 draws;
     :math:`-\infty` for a constant tail (no tail at all).
     """
-    log_w = torch.as_tensor(log_w).detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+    log_w = tensor_on_its_device(log_w).detach().reshape(-1).to(device="cpu", dtype=torch.float64)
     log_w = log_w[torch.isfinite(log_w)]
     n = log_w.numel()
     if n < 20:
@@ -199,7 +201,8 @@ def pareto_k_hat(log_w: torch.Tensor) -> float:
     if not bool((exceed > 0).any()) or float(exceed[-1]) <= 0:
         return -math.inf  # constant tail: no heavier-than-exponential tail at all
     exceed = exceed.clamp_min(torch.finfo(exceed.dtype).tiny)
-    k, _ = fit_generalized_pareto(exceed)
+    with torch.device("cpu"):  # Pyro's fit makes tensors on the default device (``torch.set_default_device``)
+        k, _ = fit_generalized_pareto(exceed)
     return k
 
 
@@ -301,12 +304,12 @@ def pool_estimates(log_w_per_chain: list[torch.Tensor], *, num_folded: int = 0, 
     relative variance of the union of all.
     """
     references = list(references) if references is not None else [None] * len(log_w_per_chain)
-    flat = [torch.as_tensor(lw).reshape(-1) for lw in log_w_per_chain]
-    given = [torch.as_tensor(r).reshape(-1).to(f.device) for f, r in zip(flat, references, strict=True)
+    flat = [tensor_on_its_device(lw).reshape(-1) for lw in log_w_per_chain]
+    given = [tensor_on_its_device(r).reshape(-1).to(f.device) for f, r in zip(flat, references, strict=True)
              if r is not None]
     pooled = evidence(torch.cat(flat), num_folded=num_folded, log_det=log_det,
                       reference=torch.cat(given) if given else None)
-    per_chain = [pareto_k_hat(lw if r is None else torch.cat([lw, torch.as_tensor(r).reshape(-1).to(lw.device)]))
+    per_chain = [pareto_k_hat(lw if r is None else torch.cat([lw, tensor_on_its_device(r).reshape(-1).to(lw.device)]))
                  for lw, r in zip(flat, references, strict=True)]
     finite = [k for k in per_chain if not math.isnan(k)]
     return pooled._replace(k_hat=max(finite) if finite else math.nan)

@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..util import PotentialFn, check_choice
+from ..util import PotentialFn, check_choice, tensor_on_its_device
 from . import lowrank
 from .jacobian import batched_jacobian, exact_trace, hutchinson_trace, potential_and_score, rademacher
 from .reference import ReferenceProcess
@@ -141,7 +141,7 @@ def _step_graph(net, potential_fn, process, x_in, code, step, *, through_g):
     dt = _col(step / T)
     beta = _col(process.beta(code))
     sigma = _col(process.sigma(code))
-    if not bool((torch.as_tensor(target_weight(process, code, step)) != 0).any()):
+    if not bool((tensor_on_its_device(target_weight(process, code, step)) != 0).any()):
         # the target's interpolation weight is zero (a step from the prior end, c = T): skip its score
         score = torch.zeros_like(x_in)
     else:
@@ -228,7 +228,7 @@ def control_and_jacobian(net, potential_fn: PotentialFn, process: ReferenceProce
     else:
         g_jac = (sigma * (1.0 - tau))[:, None, None] * hessian + torch.diag_embed(prior_diag)
     if low_rank and g_jac.dim() == 2:
-        if torch.as_tensor(code).dim() == 0 and torch.as_tensor(step).dim() == 0:
+        if tensor_on_its_device(code).dim() == 0 and tensor_on_its_device(step).dim() == 0:
             g_jac = g_jac[:1]  # the same for every draw: the factors keep it shared
         u, u_jac = net.control_and_jacobian_factors(x_in, code / T, step / T, g, g_jac)
         return u, lowrank.transposed(u_jac)

@@ -25,7 +25,7 @@ from ..ops.estimators import Estimates, ForwardEstimates, forward_evidence
 from ..ops.precondition import SearchReport
 from ..results import Draws
 from ..transports import Transport, draw
-from ..util import PotentialFn, check_positive_int, derive_seed, seeded_generator, warn
+from ..util import PotentialFn, check_positive_int, derive_seed, seeded_generator, tensor_on_its_device, warn
 
 __all__ = ["Chain"]
 
@@ -59,7 +59,7 @@ class Chain(abc.ABC):
     def __init__(self, potential_fn: PotentialFn, init: torch.Tensor, config: OSDSConfig | None = None, *,
                  generator: torch.Generator | None = None, distributed: DistributedContext | None = None,
                  meter: CostMeter | None = None):
-        init = torch.as_tensor(init)
+        init = tensor_on_its_device(init)
         if init.dim() != 1 or not init.is_floating_point():
             raise ValueError(f"`init` must be a 1-D floating point tensor, got shape {tuple(init.shape)} "
                              f"and dtype {init.dtype}.")

@@ -15,7 +15,7 @@ from ..distributed import from_rank_zero
 from ..ops.affine import AffineMap
 from ..ops.mode_search import ModeSearch
 from ..train import stage_report
-from ..util import PotentialFn, seeded_generator
+from ..util import PotentialFn, seeded_generator, tensor_on_its_device
 from .base import Chain
 from .exact import ExactChain
 from .flow import FlowSampler
@@ -38,7 +38,7 @@ def build_sampler(potential_fn: PotentialFn, init: torch.Tensor, config: OSDSCon
     at 0).
     """
     config = OSDSConfig() if config is None else config
-    init = torch.as_tensor(init)
+    init = tensor_on_its_device(init)
     start = kwargs.pop("start", None)  # a single flow's Gaussian start (FlatTarget.gaussian_start)
     standard = kwargs.pop("standard", None)  # coordinates the search may hold at 0 (FlatTarget.standard_coordinates)
     generator = seeded_generator(init.device) if generator is None else generator
