@@ -39,6 +39,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -196,16 +197,18 @@ def hierarchical_log_z(y: torch.Tensor, sigma: torch.Tensor, num_points: int = 4
 # Log-Gaussian Cox process on the Finnish pines (the papers' 1600-D target)
 
 
-PINES = Path(__file__).resolve().parents[2] / "shared" / "data" / "finpines_unit_square.csv"
+#: the pines data: ``$OSDS_PINES`` if set (e.g. a copy carried to a GPU machine), else the shared data folder's
+PINES = Path(os.environ.get("OSDS_PINES") or
+             Path(__file__).resolve().parents[2] / "shared" / "data" / "finpines_unit_square.csv")
 
 
 def lgcp_data(grid: int = 40, path: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""
     The LGCP target of the diffusion-sampler papers (DeepMind's annealed_flow_transport ``lgcp.py``): the 126
     Finnish pines (spatstat.data ``finpines`` rescaled to the unit square; GPL, not copied here: read from
-    ``shared/data`` or ``path``) binned on a ``grid`` x ``grid`` lattice (points on the upper edge in the last
+    ``shared/data``, ``$OSDS_PINES`` or ``path``) binned on a ``grid`` x ``grid`` lattice (points on the upper edge in the last
     bin), the prior mean :math:`\mu_0 = \log 126 - 1.91/2` and the exponential covariance
-    :math:`K_{mn} = 1.91\,e^{-\|m - n\| / (	ext{grid} / 33)}` over integer cell indices. Returns
+    :math:`K_{mn} = 1.91\,e^{-\|m - n\| / (\text{grid} / 33)}` over integer cell indices. Returns
     ``(counts, mean, scale_tril)``.
     """
     path = Path(path) if path is not None else PINES
