@@ -87,24 +87,54 @@ def profile_iterations(trainer, device: torch.device, iterations: int) -> str:
         trainer.train(iterations)
         synchronize(device)
     averages = prof.key_averages()
-    host_reads = ("aten::_local_scalar_dense", "aten::item", "cudaStreamSynchronize", "cudaDeviceSynchronize",
-                  "cudaMemcpyAsync", "cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch")
     lines = [f"{iterations} iterations; calls per iteration: " + ", ".join(
-        f"{e.key} {e.count / iterations:.1f}" for e in averages if e.key in host_reads)]
-    for key in (("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()) + (
-            "self_cpu_time_total",):
-        try:
-            lines += [f"sorted by {key}", averages.table(sort_by=key, row_limit=30, max_name_column_width=60)]
-        except (AttributeError, KeyError, ValueError, RuntimeError):
-            continue
-        if key != "self_cpu_time_total":
-            break
+        f"{e.key} {e.count / iterations:.1f}" for e in averages if e.key in _HOST_READS)]
+    device_keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()
+    for keys in (device_keys, ("self_cpu_time_total",)):
+        for key in keys:  # torch >= 2.5 names the device column "device", older ones "cuda"
+            try:
+                lines += [f"sorted by {key}", averages.table(sort_by=key, row_limit=30, max_name_column_width=60)]
+                break
+            except (AttributeError, KeyError, ValueError, RuntimeError):
+                continue
     return "\n".join(lines)
 
 
+def profile_fit(model, model_args, device: torch.device, seed: int) -> str:
+    """A :mod:`torch.profiler` summary of one chain's fit: each phase's host and device time (the ``osds:<phase>``
+    labels of :class:`~pyro_osds.cost.CostMeter`), the host's reads of the device and the kernel launches."""
+    import pyro
+    from torch.profiler import ProfilerActivity, profile
+
+    from pyro_osds import OSDS
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    pyro.set_rng_seed(seed)
+    runner = OSDS(model, num_chains=1, disable_progbar=True)
+    synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        runner.fit(*model_args)
+        synchronize(device)
+    seconds = time.perf_counter() - start
+    averages = prof.key_averages()
+    lines = [f"one chain's fit under the profiler: {seconds:.1f} s, {runner.samplers[0].iteration} iterations"]
+    for e in averages:
+        device_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if e.key.startswith("osds:") or e.key in _HOST_READS:
+            lines.append(f"  {e.key}: {e.count} calls, host {e.cpu_time_total / 1e6:.2f} s, "
+                         f"device {device_us / 1e6:.2f} s")
+    return "\n".join(lines)
+
+
+_HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "cudaStreamSynchronize",
+               "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch")
+
+
 def run_osds(name: str, device: torch.device, *, seed: int, draws: int, chains: int, iterations: int,
-             profile: Path | None = None) -> dict:
-    """OSDS with its defaults on ``device`` (module docstring); with ``profile``, appends a profile there."""
+             profile: Path | None = None, chain_method: str = "auto") -> dict:
+    """OSDS with its defaults on ``device`` (module docstring); with ``profile``, appends a profile there;
+    ``chain_method`` as :class:`~pyro_osds.OSDS` takes it."""
     import pyro
 
     from pyro_osds import OSDS
@@ -116,7 +146,7 @@ def run_osds(name: str, device: torch.device, *, seed: int, draws: int, chains: 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     pyro.set_rng_seed(seed)
-    runner = OSDS(target.model, num_chains=chains, num_samples=draws, disable_progbar=True)
+    runner = OSDS(target.model, num_chains=chains, num_samples=draws, disable_progbar=True, chain_method=chain_method)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         synchronize(device)
@@ -138,7 +168,8 @@ def run_osds(name: str, device: torch.device, *, seed: int, draws: int, chains: 
         per_iteration = (time.perf_counter() - start) / iterations
         if profile is not None:
             with profile.open("a") as fh:
-                fh.write(f"## {name} (D = {target.dim}) on {device}\n{profile_iterations(trainer, device, iterations)}\n\n")
+                fh.write(f"## {name} (D = {target.dim}) on {device}\n{profile_fit(target.model, model_args, device, seed)}"
+                         f"\n{profile_iterations(trainer, device, iterations)}\n\n")
     return {
         "device": str(device), "dim": target.dim, "fit_s": fit_s, "draw_s": draw_s, "draws": total,
         "diagnostic_s": diagnostic_s, "time_to_1000_ess_s": fit_s + diagnostic_s + draw_s * draws_to_1000 / total,
@@ -147,6 +178,7 @@ def run_osds(name: str, device: torch.device, *, seed: int, draws: int, chains: 
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "log_z": ev.log_z, "se": ev.se, "ess_per_draw": ev.pooled.ess_per_draw, "k_hat": ev.pooled.k_hat,
         "reliable": bool(ev.reliable), "vectorize": getattr(runner.target, "vectorize", None),
+        "chain_method": chain_method, "cost": ev.cost.as_dict() if ev.cost is not None else None,
         "warnings": sorted({str(w.message).split("\n")[0][:200] for w in caught}),
     }
 
@@ -157,6 +189,13 @@ def _nuts_job(name: str, seed: int, warmup: int, samples: int) -> dict:
     from .scaling import get_scaling_target, run_nuts
 
     return run_nuts(get_scaling_target(name, seed), seed=seed, warmup=warmup, samples=samples)
+
+
+def _phases(o: dict) -> str:
+    """`` (a + b + c)``: the chains' seconds in search, preconditioner and training (summed over chains)."""
+    cost = o.get("cost") or {}
+    seconds = [cost.get(f"{phase}_seconds") for phase in ("search", "preconditioner", "training")]
+    return "" if None in seconds else " (" + " + ".join(f"{v:.1f}" for v in seconds) + ")"
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -173,17 +212,18 @@ def write_report(results: dict, out: Path) -> None:
         f"{results['settings']['chains']} chains in turn on `{env['device']}`; NUTS: one chain on one CPU core, "
         f"{results['settings']['nuts_warmup']} + {results['settings']['nuts_samples']}, at the same time. "
         "`python -m benchmarks.gpu` (module docstring).", "",
-        "| target | D | ref log Z | OSDS log Z | Δ | ESS/N | k̂ | fit s | ms / iteration | peak GiB | OSDS to 1000 ESS s "
-        "| NUTS to 1000 ESS s | OSDS / NUTS |",
+        "| target | D | ref log Z | OSDS log Z | Δ | ESS/N | k̂ | fit s (search + preconditioner + training) "
+        "| ms / iteration | peak GiB | OSDS to 1000 ESS s | NUTS to 1000 ESS s | OSDS / NUTS |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         o, ref, nuts = row["osds"], row.get("reference") or {}, row.get("nuts") or {}
         delta = o["log_z"] - ref["log_z"] if "log_z" in ref else None
         ratio = o["time_to_1000_ess_s"] / nuts["time_to_1000_ess_s"] if nuts.get("time_to_1000_ess_s") else None
+        label = row["name"] + (f" ({o['chain_method']})" if o.get("chain_method", "auto") != "auto" else "")
         lines.append(
-            f"| {row['name']} | {o['dim']} | {fmt(ref.get('log_z'), '.3f')} | {o['log_z']:.3f} ± {o['se']:.3f} "
-            f"| {fmt(delta, '+.3f')} | {o['ess_per_draw']:.3f} | {o['k_hat']:.2f} | {o['fit_s']:.1f} "
+            f"| {label} | {o['dim']} | {fmt(ref.get('log_z'), '.3f')} | {o['log_z']:.3f} ± {o['se']:.3f} "
+            f"| {fmt(delta, '+.3f')} | {o['ess_per_draw']:.3f} | {o['k_hat']:.2f} | {o['fit_s']:.1f}{_phases(o)} "
             f"| {fmt(1000 * o['seconds_per_iteration'], '.1f')} | {fmt(o['peak_memory_gib'], '.2f')} "
             f"| {o['time_to_1000_ess_s']:.1f} | {fmt(nuts.get('time_to_1000_ess_s'), '.1f')} | {fmt(ratio, '.3f')} |")
     lines += ["", "References: the scaling benchmark's (`benchmarks/results/scaling/scaling.json`, the same data)."]
@@ -213,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/gpu")
     parser.add_argument("--profile", nargs="*", default=[], help="targets whose training iterations are profiled")
+    parser.add_argument("--threads", nargs="*", default=[],
+                        help="targets run again with chain_method='threads' (the chains at once on the device)")
+    parser.add_argument("--warm-up", action="store_true", help="an untimed smoke run first (the device's start-up)")
     parser.add_argument("--deadline", type=float, default=math.inf,
                         help="seconds from the start after which NUTS is no longer waited for")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the report from the JSON and stop")
@@ -237,16 +280,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool = concurrent.futures.ProcessPoolExecutor(max(1, len(nuts_targets)), mp_context=context)
     nuts = {name: pool.submit(_nuts_job, name, args.seed, args.nuts_warmup, args.nuts_samples)
             for name in nuts_targets}
-    for name in args.targets:
+    if args.warm_up:  # CUDA's context, its libraries' handles and kernels' first loads, outside every timing
+        run_osds("logreg32", device, seed=args.seed, draws=200, chains=1, iterations=0)
+    runs = [(name, "auto") for name in args.targets] + [(name, "threads") for name in args.threads]
+    for name, chain_method in runs:
         row = {"name": name, "reference": refs.get(name)}
         try:
             row["osds"] = run_osds(name, device, seed=args.seed, draws=args.draws, chains=args.chains,
-                                   iterations=args.iterations,
-                                   profile=profile_path if name in args.profile else None)
+                                   iterations=args.iterations, chain_method=chain_method,
+                                   profile=profile_path if name in args.profile and chain_method == "auto" else None)
         except Exception as err:  # noqa: BLE001 - a failing target is reported, the others still run
             row["error"] = f"{type(err).__name__}: {err}"
         o = row.get("osds")
-        print(f"[{name}] " + (row["error"] if o is None else
+        print(f"[{name} {chain_method}] " + (row["error"] if o is None else
                               f"log Z {o['log_z']:.3f} +- {o['se']:.3f}, fit {o['fit_s']:.1f} s, "
                               f"{1000 * o['seconds_per_iteration']:.1f} ms/iteration, to 1000 ESS "
                               f"{o['time_to_1000_ess_s']:.1f} s"), flush=True)

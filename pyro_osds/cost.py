@@ -107,7 +107,8 @@ class CostMeter:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        """Attributes the evaluations, passes and wall time within to phase ``name`` (unless a phase is active)."""
+        """Attributes the evaluations, passes and wall time within to phase ``name`` (unless a phase is active), and
+        labels it ``osds:<name>`` for :mod:`torch.profiler`."""
         if name not in self._totals:
             raise ValueError(f"Unknown phase {name!r}; expected one of {list(self._totals)}.")
         if self._active is not None:
@@ -115,7 +116,8 @@ class CostMeter:
             return
         self._active, start = name, time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"osds:{name}"):
+                yield
         finally:
             self._totals[name][0] += time.perf_counter() - start
             self._active = None
