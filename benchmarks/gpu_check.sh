@@ -22,5 +22,5 @@ timeout 130 python3 -m pytest -q -p no:cacheprovider -o addopts="" --durations=1
     2>&1 | tee "$OUT/tests.log"
 timeout 45 python3 -m benchmarks.gpu_diagnose 2>&1 | tee "$OUT/diagnose.log"
 timeout 300 python3 -m benchmarks.gpu --out "$OUT" --deadline 285 --warm-up --targets logreg256 logreg1024 hier1000 \
-    lgcp1600 --threads logreg256 --profile logreg256 lgcp1600 2>&1 | tee "$OUT/benchmark.log"
+    lgcp1600 --threads logreg256 --profile logreg256 2>&1 | tee "$OUT/benchmark.log"
 ls -l "$OUT"

@@ -212,8 +212,7 @@ def snapshot_training(net, ema, optimizer, previous=None) -> tuple:
     with torch.no_grad():
         if previous is not None and previous[1] == layout:
             buffers = previous[0]
-            for b, t in zip(buffers, tensors, strict=True):
-                b.copy_(t)
+            torch._foreach_copy_(buffers, tensors)  # a few kernels for all of them (on a GPU, launches are the cost)
         else:
             buffers = [t.detach().clone() for t in tensors]
     return buffers, layout, dict(others)
@@ -303,9 +302,15 @@ class Trainer:
         """The EMA network's step towards the network; ``taken`` (0 or 1, on the device: whether the optimiser's
         step was taken) scales it, so that a step skipped on the device leaves the EMA as it was."""
         weight = 1.0 - self.optim.ema_decay
+        ema, params = list(self.ema.parameters()), list(self.net.parameters())
         with torch.no_grad():
-            for p_ema, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
-                p_ema.lerp_(p, weight if taken is None else weight * taken.to(p.dtype))
+            if taken is not None:
+                weight = weight * taken.to(params[0].dtype)
+            try:  # one fused step for every parameter (torch's foreach kernels), as the loop below does it
+                torch._foreach_lerp_(ema, params, weight)
+            except (RuntimeError, TypeError):  # a torch without the tensor-weight overload
+                for p_ema, p in zip(ema, params, strict=True):
+                    p_ema.lerp_(p, weight)
 
     def _optimizer_step(self, loss: torch.Tensor | None, scale: float = 1.0, share: float = 1.0
                         ) -> tuple[bool, float]:
