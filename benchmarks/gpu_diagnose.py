@@ -36,7 +36,7 @@ def _forms() -> dict:
     }
 
 
-def _second_order(f, device: str, dtype: torch.dtype, anomaly: bool = False) -> str:
+def _second_order(f, device: str, dtype: torch.dtype, anomaly: bool = False, functorch: bool = False) -> str:
     g = torch.Generator(device="cpu").manual_seed(0)
     X = torch.randn(120, 4, generator=g, dtype=dtype, device="cpu").to(device)
     y = (torch.rand(120, generator=g, dtype=dtype, device="cpu") < 0.5).to(dtype).to(device)
@@ -44,8 +44,11 @@ def _second_order(f, device: str, dtype: torch.dtype, anomaly: bool = False) -> 
     try:
         with torch.autograd.set_detect_anomaly(anomaly), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            value = torch.func.vmap(lambda w: f(w, X, y))(z)
-            (grad,) = torch.autograd.grad(value.sum(), z, create_graph=True)
+            if functorch:  # the first derivative by torch.func, the second by autograd through it
+                grad = torch.func.vmap(torch.func.grad(lambda w: f(w, X, y)))(z)
+            else:
+                value = torch.func.vmap(lambda w: f(w, X, y))(z)
+                (grad,) = torch.autograd.grad(value.sum(), z, create_graph=True)
             torch.autograd.grad(grad[:, 0].sum(), z, allow_unused=True)
         return "ok"
     except Exception as err:  # noqa: BLE001 - a diagnosis: every failure is reported
@@ -96,6 +99,9 @@ def main() -> int:
             row = {device: _second_order(f, device, dtype) for device in devices}
             print(f"{str(dtype)[6:]:8s} {name:26s} " + " | ".join(f"{d}: {r}" for d, r in row.items()), flush=True)
             failures += [(name, f, d, dtype) for d, r in row.items() if r != "ok"]
+            for d, r in row.items():
+                if r != "ok":
+                    print(f"{'':8s} {'':26s} {d} through torch.func.grad: {_second_order(f, d, dtype, functorch=True)}")
     for name, f, device, dtype in failures[:2]:  # where the failing node was made
         print(f"--- {name} on {device} ({dtype}), anomaly mode:\n{_second_order(f, device, dtype, anomaly=True)}")
     for device in devices:
