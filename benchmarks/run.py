@@ -115,8 +115,8 @@ def environment_info() -> dict:
         "scipy": _package_version("scipy"),
         "arviz": _package_version("arviz"),
         "pot": _package_version("pot"),
-        # OSDS_COMMIT: the commit of a copy of the repository without its git history (e.g. on a GPU machine)
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("OSDS_COMMIT"),
+        # OSDS_COMMIT: the commit of a copy of the repository whose git history is absent or stale (a GPU machine's)
+        "git_commit": os.environ.get("OSDS_COMMIT") or _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
     }
     return {"machine": machine, "versions": versions}

@@ -56,7 +56,7 @@ from pyro.infer.reparam.reparam import Reparam
 from pyro.poutine.util import site_is_subsample
 
 from .ops.variational import fit_mean_field
-from .util import check_positive_int, seeded_generator
+from .util import check_positive_int, raise_device_errors, seeded_generator
 
 __all__ = ["CHOICES", "MultivariateNormalReparam", "NoncenteringConfig", "choose_parameterization",
            "noncenterable_sites", "noncentered"]
@@ -285,7 +285,8 @@ def _score(target, config: NoncenteringConfig):
     try:
         fit = fit_mean_field(target.potential, target.init, num_iterations=config.num_iterations,
                              batch_size=config.batch_size, generator=generator)
-    except (RuntimeError, ValueError):  # e.g. a potential that fails far from its initial point
+    except (RuntimeError, ValueError) as err:  # e.g. a potential that fails far from its initial point
+        raise_device_errors(err)
         return -math.inf, 0.0, None
     return fit.elbo, fit.se, fit.affine if math.isfinite(fit.elbo) else None
 
@@ -320,7 +321,8 @@ def _with_whitening(target, sites, start, score, config: NoncenteringConfig, fix
     for whitened in dict.fromkeys(w for w in (quadratic, extended) if w):  # the cheaper (exact) form first
         try:  # a model that fails where the map's Newton steps take it (mapping its initial point) loses
             candidate = WhitenedTarget(target, whitened)
-        except (RuntimeError, ValueError):
+        except (RuntimeError, ValueError) as err:
+            raise_device_errors(err)
             continue
         if not within_limits(candidate.block, config.whitening_max_dim):
             continue  # its curvature's sparsity at the fixed points is not the one the sites were chosen by

@@ -21,6 +21,7 @@ __all__ = [
     "check_number",
     "check_positive_int",
     "derive_seed",
+    "raise_device_errors",
     "seeded_generator",
     "tensor_on_its_device",
     "warn",
@@ -96,3 +97,18 @@ def tensor_on_its_device(value, *, dtype: torch.dtype | None = None) -> torch.Te
     if isinstance(value, torch.Tensor):
         return value if dtype is None else value.to(dtype)
     return torch.as_tensor(value, dtype=dtype, device="cpu")
+
+
+#: how torch words an error of placement or of the device itself, never a property of the model
+_DEVICE_ERROR_TEXTS = ("to be on the same device", "on the same device as", "device type for generator",
+                       "is not on the expected device", "Cannot re-initialize CUDA", "out of memory",
+                       "device-side assert", "CUDA error")
+
+
+def raise_device_errors(err: BaseException) -> None:
+    """Raises ``err`` again if it is an error of tensor placement or of the device (tensors on two devices, a
+    generator on another device, out of memory, a CUDA error), not of the model: where a failure means "this
+    candidate does not apply" (a block that is not quadratic, a fit that fails far from its start), such an error
+    would otherwise turn a run on a GPU silently into a worse one."""
+    if isinstance(err, torch.cuda.OutOfMemoryError) or any(text in str(err) for text in _DEVICE_ERROR_TEXTS):
+        raise err

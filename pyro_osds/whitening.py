@@ -33,7 +33,7 @@ import torch
 from .ops.conditional import WhiteningBlock, independent_groups, is_quadratic, unwhiten, whiten, whitened_potential
 from .ops.jacobian import potential_score_hessian
 from .target import FlatTarget
-from .util import seeded_generator
+from .util import raise_device_errors, seeded_generator
 
 __all__ = ["WhitenedTarget", "conditionally_gaussian_sites", "log_concave_sites", "within_limits"]
 
@@ -96,7 +96,8 @@ def conditionally_gaussian_sites(target: FlatTarget, *, max_dim: int = 64, seed:
         try:  # a potential that fails at a perturbed point (a Cholesky of the model's own) has no block here
             if not is_quadratic(target.potential, points, index, generator=generator):
                 return False
-        except (RuntimeError, ValueError):
+        except (RuntimeError, ValueError) as err:
+            raise_device_errors(err)
             return False
         return curvature.admits(index, max_dim)
 
@@ -153,8 +154,9 @@ class _Curvature:
         if self._hessian is None:
             try:  # a potential that fails at a perturbed point (a Cholesky of the model's own) has no block here
                 self._hessian = potential_score_hessian(self.target.potential, self.points)[2]
-            except (RuntimeError, ValueError):
-                self._hessian = torch.full((1, 1, 1), torch.nan)
+            except (RuntimeError, ValueError) as err:
+                raise_device_errors(err)
+                self._hessian = torch.full((1, 1, 1), torch.nan, device=self.points.device)
         if self._hessian.shape[-1] != self.target.dim:
             return False
         select = torch.as_tensor(index, dtype=torch.long, device=self._hessian.device)
@@ -187,7 +189,8 @@ def _sparsity(target: FlatTarget, index: list[int]) -> torch.Tensor | None:
     point is a zero of the model's structure (a random walk's steps couple neighbours only)."""
     try:
         hessian = _hessian_at(target, _check_points(target, PATTERN_SEED, around_init=False), index)
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError) as err:
+        raise_device_errors(err)
         return None
     return _pattern(hessian) if bool(torch.isfinite(hessian).all()) else None
 
@@ -199,7 +202,8 @@ def _quadratic(target: FlatTarget, index: list[int]) -> bool:
     try:
         return is_quadratic(target.potential, _check_points(target, PATTERN_SEED, around_init=False), index,
                             generator=generator)
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError) as err:
+        raise_device_errors(err)
         return False
 
 

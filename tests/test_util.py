@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from pyro_osds.ops.precondition import PreconditionConfig, choose_preconditioner
-from pyro_osds.util import check_choice, check_number, check_positive_int, derive_seed, seeded_generator
+from pyro_osds.util import (
+    check_choice,
+    check_number,
+    check_positive_int,
+    derive_seed,
+    raise_device_errors,
+    seeded_generator,
+    tensor_on_its_device,
+)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3", None])
@@ -41,3 +49,36 @@ def test_generators_are_seeded_from_their_parent():
     c = seeded_generator("cpu")
     torch.manual_seed(7)
     assert torch.equal(torch.randn(3, generator=c), torch.randn(3, generator=seeded_generator("cpu")))
+
+
+def test_errors_of_the_device_are_never_taken_for_the_models():
+    # torch's own errors: tensors on two devices, a generator elsewhere (the texts seen on an H100), out of memory
+    device_errors = [
+        "Expected all tensors to be on the same device, but got mat is on cuda:0, different from other tensors on cpu",
+        "indices should be either on cpu or on the same device as the indexed tensor (cpu)",
+        "Expected a 'cuda' device type for generator but found 'cpu'",
+        "CUDA out of memory. Tried to allocate 2.00 GiB",
+    ]
+    for text in device_errors:
+        with pytest.raises(RuntimeError, match=text[:20]):
+            raise_device_errors(RuntimeError(text))
+    with pytest.raises(RuntimeError):  # a real one, made on this machine
+        try:
+            torch.zeros(3, device="meta") + torch.zeros(3)
+        except RuntimeError as err:
+            raise_device_errors(err)
+    for model_error in (RuntimeError("linalg.cholesky: The factorization could not be completed because the input is "
+                                     "not positive-definite (the leading minor of order 2 is not positive-definite)."),
+                        ValueError("Expected parameter loc to satisfy the constraint Real()")):
+        raise_device_errors(model_error)  # the model's: not raised
+
+
+def test_a_tensor_keeps_its_device_under_another_default_device():
+    x = torch.arange(3.0)
+    torch.set_default_device("meta")
+    try:
+        assert tensor_on_its_device(x) is x and torch.as_tensor(x).device.type == "meta"  # what it avoids
+        assert tensor_on_its_device([1.0, 2.0]).device.type == "cpu"
+        assert tensor_on_its_device(x, dtype=torch.float64).device.type == "cpu"
+    finally:
+        torch.set_default_device(None)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..util import PotentialFn
+from ..util import PotentialFn, raise_device_errors
 from .affine import AffineMap, scale_from_hessian
 from .jacobian import potential_and_score, potential_score_hessian
 
@@ -74,7 +74,8 @@ def _newton_direction(hessian: torch.Tensor, score: torch.Tensor, *, eigen_max_d
             continue
         try:
             eigval, eigvec = torch.linalg.eigh(sym[row])
-        except RuntimeError:  # eigh did not converge: no step for this row
+        except RuntimeError as err:  # eigh did not converge: no step for this row
+            raise_device_errors(err)
             step[row] = 0.0
             continue
         floor = 1e-8 * eigval.abs().max().clamp_min(1e-12)
@@ -228,7 +229,8 @@ def search_modes(
                     continue
                 try:
                     tril = scale_from_hessian(hessians[k], diagonal=False)
-                except RuntimeError:
+                except RuntimeError as err:
+                    raise_device_errors(err)
                     continue
                 if centres:  # the same minimum again: within `same` standard deviations of one found before
                     diff = torch.linalg.solve_triangular(tril, (torch.stack(centres) - points[k]).T, upper=False)

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..util import PotentialFn, check_choice, check_number, check_positive_int, warn
+from ..util import PotentialFn, check_choice, check_number, check_positive_int, raise_device_errors, warn
 from .affine import AffineMap, covering_gaussian, scale_from_hessian
 from .jacobian import potential_score_hessian
 from .marginal import fit_marginal_mixture
@@ -317,7 +317,8 @@ def fit_gaussian_starts(
         try:
             fitted, _ = fit_gaussian_natural(potential_fn, candidate, num_iterations=num_iterations,
                                              generator=generator)
-        except (RuntimeError, ValueError):  # e.g. a Cholesky of a non-finite precision: this start keeps its own
+        except (RuntimeError, ValueError) as err:  # e.g. a Cholesky of a non-finite precision: the start stays
+            raise_device_errors(err)
             fitted, failed = candidate, failed + 1
         for affine in (candidate, fitted):
             fits.append(affine)
@@ -522,8 +523,8 @@ def choose_preconditioner(
             affine, fit = fit_laplace(potential_fn, init)
             if fit["converged"]:
                 laplace_fits.append(affine)
-        except (ValueError, RuntimeError):
-            pass
+        except (ValueError, RuntimeError) as err:
+            raise_device_errors(err)
     if config.kind == "diagonal_laplace":
         laplace_fits = [_diagonal(a) for a in laplace_fits]
     report = report._replace(num_laplace_fits=len(laplace_fits))
