@@ -273,7 +273,8 @@ def flow_kl_stage(config: FlowKLConfig, potential_fn: PotentialFn, process: Refe
         # the path estimator's cutoff from the whole batch's median score norm
         path_scale = None if ctx is None else (lambda norms: all_gather_rows(norms, ctx).median())
         out = flow_kl_loss(context.net, target, process, z0, num_steps, fold_weight=config.fold_weight,
-                           gradient=gradient, path_cutoff=config.path_cutoff, path_scale=path_scale)
+                           gradient=gradient, path_cutoff=config.path_cutoff, path_scale=path_scale,
+                           static=context.static)
         value = out.loss.detach() if out.loss is not None else math.nan
         log_weights, num_invalid = out.log_weights.detach(), out.num_invalid
         if ctx is not None:  # the whole batch's values on every rank, so that every rank stops at the same step

@@ -152,6 +152,9 @@ class TrainContext:
     #: the process group of data-parallel training (``None``: one process); stages that support it draw the
     #: whole batch's noise and keep this rank's shard (:mod:`pyro_osds.distributed`)
     distributed: DistributedContext | None = None
+    #: the iteration should not read the device (a GPU's, between the trainer's reads): stages that support it
+    #: mask rows rather than select them (:func:`~pyro_osds.ops.losses.flow_kl_loss`'s ``static``)
+    static: bool = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -382,7 +385,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
         context = TrainContext(self.net, self.ema, self.step, self.generator, num_iterations=self.num_iterations,
-                               distributed=self.distributed)
+                               distributed=self.distributed, static=on_device)
         record: dict = {"skipped": 0}
         for stage in self.objective:
             term = stage.term(context)

@@ -85,6 +85,7 @@ Paths or pairs with non-finite values are excluded from the mean and counted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -118,12 +119,12 @@ class DiffusionLoss(NamedTuple):
 class FlowKLLoss(NamedTuple):
     """``loss`` (scalar, ``None`` if unusable), detached per-draw DF ``log_weights``, the number of
     excluded non-finite draws (a 0-d tensor: the trainer reads it with its statistics) and the number of folded
-    draws (penalised instead of averaged)."""
+    draws (penalised instead of averaged; a 0-d tensor when computed ``static``)."""
 
     loss: torch.Tensor | None
     log_weights: torch.Tensor
     num_invalid: torch.Tensor
-    num_folded: int = 0
+    num_folded: int | torch.Tensor = 0
 
 
 class DistillationLoss(NamedTuple):
@@ -172,7 +173,8 @@ def diffusion_loss(
 
 
 def path_gradient_direction(log_w: torch.Tensor, x0: torch.Tensor, jacobians: list,
-                            rows: torch.Tensor | None = None, *, grad: torch.Tensor | None = None) -> torch.Tensor:
+                            rows: torch.Tensor | None = None, *, grad: torch.Tensor | None = None,
+                            static: bool = False) -> torch.Tensor:
     r"""
     :math:`\delta = \nabla\log\pi(x_K) - \nabla\log q(x_K) = J^{-\top}\nabla_{x_0}\log w` per draw
     (module docstring), detached, ``(batch, dim)``.
@@ -182,15 +184,85 @@ def path_gradient_direction(log_w: torch.Tensor, x0: torch.Tensor, jacobians: li
     :class:`~pyro_osds.ops.lowrank.DiagPlusLowRank`, solved by Woodbury; first step first) are ``jacobians``; :math:`J^{-\top} = J_K^{-\top}\cdots J_1^{-\top}` applies the first
     step's inverse first. ``rows`` (a boolean mask) restricts the result to those draws; a singular
     Jacobian gives non-finite rows rather than an error. ``grad``: :math:`\nabla_{x_0}` of ``log_w[rows].sum()``,
-    when the caller has it already.
+    when the caller has it already. ``static``: every draw's row, its solve unmasked (non-finite where its Jacobian is
+    singular) and the rows outside ``rows`` zero: the same values without selecting rows, which reads the device.
     """
     rows = torch.ones(log_w.shape, dtype=torch.bool, device=log_w.device) if rows is None else rows
     if grad is None:
-        (grad,) = torch.autograd.grad(log_w[rows].sum(), x0, retain_graph=True)
+        masked = torch.where(rows, log_w, torch.zeros_like(log_w)) if static else log_w[rows]
+        (grad,) = torch.autograd.grad(masked.sum(), x0, retain_graph=True)
+    if static:
+        delta = grad.detach()
+        for jac in jacobians:
+            delta, _ = lowrank.solve(lowrank.detach(jac), delta, transpose=True)
+        return delta
     delta = grad.detach()[rows]
     for jac in jacobians:
         delta, _ = lowrank.solve(lowrank.select(lowrank.detach(jac), rows), delta, transpose=True)
     return delta
+
+
+def flow_and_log_weights_fn(net: torch.nn.Module, potential_fn: PotentialFn, process: ReferenceProcess,
+                            num_steps: int) -> Callable:
+    """``f(z, **options) -> (out, log_w)``: the differentiable ``num_steps``-step flow of prior draws ``z`` with its
+    exact log-det (:func:`~pyro_osds.ops.integrate.flow`) and the draws' log-weights."""
+    def flow_and_log_weights(z, **options):
+        out = flow(net, potential_fn, process, z, num_steps, log_det="exact", differentiable=True, **options)
+        return out, -potential_fn(out.x) - process.prior_log_prob(z) + out.log_abs_det
+
+    return flow_and_log_weights
+
+
+def _static_flow_kl_loss(flow_and_log_weights: Callable, x0: torch.Tensor, *, fold_weight: float, path: bool,
+                         path_cutoff: float | None) -> FlowKLLoss:
+    """:func:`flow_kl_loss` with ``static`` (its docstring): the same values, rows masked instead of selected."""
+    with torch.enable_grad():
+        if path:
+            x0 = x0.detach().requires_grad_(True)
+        out, log_w = flow_and_log_weights(x0, with_fold_penalty=fold_weight > 0, return_jacobians=path)
+        finite = torch.isfinite(log_w)
+        num_invalid = (~finite).sum()
+        folded = out.orientation <= 0
+        if out.fold_penalty is not None:
+            folded = folded | (out.fold_penalty > 0)
+        num_folded = (folded & finite).sum()
+        valid = finite & ~folded if fold_weight > 0 else finite
+        count = valid.sum()
+        zero = torch.zeros((), dtype=log_w.dtype, device=log_w.device)
+        masked_log_w = torch.where(valid, log_w, zero)
+        kl = -masked_log_w.sum() / count.clamp_min(1)
+        if path:
+            grad_x0, grad_xk = torch.autograd.grad(masked_log_w.sum(), [x0, out.x], retain_graph=True)
+            delta = path_gradient_direction(log_w, x0, out.jacobians, valid, grad=grad_x0, static=True)
+            norms = delta.norm(dim=-1)
+            fallback = valid & ~torch.isfinite(norms)
+            if path_cutoff is not None:
+                score_norms = grad_xk.detach().norm(dim=-1)
+                usable = valid & torch.isfinite(score_norms)
+                scale = torch.where(usable, score_norms, torch.full_like(score_norms, math.nan)).nanmedian()
+                fallback = fallback | (valid & (norms > path_cutoff * scale))
+            keep = (valid & ~fallback)[:, None]
+            delta = torch.where(keep, delta, torch.zeros_like(delta))
+            fallback_log_w = zero
+            if bool(fallback.any()):  # the one read of the device here: a sub-batch of the draws that fall back
+                _, sub_log_w = flow_and_log_weights(x0.detach()[fallback])
+                fallback_log_w = sub_log_w.sum()
+            moved = torch.where(keep, delta * out.x, torch.zeros_like(delta)).sum(-1).sum()
+            surrogate = -(moved + fallback_log_w) / count.clamp_min(1)
+            loss = kl.detach() + (surrogate - surrogate.detach())
+        else:
+            loss = kl
+        enough = count >= 2
+        loss = torch.where(enough, loss, zero)
+        trains = enough
+        if fold_weight > 0:
+            penalised = folded & finite & torch.isfinite(out.fold_penalty)
+            penalty = fold_weight * torch.where(penalised, out.fold_penalty, zero).sum() / log_w.numel()
+            has_penalty = num_folded > 0
+            loss = loss + torch.where(has_penalty, penalty, zero)
+            trains = trains | has_penalty
+        loss = torch.where(trains, loss, torch.full_like(loss, math.nan))
+    return FlowKLLoss(loss, log_w.detach(), num_invalid, num_folded)
 
 
 def flow_kl_loss(
@@ -204,6 +276,7 @@ def flow_kl_loss(
     gradient: str = "total",
     path_cutoff: float | None = 5.0,
     path_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    static: bool = False,
 ) -> FlowKLLoss:
     r"""
     Reverse KL of the ``num_steps``-step deterministic flow with its exact log-det, folded draws
@@ -214,14 +287,21 @@ def flow_kl_loss(
     does; ``path_scale`` maps the batch's finite score norms to that reference, default their median, and
     data-parallel training passes the median of the whole batch's). The loss's value is the reverse-KL estimate
     either way.
+
+    ``static``: the same loss and gradient computed without selecting rows (every count and selection a masked
+    reduction on the device), so that the host reads the device only where draws need the total gradient (the
+    path estimator's fallback) or fold (the penalty's eigenvalues): a loss that cannot train (fewer than two usable
+    draws and no fold) is NaN rather than ``None``, which the device step skips (a GPU's training, issue #23).
     """
     check_choice("gradient", gradient, FLOW_KL_GRADIENTS)
     path = gradient == "path"
+    if static:
+        if path_scale is not None:
+            raise ValueError("`static` computes the path estimator's cutoff from this batch alone: no `path_scale`.")
+        return _static_flow_kl_loss(flow_and_log_weights_fn(net, potential_fn, process, num_steps), x0,
+                                    fold_weight=fold_weight, path=path, path_cutoff=path_cutoff)
 
-    def flow_and_log_weights(z, **options):
-        out = flow(net, potential_fn, process, z, num_steps, log_det="exact", differentiable=True, **options)
-        return out, -potential_fn(out.x) - process.prior_log_prob(z) + out.log_abs_det
-
+    flow_and_log_weights = flow_and_log_weights_fn(net, potential_fn, process, num_steps)
     with torch.enable_grad():
         if path:
             x0 = x0.detach().requires_grad_(True)

@@ -252,3 +252,41 @@ def test_flow_kl_loss_counts_draws_that_fold_in_two_steps():
     assert out.num_folded == int(any_fold.sum())
     only_orientation = flow_kl_loss(net, potential, process, x0, 2, fold_weight=0.0)
     assert only_orientation.num_folded == int(((first.sign * second.sign) < 0).sum())
+
+
+def _grads(loss, params):
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("gradient", ["path", "total"])
+def test_the_static_loss_is_the_selecting_losss_value_and_gradient(gradient):
+    # masked instead of selected (a GPU's training, which must not read the device): the same loss and gradient on a
+    # batch with folded draws, a draw whose potential is not finite and, for the path estimator, draws that fall back
+    # to the total gradient under a tight cutoff
+    process = ReferenceProcess(grid_size=4)
+    net = _CubicControl(-4.0 * (1 + 0.5 * float(process.beta(4))) / float(process.sigma(4)), 0.9)
+
+    def potential(x):  # not finite above 2.3: that draw is excluded
+        return torch.where(x[..., 0] > 2.3, torch.full_like(x[..., 0], math.inf), 0.5 * (x**2).sum(-1))
+
+    x0 = torch.linspace(-2.5, 2.5, 41, dtype=torch.float64).unsqueeze(-1)
+    params, by_cutoff = [net.a, net.b], {}
+    for cutoff in (5.0, 0.5, None):
+        selecting = flow_kl_loss(net, potential, process, x0, 1, gradient=gradient, path_cutoff=cutoff)
+        static = flow_kl_loss(net, potential, process, x0, 1, gradient=gradient, path_cutoff=cutoff, static=True)
+        assert int(selecting.num_folded) > 0 and int(selecting.num_invalid) > 0
+        assert int(static.num_folded) == selecting.num_folded and int(static.num_invalid) == selecting.num_invalid
+        torch.testing.assert_close(static.loss, selecting.loss, rtol=1e-12, atol=1e-12)
+        by_cutoff[cutoff] = _grads(static.loss, params)
+        torch.testing.assert_close(by_cutoff[cutoff], _grads(selecting.loss, params), rtol=1e-12, atol=0)
+        torch.testing.assert_close(static.log_weights, selecting.log_weights, rtol=0, atol=0, equal_nan=True)
+    if gradient == "path":  # the tight cutoff sent draws to the total gradient
+        assert not torch.allclose(by_cutoff[0.5][0], by_cutoff[None][0])
+    # nothing to train on (one usable draw, none folded): None when selecting, NaN (a skipped step) when static
+    one = x0[[0]]
+    assert flow_kl_loss(net, potential, process, one, 1, gradient=gradient).loss is None
+    assert math.isnan(float(flow_kl_loss(net, potential, process, one, 1, gradient=gradient, static=True).loss.detach()))
+    # folded draws alone: the penalty alone, either way
+    folded_only = x0[19:22]
+    torch.testing.assert_close(flow_kl_loss(net, potential, process, folded_only, 1, static=True).loss,
+                               flow_kl_loss(net, potential, process, folded_only, 1).loss)
