@@ -16,6 +16,8 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from .util import raise_device_errors
+
 __all__ = ["UnsupportedModelError", "check_model", "is_computed", "nonfinite_arguments"]
 
 
@@ -47,7 +49,8 @@ def _unmasked(bad: torch.Tensor, mask, event_dim: int) -> torch.Tensor:
         return torch.zeros_like(bad)
     try:
         return bad & mask.reshape(mask.shape + (1,) * event_dim).to(torch.bool)
-    except RuntimeError:  # a mask Pyro could not apply either: let Pyro say so
+    except RuntimeError as err:  # a mask Pyro could not apply either: let Pyro say so
+        raise_device_errors(err)
         return bad
 
 
@@ -104,7 +107,8 @@ def _check_observed(name: str, site: dict) -> None:
             f"{value.dtype}): {err}") from err
     try:
         inside = fn.support.check(value)
-    except (NotImplementedError, RuntimeError, ValueError, TypeError):  # a support that depends on the sample
+    except (NotImplementedError, RuntimeError, ValueError, TypeError) as err:  # a support that depends on the sample
+        raise_device_errors(err)
         return
     outside = _unmasked(~inside.to(torch.bool), site["mask"], 0)
     if bool(outside.any()):
