@@ -98,7 +98,8 @@ def _damped_step(potential_fn: PotentialFn, x: torch.Tensor, u: torch.Tensor, st
 
 
 def _descend(potential_fn: PotentialFn, x: torch.Tensor, *, scale: float, iterations: int = 300,
-             newton_iterations: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             newton_iterations: int = 20, read_every_iteration: bool | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""
     Local minima of ``potential_fn`` from every row of ``x`` at once (rows do not interact): Adam with a
     step of ``scale / 20`` decaying to a hundredth; the end points that landed together are merged
@@ -111,21 +112,24 @@ def _descend(potential_fn: PotentialFn, x: torch.Tensor, *, scale: float, iterat
     opt = torch.optim.Adam([x], lr=scale / 20)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=scale / 2000)
     previous = None
+    # whether no row is finite any more: read every iteration on the CPU, where reading costs nothing, every 25 on
+    # a GPU (``read_every_iteration`` None); in between the rows' gradients are masked, nothing selected
+    on_cpu = x.device.type == "cpu" if read_every_iteration is None else read_every_iteration
     for it in range(iterations):
         with torch.enable_grad():
             u = potential_fn(x)
             ok = torch.isfinite(u)
-            if not bool(ok.any()):
+            if (on_cpu or it % 25 == 0) and not bool(ok.any()):
                 break
             opt.zero_grad()
-            u[ok].sum().backward()
+            torch.where(ok, u, torch.zeros_like(u)).sum().backward()
         if it % 25 == 0:  # every row has stopped improving: Newton takes it from here
             current = u.detach()
             if previous is not None and bool((((previous - current).abs() <= 1e-6 * (1 + current.abs())) | ~ok).all()):
                 break
             previous = current
         with torch.no_grad():
-            x.grad[~torch.isfinite(x.grad)] = 0.0
+            x.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         opt.step()
         schedule.step()
     tolerance = scale / 200

@@ -152,11 +152,14 @@ def fit_gaussian(
     batch_size: int = 128,
     learning_rate: float = 1e-2,
     generator: torch.Generator | None = None,
+    read_every_iteration: bool | None = None,
 ) -> tuple[AffineMap, dict]:
     r"""
     Gaussian variational fit :math:`\max_{m, L}\ \mathbb E_{z\sim\mathcal N(0,I)}[-U(m + Lz)] + \log|\det L|`
     by Adam with reparameterised gradients, started from the candidate with the highest pilot
-    ELBO. Draws with a non-finite potential are dropped from each gradient estimate.
+    ELBO. Draws with a non-finite potential are dropped from each gradient estimate (masked: on a GPU, where
+    ``read_every_iteration`` is false by default, an iteration reads the device once, whether its gradient is
+    finite; on the CPU it also skips an iteration without a finite draw before its backward pass).
 
     :returns: ``(AffineMap, info)`` with the candidates' pilot ELBOs and the final one; the start is kept
         when no checkpoint of the fit improves on it.
@@ -175,18 +178,20 @@ def fit_gaussian(
     opt = torch.optim.Adam([shift, log_diag, lower], lr=learning_rate)
     # the starting point is a candidate too: the fit only replaces it when it improves the pilot ELBO
     best_state, best_elbo = (shift.detach().clone(), start.scale_tril.clone()), pilot[best]
+    on_cpu = shift.device.type == "cpu" if read_every_iteration is None else read_every_iteration
     for it in range(num_iterations):
         with torch.enable_grad():
             scale = torch.diag(log_diag.exp()) + lower * mask
             eps = torch.randn(batch_size, dim, dtype=shift.dtype, device=shift.device, generator=generator)
             u = potential_fn(shift + eps @ scale.T)
             ok = torch.isfinite(u)
-            if not bool(ok.any()):
+            if on_cpu and not bool(ok.any()):
                 continue
-            loss = u[ok].mean() - log_diag.sum()
+            # the mean over the finite draws, nothing selected (none finite: NaN gradients, and no step below)
+            loss = torch.where(ok, u, torch.zeros_like(u)).sum() / ok.sum() - log_diag.sum()
             opt.zero_grad()
             loss.backward()
-        grads_ok = all(torch.isfinite(p.grad).all() for p in (shift, log_diag, lower))
+        grads_ok = bool(torch.stack([torch.isfinite(p.grad).all() for p in (shift, log_diag, lower)]).all())
         if grads_ok:
             opt.step()
         if it % 50 == 49 or it == num_iterations - 1:

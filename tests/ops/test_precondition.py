@@ -290,3 +290,27 @@ def test_newton_directions_descend_and_skip_what_cannot_be_solved():
     cheap, _ = _newton_direction(hessian, score, eigen_max_dim=1)
     torch.testing.assert_close(cheap[1], torch.tensor([1.0, 0.25], dtype=D64))
     assert float((cheap[1] * score[1]).sum()) > 0
+
+
+def test_a_gpus_way_of_the_set_up_loops_gives_the_cpus_results():
+    # on a GPU the Gaussian fit and the mode search's descent mask the non-finite draws instead of selecting them
+    # and read the device once an iteration (the fit) or every 25 (the descent): the same results, here on the CPU
+    from pyro_osds.ops.mode_search import _descend
+
+    def potential(x):  # a narrow Gaussian cut off beyond |x_0| = 2.5: the wide start's draws are often not finite
+        u = 0.5 * ((x - torch.tensor([0.5, -1.0], dtype=x.dtype)) ** 2 / torch.tensor([0.3, 0.2], dtype=x.dtype)).sum(-1)
+        return torch.where(x[..., 0].abs() > 2.5, torch.full_like(u, math.inf), u)
+
+    start = AffineMap(torch.zeros(2, dtype=D64), 2.0 * torch.eye(2, dtype=D64))
+    fits = [fit_gaussian(potential, [start], num_iterations=150, learning_rate=5e-2,
+                         generator=torch.Generator().manual_seed(3), read_every_iteration=every)
+            for every in (True, False)]
+    assert math.isfinite(fits[0][1]["elbo"]) and not math.isfinite(fits[0][1]["pilot_elbos"][0])  # it moved
+    assert fits[0][1]["elbo"] == fits[1][1]["elbo"]
+    torch.testing.assert_close(fits[0][0].scale_tril, fits[1][0].scale_tril, rtol=0, atol=0)
+    starts = torch.tensor([[0.0, 0.0], [2.0, 1.0], [3.0, 0.0], [-2.4, 2.0]], dtype=D64)
+    descents = [_descend(potential, starts, scale=1.0, iterations=60, read_every_iteration=every)
+                for every in (True, False)]
+    for a, b in zip(*descents, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert bool(torch.isfinite(descents[0][1]).any())
