@@ -33,7 +33,7 @@ def between_chain_r_hat(value: torch.Tensor) -> torch.Tensor:
     """Split-R-hat of ``(chains, draws, *shape)`` between chains; NaN with a single chain."""
     if value.shape[0] > 1:
         return split_gelman_rubin(value.to(torch.float64))
-    return torch.full(value.shape[2:], math.nan)
+    return torch.full(value.shape[2:], math.nan, dtype=torch.float64, device=value.device)
 
 
 def weighted_summary(samples: dict[str, torch.Tensor], log_weights: torch.Tensor, prob: float = 0.9) -> dict:
@@ -147,7 +147,7 @@ def subsample_indices(num_draws: int, num_samples: int) -> torch.Tensor:
     """``min(num_samples, num_draws)`` distinct indices in random order (without replacement, unlike
     :func:`pyro.infer.mcmc.util.select_samples`, so no draw is repeated; global RNG)."""
     check_positive_int("num_samples", num_samples)
-    return torch.randperm(num_draws)[: min(num_samples, num_draws)]
+    return torch.randperm(num_draws, device="cpu")[: min(num_samples, num_draws)]
 
 
 def select_indices(log_weights: torch.Tensor, *, num_samples: int | None = None, group_by_chain: bool = False,

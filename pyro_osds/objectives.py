@@ -278,7 +278,8 @@ def flow_kl_stage(config: FlowKLConfig, potential_fn: PotentialFn, process: Refe
         value = out.loss.detach() if out.loss is not None else math.nan
         log_weights, num_invalid = out.log_weights.detach(), out.num_invalid
         if ctx is not None:  # the whole batch's values on every rank, so that every rank stops at the same step
-            total = all_reduce_sum(torch.tensor([float(value) * share, float(num_invalid)], dtype=torch.float64), ctx)
+            total = all_reduce_sum(torch.tensor([float(value) * share, float(num_invalid)], dtype=torch.float64,
+                                                  device="cpu"), ctx)
             value, num_invalid = float(total[0]), int(total[1])
             log_weights = all_gather_rows(log_weights, ctx)
 
@@ -315,7 +316,7 @@ def plateau_stop(history: dict, step: int, *, window: int = 100, min_gain: float
 
     def window_mean(key, k):  # mean of the finite values of window k counted back from the last (k = 0)
         values = torch.tensor(history[key][len(history[key]) - (k + 1) * window:len(history[key]) - k * window],
-                              dtype=torch.float64)
+                              dtype=torch.float64, device="cpu")
         values = values[torch.isfinite(values)]
         return float(values.mean()) if values.numel() else math.nan
 

@@ -43,7 +43,7 @@ import torch
 from .distributed import DistributedContext, all_reduce_gradients, all_reduce_sum
 from .util import check_choice, check_number, check_positive_int, seeded_generator, warn
 
-__all__ = ["OptimConfig", "Stage", "Term", "TrainContext", "Trainer", "TrainingDivergedError", "progress_bar",
+__all__ = ["OptimConfig", "Stage", "Term", "TrainContext", "Trainer", "TrainingDivergedError", "ema_step", "progress_bar",
            "progress_bar_disabled", "read_statistic", "stage_report"]
 
 #: history entries of every objective (stages add their own named values)
@@ -191,6 +191,19 @@ def read_statistic(value):
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
+def ema_step(ema: list[torch.Tensor], params: list[torch.Tensor], weight: float, taken: torch.Tensor | None = None
+             ) -> None:
+    r"""The EMA parameters' step :math:`\bar\theta \leftarrow \bar\theta + w\,(\theta - \bar\theta)`, in place,
+    for all parameters in one of torch's foreach kernels; ``taken`` (0 or 1, on the device) scales ``w`` without
+    the host reading it (a weight per parameter: a 0-d tensor as one weight for all would be read as a number)."""
+    with torch.no_grad():
+        if taken is None:
+            torch._foreach_lerp_(ema, params, weight)
+        else:
+            weights = [weight * taken.to(p.dtype) for p in params]
+            torch._foreach_lerp_(ema, params, weights)
+
+
 def _live_state(net, ema, optimizer) -> tuple[list[torch.Tensor], tuple, dict]:
     """The tensors a training iteration changes in place (parameters, EMA parameters, the optimiser's per-parameter
     tensors), the optimiser state's layout (``(parameter index, key)`` of those tensors) and its other entries."""
@@ -304,16 +317,7 @@ class Trainer:
     def _update_ema(self, taken: torch.Tensor | None = None):
         """The EMA network's step towards the network; ``taken`` (0 or 1, on the device: whether the optimiser's
         step was taken) scales it, so that a step skipped on the device leaves the EMA as it was."""
-        weight = 1.0 - self.optim.ema_decay
-        ema, params = list(self.ema.parameters()), list(self.net.parameters())
-        with torch.no_grad():
-            if taken is not None:
-                weight = weight * taken.to(params[0].dtype)
-            try:  # one fused step for every parameter (torch's foreach kernels), as the loop below does it
-                torch._foreach_lerp_(ema, params, weight)
-            except (RuntimeError, TypeError):  # a torch without the tensor-weight overload
-                for p_ema, p in zip(ema, params, strict=True):
-                    p_ema.lerp_(p, weight)
+        ema_step(list(self.ema.parameters()), list(self.net.parameters()), 1.0 - self.optim.ema_decay, taken)
 
     def _optimizer_step(self, loss: torch.Tensor | None, scale: float = 1.0, share: float = 1.0
                         ) -> tuple[bool, float]:
@@ -324,7 +328,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         usable = loss is not None and bool(torch.isfinite(loss))
         if self.distributed is not None:
-            unusable = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64), self.distributed)
+            unusable = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64, device="cpu"), self.distributed)
             usable = float(unusable) == 0.0
         if not usable:
             return False, math.nan
@@ -412,7 +416,7 @@ class Trainer:
         :attr:`behind_iterations` (training is not improving on the untrained map), or ``None``."""
         window = 100
         if (self.baseline_elbo is not None and self.step >= self.behind_iterations and self.step % window == 0):
-            elbo = torch.tensor(self.history["elbo"][-self.behind_iterations:], dtype=torch.float64)
+            elbo = torch.tensor(self.history["elbo"][-self.behind_iterations:], dtype=torch.float64, device="cpu")
             means = [float(chunk[torch.isfinite(chunk)].mean()) for chunk in elbo.split(window)]
             if all(not m >= self.baseline_elbo for m in means):
                 return (f"the training ELBO stayed below the untrained map's ({self.baseline_elbo:.3f}) for "

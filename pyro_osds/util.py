@@ -100,9 +100,9 @@ def tensor_on_its_device(value, *, dtype: torch.dtype | None = None) -> torch.Te
 
 
 #: how torch words an error of placement or of the device itself, never a property of the model
-_DEVICE_ERROR_TEXTS = ("to be on the same device", "on the same device as", "device type for generator",
-                       "is not on the expected device", "Cannot re-initialize CUDA", "out of memory",
-                       "device-side assert", "CUDA error")
+_DEVICE_ERROR_TEXTS = ("same device", "device type for generator", "is not on the expected device",
+                       "Cannot re-initialize CUDA", "out of memory", "not enough memory", "device-side assert",
+                       "CUDA error")
 
 
 def raise_device_errors(err: BaseException) -> None:

@@ -10,7 +10,14 @@ import torch
 from pyro_osds.config import OSDSConfig
 from pyro_osds.objectives import build_objective
 from pyro_osds.ops.nets import StepConditionedControl
-from pyro_osds.train import Trainer, TrainingDivergedError, progress_bar, progress_bar_disabled, stage_report
+from pyro_osds.train import (
+    Trainer,
+    TrainingDivergedError,
+    ema_step,
+    progress_bar,
+    progress_bar_disabled,
+    stage_report,
+)
 from tests.common import D64, quadratic
 
 # the paper's objective (EM paths + self-distillation); the one-step objective is tested below
@@ -247,7 +254,7 @@ def test_between_reads_neither_the_trainer_nor_the_objective_reads_the_device():
     trainer.train(1)  # the optimiser's state exists
     reads = DeviceReads("pyro_osds/train.py", "pyro_osds/objectives.py")
     # the loss masks rows rather than select them: one read per iteration is left, whether any draw falls back to
-    # the total gradient (selecting rows, it made 12)
+    # the total gradient (and a second, their sub-batch, when some do: none here); selecting rows, it made 12
     in_loss = DeviceReads("pyro_osds/ops/losses.py", "pyro_osds/ops/lowrank.py")
     with reads, in_loss:
         records = [trainer.iteration(on_device=True) for _ in range(5)]
@@ -287,3 +294,19 @@ def test_training_that_never_has_a_finite_step_stops_at_the_next_read():
     assert trainer.step == 10  # found at the read after iteration 10
     for p, b in zip(trainer.net.parameters(), before, strict=True):
         assert torch.equal(p, b)
+
+
+def test_the_ema_step_is_one_foreach_step_and_never_reads_its_weight():
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+    ema = [torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+    for taken in (None, torch.tensor(1), torch.tensor(0)):
+        fused, looped = [e.clone() for e in ema], [e.clone() for e in ema]
+        ema_step(fused, params, 0.01, taken)
+        for e, p in zip(looped, params, strict=True):
+            e.lerp_(p, 0.01 if taken is None else 0.01 * float(taken))
+        for a, b in zip(fused, looped, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a weight on the device is never read by the host (meta tensors have no values to read: a read raises)
+    meta = [torch.empty(3, 4, device="meta"), torch.empty(5, device="meta")]
+    ema_step(meta, [torch.empty_like(m) for m in meta], 0.01, torch.ones((), dtype=torch.int64, device="meta"))

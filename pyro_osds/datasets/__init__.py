@@ -31,18 +31,18 @@ def load_csv(name: str, *, dtype: torch.dtype = torch.float64) -> tuple[list[str
     with path.open("r", newline="") as f:
         rows = list(csv.reader(f))
     header, body = rows[0], rows[1:]
-    values = torch.tensor([[float(v) for v in row] for row in body], dtype=dtype)
+    values = torch.tensor([[float(v) for v in row] for row in body], dtype=dtype, device="cpu")
     return header, values
 
 
 def standardize(x: torch.Tensor, *, center: bool = True, intercept: bool = True) -> torch.Tensor:
     """Column-standardises ``x`` (population std, 0 replaced by 1) and prepends a column of ones."""
-    mean = x.mean(0) if center else torch.zeros(x.shape[1], dtype=x.dtype)
+    mean = x.mean(0) if center else torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
     std = x.std(0, correction=0)  # numpy convention, as in the benchmark code
     std = torch.where(std > 0, std, torch.ones_like(std))
     z = (x - mean) / std
     if intercept:
-        z = torch.cat([torch.ones(x.shape[0], 1, dtype=x.dtype), z], dim=1)
+        z = torch.cat([torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device), z], dim=1)
     return z
 
 
@@ -55,7 +55,7 @@ def _features_and_labels(name: str, *, drop: tuple[str, ...] = (), standardized:
     if standardized:
         x = standardize(x, center=center, intercept=intercept)
     elif intercept:
-        x = torch.cat([torch.ones(x.shape[0], 1, dtype=dtype), x], dim=1)
+        x = torch.cat([torch.ones(x.shape[0], 1, dtype=dtype, device=x.device), x], dim=1)
     return x, y
 
 

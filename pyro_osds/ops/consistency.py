@@ -202,7 +202,7 @@ def consistency_loss(
 def noise_to(process: ReferenceProcess, x: torch.Tensor, code: float, *, generator=None) -> torch.Tensor:
     r"""Re-noises target-side states ``x`` (code 0) to code ``code`` with the reference marginal
     :math:`x_c = s\,x + \sigma_0\sqrt{1 - s^2}\,\varepsilon`, :math:`s = e^{-\frac12\int_0^{c/T}\beta}`."""
-    tau = torch.linspace(0.0, code / process.grid_size, 2001, dtype=torch.float64)
+    tau = torch.linspace(0.0, code / process.grid_size, 2001, dtype=torch.float64, device="cpu")
     integral = float(torch.trapezoid(process.beta(tau * process.grid_size), tau))
     s = math.exp(-0.5 * integral)
     eps = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)

@@ -184,8 +184,9 @@ def path_gradient_direction(log_w: torch.Tensor, x0: torch.Tensor, jacobians: li
     :class:`~pyro_osds.ops.lowrank.DiagPlusLowRank`, solved by Woodbury; first step first) are ``jacobians``; :math:`J^{-\top} = J_K^{-\top}\cdots J_1^{-\top}` applies the first
     step's inverse first. ``rows`` (a boolean mask) restricts the result to those draws; a singular
     Jacobian gives non-finite rows rather than an error. ``grad``: :math:`\nabla_{x_0}` of ``log_w[rows].sum()``,
-    when the caller has it already. ``static``: every draw's row, its solve unmasked (non-finite where its Jacobian is
-    singular) and the rows outside ``rows`` zero: the same values without selecting rows, which reads the device.
+    when the caller has it already. ``static``: every draw's row, the rows outside ``rows`` zero (those inside
+    non-finite where their Jacobian is singular, as without it): the same values without selecting rows, which
+    reads the device.
     """
     rows = torch.ones(log_w.shape, dtype=torch.bool, device=log_w.device) if rows is None else rows
     if grad is None:
@@ -195,7 +196,7 @@ def path_gradient_direction(log_w: torch.Tensor, x0: torch.Tensor, jacobians: li
         delta = grad.detach()
         for jac in jacobians:
             delta, _ = lowrank.solve(lowrank.detach(jac), delta, transpose=True)
-        return delta
+        return torch.where(rows[:, None], delta, torch.zeros_like(delta))
     delta = grad.detach()[rows]
     for jac in jacobians:
         delta, _ = lowrank.solve(lowrank.select(lowrank.detach(jac), rows), delta, transpose=True)
@@ -291,7 +292,11 @@ def flow_kl_loss(
     ``static``: the same loss and gradient computed without selecting rows (every count and selection a masked
     reduction on the device), so that the host reads the device only where draws need the total gradient (the
     path estimator's fallback) or fold (the penalty's eigenvalues): a loss that cannot train (fewer than two usable
-    draws and no fold) is NaN rather than ``None``, which the device step skips (a GPU's training, issue #23).
+    draws and no fold) is NaN rather than ``None``, which the device step skips (a GPU's training, issue #23). One
+    difference: a batch that trains on the fold penalty alone keeps its masked draws in the graph, so a draw whose
+    log-weight overflows there (zero times an infinite derivative) makes the gradient non-finite and the step is
+    skipped, where selecting trains on the penalty (with the total estimator, selecting skips such a step whenever
+    the batch also has usable draws).
     """
     check_choice("gradient", gradient, FLOW_KL_GRADIENTS)
     path = gradient == "path"
