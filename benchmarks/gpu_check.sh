@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import torch, pyro, arviz; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'pyro', pyro.__version__, 'arviz', arviz.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 timeout 130 python3 -m pytest -q -p no:cacheprovider -o addopts="" --durations=12 tests/test_gpu.py tests/test_devices.py \
     2>&1 | tee "$OUT/tests.log"
-timeout 45 python3 -m benchmarks.gpu_diagnose 2>&1 | tee "$OUT/diagnose.log"
-timeout 300 python3 -m benchmarks.gpu --out "$OUT" --deadline 285 --warm-up --targets logreg256 logreg1024 hier1000 \
+timeout 100 python3 -m benchmarks.gpu_diagnose 2>&1 | tee "$OUT/diagnose.log"
+timeout 270 python3 -m benchmarks.gpu --out "$OUT" --deadline 255 --warm-up --targets logreg256 logreg1024 hier1000 \
     lgcp1600 --threads logreg256 --profile logreg256 2>&1 | tee "$OUT/benchmark.log"
 ls -l "$OUT"

@@ -4,7 +4,9 @@
 Which operations support the second derivatives of a :func:`torch.func.vmap`-batched potential on each device at
 hand (issue #23: on an H100 with torch 2.11 + CUDA 13 the vmap check of ``Bernoulli(logits=X @ w)`` failed with
 "Trying to backward through the graph a second time" where the CPU passes). Prints one line per likelihood form and
-device, and for each failure the forward operation that made the failing node (``torch.autograd`` anomaly mode).
+device, and for each failure the forward operation that made the failing node (``torch.autograd`` anomaly mode);
+then how ``hier1000`` of :mod:`benchmarks.scaling` is set up on each device (whitened on the CPU, not on the H100),
+with every error a candidate check caught.
 
 .. code-block:: bash
 
@@ -13,6 +15,7 @@ device, and for each failure the forward operation that made the failing node (`
 
 from __future__ import annotations
 
+import time
 import traceback
 import warnings
 
@@ -90,6 +93,46 @@ def _model_check(device: str) -> str:
         return f"selected {target.vectorize!r}; vmap: {reason}"
 
 
+def _whitening_check(device: str) -> str:
+    """How the random-effects model of :mod:`benchmarks.scaling` (``hier1000``; on an H100 it came out unwhitened,
+    on the CPU it is whitened) is set up on ``device``: the sites whitened and non-centred, and every error that a
+    candidate check caught and took for "does not apply" (printed as it is caught)."""
+    import importlib
+
+    from benchmarks.scaling import get_scaling_target
+    from pyro_osds import OSDS
+
+    caught = []
+
+    def recording(original):
+        def raise_device_errors(err):
+            frame = traceback.extract_stack(limit=2)[0]
+            caught.append(f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else ''}")
+            original(err)
+        return raise_device_errors
+
+    modules = [importlib.import_module(f"pyro_osds.{m}") for m in
+               ("whitening", "reparam", "inputs", "ops.precondition", "ops.mode_search")]
+    originals = {m: m.raise_device_errors for m in modules}
+    for m in modules:
+        m.raise_device_errors = recording(originals[m])
+    try:
+        target = get_scaling_target("hier1000", 0)
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in target.model_args)
+        start = time.perf_counter()
+        runner = OSDS(target.model, disable_progbar=True).setup(*args)
+        seconds = time.perf_counter() - start
+    finally:
+        for m in modules:
+            m.raise_device_errors = originals[m]
+    flat = runner.target
+    lines = [f"set up in {seconds:.1f} s: whitened {list(getattr(flat, 'whitened_sites', ()))}, sites "
+             f"{[site.name for site in flat.sites][:6]}, vectorize {getattr(flat, 'vectorize', None)!r}"]
+    lines += [f"  caught: {c}" for c in caught] or ["  nothing caught"]
+    return "\n".join(lines)
+
+
 def main() -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")
@@ -109,6 +152,11 @@ def main() -> int:
             print(f"--- pyro_osds on {device}: {_model_check(device)}", flush=True)
         except Exception:  # noqa: BLE001
             print(f"--- pyro_osds on {device}: {traceback.format_exc(limit=-8)}", flush=True)
+    for device in devices:
+        try:
+            print(f"--- hier1000's whitening on {device}: {_whitening_check(device)}", flush=True)
+        except Exception:  # noqa: BLE001
+            print(f"--- hier1000's whitening on {device}: {traceback.format_exc(limit=-8)}", flush=True)
     return 0
 
 
