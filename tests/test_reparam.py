@@ -191,3 +191,26 @@ def test_a_model_the_user_reparameterised_reports_the_site_and_not_as_data():
     idata = osds.to_inference_data()
     assert "theta" in idata.posterior and "theta_decentered" in idata.posterior
     assert set(idata.observed_data.data_vars) == {"y"} and set(idata.log_likelihood.data_vars) == {"y"}
+
+
+def test_a_plate_of_random_effects_is_whitened_whatever_the_initial_point():
+    # the choice compares mean-field fits; fitted only from the model's initial point (random, from the prior), the
+    # whitened form's thousand-odd scattered coordinates were left partly fitted and a 100-group hierarchy was
+    # whitened in 5 of 10 global seeds (the 1002-latent hier1000 in 6 of 10; one of the others on an H100 trained
+    # 1050 iterations unwhitened to ESS/N 0.05). A cheap block is also fitted from its conditional mean (eps = 0).
+    gen = torch.Generator().manual_seed(2100)
+    sigma = 0.5 + 1.5 * torch.rand(100, dtype=torch.float64, generator=gen)
+    y = 1.0 + torch.randn(100, dtype=torch.float64, generator=gen) + sigma * torch.randn(
+        100, dtype=torch.float64, generator=gen)
+
+    def model(sigma, y=None):
+        mu = pyro.sample("mu", dist.Normal(sigma.new_tensor(0.0), 5.0))
+        tau = pyro.sample("tau", dist.HalfNormal(sigma.new_tensor(2.0)))
+        with pyro.plate("groups", sigma.shape[0]):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+    for seed in (0, 3, 5):  # 3 and 5 were left unwhitened
+        pyro.set_rng_seed(seed)
+        target = OSDS(model, disable_progbar=True).setup(sigma, y).target
+        assert target.whitened_sites in (("theta",), ("theta_decentered",)), seed  # centred or not, whitened
