@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from .util import tensor_on_its_device, warn
+from .util import raise_device_errors, tensor_on_its_device, warn
 
 __all__ = ["FlatTarget", "PotentialTarget", "Site", "pack", "unpack"]
 
@@ -157,6 +157,7 @@ class FlatTarget:
             (grad,) = torch.autograd.grad(value.sum(), z, create_graph=True)
             torch.autograd.grad(grad[:, 0].sum(), z, allow_unused=True)
         except Exception as err:  # noqa: BLE001 - any failure of a vectorisation strategy means "try the next"
+            raise_device_errors(err)  # but not a device's: the next would be silently slower there
             return f"{type(err).__name__}: {err}"
         if value.shape != reference.shape:
             return f"returned shape {tuple(value.shape)}, expected {tuple(reference.shape)}"
@@ -210,6 +211,7 @@ class FlatTarget:
             try:
                 seconds[name] = self._seconds(name, probe)
             except (RuntimeError, ValueError, IndexError) as err:
+                raise_device_errors(err)
                 reasons[name] = f"fails on {self.TIMING_ROWS} rows ({type(err).__name__}: {str(err)[:200]})"
         working = [name for name in working if name in seconds]
         if working:

@@ -147,9 +147,6 @@ ALLOWED_CATCHES = {
     ("chains.py", "_attempt"): "the chain's error is raised again once every chain has stopped",
     ("parallel.py", "_child"): "a forked job's error travels to the parent, which raises it (as text if it does not "
                                "pickle)",
-    ("ops/inverse.py", "newton_invert"): "a singular solve retries by least squares, which raises a device's error",
-    ("target.py", "_verify"): "a vectorisation that fails is reported in the fallback's warning, with the error",
-    ("target.py", "select_vectorization"): "as _verify: the reason is in the warning",
 }
 
 

@@ -60,7 +60,7 @@ def newton_invert(
         jac = jacobian_fn(x)
         try:
             delta = torch.linalg.solve(jac, residual.unsqueeze(-1)).squeeze(-1)
-        except RuntimeError:
+        except torch.linalg.LinAlgError:  # a singular Jacobian: least squares
             delta = torch.linalg.lstsq(jac, residual.unsqueeze(-1)).solution.squeeze(-1)
         delta = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
         alpha = torch.ones(batch, 1, dtype=y.dtype, device=y.device)

@@ -113,7 +113,8 @@ def _descend(potential_fn: PotentialFn, x: torch.Tensor, *, scale: float, iterat
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=scale / 2000)
     previous = None
     # whether no row is finite any more: read every iteration on the CPU, where reading costs nothing, every 25 on
-    # a GPU (``read_every_iteration`` None); in between the rows' gradients are masked, nothing selected
+    # a GPU (``read_every_iteration`` None); in between the rows' gradients are masked, nothing selected (a batch
+    # without a finite row then coasts on Adam's momentum until the read, where the CPU's stops at once)
     on_cpu = x.device.type == "cpu" if read_every_iteration is None else read_every_iteration
     for it in range(iterations):
         with torch.enable_grad():

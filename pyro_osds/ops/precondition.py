@@ -187,11 +187,12 @@ def fit_gaussian(
             ok = torch.isfinite(u)
             if on_cpu and not bool(ok.any()):
                 continue
-            # the mean over the finite draws, nothing selected (none finite: NaN gradients, and no step below)
+            # the mean over the finite draws, nothing selected
             loss = torch.where(ok, u, torch.zeros_like(u)).sum() / ok.sum() - log_diag.sum()
             opt.zero_grad()
             loss.backward()
-        grads_ok = bool(torch.stack([torch.isfinite(p.grad).all() for p in (shift, log_diag, lower)]).all())
+        # one read: a step needs a finite draw (without one the masked gradient is zero, or NaN) and finite gradients
+        grads_ok = bool(torch.stack([ok.any()] + [torch.isfinite(p.grad).all() for p in (shift, log_diag, lower)]).all())
         if grads_ok:
             opt.step()
         if it % 50 == 49 or it == num_iterations - 1:

@@ -306,6 +306,15 @@ def test_a_gpus_way_of_the_set_up_loops_gives_the_cpus_results():
                          generator=torch.Generator().manual_seed(3), read_every_iteration=every)
             for every in (True, False)]
     assert math.isfinite(fits[0][1]["elbo"]) and not math.isfinite(fits[0][1]["pilot_elbos"][0])  # it moved
+    # a start none of whose draws is finite: no step either way (a zero masked gradient would widen the scale)
+    # (stepping on it, the GPU's way drifted into a fit at shift (0.50, -1.02) where the CPU's stays)
+    stuck = AffineMap(torch.tensor([3.0, 0.0], dtype=D64), 0.05 * torch.eye(2, dtype=D64))
+    with pytest.warns(RuntimeWarning, match="did not reach a finite ELBO"):
+        fits = [fit_gaussian(potential, [stuck], num_iterations=300, learning_rate=5e-2,
+                             generator=torch.Generator().manual_seed(3), read_every_iteration=every)
+                for every in (True, False)]
+    for affine, _ in fits:
+        torch.testing.assert_close(affine.shift, stuck.shift, rtol=0, atol=0)
     assert fits[0][1]["elbo"] == fits[1][1]["elbo"]
     torch.testing.assert_close(fits[0][0].scale_tril, fits[1][0].scale_tril, rtol=0, atol=0)
     starts = torch.tensor([[0.0, 0.0], [2.0, 1.0], [3.0, 0.0], [-2.4, 2.0]], dtype=D64)
