@@ -34,7 +34,8 @@ __all__ = ["can_fork", "run_forked"]
 def can_fork() -> bool:
     """Whether jobs can run in forked copies of this process (the jobs are closures, copied, never pickled): the
     platform has the 'fork' start method and this process has not initialised CUDA, after which a forked copy can use
-    neither CUDA nor, once autograd ran on the GPU, autograd (https://github.com/pytorch/pytorch/wiki/Autograd-and-Fork)."""
+    neither CUDA nor, once autograd ran on the GPU, autograd
+    (https://github.com/pytorch/pytorch/wiki/Autograd-and-Fork)."""
     import torch
 
     return "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()

@@ -43,8 +43,8 @@ import torch
 from .distributed import DistributedContext, all_reduce_gradients, all_reduce_sum
 from .util import check_choice, check_number, check_positive_int, seeded_generator, warn
 
-__all__ = ["OptimConfig", "Stage", "Term", "TrainContext", "Trainer", "TrainingDivergedError", "ema_step", "progress_bar",
-           "progress_bar_disabled", "read_statistic", "stage_report"]
+__all__ = ["OptimConfig", "Stage", "Term", "TrainContext", "Trainer", "TrainingDivergedError", "ema_step",
+           "progress_bar", "progress_bar_disabled", "read_statistic", "stage_report"]
 
 #: history entries of every objective (stages add their own named values)
 COMMON_KEYS = ("loss", "elbo", "grad_norm", "skipped", "invalid_paths", "seconds")
@@ -328,7 +328,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         usable = loss is not None and bool(torch.isfinite(loss))
         if self.distributed is not None:
-            unusable = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64, device="cpu"), self.distributed)
+            unusable = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64, device="cpu"),
+                                      self.distributed)
             usable = float(unusable) == 0.0
         if not usable:
             return False, math.nan

@@ -2,8 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 Small helpers every layer uses: argument checks with one wording, user-facing warnings that point
-at the user's code, random generators seeded from a parent stream, and tensors that stay on their device. This module imports nothing
-from the rest of the package.
+at the user's code, random generators seeded from a parent stream, and tensors that stay on their device. This
+module imports nothing from the rest of the package.
 """
 
 from __future__ import annotations

@@ -305,11 +305,11 @@ def pool_estimates(log_w_per_chain: list[torch.Tensor], *, num_folded: int = 0, 
     """
     references = list(references) if references is not None else [None] * len(log_w_per_chain)
     flat = [tensor_on_its_device(lw).reshape(-1) for lw in log_w_per_chain]
-    given = [tensor_on_its_device(r).reshape(-1).to(f.device) for f, r in zip(flat, references, strict=True)
-             if r is not None]
+    references = [None if r is None else tensor_on_its_device(r).reshape(-1).to(f.device)
+                  for f, r in zip(flat, references, strict=True)]
+    given = [r for r in references if r is not None]
     pooled = evidence(torch.cat(flat), num_folded=num_folded, log_det=log_det,
                       reference=torch.cat(given) if given else None)
-    per_chain = [pareto_k_hat(lw if r is None else torch.cat([lw, tensor_on_its_device(r).reshape(-1).to(lw.device)]))
-                 for lw, r in zip(flat, references, strict=True)]
+    per_chain = [pareto_k_hat(lw if r is None else torch.cat([lw, r])) for lw, r in zip(flat, references, strict=True)]
     finite = [k for k in per_chain if not math.isnan(k)]
     return pooled._replace(k_hat=max(finite) if finite else math.nan)

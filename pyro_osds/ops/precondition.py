@@ -192,7 +192,8 @@ def fit_gaussian(
             opt.zero_grad()
             loss.backward()
         # one read: a step needs a finite draw (without one the masked gradient is zero, or NaN) and finite gradients
-        grads_ok = bool(torch.stack([ok.any()] + [torch.isfinite(p.grad).all() for p in (shift, log_diag, lower)]).all())
+        finite = [ok.any()] + [torch.isfinite(p.grad).all() for p in (shift, log_diag, lower)]
+        grads_ok = bool(torch.stack(finite).all())
         if grads_ok:
             opt.step()
         if it % 50 == 49 or it == num_iterations - 1:
